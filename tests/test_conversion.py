@@ -1,0 +1,162 @@
+"""The converter on tiny checkpoints of every supported architecture: exact where it must be exact."""
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tiny_models import TINY_CONFIGS, dummy_files, make_groups_equal, save, tiny_model
+
+import uptrain
+from uptrain.arch import SPECS
+from uptrain.checkpoint import TensorEntry
+from uptrain.conversion import plan_conversion
+from uptrain.errors import UptrainError
+from uptrain.pooling import pool_mean
+
+ARCHS = sorted(TINY_CONFIGS)
+
+
+def test_every_spec_has_a_tiny_model():
+    assert set(SPECS) == set(TINY_CONFIGS)  # adding an architecture = one spec entry + one tiny model here
+
+
+def load_all(folder) -> dict:
+    files = [f for f in os.listdir(folder) if f.endswith(".safetensors")]
+    out = {}
+    for f in files:
+        out.update(load_file(os.path.join(folder, f)))
+    return out
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_groups_equal_heads_is_bit_identical(arch, tmp_path):
+    src = save(tiny_model(arch), tmp_path / "src")
+    r = uptrain.convert(src, tmp_path / "out", groups=8, progress=False)
+    a, b = load_all(src), load_all(tmp_path / "out")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+    assert r.kv_heads_before == r.kv_heads_after == 8
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_equal_heads_within_groups_convert_losslessly(arch, tmp_path, tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    model = make_groups_equal(tiny_model(arch, seed=1), groups=2)
+    src = save(model, tmp_path / "src", tokenizer=tokenizer)
+    dummy_files(src)
+    r = uptrain.convert(src, tmp_path / "out", groups=2, progress=False)
+    out = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert out.config.num_key_value_heads == 2
+    ids = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(0))
+    assert (logits(model, ids) - logits(out, ids)).abs().max().item() <= 1e-5
+    assert all(s["k_rel_error"] == 0 and s["v_rel_error"] == 0 for s in r.layers)
+    # the output generates with a KV cache, and the cache has the new head count
+    gen = out.generate(ids[:1, :5], max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
+    assert gen.sequences.shape == (1, 9)
+    # config identical except the KV-head count; companions copied; tied embeddings kept
+    src_cfg = json.loads((tmp_path / "src" / "config.json").read_text())
+    out_cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert {k: v for k, v in out_cfg.items() if k != "num_key_value_heads"} == \
+        {k: v for k, v in src_cfg.items() if k != "num_key_value_heads"}
+    for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja"):
+        assert (tmp_path / "out" / f).is_file(), f
+    if out.config.tie_word_embeddings:
+        assert out.lm_head.weight.data_ptr() == out.model.embed_tokens.weight.data_ptr()
+    rec = json.loads((tmp_path / "out" / "uptrain.json").read_text())["conversion"]
+    assert (rec["groups"], rec["method"], rec["kv_heads_before"], rec["kv_heads_after"]) == (2, "mean", 8, 2)
+    assert rec["source_fingerprint"].startswith("sha256:")
+    assert json.loads((tmp_path / "out" / "uptrain.json").read_text())["uptrain_version"] == uptrain.__version__
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no temporary folder left behind
+
+
+def test_different_heads_are_not_lossless(tmp_path):
+    """The check above can fail: with unrelated heads, mean-pooling changes the logits."""
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_model("llama", seed=2)
+    src = save(model, tmp_path / "src")
+    r = uptrain.convert(src, tmp_path / "out", groups=2, progress=False)
+    out = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    ids = torch.randint(0, 512, (1, 16))
+    assert (logits(model, ids) - logits(out, ids)).abs().max().item() > 1e-3
+    assert all(s["k_rel_error"] > 0.1 for s in r.layers)
+
+
+def test_sharded_bf16_gqa_source_to_mqa(tmp_path):
+    """bf16, sharded input (GQA-4) → sharded MQA output: index, sizes and every tensor checked."""
+    model = tiny_model("qwen2", kv_heads=4, dtype=torch.bfloat16, layers=3)
+    src = save(model, tmp_path / "src", max_shard_size="60KB")
+    assert (tmp_path / "src" / "model.safetensors.index.json").is_file()
+    r = uptrain.convert(src, tmp_path / "out", groups=1, max_shard_size="80KB", progress=False)
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    files = set(index["weight_map"].values())
+    assert len(files) == r.shards > 1
+    a, b = load_all(src), load_all(tmp_path / "out")
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in b.values())
+    assert set(index["weight_map"]) == set(b)
+    d = model.config.hidden_size // model.config.num_attention_heads
+    for name, t in a.items():
+        assert b[name].dtype == torch.bfloat16
+        if ".k_proj." in name or ".v_proj." in name:
+            assert torch.equal(b[name], pool_mean(t, 1, d).to(torch.bfloat16)), name  # pooled in fp32, stored bf16
+        else:
+            assert torch.equal(b[name], t), name
+
+
+def test_methods_first_and_random(tmp_path):
+    model = tiny_model("llama", seed=3)
+    src = save(model, tmp_path / "src")
+    uptrain.convert(src, tmp_path / "first", groups=2, method="first", progress=False)
+    uptrain.convert(src, tmp_path / "r1", groups=2, method="random", seed=7, progress=False)
+    uptrain.convert(src, tmp_path / "r2", groups=2, method="random", seed=7, progress=False)
+    uptrain.convert(src, tmp_path / "r3", groups=2, method="random", seed=8, progress=False)
+    a = load_all(src)
+    f = load_all(tmp_path / "first")
+    k = "model.layers.0.self_attn.k_proj.weight"
+    d = 8
+    assert torch.equal(f[k][:d], a[k][:d]) and torch.equal(f[k][d:], a[k][4 * d: 5 * d])
+    r1, r2, r3 = (load_all(tmp_path / n)[k] for n in ("r1", "r2", "r3"))
+    assert torch.equal(r1, r2) and not torch.equal(r1, r3)
+    rec = json.loads((tmp_path / "r1" / "uptrain.json").read_text())["conversion"]
+    assert rec["method"] == "random" and rec["seed"] == 7
+
+
+def test_unknown_tensor_stops_the_conversion(tmp_path):
+    from safetensors.torch import save_file
+
+    src = save(tiny_model("llama"), tmp_path / "src")
+    sd = load_file(os.path.join(src, "model.safetensors"))
+    sd["model.layers.0.self_attn.mystery.weight"] = torch.zeros(3)
+    save_file(sd, os.path.join(src, "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(UptrainError, match="mystery"):
+        uptrain.convert(src, tmp_path / "out", groups=2, progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_plan_llama2_70b_on_meta_device():
+    """Shape planning at real scale without memory: Llama-2-70B (64 heads, 8 KV heads) → MQA."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    cfg = LlamaConfig(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                      num_key_value_heads=8, vocab_size=32000)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg)
+    entries = {n: TensorEntry(n, "x", "BF16", tuple(t.shape), 0, 0) for n, t in model.state_dict().items()}
+    plan = plan_conversion(SPECS["llama"], cfg.to_dict(), entries, groups=1)
+    k = plan["model.layers.79.self_attn.k_proj.weight"]
+    assert k[0] == "merge" and k[4] == (128, 8192)
+    assert plan["model.layers.0.self_attn.q_proj.weight"][0] == "copy"
+    merged = [n for n, p in plan.items() if p[0] == "merge"]
+    assert len(merged) == 160
+    # the pooling itself runs on meta tensors too
+    assert pool_mean(torch.empty(1024, 8192, device="meta"), 1, 128).shape == (128, 8192)
+    with pytest.raises(UptrainError, match="valid values: 1, 2, 4, 8"):
+        plan_conversion(SPECS["llama"], cfg.to_dict(), entries, groups=16)

@@ -171,16 +171,28 @@ class SafetensorsSource:
         return torch.frombuffer(buf, dtype=DTYPES[e.dtype]).view(e.shape)
 
     def copy_bytes(self, name: str, dst) -> None:
-        """Raw byte copy of an unchanged tensor: no parsing, no dtype round trip."""
+        """Raw byte copy of an unchanged tensor: no parsing, no dtype round trip. Uses the kernel's
+        copy_file_range where it can (no trip through user space, like `cp`), else read/write chunks.
+        `dst` must be unbuffered (FileIO) so that its file position is the descriptor's."""
         e = self.entries[name]
-        with open(e.file, "rb") as f:
-            f.seek(e.begin)
-            left = e.nbytes
+        with open(e.file, "rb", buffering=0) as f:
+            offset, left = e.begin, e.nbytes
+            if hasattr(os, "copy_file_range"):
+                try:
+                    while left:
+                        n = os.copy_file_range(f.fileno(), dst.fileno(), min(left, 1 << 30), offset)
+                        if n == 0:
+                            raise UptrainError(f"{e.file} is truncated while copying {name}")
+                        offset, left = offset + n, left - n
+                    return
+                except OSError:  # e.g. across file systems on old kernels: fall back to plain copies
+                    pass
+            f.seek(offset)
             while left:
                 chunk = f.read(min(COPY_CHUNK, left))
                 if not chunk:
                     raise UptrainError(f"{e.file} is truncated while copying {name}")
-                dst.write(chunk)
+                write_all(dst, chunk)
                 left -= len(chunk)
 
 
@@ -213,7 +225,7 @@ class PickleSource:
         return self._tensors[name]
 
     def copy_bytes(self, name: str, dst) -> None:
-        dst.write(tensor_bytes(self._tensors[name]))
+        write_all(dst, tensor_bytes(self._tensors[name]))
 
 
 def open_source(folder: Path, allow_pickle: bool = False):
@@ -236,6 +248,13 @@ def fingerprint(folder: Path, source) -> str:
 
 
 # ------------------------------------------------------------------------------------------ writing
+def write_all(f, data) -> None:
+    """Unbuffered writes may be partial: loop until every byte is out."""
+    view = memoryview(data)
+    while view:
+        view = view[f.write(view):]
+
+
 def tensor_bytes(t: torch.Tensor) -> bytes:
     t = t.detach().contiguous().cpu()
     if t.numel() == 0:
@@ -272,9 +291,8 @@ def write_shard(path: Path, names: list[str], tensors: dict[str, tuple[str, tupl
     header["__metadata__"] = {"format": "pt", **(metadata or {})}
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # data starts 8-byte aligned, as safetensors writes it
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
+    with open(path, "wb", buffering=0) as f:
+        write_all(f, struct.pack("<Q", len(blob)) + blob)
         for n in names:
             before = f.tell()
             write_tensor(n, f)

@@ -20,7 +20,8 @@ import torch
 from uptrain import __version__
 from uptrain.arch import AttentionSpec, check_groups, spec_for_config
 from uptrain.checkpoint import (DTYPES, SAFE_INDEX, AtomicFolder, check_output, copy_companions, fingerprint,
-                                open_source, plan_shards, read_config, resolve_source, tensor_bytes, write_shard)
+                                open_source, plan_shards, read_config, resolve_source, tensor_bytes, write_all,
+                                write_shard)
 from uptrain.errors import UptrainError
 from uptrain.pooling import POOLERS, pool_rows, relative_error
 
@@ -214,7 +215,7 @@ def convert(src: str, out: str, groups: int, method: str = "mean", seed: int = 0
         if plan[name][0] == "copy":
             source.copy_bytes(name, f)
         else:
-            f.write(tensor_bytes(merged(name)))
+            write_all(f, tensor_bytes(merged(name)))
         bar.update(plan_bytes(name))
 
     def plan_bytes(name):

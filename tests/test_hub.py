@@ -1,0 +1,285 @@
+"""`uptrain push`: validation of the folder, the allow-list, the token rule, the upload through a test double
+at the huggingface_hub boundary, Hub errors as one message each, and the real CLI (--dry-run, no token)."""
+import importlib
+import inspect
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import huggingface_hub
+import pytest
+from huggingface_hub import errors as hf_errors
+from huggingface_hub.utils import filter_repo_objects
+from test_modelcard import eval_rows, make_converted, make_uptrained
+from tiny_models import save, tiny_model
+
+from uptrain.errors import UptrainError
+from uptrain.hub import DELETE_PATTERNS, plan, push
+from uptrain.modelcard import front_matter
+from uptrain.report import fmt_bytes
+
+ROOT = Path(__file__).resolve().parents[1]
+SECRET = "hf_testSECRETtoken123"
+SHARDS = [f"model-0000{i}-of-00006.safetensors" for i in range(1, 7)]
+UPLOADED = sorted(["README.md", "chat_template.jinja", "config.json", "generation_config.json", *SHARDS,
+                   "model.safetensors.index.json", "plots/loss.png", "recipe.yaml", "tokenizer.json",
+                   "tokenizer_config.json", "uptrain.json"])
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory, tokenizer):
+    root = tmp_path_factory.mktemp("hub")
+    converted = make_converted(root, tokenizer)
+    uptrained = make_uptrained(converted, root)
+    (root / "eval.json").write_text(json.dumps(eval_rows(uptrained, converted)))
+    return converted, uptrained, root / "eval.json"
+
+
+def snapshot(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")}
+
+
+def copy_of(folder, tmp_path):
+    import shutil
+
+    return Path(shutil.copytree(folder, tmp_path / "copy"))
+
+
+# ------------------------------------------------------------------------------------------- validation
+def test_allow_list_leaves_training_leftovers_out(folders):
+    _, uptrained, _ = folders
+    p = plan(uptrained, "me/x")
+    assert p.files == UPLOADED
+    assert dict(p.skipped) == {
+        "checkpoint-10/": "training checkpoint", "checkpoints/": "training checkpoints",
+        "logs/": "logs", "optimizer.pt": "optimizer state",
+        "pytorch_model.bin": "pickled file (only safetensors weights are uploaded)", "train.log": "log",
+        "plots/notes.txt": "not shown in the model card"}
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("missing", r"1 of 6 shards named in model.safetensors.index.json are missing: model-00003-of-00006"),
+    ("truncated", r"model-00003-of-00006.safetensors is truncated or corrupt"),
+    ("remapped", r"model-00003-of-00006.safetensors does not match model.safetensors.index.json: missing from the "
+                 r"shard: \w"),
+    ("record", r"config.json has 2 KV heads but uptrain.json records a conversion to 4"),
+    ("config", r"k_proj.weight has 16 rows but config.json's 4 KV heads × head_dim 8 need 32"),
+    ("no config", r"has no config.json"),
+])
+def test_validation_catches_a_broken_folder(folders, tmp_path, damage, message):
+    d = copy_of(folders[0], tmp_path)
+    shard = d / SHARDS[2]
+    index = json.loads((d / "model.safetensors.index.json").read_text())
+    if damage == "missing":
+        shard.unlink()
+    elif damage == "truncated":
+        shard.write_bytes(shard.read_bytes()[:-10])
+    elif damage == "remapped":  # the index sends a tensor of shard 1 to shard 3
+        name = next(n for n, f in index["weight_map"].items() if f == SHARDS[0])
+        index["weight_map"][name] = SHARDS[2]
+        (d / "model.safetensors.index.json").write_text(json.dumps(index))
+    elif damage == "record":
+        rec = json.loads((d / "uptrain.json").read_text())
+        rec["conversion"]["kv_heads_after"] = 4
+        (d / "uptrain.json").write_text(json.dumps(rec))
+    elif damage == "config":  # weights for 2 KV heads, config saying 4, no record to compare with
+        cfg = json.loads((d / "config.json").read_text())
+        cfg["num_key_value_heads"] = 4
+        (d / "config.json").write_text(json.dumps(cfg))
+        (d / "uptrain.json").unlink()
+    else:
+        (d / "config.json").unlink()
+    with pytest.raises(UptrainError, match=message):
+        plan(d, "me/x")
+
+
+def test_single_file_checkpoint(tmp_path, tokenizer):
+    d = save(tiny_model(kv_heads=2), tmp_path / "m", tokenizer)
+    assert "model.safetensors" in plan(d, "me/x").files
+
+
+def test_a_card_the_user_wrote_is_kept_unless_asked(folders, tmp_path):
+    d = copy_of(folders[1], tmp_path)
+    mine = "---\nlicense: mit\n---\n# My model\n\n![curve](./plots/loss.png)\n"
+    (d / "README.md").write_text(mine)
+    kept = plan(d, "me/x")
+    assert kept.card == mine and kept.card_origin == "kept" and "plots/loss.png" in kept.files
+    new = plan(d, "me/x", overwrite_card=True)
+    assert new.card_origin == "regenerated" and front_matter(new.card)["base_model"] == "acme/tiny-mha"
+    (d / "README.md").write_text(new.card.replace("81.45", "1.00"))  # an old generated card: regenerated
+    again = plan(d, "me/x")
+    assert again.card_origin == "generated" and again.card == new.card
+
+
+# ------------------------------------------------------------------------------------------- the Hub boundary
+class FakeHub:
+    """Records every HfApi call uptrain makes; `fail` maps a method name to the exception it raises."""
+
+    def __init__(self, monkeypatch, repo_private=True, fail=None):
+        self.calls, self.uploaded = [], {}
+        self.repo_private, self.fail = repo_private, fail or {}
+        for name in ("create_repo", "repo_info", "create_branch", "upload_folder", "create_commit", "upload_file"):
+            monkeypatch.setattr(huggingface_hub.HfApi, name, self._method(name))
+
+    def _method(self, name):
+        real = inspect.signature(getattr(huggingface_hub.HfApi, name))
+
+        def call(api, *args, **kw):
+            real.bind(api, *args, **kw)  # the real method would accept these arguments
+            self.calls.append((name, args, kw, api.token))
+            if name in self.fail:
+                raise self.fail[name]
+            return getattr(self, name, lambda *a, **k: None)(api, *args, **kw)
+        return call
+
+    def create_repo(self, api, repo_id, **kw):
+        return huggingface_hub.hf_api.RepoUrl(f"{api.endpoint}/{repo_id}", endpoint=api.endpoint)
+
+    def repo_info(self, api, repo_id, **kw):
+        return SimpleNamespace(private=self.repo_private)
+
+    def upload_folder(self, api, *, folder_path, allow_patterns, **kw):
+        root = Path(folder_path)
+        everything = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+        for f in filter_repo_objects(everything, allow_patterns=allow_patterns):
+            self.uploaded[f] = (root / f).read_bytes()  # read now: the staging folder is temporary
+        return SimpleNamespace(commit_url=f"{api.endpoint}/{kw['repo_id']}/commit/abc123")
+
+    def names(self):
+        return [c[0] for c in self.calls]
+
+
+def test_without_a_token_nothing_is_called(folders, monkeypatch):
+    hub = FakeHub(monkeypatch)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)  # no saved login either
+    with pytest.raises(UptrainError, match="no Hugging Face token: pass --token, set HF_TOKEN, or log in"):
+        push(folders[1], repo_id="me/x")
+    assert hub.calls == []
+
+
+def test_upload_goes_through_one_commit_of_the_allow_list(folders, monkeypatch):
+    _, uptrained, eval_json = folders
+    hub = FakeHub(monkeypatch, repo_private=True)
+    before = snapshot(uptrained)
+    result = push(uptrained, repo_id="me/tiny-gqa2", private=True, revision="gqa2", token=SECRET,
+                  eval_json=eval_json, commit_message="GQA-2, uptrained")
+    assert hub.names() == ["create_repo", "repo_info", "create_branch", "upload_folder"]
+    (_, args, kw, tok), _, (_, _, bkw, _), (_, _, ukw, _) = hub.calls
+    assert args == ("me/tiny-gqa2",) and kw == {"private": True, "exist_ok": True, "repo_type": "model"}
+    assert bkw == {"branch": "gqa2", "exist_ok": True}
+    assert {c[3] for c in hub.calls} == {SECRET}  # the token given, nothing else
+    assert ukw["repo_id"] == "me/tiny-gqa2" and ukw["revision"] == "gqa2"
+    assert ukw["commit_message"] == "GQA-2, uptrained"
+    assert ukw["delete_patterns"] == DELETE_PATTERNS
+    assert sorted(hub.uploaded) == UPLOADED  # exactly the allow-list, one upload_folder = one commit
+    assert hub.uploaded["README.md"].decode() == result.card and "81.45" in result.card
+    for f in UPLOADED:
+        if f != "README.md":
+            assert hub.uploaded[f] == (uptrained / f).read_bytes(), f
+    assert snapshot(uptrained) == before and not (uptrained / "README.md").exists()  # DIR untouched
+    assert dict(result.files) == {f: len(b) for f, b in hub.uploaded.items()}
+    endpoint = huggingface_hub.constants.ENDPOINT
+    assert result.url == f"{endpoint}/me/tiny-gqa2/tree/gqa2"
+    assert SECRET not in result.summary() and result.url in result.summary()
+
+
+def test_public_push_to_main(folders, monkeypatch):
+    hub = FakeHub(monkeypatch)
+    result = push(folders[0], repo_id="me/tiny", token=SECRET)
+    assert hub.names() == ["create_repo", "upload_folder"]  # no branch, no privacy check
+    assert hub.calls[0][2]["private"] is None and hub.calls[1][2]["revision"] is None
+    assert result.url.endswith("/me/tiny") and "tokenizer.json" in hub.uploaded
+
+
+def test_private_push_refuses_an_existing_public_repo(folders, monkeypatch):
+    hub = FakeHub(monkeypatch, repo_private=False)
+    with pytest.raises(UptrainError, match="already exists and is public"):
+        push(folders[0], repo_id="me/tiny", private=True, token=SECRET)
+    assert "upload_folder" not in hub.names()
+
+
+def _http_error(cls, status, server_message=None):
+    http = importlib.import_module(hf_errors.Response.__module__.split(".")[0])  # httpx2 (or httpx)
+    resp = http.Response(status, request=http.Request("POST", "https://huggingface.co/api/repos/create"))
+    return cls(f"{status} error", response=resp, server_message=server_message)
+
+
+@pytest.mark.parametrize("method, make, message", [
+    ("create_repo", lambda: _http_error(hf_errors.HfHubHTTPError, 401, f"bad token {SECRET}"),
+     "the Hub rejected the token (401 Unauthorized)"),
+    ("create_repo", lambda: _http_error(hf_errors.HfHubHTTPError, 403, "You don't have the rights"),
+     "no write access to acme/tiny (403 Forbidden): the repo or the namespace 'acme' belongs to someone else"),
+    ("upload_folder", lambda: _http_error(hf_errors.HfHubHTTPError, 503), "server error (503)"),
+    ("create_branch", lambda: _http_error(hf_errors.RevisionNotFoundError, 404, "no such ref"),
+     "branch 'gqa2' does not exist in acme/tiny and could not be created"),
+    ("upload_folder", lambda: _http_error(hf_errors.RepositoryNotFoundError, 404), "acme/tiny was not found on"),
+    ("create_repo", lambda: importlib.import_module(hf_errors.Response.__module__.split(".")[0]).ConnectError("down"),
+     "cannot reach"),
+    ("create_repo", lambda: hf_errors.OfflineModeIsEnabled("offline"), "HF_HUB_OFFLINE is set"),
+])
+def test_hub_errors_become_one_clear_message(folders, monkeypatch, method, make, message):
+    FakeHub(monkeypatch, fail={method: make()})
+    with pytest.raises(UptrainError, match=re.escape(message)) as e:
+        push(folders[0], repo_id="acme/tiny", revision="gqa2", token=SECRET)
+    assert SECRET not in str(e.value) and "\n" not in str(e.value)
+
+
+def test_bad_repo_id(folders):
+    with pytest.raises(UptrainError, match="is not a Hub repo id"):
+        push(folders[0], repo_id="a/b/c", dry_run=True)
+
+
+# ------------------------------------------------------------------------------------------- the real CLI
+def cli(*args, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "HF_TOKEN_PATH", "HUGGING_FACE_HUB_TOKEN")}
+    (tmp_path / "hf_home").mkdir(exist_ok=True)
+    # An empty HF home (no saved login) and an endpoint nothing listens on: any Hub call would fail loudly.
+    env.update(HF_HOME=str(tmp_path / "hf_home"), HF_ENDPOINT="http://127.0.0.1:9", HF_HUB_OFFLINE="0",
+               PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, "-m", "uptrain", "push", *map(str, args)], capture_output=True,
+                          text=True, env=env, cwd=ROOT, timeout=120)
+
+
+def test_cli_dry_run_lists_files_and_card_and_uploads_nothing(folders, tmp_path):
+    _, uptrained, eval_json = folders
+    before = snapshot(uptrained)
+    r = cli(uptrained, "--repo-id", "me/tiny-gqa2", "--dry-run", "--private", "--eval-json", eval_json,
+            tmp_path=tmp_path)
+    assert r.returncode == 0, r.stderr
+    head, card = r.stdout.split("model card (README.md, generated from uptrain.json):\n\n")
+    assert head.startswith(f"dry run: nothing uploaded. Would push {len(UPLOADED)} files")
+    assert "to me/tiny-gqa2, private:" in head
+    for f in UPLOADED:
+        if f != "README.md":
+            size = fmt_bytes((uptrained / f).stat().st_size)
+            assert any(line.split() == [f, *size.split()] for line in head.splitlines()), (f, size)
+    assert "  optimizer.pt  — optimizer state" in head and "  checkpoint-10/  — training checkpoint" in head
+    assert "note: no token found" in head
+    meta = front_matter(card)
+    assert meta["base_model"] == "acme/tiny-mha" and "gqa" in meta["tags"] and "| **this model**" in card
+    assert snapshot(uptrained) == before
+
+
+def test_cli_without_a_token_fails_before_anything(folders, tmp_path):
+    r = cli(folders[0], "--repo-id", "me/tiny", tmp_path=tmp_path)
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.strip().splitlines() == [
+        "uptrain push: error: no Hugging Face token: pass --token, set HF_TOKEN, or log in once with "
+        "`hf auth login` (the token needs write access). Nothing was created or uploaded"]
+
+
+def test_cli_bad_folder_in_process(folders, tmp_path, capsys):
+    """The same entry point, called in-process (a third subprocess would cost seconds of imports)."""
+    from uptrain.cli import main
+
+    d = copy_of(folders[0], tmp_path)
+    (d / SHARDS[0]).unlink()
+    assert main(["push", str(d), "--repo-id", "me/tiny", "--dry-run"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and len(err.strip().splitlines()) == 1
+    assert "shards named in model.safetensors.index.json are missing: model-00001-of-00006" in err

@@ -1,0 +1,398 @@
+"""`uptrain push`: validate a checkpoint folder, write its model card, upload it to the Hub in one commit.
+
+Only an allow-list of files leaves the machine (config, safetensors weights named by the index, tokenizer,
+chat template, uptrain.json, recipe.yaml, licence files, the card and the plots it shows): optimizer
+states, `checkpoint-*` folders and logs stay home without anyone having to remember to delete them.
+
+DIR itself is never modified. The upload is staged in a temporary folder holding links to DIR's files
+plus the card, and that folder is what `upload_folder` sees. Writing README.md into DIR instead would
+turn our card into "a card the user wrote" on the next push, and a push that changes its input is a
+surprise; the staging folder costs a few symlinks, not copies.
+"""
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections import defaultdict
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from uptrain.errors import UptrainError
+from uptrain.modelcard import IMAGE_SUFFIXES, is_generated, model_card, source_name
+from uptrain.report import fmt_bytes
+
+INDEX = "model.safetensors.index.json"
+# Besides these: the weights the index names, the tokenizer/generation/chat-template/licence files the
+# converter copies (checkpoint.COMPANION_FILES, one list for both), and the images the card shows.
+ALLOWED_FILES = frozenset({"config.json", INDEX, "uptrain.json", "recipe.yaml", "README.md"})
+PLOTS_DIR = "plots"
+# Why a file is left out, for the listing (first match wins); anything else: "not in the allow-list".
+LEFTOVERS = (
+    ("checkpoints", "training checkpoints"), ("checkpoint-*", "training checkpoint"), ("step_*", "training checkpoint"),
+    ("optimizer*", "optimizer state"), ("scheduler*", "scheduler state"),
+    ("rng_state*", "RNG state"), ("trainer_state.json", "trainer state"), ("training_args.bin", "trainer state"),
+    ("step0", "the converted model before uptraining"), ("metrics.jsonl", "training log"),
+    ("*.log", "log"), ("logs", "logs"), ("runs", "logs"), ("wandb", "logs"), ("events.out.tfevents*", "log"),
+    ("*.bin", "pickled file (only safetensors weights are uploaded)"), ("*.pt", "pickled file"),
+    ("*.pth", "pickled file"), ("*.ckpt", "pickled file"), ("*.safetensors", "weights not named by the index"),
+)
+# A push replaces the model: weights a previous push left on the branch must go in the same commit, or a
+# stale index (or stale shards) would be loaded instead of the new single file.
+DELETE_PATTERNS = ["*.safetensors", "*.safetensors.index.json"]
+
+
+@dataclass
+class PushResult:
+    repo_id: str
+    files: list[tuple[str, int]]  # (path in the repo, bytes), in upload order
+    skipped: list[tuple[str, str]]  # (path in DIR, why it is not uploaded)
+    card: str
+    card_origin: str  # "generated" | "kept" | "regenerated"
+    private: bool = False
+    revision: str | None = None
+    dry_run: bool = False
+    url: str | None = None
+    commit_url: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(n for _, n in self.files)
+
+    def listing(self) -> str:
+        width = max(len(f) for f, _ in self.files)
+        lines = [f"  {f:<{width}}  {fmt_bytes(n):>10}" for f, n in self.files]
+        if self.skipped:
+            lines.append("left out:")
+            lines += [f"  {f}  — {why}" for f, why in self.skipped]
+        return "\n".join(lines)
+
+    def summary(self) -> str:
+        where = (self.repo_id + (f" (branch {self.revision})" if self.revision else "")
+                 + (", private" if self.private else ""))
+        card = {"generated": "generated from uptrain.json", "kept": "your README.md, kept",
+                "regenerated": "generated, replacing your README.md (--overwrite-card)"}[self.card_origin]
+        notes = "".join(f"note: {n}\n" for n in self.notes)
+        if self.dry_run:
+            return (f"dry run: nothing uploaded. Would push {len(self.files)} files "
+                    f"({fmt_bytes(self.total_bytes)}) to {where}:\n{self.listing()}\n{notes}"
+                    f"model card (README.md, {card}):\n\n{self.card}")
+        return (f"pushed {len(self.files)} files ({fmt_bytes(self.total_bytes)}) to {where} in one commit; "
+                f"model card: {card}\n{self.listing()}\n{notes}{self.url}")
+
+
+# --------------------------------------------------------------------------------------- validation
+def read_header(path: Path) -> dict:
+    """The tensor table of a safetensors file, after checking the file is as long as the header says."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        n = int.from_bytes(raw, "little") if len(raw) == 8 else -1
+        if n < 2 or 8 + n > size or n > 100_000_000:  # safetensors caps headers at 100 MB
+            raise UptrainError(f"{path.name} is not a safetensors file (bad header); re-create or re-copy it")
+        try:
+            header = json.loads(f.read(n))
+            header.pop("__metadata__", None)
+            end = 8 + n + max((t["data_offsets"][1] for t in header.values()), default=0)
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
+            raise UptrainError(f"{path.name} has a corrupt safetensors header ({e!r})") from e
+    if size != end:
+        raise UptrainError(f"{path.name} is truncated or corrupt: its header describes {end:,} bytes, the file "
+                           f"has {size:,}; re-create or re-copy it")
+    return header
+
+
+def check_weights(folder: Path) -> tuple[list[str], dict]:
+    """Weight files to upload and {tensor name: header entry}; the index and every shard must agree."""
+    if not (folder / INDEX).is_file():
+        if (folder / "model.safetensors").is_file():
+            return ["model.safetensors"], read_header(folder / "model.safetensors")
+        raise UptrainError(f"no safetensors weights in {folder} (model.safetensors or {INDEX}); only safetensors "
+                           f"are uploaded — `uptrain convert` and `uptrain train` write them")
+    try:
+        weight_map = dict(json.loads((folder / INDEX).read_text(encoding="utf-8"))["weight_map"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise UptrainError(f"{INDEX} is not a valid shard index ({e!r})") from e
+    shards: dict[str, set] = defaultdict(set)
+    for tensor, shard in weight_map.items():
+        if os.path.isabs(shard) or ".." in Path(shard).parts:
+            raise UptrainError(f"{INDEX} points outside the folder: {shard!r}")
+        shards[shard].add(tensor)
+    missing = sorted(s for s in shards if not (folder / s).is_file())
+    if missing:
+        raise UptrainError(f"{len(missing)} of {len(shards)} shards named in {INDEX} are missing: "
+                           f"{', '.join(missing)}; the checkpoint is incomplete — re-run the conversion or copy them")
+    tensors = {}
+    for shard, names in sorted(shards.items()):
+        header = read_header(folder / shard)
+        if set(header) != names:
+            extra, absent = sorted(set(header) - names), sorted(names - set(header))
+            raise UptrainError(f"{shard} does not match {INDEX}: " + "; ".join(
+                x for x in (extra and f"not in the index: {', '.join(extra[:5])}",
+                            absent and f"missing from the shard: {', '.join(absent[:5])}") if x))
+        tensors.update(header)
+    return sorted(shards), tensors
+
+
+def load_config(folder: Path) -> dict:
+    """config.json as a dict, after checking transformers can load it (known model_type, valid fields)."""
+    if not (folder / "config.json").is_file():
+        raise UptrainError(f"{folder} has no config.json: not a Hugging Face checkpoint folder")
+    try:
+        from transformers import AutoConfig
+
+        AutoConfig.from_pretrained(str(folder))
+        return json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (ValueError, KeyError, OSError, TypeError) as e:
+        raise UptrainError(f"{folder}/config.json does not load with transformers: {e}") from e
+
+
+def check_kv_heads(config: dict, record: dict, tensors: dict) -> None:
+    """The KV-head count must agree between config.json, uptrain.json and the K/V weight shapes."""
+    from uptrain.arch import SPECS
+
+    spec = SPECS.get(config.get("model_type"))
+    kv = spec.kv_heads(config) if spec else (config.get("num_key_value_heads") or config.get("num_attention_heads"))
+    after = (record.get("conversion") or {}).get("kv_heads_after")
+    if after is not None and after != kv:
+        raise UptrainError(f"config.json has {kv} KV heads but uptrain.json records a conversion to {after}: "
+                           f"the folder mixes two models")
+    if spec is None:
+        return
+    for name, entry in tensors.items():
+        try:
+            kind, _, suffix = spec.classify(name)
+        except UptrainError:  # the converter is strict about unknown tensors; publishing need not be
+            continue
+        if kind == "kv":
+            rows = spec.rows(suffix, config)[-1][2]
+            if entry["shape"][0] != rows:
+                raise UptrainError(f"{name} has {entry['shape'][0]} rows but config.json's {kv} KV heads × "
+                                   f"head_dim {spec.head_dim(config)} need {rows}: weights and config disagree")
+
+
+def _parse_json_files(folder: Path, names: list[str]) -> None:
+    for name in names:
+        if name.endswith(".json"):
+            try:
+                json.loads((folder / name).read_text(encoding="utf-8"))
+            except ValueError as e:
+                raise UptrainError(f"{name} is not valid JSON ({e}); a truncated copy?") from e
+
+
+# --------------------------------------------------------------------------------------- selection
+def allowed(name: str) -> bool:
+    from uptrain.checkpoint import COMPANION_FILES
+
+    return name in ALLOWED_FILES or any(fnmatch.fnmatch(name, pat) for pat in COMPANION_FILES)
+
+
+def _why_left_out(name: str) -> str:
+    return next((why for pat, why in LEFTOVERS if fnmatch.fnmatch(name, pat)), "not in the allow-list")
+
+
+def _images(folder: Path) -> list[str]:
+    top = [p.name for p in folder.iterdir() if p.is_file() and p.name.lower().endswith(IMAGE_SUFFIXES)]
+    plots = folder / PLOTS_DIR
+    sub = [f"{PLOTS_DIR}/{p.name}" for p in plots.iterdir()
+           if p.is_file() and p.name.lower().endswith(IMAGE_SUFFIXES)] if plots.is_dir() else []
+    return sorted(top + sub)
+
+
+def _referenced(card: str, candidates: list[str]) -> list[str]:
+    links = set(re.findall(r"\]\(\s*<?([^)\s>]+)", card)) | set(re.findall(r"src=[\"']([^\"']+)", card))
+    links = {link.removeprefix("./") for link in links}
+    return [c for c in candidates if c in links]
+
+
+def select_files(folder: Path, weights: list[str], images: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
+    """(files to upload, (left-out entry, why)); folders are listed once with a trailing slash."""
+    keep, skipped = [], []
+    for p in sorted(folder.iterdir()):
+        if p.is_dir():
+            if p.name == PLOTS_DIR:
+                inside = [f"{PLOTS_DIR}/{q.name}" for q in sorted(p.iterdir())]
+                keep += [f for f in inside if f in images]
+                skipped += [(f, "not shown in the model card") for f in inside if f not in images]
+            else:
+                skipped.append((p.name + "/", _why_left_out(p.name)))
+        elif allowed(p.name) or p.name in weights or p.name in images:
+            keep.append(p.name)
+        elif p.name.lower().endswith(IMAGE_SUFFIXES):
+            skipped.append((p.name, "not shown in the model card"))
+        else:
+            skipped.append((p.name, _why_left_out(p.name)))
+    return keep, skipped
+
+
+@dataclass
+class Plan:
+    files: list[str]
+    skipped: list[tuple[str, str]]
+    card: str
+    card_origin: str
+    notes: list[str]
+
+
+def plan(folder, repo_id: str, eval_json=None, overwrite_card: bool = False) -> Plan:
+    """Validate DIR, choose the files, write the card. Reads only; touches neither DIR nor the network."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UptrainError(f"{folder} is not a folder")
+    config = load_config(folder)
+    weights, tensors = check_weights(folder)
+    record = {}
+    if (folder / "uptrain.json").is_file():
+        try:
+            record = json.loads((folder / "uptrain.json").read_text(encoding="utf-8"))
+        except ValueError as e:
+            raise UptrainError(f"uptrain.json is not valid JSON ({e})") from e
+    check_kv_heads(config, record, tensors)
+    notes = [] if record else ["no uptrain.json: the card can only describe the config"]
+
+    readme = folder / "README.md"
+    user_card = readme.read_text(encoding="utf-8") if readme.is_file() else None
+    if user_card is not None and not is_generated(user_card) and not overwrite_card:
+        images = _referenced(user_card, _images(folder))
+        files, skipped = select_files(folder, weights, images)
+        card, origin = user_card, "kept"
+    else:
+        files, skipped = select_files(folder, weights, _images(folder))
+        files = sorted(set(files) | {"README.md"})
+        card = model_card(folder, repo_id, files, eval_json)
+        origin = "regenerated" if user_card is not None and not is_generated(user_card) else "generated"
+    _parse_json_files(folder, files)
+    if not any(f.startswith("tokenizer") or f in ("vocab.json", "spiece.model") for f in files):
+        notes.append("no tokenizer files: users will need the source model's tokenizer")
+    return Plan(files=files, skipped=skipped, card=card, card_origin=origin, notes=notes)
+
+
+# --------------------------------------------------------------------------------------- upload
+def resolve_token(token: str | None = None) -> str:
+    """--token, else HF_TOKEN, else the saved login. Never printed."""
+    from huggingface_hub import get_token
+
+    token = token or get_token()
+    if not token:
+        raise UptrainError("no Hugging Face token: pass --token, set HF_TOKEN, or log in once with "
+                           "`hf auth login` (the token needs write access). Nothing was created or uploaded")
+    return token
+
+
+@contextmanager
+def hub_errors(repo_id: str, revision: str | None, endpoint: str, token: str):
+    """Turn huggingface_hub's exceptions into one clear message each (with the token scrubbed out)."""
+    from huggingface_hub import errors
+
+    def fail(msg, e):
+        raise UptrainError(msg.replace(token, "***")) from e
+
+    owner = repo_id.split("/")[0] if "/" in repo_id else "your account"
+    try:
+        yield
+    except errors.OfflineModeIsEnabled as e:
+        fail("HF_HUB_OFFLINE is set, so nothing can be uploaded: unset it (or use --dry-run)", e)
+    except errors.RevisionNotFoundError as e:
+        fail(f"branch {revision!r} does not exist in {repo_id} and could not be created: {e.server_message or e}", e)
+    except errors.RepositoryNotFoundError as e:
+        fail(f"{repo_id} was not found on {endpoint} (or this token cannot see it)", e)
+    except errors.HfHubHTTPError as e:
+        status = e.response.status_code if e.response is not None else None
+        server = f" (the Hub says: {e.server_message})" if e.server_message else ""
+        if status == 401:
+            fail(f"the Hub rejected the token (401 Unauthorized): it is invalid or expired. Create a write token "
+                 f"at {endpoint}/settings/tokens and pass it with --token or HF_TOKEN{server}", e)
+        if status == 403:
+            fail(f"no write access to {repo_id} (403 Forbidden): the repo or the namespace {owner!r} belongs to "
+                 f"someone else, or the token is read-only. Use a repo id under your own name or an organisation "
+                 f"you can write to, with a write token{server}", e)
+        if status is not None and status >= 500:
+            fail(f"the Hub had a server error ({status}) — try again later{server}", e)
+        if revision and status in (400, 409, 422):
+            fail(f"the Hub refused branch {revision!r} of {repo_id} ({status}){server}", e)
+        fail(f"the Hub refused the upload to {repo_id} ({status}){server}", e)
+    except (getattr(errors, "HTTPError", OSError), ConnectionError, TimeoutError) as e:
+        fail(f"cannot reach {endpoint} ({type(e).__name__}): is the network up? HF_ENDPOINT selects another Hub", e)
+    except ValueError as e:  # e.g. the Hub's check of the card's YAML metadata
+        fail(f"the upload to {repo_id} was refused: {e}", e)
+
+
+@contextmanager
+def staged(folder: Path, files: list[str], card: str):
+    """A temporary folder holding exactly `files` (links to DIR's) with README.md = `card`."""
+    with tempfile.TemporaryDirectory(prefix="uptrain-push-") as tmp:
+        for name in files:
+            dst = Path(tmp) / name
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            if name == "README.md":
+                dst.write_text(card, encoding="utf-8")
+                continue
+            try:
+                os.symlink((folder / name).resolve(), dst)
+            except OSError:  # no symlinks (some Windows setups): copy
+                shutil.copy2(folder / name, dst)
+        yield tmp
+
+
+def _pattern(name: str) -> str:
+    """An fnmatch pattern matching exactly `name` (allow_patterns are globs)."""
+    return re.sub(r"([*?[])", r"[\1]", name)
+
+
+def _default_message(folder: Path) -> str:
+    try:
+        rec = json.loads((folder / "uptrain.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return "Upload model with uptrain"
+    conv = rec.get("conversion") or {}
+    what = f"GQA-{conv['kv_heads_after']} conversion of {source_name(conv)}" if conv.get("kv_heads_after") else "model"
+    return f"Upload {what}" + (" (uptrained)" if rec.get("uptraining") else "") + " with uptrain"
+
+
+def push(dir, repo_id, private=False, revision=None, commit_message=None, token=None, dry_run=False,
+         overwrite_card=False, eval_json=None) -> PushResult:
+    """Validate DIR, write its model card, and upload the allow-listed files to `repo_id` in one commit."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as e:
+        raise UptrainError(f"--repo-id {repo_id!r} is not a Hub repo id: {e}") from e
+    if not dry_run:  # cheap checks first: no token, no need to wait for the folder's validation
+        token = resolve_token(token)
+    folder = Path(dir)
+    p = plan(folder, repo_id, eval_json=eval_json, overwrite_card=overwrite_card)
+    sizes = [(f, len(p.card.encode()) if f == "README.md" else (folder / f).stat().st_size) for f in p.files]
+    result = PushResult(repo_id=repo_id, files=sizes, skipped=p.skipped, card=p.card, card_origin=p.card_origin,
+                        private=private, revision=revision, dry_run=dry_run, notes=p.notes)
+    if dry_run:
+        from huggingface_hub import get_token
+
+        if not (token or get_token()):
+            result.notes.append("no token found: a real push needs --token, HF_TOKEN or `hf auth login`")
+        return result
+
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)  # endpoint: HF_ENDPOINT, read by huggingface_hub itself
+    with hub_errors(repo_id, revision, api.endpoint, token):
+        # private=None for a public push keeps an organisation's "private by default" policy.
+        repo_url = api.create_repo(repo_id, private=private or None, exist_ok=True, repo_type="model")
+        if private and not api.repo_info(repo_id).private:
+            raise UptrainError(f"{repo_id} already exists and is public; --private does not change an existing "
+                               f"repo. Make it private in its settings first, or drop --private")
+        if revision and not revision.startswith("refs/"):
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        with staged(folder, p.files, p.card) as tmp:
+            info = api.upload_folder(repo_id=repo_id, folder_path=tmp, allow_patterns=[_pattern(f) for f in p.files],
+                                     delete_patterns=DELETE_PATTERNS, revision=revision,
+                                     commit_message=commit_message or _default_message(folder))
+    result.url = str(repo_url).rstrip("/") + (f"/tree/{revision}" if revision else "")
+    result.commit_url = getattr(info, "commit_url", None)
+    return result

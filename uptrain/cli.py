@@ -151,17 +151,24 @@ def _run_eval(args) -> int:
 
 # ---------------------------------------------------------------- demo
 def _add_demo(sub):
-    p = sub.add_parser("demo", help="the GQA paper in miniature on Shakespeare, offline, on a CPU")
-    p.add_argument("--out", default="demo-out")
-    p.add_argument("--quick", action="store_true")
+    p = sub.add_parser("demo", help="the GQA paper in miniature on Shakespeare, offline, on a CPU (~10 min)",
+                       description="Pre-train a small MHA Llama on Shakespeare, convert it to GQA/MQA, uptrain each "
+                                   "for α of the pre-training steps, evaluate, and write DIR/report.md with plots.")
+    p.add_argument("--out", default="demo-out", help="output folder (report.md, results.json, plots, checkpoints)")
+    p.add_argument("--quick", action="store_true", help="a smaller model and fewer steps (about 2 minutes)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--alpha", type=float, default=0.05, help="uptraining steps as a fraction of pre-training")
+    p.add_argument("--overwrite", action="store_true", help="delete an earlier demo run in --out and start again")
+    p.add_argument("--resume", action="store_true", help="finish an interrupted run in --out, reusing its stages")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (one line per stage only)")
     return p
 
 
 def _run_demo(args) -> int:
     from uptrain.miniature import demo
 
-    demo(out=args.out, quick=args.quick, seed=args.seed)
+    demo(out=args.out, quick=args.quick, seed=args.seed, alpha=args.alpha, overwrite=args.overwrite,
+         resume=args.resume, progress=not args.no_progress)
     return 0
 
 

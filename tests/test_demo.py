@@ -1,0 +1,80 @@
+"""`uptrain demo --quick` end to end through the real CLI: report, JSON, plots, and numbers that agree."""
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "out"
+    r = subprocess.run([sys.executable, "-m", "uptrain", "demo", "--quick", "--out", str(out), "--no-progress"],
+                       capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out, r
+
+
+def test_report_json_and_plots_exist(demo_run):
+    out, r = demo_run
+    assert "[demo] done in" in r.stdout
+    for f in ("report.md", "results.json", "quality_vs_cost.png", "method_ablation.png", "alpha_sweep.png",
+              "training_curves.png"):
+        assert (out / f).is_file(), f
+    for png in out.glob("*.png"):
+        assert png.stat().st_size > 10_000, png  # a real figure, not an empty canvas
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_json_has_every_row_the_report_shows(demo_run):
+    out, _ = demo_run
+    results = json.loads((out / "results.json").read_text())
+    rows = {r["model"]: r for r in results["rows"]}
+    report = (out / "report.md").read_text()
+    table_models = set()
+    for line in report.splitlines():
+        m = re.match(r"^\| ([^|]+?)\s+\| ", line)
+        if m and m.group(1) not in ("model",) and not m.group(1).startswith(":"):
+            table_models.add(m.group(1))
+    assert table_models and table_models <= rows.keys(), table_models - rows.keys()
+    for name in table_models:  # the numbers in the table are the JSON's numbers
+        row = rows[name]
+        line = next(l for l in report.splitlines() if l.startswith(f"| {name} ") or l.startswith(f"| {name}|"))
+        assert f"{row['ppl_step0']:.1f}"[:4] in line and f"{row['ppl_uptrained']:.1f}"[:4] in line
+    assert len(results["findings"]) >= 3 and all(f in report for f in results["findings"])
+
+
+def test_mha_step0_equals_pretraining_eval(demo_run):
+    out, _ = demo_run
+    results = json.loads((out / "results.json").read_text())
+    mha = next(r for r in results["rows"] if r["model"] == "MHA")
+    pre = results["pretrain"]["final_eval"]
+    assert mha["ppl_step0"] == pytest.approx(pre["perplexity"], rel=1e-5)
+
+
+def test_converted_models_have_the_kv_heads_they_claim(demo_run):
+    out, _ = demo_run
+    results = json.loads((out / "results.json").read_text())
+    for row in results["rows"]:
+        for key in ("step0_path", "uptrained_path"):
+            cfg = json.loads(open(os.path.join(row[key], "config.json")).read())
+            assert cfg["num_key_value_heads"] == row["kv_heads"], (row["model"], key)
+        expected = {"MHA": 8, "MQA": 1}.get(row["model"].split()[0]) or int(row["model"].split()[0].split("-")[1])
+        assert row["kv_heads"] == expected
+    kv = {r["model"]: r["kv_cache_bytes_per_token"] for r in results["rows"]}
+    assert kv["MHA"] == 8 * kv["MQA"] == 4 * kv["GQA-2"] == 2 * kv["GQA-4"]
+
+
+def test_rerun_needs_overwrite_and_resume_reuses_stages(demo_run):
+    out, _ = demo_run
+    cmd = [sys.executable, "-m", "uptrain", "demo", "--quick", "--out", str(out), "--no-progress"]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 2 and "--resume" in r.stderr and "--overwrite" in r.stderr
+    before = (out / "results.json").read_text()
+    r = subprocess.run(cmd + ["--resume"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "uptrain train:" not in r.stdout  # nothing was trained again
+    after = json.loads((out / "results.json").read_text())
+    assert [x["ppl_uptrained"] for x in after["rows"]] == [x["ppl_uptrained"] for x in json.loads(before)["rows"]]

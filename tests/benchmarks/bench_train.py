@@ -2,7 +2,7 @@
 side by side in one run. Prints tokens/s and peak RSS of each and the ratio (target: uptrain ≥ 1.0×).
 
     python tests/benchmarks/bench_train.py                 # CPU: a small Llama (4 layers, hidden 256)
-    python tests/benchmarks/bench_train.py --steps 40 --layers 2
+    python tests/benchmarks/bench_train.py --steps 10 --repeats 3 --threads 1   # steadier on a busy machine
 
 With a CUDA GPU it also measures uptrain's bf16 tokens/s and model FLOPs utilisation (MFU) on a ~1B Llama
 (target ≥ 45%); `--skip-gpu` leaves that out. Each run is a fresh child process, so peak RSS is its own.
@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -97,6 +98,10 @@ def run_trainer(folder: str, a) -> dict:
 
 
 def child(kind: str, folder: str, a) -> None:
+    if a.threads:
+        import torch
+
+        torch.set_num_threads(a.threads)
     result = (run_uptrain if kind == "uptrain" else run_trainer)(folder, a)
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     import torch
@@ -108,6 +113,9 @@ def child(kind: str, folder: str, a) -> None:
 
 def spawn(kind: str, folder: str, argv: list[str]) -> dict:
     env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    threads = [x.split("=")[1] for x in argv if x.startswith("--threads=")]
+    if threads:
+        env["OMP_NUM_THREADS"] = threads[0]
     p = subprocess.run([sys.executable, __file__, "--child", kind, "--folder", folder, *argv], env=env,
                        capture_output=True, text=True)
     lines = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
@@ -159,6 +167,8 @@ def parse(argv=None):
     p.add_argument("--precision", default="no", choices=["no", "bf16"])
     p.add_argument("--checkpointing", action="store_true")
     p.add_argument("--repeats", type=int, default=1, help="alternate the two runs this many times (best of)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads per run (default: torch's); 1 is steadier on a shared machine")
     p.add_argument("--skip-gpu", action="store_true")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--folder", default=None, help=argparse.SUPPRESS)
@@ -169,7 +179,7 @@ def to_argv(a) -> list[str]:
     out = [f"--steps={a.steps}", f"--layers={a.layers}", f"--hidden={a.hidden}", f"--heads={a.heads}",
            f"--kv-heads={a.kv_heads}", f"--vocab={a.vocab}", f"--seq-len={a.seq_len}", f"--batch={a.batch}",
            f"--precision={a.precision}"]
-    return out + (["--checkpointing"] if a.checkpointing else [])
+    return out + (["--checkpointing"] if a.checkpointing else []) + ([f"--threads={a.threads}"] if a.threads else [])
 
 
 def main() -> None:
@@ -184,7 +194,7 @@ def main() -> None:
         for _ in range(a.repeats):
             runs["uptrain"].append(spawn("uptrain", folder, to_argv(a)))
             runs["Trainer"].append(spawn("trainer", folder, to_argv(a)))
-    device = "cuda" if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()} threads)"
+    device = "cuda" if torch.cuda.is_available() else f"cpu ({a.threads or torch.get_num_threads()} threads)"
     print(f"\n{a.layers}-layer Llama, hidden {a.hidden}, {a.heads} heads / {a.kv_heads} KV heads, vocab {a.vocab}; "
           f"{a.steps} steps of {a.batch}×{a.seq_len} tokens, precision {a.precision}, {device}")
     print(f"{'':10}{'tokens/s':>12}{'peak RSS MB':>14}{'mean loss':>11}")
@@ -194,8 +204,10 @@ def main() -> None:
         print(f"{k:10}{r['tokens_per_s']:>12,.0f}{r['peak_rss_mb']:>14,.0f}{r['mean_loss']:>11.4f}"
               + (f"   (each run: {each})" if a.repeats > 1 else ""))
     ratio = best["uptrain"]["tokens_per_s"] / best["Trainer"]["tokens_per_s"]
-    print(f"uptrain / Trainer tokens/s: {ratio:.2f}× (target ≥ 1.0×); peak RSS "
-          f"{best['uptrain']['peak_rss_mb'] / best['Trainer']['peak_rss_mb']:.2f}×")
+    median = statistics.median(r["tokens_per_s"] for r in runs["uptrain"]) / statistics.median(
+        r["tokens_per_s"] for r in runs["Trainer"])
+    print(f"uptrain / Trainer tokens/s: {ratio:.2f}× best of {a.repeats}, {median:.2f}× median (target ≥ 1.0×); "
+          f"peak RSS {best['uptrain']['peak_rss_mb'] / best['Trainer']['peak_rss_mb']:.2f}×")
     if torch.cuda.is_available() and not a.skip_gpu:
         gpu_mfu(["--repeats", "1"])
 

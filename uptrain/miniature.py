@@ -388,7 +388,7 @@ def _plots(out_dir: Path, rows, pre, uptrained, sweep, n, vs) -> list[str]:
         {"step 0": [ab[c]["ppl_step0"] for c in cats] + [x["ppl_step0"] for x in beyond if x["model"].startswith("MQA")],
          "uptrained": [ab[c]["ppl_uptrained"] for c in cats]
          + [x["ppl_uptrained"] for x in beyond if x["model"].startswith("MQA")]},
-        str(out_dir / "method_ablation.png"), ylabel="held-out perplexity (log scale)",
+        str(out_dir / "method_ablation.png"), ylabel="held-out perplexity (dashed: MHA)",
         title="MQA conversion method (paper Fig. 4)", baseline=mha_step0(rows)))
     pts = _sweep_points(sweep, n)
     paths.append(plot_lines({"MQA (mean)": ([p["alpha"] for p in pts], [p["perplexity"] for p in pts])},

@@ -114,6 +114,7 @@ def test_sharded_bf16_gqa_source_to_mqa(tmp_path):
 def test_methods_first_and_random(tmp_path):
     model = tiny_model("llama", seed=3)
     src = save(model, tmp_path / "src")
+    (tmp_path / "src" / "README.md").write_text("---\nlicense: llama2\ntags: [x]\n---\n# card\n")
     uptrain.convert(src, tmp_path / "first", groups=2, method="first", progress=False)
     uptrain.convert(src, tmp_path / "r1", groups=2, method="random", seed=7, progress=False)
     uptrain.convert(src, tmp_path / "r2", groups=2, method="random", seed=7, progress=False)
@@ -127,6 +128,8 @@ def test_methods_first_and_random(tmp_path):
     assert torch.equal(r1, r2) and not torch.equal(r1, r3)
     rec = json.loads((tmp_path / "r1" / "uptrain.json").read_text())["conversion"]
     assert rec["method"] == "random" and rec["seed"] == 7
+    assert rec["license"] == "llama2"  # the derivative carries the source's licence into its card
+    assert not (tmp_path / "r1" / "README.md").exists()  # the source's card is not copied as ours
 
 
 def test_unknown_tensor_stops_the_conversion(tmp_path):

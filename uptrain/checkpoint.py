@@ -75,7 +75,7 @@ def resolve_source(src: str, revision: str | None = None) -> tuple[Path, str | N
 
     try:
         local = snapshot_download(src, revision=revision,
-                                  allow_patterns=["*.json", "*.safetensors", *COMPANION_FILES])
+                                  allow_patterns=["*.json", "*.safetensors", "README.md", *COMPANION_FILES])
     except Exception as e:  # offline, 404, gated, auth: one message, no traceback
         raise UptrainError(f"{src!r} is not a local folder and could not be downloaded from the Hub "
                            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). Check the path, "
@@ -237,6 +237,24 @@ def open_source(folder: Path, allow_pickle: bool = False):
                                f"--allow-pickle to read them anyway (weights_only=True), or convert to safetensors")
         return PickleSource(folder)
     return SafetensorsSource(folder)  # raises the "no weights" message
+
+
+def card_license(folder: Path) -> dict:
+    """license / license_name / license_link from the source's model card front matter, if it has one.
+    The converted model is a derivative: its card must carry the source's licence."""
+    card = folder / "README.md"
+    if not card.is_file():
+        return {}
+    text = card.read_text(encoding="utf-8", errors="replace")
+    if not text.startswith("---"):
+        return {}
+    import yaml
+
+    try:
+        meta = yaml.safe_load(text.split("---", 2)[1]) or {}
+    except (yaml.YAMLError, IndexError):
+        return {}
+    return {k: meta[k] for k in ("license", "license_name", "license_link") if isinstance(meta, dict) and meta.get(k)}
 
 
 def fingerprint(folder: Path, source) -> str:

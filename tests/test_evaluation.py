@@ -19,13 +19,7 @@ FAST = ["--seq-len", "64", "--stride", "32", "--prompt-len", "8", "--new-tokens"
         "--threads", "1", "-q"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on a shared 2-core machine: one thread avoids OpenMP spinning against other processes."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run_cli(*args, env_extra=None):

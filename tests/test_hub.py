@@ -14,7 +14,7 @@ import huggingface_hub
 import pytest
 from huggingface_hub import errors as hf_errors
 from huggingface_hub.utils import filter_repo_objects
-from test_modelcard import eval_rows, make_converted, make_uptrained
+from test_modelcard import folders  # noqa: F401  (the same converted + uptrained fixture folders)
 from tiny_models import save, tiny_model
 
 from uptrain.errors import UptrainError
@@ -28,15 +28,6 @@ SHARDS = [f"model-0000{i}-of-00006.safetensors" for i in range(1, 7)]
 UPLOADED = sorted(["README.md", "chat_template.jinja", "config.json", "generation_config.json", *SHARDS,
                    "model.safetensors.index.json", "plots/loss.png", "recipe.yaml", "tokenizer.json",
                    "tokenizer_config.json", "uptrain.json"])
-
-
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory, tokenizer):
-    root = tmp_path_factory.mktemp("hub")
-    converted = make_converted(root, tokenizer)
-    uptrained = make_uptrained(converted, root)
-    (root / "eval.json").write_text(json.dumps(eval_rows(uptrained, converted)))
-    return converted, uptrained, root / "eval.json"
 
 
 def snapshot(folder: Path) -> dict:

@@ -167,6 +167,11 @@ def spec_for_config(cfg) -> AttentionSpec:
     return SPECS[mt]
 
 
+def kv_cache_bytes_per_token(layers: int, kv_heads: int, head_dim: int, bytes_per_value: int) -> int:
+    """K and V, every layer, one token: layers × 2 × KV heads × head_dim × bytes."""
+    return layers * 2 * kv_heads * head_dim * bytes_per_value
+
+
 def valid_groups(kv_heads: int) -> list[int]:
     """G values a checkpoint with `kv_heads` KV heads can be reduced to (divisors, contiguous groups)."""
     return [g for g in range(1, kv_heads + 1) if kv_heads % g == 0]

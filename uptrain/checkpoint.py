@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -301,9 +302,7 @@ def write_shard(path: Path, names: list[str], tensors: dict[str, tuple[str, tupl
     header, offset = {}, 0
     for n in names:
         dt, shape = tensors[n]
-        size = dtype_size(dt)
-        for s in shape:
-            size *= s
+        size = dtype_size(dt) * math.prod(shape)
         header[n] = {"dtype": dt, "shape": list(shape), "data_offsets": [offset, offset + size]}
         offset += size
     header["__metadata__"] = {"format": "pt", **(metadata or {})}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import math
 import time
 import zlib
 from dataclasses import asdict, dataclass, field
@@ -18,9 +19,9 @@ from pathlib import Path
 import torch
 
 from uptrain import __version__
-from uptrain.arch import AttentionSpec, check_groups, spec_for_config
+from uptrain.arch import AttentionSpec, check_groups, kv_cache_bytes_per_token, spec_for_config
 from uptrain.checkpoint import (DTYPES, SAFE_INDEX, AtomicFolder, card_license, check_output, copy_companions,
-                                fingerprint,
+                                dtype_size, fingerprint,
                                 open_source, plan_shards, read_config, resolve_source, tensor_bytes, write_all,
                                 write_shard)
 from uptrain.errors import UptrainError
@@ -84,11 +85,6 @@ def make_method(name: str, **options):
         module, cls = EXTRA_METHODS[name].split(":")
         return getattr(import_module(module), cls)(**options)
     raise UptrainError(f"unknown method {name!r}; choose one of {', '.join([*METHODS, *EXTRA_METHODS])}")
-
-
-def kv_cache_bytes_per_token(layers: int, kv_heads: int, head_dim: int, bytes_per_value: int) -> int:
-    """K and V, every layer, one token: layers × 2 × KV heads × head_dim × bytes."""
-    return layers * 2 * kv_heads * head_dim * bytes_per_value
 
 
 @dataclass
@@ -223,14 +219,8 @@ def convert(src: str, out: str, groups: int, method: str = "mean", seed: int = 0
             source.copy_bytes(name, f)
         else:
             write_all(f, tensor_bytes(merged(name)))
-        bar.update(plan_bytes(name))
-
-    def plan_bytes(name):
         dt, shape = out_tensors[name]
-        n = torch.empty((), dtype=DTYPES[dt]).element_size()
-        for s in shape:
-            n *= s
-        return n
+        bar.update(dtype_size(dt) * math.prod(shape))
 
     with AtomicFolder(out_dir) as tmp:
         written = 0
@@ -245,8 +235,8 @@ def convert(src: str, out: str, groups: int, method: str = "mean", seed: int = 0
         new_config[spec.kv_heads_field] = groups
         (tmp / "config.json").write_text(json.dumps(new_config, indent=2) + "\n")
         copy_companions(src_dir, tmp)
-        dbytes = max((torch.empty((), dtype=DTYPES[e.dtype]).element_size() for e in source.entries.values()
-                      if DTYPES[e.dtype].is_floating_point), default=2)
+        dbytes = max((dtype_size(e.dtype) for e in source.entries.values() if DTYPES[e.dtype].is_floating_point),
+                     default=2)
         result = ConvertResult(
             out=str(out_dir), source=src, model_type=config["model_type"], method=method, groups=groups,
             heads=heads, kv_heads_before=kv, kv_heads_after=groups, head_dim=d, num_layers=n_layers,

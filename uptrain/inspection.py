@@ -1,14 +1,13 @@
 """`uptrain inspect`: what a checkpoint is and what converting it would buy, from headers only."""
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import asdict, dataclass
 
-import torch
 
-from uptrain.arch import spec_for_config, valid_groups
-from uptrain.checkpoint import DTYPES, open_source, read_config, resolve_source
-from uptrain.conversion import kv_cache_bytes_per_token
+from uptrain.arch import kv_cache_bytes_per_token, spec_for_config, valid_groups
+from uptrain.checkpoint import DTYPES, dtype_size, open_source, read_config, resolve_source
 
 
 @dataclass
@@ -64,15 +63,10 @@ def inspect(src: str, revision: str | None = None, allow_pickle: bool = True) ->
     cfg = read_config(folder)
     spec = spec_for_config(cfg)
     source = open_source(folder, allow_pickle=allow_pickle)
-    params = 0
-    for e in source.entries.values():
-        n = 1
-        for s in e.shape:
-            n *= s
-        params += n
+    params = sum(math.prod(e.shape) for e in source.entries.values())
     floats = Counter(e.dtype for e in source.entries.values() if DTYPES[e.dtype].is_floating_point)
     dtype = floats.most_common(1)[0][0] if floats else "F32"
-    nbytes = torch.empty((), dtype=DTYPES[dtype]).element_size()
+    nbytes = dtype_size(dtype)
     layers, heads, kv, d = spec.layers(cfg), spec.heads(cfg), spec.kv_heads(cfg), spec.head_dim(cfg)
     base = kv_cache_bytes_per_token(layers, kv, d, nbytes)
     options = []

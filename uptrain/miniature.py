@@ -379,7 +379,7 @@ def _plots(out_dir: Path, rows, pre, uptrained, sweep, n, vs) -> list[str]:
     paths = []
     main = [dict(x, label=x["model"], perplexity=x["ppl_uptrained"]) for x in rows if x["role"] == "main"]
     paths.append(plot_quality_vs_cost(main, str(out_dir / "quality_vs_cost.png"),
-                                      title=f"after uptraining (α·N steps): quality vs inference cost"))
+                                      title="after uptraining (α·N steps): quality vs inference cost"))
     cats = ["mean", "first", "random"]
     ab = {x["method"]: x for x in rows if x["model"].startswith("MQA") and x["role"] != "beyond"}
     beyond = [x for x in rows if x["role"] == "beyond"]
@@ -415,7 +415,7 @@ def _report_md(rows, findings, plots, size, n, steps, alpha, settings, wall, out
     sections = {"main": "Table 1 shape: MHA, GQA and MQA (mean-pool conversion)",
                 "ablation": "Conversion method ablation (Figure 4)",
                 "beyond": "Beyond the paper: data-free mean-norm and calibration-aware aligned merging"}
-    md = [f"# uptrain demo: the GQA paper in miniature\n",
+    md = ["# uptrain demo: the GQA paper in miniature\n",
           f"A {size.layers}-layer Llama with {size.heads} heads (hidden {size.hidden}, vocabulary {size.vocab}) "
           f"pre-trained from scratch for N = {n} steps of {size.batch}×{size.seq_len} tokens on Shakespeare's plays, "
           f"converted, then uptrained for α·N = {alpha}·{n} = {steps} steps. Perplexity over the same "

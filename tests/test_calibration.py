@@ -5,7 +5,7 @@ import torch
 from tiny_models import save, tiny_model
 
 from uptrain.arch import spec_for_config
-from uptrain.calibration import calibrate, calibration_blocks, data_spec
+from uptrain.conversion.calibration import calibrate, calibration_blocks, data_spec
 from uptrain.data import DataSpec
 from uptrain.errors import UptrainError
 
@@ -79,7 +79,7 @@ def test_missing_tokenizer_is_a_clear_error(tmp_path):
 
 
 def test_bf16_checkpoint_runs_in_float32_one_layer_at_a_time(tmp_path, tokenizer):
-    from uptrain.calibration import upcast_layer_by_layer
+    from uptrain.conversion.calibration import upcast_layer_by_layer
 
     model = tiny_model("llama", dtype=torch.bfloat16)
     src = save(model, tmp_path / "src", tokenizer=tokenizer)

@@ -14,7 +14,7 @@ from tiny_models import V, save, tiny_model
 import uptrain
 from uptrain.arch import spec_for_config
 from uptrain.errors import UptrainError
-from uptrain.merging import AlignedMethod, head_gram, merge_attention, merge_pca, partition
+from uptrain.merging import head_gram, merge_attention, merge_pca, partition
 from uptrain.pooling import pool_mean, pool_mean_norm, split_groups
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -284,12 +284,3 @@ def test_refuses_what_it_cannot_fold(arch, over, words, tmp_path, tokenizer):
         uptrain.convert(src, tmp_path / "out", groups=2, method="aligned", progress=False)
     assert "mean-norm" in str(e.value)
     assert not (tmp_path / "out").exists()
-
-
-def test_bad_options():
-    with pytest.raises(UptrainError, match="grouping"):
-        AlignedMethod(grouping="nearest")
-    with pytest.raises(UptrainError, match="unknown option"):
-        AlignedMethod(calibraton_tokens=5)
-    with pytest.raises(UptrainError, match="positive"):
-        AlignedMethod(calibration_tokens=0)

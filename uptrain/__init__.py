@@ -17,12 +17,12 @@ shadows an API function.
 """
 from importlib import import_module
 
-__version__ = "0.1.0"
+from uptrain.version import __version__
 
 _API = {
     "convert": "uptrain.conversion",
-    "inspect": "uptrain.inspection",
-    "train": "uptrain.training",
+    "inspect": "uptrain.conversion",
+    "train": "uptrain.api",
     "evaluate": "uptrain.evaluation",
     "push": "uptrain.hub",
     "demo": "uptrain.miniature",

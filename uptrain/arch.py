@@ -167,6 +167,47 @@ def spec_for_config(cfg) -> AttentionSpec:
     return SPECS[mt]
 
 
+# ------------------------------------------------------------------------------------------ shapes and sizes
+# For configs outside the table (evaluating a model uptrain cannot convert): the usual field names.
+_GENERIC = AttentionSpec(kv={}, copy=())
+
+
+@dataclass(frozen=True)
+class AttentionShape:
+    layers: int
+    heads: int  # H
+    kv_heads: int  # K (or G after a conversion)
+    head_dim: int
+
+    @property
+    def kind(self) -> str:
+        return attention_kind(self.heads, self.kv_heads)
+
+    def kv_cache_bytes_per_token(self, bytes_per_value: int) -> int:
+        return kv_cache_bytes_per_token(self.layers, self.kv_heads, self.head_dim, bytes_per_value)
+
+    def to_dict(self) -> dict:
+        """The field names of an evaluation row and of config.json."""
+        return {"num_layers": self.layers, "num_attention_heads": self.heads,
+                "num_key_value_heads": self.kv_heads, "head_dim": self.head_dim}
+
+
+def attention_shape(cfg) -> AttentionShape:
+    """Layers, query heads, KV heads and head_dim of a config (dict or transformers config; the text config
+    of a multimodal one), through its spec when the table knows it."""
+    if hasattr(cfg, "get_text_config"):
+        cfg = cfg.get_text_config()
+    spec = SPECS.get(_get(cfg, "model_type", None), _GENERIC)
+    return AttentionShape(spec.layers(cfg), spec.heads(cfg), spec.kv_heads(cfg), spec.head_dim(cfg))
+
+
+def attention_kind(heads, kv_heads) -> str:
+    """"MHA" (K = H), "MQA" (K = 1) or "GQA-K"; "?" when either count is unknown."""
+    if not heads or not kv_heads:
+        return "?"
+    return "MHA" if kv_heads == heads else "MQA" if kv_heads == 1 else f"GQA-{kv_heads}"
+
+
 def kv_cache_bytes_per_token(layers: int, kv_heads: int, head_dim: int, bytes_per_value: int) -> int:
     """K and V, every layer, one token: layers × 2 × KV heads × head_dim × bytes."""
     return layers * 2 * kv_heads * head_dim * bytes_per_value
@@ -177,10 +218,11 @@ def valid_groups(kv_heads: int) -> list[int]:
     return [g for g in range(1, kv_heads + 1) if kv_heads % g == 0]
 
 
-def check_groups(groups: int, kv_heads: int) -> None:
+def check_groups(groups: int, kv_heads: int, key: str = "groups") -> None:
+    """`key` is how the caller spells the option: --groups, model.convert.groups, groups."""
     if groups < 1 or groups > kv_heads or kv_heads % groups:
         why = "larger than the" if groups > kv_heads else "does not divide the"
         if groups < 1:
             why = "must be at least 1 and divide the"
-        raise UptrainError(f"--groups {groups} {why} source's {kv_heads} KV heads; "
+        raise UptrainError(f"{key} {groups} {why} source's {kv_heads} KV heads; "
                            f"valid values: {', '.join(map(str, valid_groups(kv_heads)))}")

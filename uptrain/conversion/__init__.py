@@ -1,0 +1,27 @@
+"""Conversion: MHA/GQA checkpoint → G KV heads, streaming.
+
+    options.py      ConvertOptions: the one definition of every conversion option (CLI, recipes, Python)
+    plan.py         per tensor: copy its bytes or merge it, and its output shape
+    methods.py      the method interface; mean / first / random / mean-norm pooling
+    aligned.py      method aligned: calibration-aware merge (math in uptrain/merging.py)
+    calibration.py  second moments of the attention inputs over a little text, for aligned
+    writer.py       executes a plan: shards planned on the meta device, written tensor by tensor
+    converter.py    convert(): resolve, plan, write, record (a module name unlike the function's, so an
+                    import of the module never shadows it)
+    inspection.py   inspect(): what a checkpoint is and what converting it would buy
+
+Names are imported lazily so that recipes can import ConvertOptions without torch.
+"""
+from importlib import import_module
+
+_NAMES = {
+    "convert": "converter", "ConvertResult": "converter", "ConvertOptions": "options", "plan_conversion": "plan",
+    "inspect": "inspection", "CheckpointInfo": "inspection",
+}
+__all__ = list(_NAMES)
+
+
+def __getattr__(name: str):
+    if name in _NAMES:
+        return getattr(import_module(f"uptrain.conversion.{_NAMES[name]}"), name)
+    raise AttributeError(f"module 'uptrain.conversion' has no attribute {name!r}")

@@ -1,0 +1,126 @@
+"""`uptrain convert`: for every tensor of the source either copy its bytes or merge its KV heads, streamed
+shard by shard into a new checkpoint with G KV heads.
+
+    SRC → hf.resolve → config.json → spec = arch.SPECS[model_type] → plan.py (copy | merge per tensor)
+        → methods.py (prepare: e.g. calibration) → writer.py (shards, index) → config, companions,
+        uptrain.json (record.py) → atomic rename into OUT
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from uptrain.arch import check_groups, kv_cache_bytes_per_token, spec_for_config
+from uptrain.checkpoint import CHECKPOINT_FILES, check_output, copy_companions, dtype_size, fingerprint, kv_dtype, \
+    open_source, read_config
+from uptrain.conversion.methods import ConvertContext, make_method
+from uptrain.conversion.options import ConvertOptions
+from uptrain.conversion.plan import plan_conversion
+from uptrain.conversion.writer import write_converted
+from uptrain.files import AtomicFolder
+from uptrain.hf import card_licence, local_folder, resolve
+from uptrain.record import ConversionRecord, Record, read_record, write_record
+
+
+@dataclass
+class ConvertResult:
+    out: str
+    source: str
+    model_type: str
+    method: str
+    groups: int
+    heads: int
+    kv_heads_before: int
+    kv_heads_after: int
+    head_dim: int
+    num_layers: int
+    bytes_written: int
+    shards: int
+    seconds: float
+    kv_cache_bytes_per_token_before: int
+    kv_cache_bytes_per_token_after: int
+    layers: list[dict]
+
+    def summary(self) -> str:
+        from uptrain.report import fmt_bytes
+
+        saving = 1 - self.kv_cache_bytes_per_token_after / self.kv_cache_bytes_per_token_before
+        k = max((s["k_rel_error"] for s in self.layers), default=0.0)
+        v = max((s["v_rel_error"] for s in self.layers), default=0.0)
+        return (f"Converted {self.source} ({self.model_type}, {self.num_layers} layers, {self.heads} query heads) "
+                f"from {self.kv_heads_before} to {self.kv_heads_after} KV heads with method {self.method!r}: "
+                f"KV cache {fmt_bytes(self.kv_cache_bytes_per_token_before)} → "
+                f"{fmt_bytes(self.kv_cache_bytes_per_token_after)} per token ({saving:.0%} smaller). Largest "
+                f"relative change of a layer's K / V weights: {k:.3f} / {v:.3f}. Wrote "
+                f"{fmt_bytes(self.bytes_written)} in {self.shards} shard(s) to {self.out} in {self.seconds:.1f} s.")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def convert(src: str, out: str, groups: int | None = None, *, options: ConvertOptions | None = None,
+            overwrite: bool = False, revision: str | None = None, progress: bool = True,
+            **option_kw) -> ConvertResult:
+    """Convert the checkpoint at `src` (folder, HF-cache snapshot or Hub id) into one with G KV heads at `out`.
+
+    The conversion is described by `options` (a ConvertOptions) or by its fields as keyword arguments:
+    `convert(src, out, groups=8, method="aligned", calibration_tokens=65536)`. Streaming: reads one tensor
+    at a time, copies unchanged tensors as bytes, never builds the model. Writes into a temporary folder
+    beside `out` and renames it into place only when everything succeeded."""
+    t0 = time.time()
+    if options is None:
+        options = ConvertOptions.from_kwargs(groups=groups, **option_kw)
+    elif groups is not None or option_kw:
+        options = ConvertOptions.from_kwargs(getattr(options, "_style", "python"),
+                                             **{**options.to_dict(), **option_kw, "groups": groups or options.groups})
+    options.check()
+    source_ref = resolve(src, revision, what="source")
+    src_dir, rev = local_folder(source_ref, CHECKPOINT_FILES)
+    out_dir = Path(out)
+    config = read_config(src_dir)
+    spec = spec_for_config(config)
+    heads, kv, d, n_layers = spec.heads(config), spec.kv_heads(config), spec.head_dim(config), spec.layers(config)
+    g = options.groups
+    check_groups(g, kv, options.key("groups"))
+    check_output(src_dir, out_dir, overwrite)
+    merger = make_method(options)
+    source = open_source(src_dir, allow_pickle=options.allow_pickle)
+    touched = tuple(merger.touched(spec)) if merger.layerwise else ()
+    plan = plan_conversion(spec, config, source.entries, g, touched, options.key("groups"))
+    ctx = ConvertContext(spec, config, src_dir, source, heads, kv, g, d, options.seed, progress)
+    method_record = merger.prepare(ctx)  # e.g. a calibration pass; before any output exists
+    value_bytes = dtype_size(kv_dtype(source.entries))
+
+    with AtomicFolder(out_dir) as tmp:
+        written, n_shards, layers = write_converted(tmp, plan, source, merger, ctx, options.max_shard_size, progress)
+        new_config = dict(config)
+        new_config[spec.kv_heads_field] = g
+        (tmp / "config.json").write_text(json.dumps(new_config, indent=2) + "\n")
+        copy_companions(src_dir, tmp)
+        result = ConvertResult(
+            out=str(out_dir), source=str(src), model_type=config["model_type"], method=options.method, groups=g,
+            heads=heads, kv_heads_before=kv, kv_heads_after=g, head_dim=d, num_layers=n_layers,
+            bytes_written=written, shards=n_shards, seconds=0.0,
+            kv_cache_bytes_per_token_before=kv_cache_bytes_per_token(n_layers, kv, d, value_bytes),
+            kv_cache_bytes_per_token_after=kv_cache_bytes_per_token(n_layers, g, d, value_bytes),
+            layers=layers)
+        conversion = ConversionRecord(
+            source=str(src), source_revision=rev or source_ref.revision, source_hub_id=source_ref.hub_id,
+            source_fingerprint=fingerprint(src_dir, source), model_type=config["model_type"],
+            method=options.method, grouping=method_record.get("grouping", "contiguous"), groups=g,
+            seed=options.seed, num_attention_heads=heads, kv_heads_before=kv, kv_heads_after=g, head_dim=d,
+            num_layers=n_layers, kv_cache_bytes_per_token_before=result.kv_cache_bytes_per_token_before,
+            kv_cache_bytes_per_token_after=result.kv_cache_bytes_per_token_after,
+            dtype=str(config.get("torch_dtype") or config.get("dtype") or ""),
+            created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            calibration=method_record.get("calibration"), layers=layers,
+            options={k: v for k, v in options.to_dict().items() if isinstance(v, (int, float, str, bool, type(None)))},
+            **card_licence(src_dir),
+            extra={k: v for k, v in method_record.items() if k not in ("calibration", "grouping")})
+        previous = read_record(src_dir)  # the source was itself made by uptrain: keep its history
+        write_record(tmp, Record(conversion=conversion, source_record=previous.to_dict() if previous else None))
+    result.seconds = time.time() - t0
+    return result

@@ -1,0 +1,78 @@
+"""Conversion methods behind one small interface, chosen by `ConvertOptions.method`.
+
+A method has `layerwise` (False: each KV tensor is merged alone; True: all `touched(spec)` tensors of a
+layer are merged together), `prepare(ctx) -> record` (runs before any output exists, e.g. a calibration
+pass) and `merge(layer, {suffix: float32 tensor}, ctx) -> {suffix: tensor}`; optionally
+`stats(layer, inputs, outputs, ctx)` for its own per-layer error.
+"""
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from uptrain.arch import AttentionSpec
+from uptrain.conversion.options import ConvertOptions
+from uptrain.pooling import POOLERS, pool_rows, relative_error
+
+
+@dataclass
+class ConvertContext:
+    """Everything a merge method may need about the conversion at hand."""
+
+    spec: AttentionSpec
+    config: dict
+    src_dir: Path
+    source: object  # SafetensorsSource | PickleSource
+    heads: int
+    kv_heads: int
+    groups: int
+    head_dim: int
+    seed: int = 0
+    progress: bool = True
+
+
+class PoolMethod:
+    """The paper's family (mean / first / random / mean-norm): each KV tensor is merged on its own, so
+    the converter only ever holds one tensor."""
+
+    layerwise = False
+
+    def __init__(self, name: str):
+        self.name = name
+        self.pool = POOLERS[name]
+
+    def prepare(self, ctx: ConvertContext) -> dict:
+        return {}
+
+    def merge(self, layer: int, tensors: dict[str, torch.Tensor], ctx: ConvertContext) -> dict[str, torch.Tensor]:
+        out = {}
+        for suffix, t in tensors.items():
+            gen = torch.Generator().manual_seed(ctx.seed * 1_000_003 + zlib.crc32(f"{layer}.{suffix}".encode()))
+            kind = "bias" if suffix.endswith(".bias") else "norm" if "norm" in suffix else "weight"
+            out[suffix] = pool_rows(t, ctx.spec.rows(suffix, ctx.config), ctx.groups, ctx.head_dim, self.pool,
+                                    kind=kind, generator=gen)
+        return out
+
+    def stats(self, layer: int, src: dict[str, torch.Tensor], out: dict[str, torch.Tensor], ctx) -> dict:
+        """Relative change of the K and V projection weights (0 when the heads of each group were equal)."""
+        stats = {}
+        for suffix, t in src.items():
+            if suffix not in ctx.spec.kv or t.dim() != 2:
+                continue
+            src_rows, out_rows = ctx.spec.rows(suffix, ctx.config), ctx.spec.rows(suffix, ctx.config, ctx.groups)
+            for (role, a, b), (_, c, e) in zip(src_rows, out_rows):
+                if role in ("k", "v"):
+                    stats[f"{role}_rel_error"] = relative_error(t[a:b], out[suffix][c:e], ctx.groups, ctx.head_dim)
+        return stats
+
+
+def make_method(options: ConvertOptions):
+    """The method object for checked options (ConvertOptions.check has refused unknown names)."""
+    if options.method in POOLERS:
+        return PoolMethod(options.method)
+    from uptrain.conversion.aligned import AlignedMethod  # calibration code: imported only when asked for
+
+    return AlignedMethod(options)

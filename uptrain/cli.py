@@ -81,7 +81,7 @@ def _add_train(sub):
 
 
 def _run_train(args) -> int:
-    from uptrain.training import train
+    from uptrain.api import train
 
     train(args.recipe, overrides=args.overrides)  # prints its own summary, on the main process only
     return 0

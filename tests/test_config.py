@@ -2,7 +2,7 @@
 import pytest
 import yaml
 
-from uptrain.config import Recipe, load_recipe, parse_override
+from uptrain.training.recipe import Recipe, load_recipe, parse_override
 from uptrain.errors import UptrainError
 
 BASE = {"model": {"path": "some/model"}, "budget": {"max_steps": 10}}

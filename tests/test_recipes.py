@@ -7,8 +7,8 @@ import re
 import pytest
 import yaml
 
-from uptrain.config import load_recipe
-from uptrain.training import resolve_budget
+from uptrain.training.recipe import load_recipe
+from uptrain.training.budget import resolve_budget
 
 ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes")
 ALL = sorted(os.path.relpath(p, os.path.dirname(ROOT)) for p in glob.glob(os.path.join(ROOT, "**", "*.yaml"),

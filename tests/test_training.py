@@ -7,12 +7,17 @@ import subprocess
 import sys
 
 import pytest
+import uptrain
 import torch
 from safetensors.torch import load_file
 
 from tiny_models import save, tiny_config, tiny_model
 from uptrain.errors import UptrainError
-from uptrain.training import BlockStream, latest_checkpoint, lr_factor, resolve_budget, trainable_mask, train
+from uptrain.training import train
+from uptrain.training.budget import lr_factor, resolve_budget
+from uptrain.training.loop import BlockStream
+from uptrain.training.run_folder import latest_checkpoint
+from uptrain.training.setup import trainable_mask
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -47,7 +52,7 @@ def reference(models, tmp_path_factory):
 
 # ------------------------------------------------------------------------------------------ pure parts
 def test_budget_from_alpha_and_tokens():
-    from uptrain.config import BudgetSection
+    from uptrain.training.recipe import BudgetSection
 
     b = resolve_budget(BudgetSection(fraction=0.05, pretrain_tokens=2 * 10**12), 8 * 4 * 32 * 4096)
     assert b.steps == 23841 and b.alpha == 0.05 and "23,841 steps" in b.text
@@ -118,7 +123,7 @@ def test_converted_model_learns_shakespeare(models, tokenizer, tmp_path):
     perplexity go down, and the saved model is the one that was evaluated."""
     from transformers import AutoModelForCausalLM
 
-    from uptrain.config import load_recipe
+    from uptrain.training.recipe import load_recipe
     from uptrain.evaluation import perplexity
 
     out = tmp_path / "run"
@@ -180,8 +185,8 @@ def test_gradient_checkpointing_changes_memory_not_numbers(models, reference, tm
     assert max(abs(a - b) for a, b in zip(reference.losses, ckpt.losses)) < 1e-5
 
 
-def test_push_to_hub_is_called_with_the_final_folder(models, tmp_path, monkeypatch):
-    import uptrain.hub
+def test_push_to_hub_is_called_after_training_not_by_the_loop(models, tmp_path, monkeypatch):
+    import uptrain.publishing
 
     calls = []
 
@@ -189,8 +194,11 @@ def test_push_to_hub_is_called_with_the_final_folder(models, tmp_path, monkeypat
         def summary(self):
             return "pushed"
 
-    monkeypatch.setattr(uptrain.hub, "push", lambda folder, repo_id: calls.append((folder, repo_id)) or Pushed())
-    train(recipe(models, tmp_path / "p", budget={"max_steps": 1}, push_to_hub="me/tiny-gqa"))
+    monkeypatch.setattr(uptrain.publishing, "push", lambda folder, repo_id: calls.append((folder, repo_id)) or Pushed())
+    r = recipe(models, tmp_path / "p", budget={"max_steps": 1}, push_to_hub="me/tiny-gqa")
+    res = train(r)  # the training package alone never publishes
+    assert calls == [] and res.push_to_hub == "me/tiny-gqa"
+    uptrain.train(dict(r, overwrite=True))  # the public API (and the CLI) push a finished run
     assert calls == [(str(tmp_path / "p"), "me/tiny-gqa")]
     assert json.loads((tmp_path / "p" / "uptrain.json").read_text())["uptraining"]["steps"] == 1
 
@@ -333,7 +341,7 @@ def test_model_data_and_teacher_mistakes_through_the_cli(models, tokenizer, tmp_
     cases = [
         ({"model": {"path": str(tmp_path / "nowhere")}}, "model.path '%s' not found" % (tmp_path / "nowhere")),
         ({"model": {"path": gpt2}}, "architecture 'gpt2' is not supported yet"),
-        ({"model": {"path": models["mha"], "convert": {"groups": 3}}}, "--groups 3 does not divide the source's 8"),
+        ({"model": {"path": models["mha"], "convert": {"groups": 3}}}, "model.convert.groups 3 does not divide the source's 8"),
         ({"data": {"source": str(tmp_path / "short.txt"), "eval_files": str(tmp_path / "short.txt")}},
          "fewer tokens than one block of seq_len=32"),
         ({"distill": {"teacher": big_vocab}}, "has a vocabulary of 600 tokens, the student 512"),

@@ -117,7 +117,7 @@ def convert(src: str, out: str, groups: int | None = None, *, options: ConvertOp
             dtype=str(config.get("torch_dtype") or config.get("dtype") or ""),
             created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             calibration=method_record.get("calibration"), layers=layers,
-            options={k: v for k, v in options.to_dict().items() if isinstance(v, (int, float, str, bool, type(None)))},
+            options=options.recorded(),
             **card_licence(src_dir),
             extra={k: v for k, v in method_record.items() if k not in ("calibration", "grouping")})
         previous = read_record(src_dir)  # the source was itself made by uptrain: keep its history

@@ -79,8 +79,11 @@ class ConvertOptions:
         return [f.name for f in dataclasses.fields(self) if f.metadata["help"].startswith("aligned:")
                 and getattr(self, f.name) != getattr(defaults, f.name)]
 
-    def check(self) -> ConvertOptions:
-        """Value checks that need no checkpoint (the KV-head count is checked by the converter)."""
+    def check(self, section: str | None = None) -> ConvertOptions:
+        """Value checks that need no checkpoint (the KV-head count is checked by the converter). `section`:
+        the recipe section these options were read from (recipes validate every section this way)."""
+        if section is not None:
+            self.spoken_as(section)
         if not isinstance(self.groups, int) or self.groups < 1:
             raise UptrainError(f"{self.said('groups')}: must be at least 1 (the KV heads of the result)")
         if self.method not in METHODS:
@@ -99,3 +102,8 @@ class ConvertOptions:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def recorded(self) -> dict:
+        """The options as uptrain.json keeps them (JSON values only: a DataSpec given to the Python API as
+        calibration is described by the conversion record's calibration entry instead)."""
+        return {k: v for k, v in self.to_dict().items() if isinstance(v, (int, float, str, bool, type(None)))}

@@ -20,27 +20,17 @@ from typing import Literal, Optional, Union
 
 import yaml
 
+from uptrain.conversion.options import ConvertOptions
 from uptrain.data import DataSpec
 from uptrain.errors import UptrainError
-
-
-@dataclass
-class ConvertSection:
-    """Convert `model.path` to `groups` KV heads first (written to OUT/step0), then uptrain the result."""
-
-    groups: int = 0
-    method: str = "mean"
-    seed: int = 0
-
-    def check(self, key):
-        _require(self.groups >= 1, f"{key}.groups", "must be at least 1 (the KV heads of the result)")
 
 
 @dataclass
 class ModelSection:
     path: str = ""  # a checkpoint folder or Hub id (the converted model, or the source when `convert` is set)
     revision: Optional[str] = None
-    convert: Optional[ConvertSection] = None
+    # Convert `path` first (into OUT/step0), then uptrain the result: every option of `uptrain convert`.
+    convert: Optional[ConvertOptions] = None
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # weights as trained (mixed precision is separate)
 
     def check(self, key):

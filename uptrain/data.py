@@ -90,19 +90,26 @@ def _texts_from_files(files: list[str], text_column: str, max_documents: int | N
     if unknown:
         raise UptrainError(f"unsupported data file type(s) {sorted(unknown)}; use one of {sorted(_LOCAL_BUILDERS)}")
     builders = {_LOCAL_BUILDERS[e] for e in exts}
-    if builders == {"text"}:
-        # One file = one document: plays and books keep their long-range context.
-        texts = [open(f, encoding="utf-8").read() for f in files]
-    else:
-        if len(builders) > 1:
-            raise UptrainError(f"mixed data file types {sorted(exts)}; give one kind at a time")
-        import datasets
+    if len(builders) > 1:
+        raise UptrainError(f"mixed data file types {sorted(exts)}; give one kind at a time")
+    import datasets
 
-        ds = datasets.load_dataset(builders.pop(), data_files=files, split="train")
-        if text_column not in ds.column_names:
-            raise UptrainError(f"text column {text_column!r} not in {files[0]} (columns: {ds.column_names}); "
-                               f"set data.text_column")
-        texts = list(ds[text_column])
+    builder = builders.pop()
+    # Plain text: one file = one document (sample_by="document"), so plays and books keep their long-range
+    # context; its column is always "text".
+    kw = {"sample_by": "document"} if builder == "text" else {}
+    column = "text" if builder == "text" else text_column
+    bars = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()  # local files load in a blink; their bars would only clutter messages
+    try:
+        ds = datasets.load_dataset(builder, data_files=files, split="train", **kw)
+    finally:
+        if bars:
+            datasets.enable_progress_bars()
+    if column not in ds.column_names:
+        raise UptrainError(f"text column {column!r} not in {files[0]} (columns: {ds.column_names}); "
+                           f"set data.text_column")
+    texts = list(ds[column])
     return texts[:max_documents] if max_documents else texts
 
 

@@ -1,0 +1,74 @@
+"""The package's layers (README "How it works"): a module imports only from its own layer or below, so the
+math never depends on I/O, I/O never on pipelines, pipelines never on publishing or the entry points."""
+import ast
+import pathlib
+
+ROOT = pathlib.Path(__file__).resolve().parents[1] / "uptrain"
+
+# Bottom to top. A module belongs to the layer of the longest listed prefix of its dotted name.
+LAYERS = [
+    ("base", ["uptrain.errors", "uptrain.version"]),
+    ("math, data and files", ["uptrain.pooling", "uptrain.merging", "uptrain.data", "uptrain.files"]),
+    ("records and I/O", ["uptrain.record", "uptrain.hf", "uptrain.checkpoint", "uptrain.report"]),
+    ("model knowledge", ["uptrain.arch"]),
+    ("conversion and evaluation", ["uptrain.conversion", "uptrain.evaluation"]),
+    ("training (converts, then evaluates while it trains)", ["uptrain.training"]),
+    ("publishing", ["uptrain.publishing"]),
+    ("entry points", ["uptrain", "uptrain.api", "uptrain.cli", "uptrain.__main__", "uptrain.miniature"]),
+]
+
+
+def layer_of(module: str) -> int:
+    best = max(((len(p), i) for i, (_, prefixes) in enumerate(LAYERS) for p in prefixes
+                if module == p or module.startswith(p + ".")), default=None)
+    assert best is not None, f"{module} is in no layer: add it to LAYERS and to the README's tree"
+    return best[1]
+
+
+def module_name(path: pathlib.Path) -> str:
+    parts = ["uptrain", *path.relative_to(ROOT).with_suffix("").parts]
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports(path: pathlib.Path, module: str) -> set[str]:
+    """Every uptrain module `path` imports, at the top or inside a function."""
+    out = set()
+    package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names if a.name.split(".")[0] == "uptrain"}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+            if base.split(".")[0] == "uptrain":  # `from uptrain import hf` imports the module uptrain.hf
+                subs = [f"{base}.{a.name}" for a in node.names if _is_module(f"{base}.{a.name}")]
+                out |= set(subs) if len(subs) == len(node.names) else {base}
+    return out
+
+
+def _is_module(dotted: str) -> bool:
+    rel = pathlib.Path(*dotted.split(".")[1:])
+    return (ROOT / rel).with_suffix(".py").is_file() or (ROOT / rel / "__init__.py").is_file()
+
+
+def test_every_module_has_a_layer():
+    for path in ROOT.rglob("*.py"):
+        layer_of(module_name(path))
+
+
+def test_no_module_imports_from_a_layer_above_it():
+    wrong = []
+    for path in sorted(ROOT.rglob("*.py")):
+        me = module_name(path)
+        for other in imports(path, me):
+            if layer_of(other) > layer_of(me):
+                wrong.append(f"{me} ({LAYERS[layer_of(me)][0]}) imports {other} ({LAYERS[layer_of(other)][0]})")
+    assert not wrong, "\n".join(wrong)
+
+
+def test_the_checker_sees_a_violation():
+    assert layer_of("uptrain.pooling") < layer_of("uptrain.hf") < layer_of("uptrain.training.loop")
+    assert layer_of("uptrain.publishing.hub") > layer_of("uptrain.evaluation.quality")
+    src = ROOT / "training" / "loop.py"
+    assert "uptrain.evaluation.quality" in imports(src, "uptrain.training.loop")

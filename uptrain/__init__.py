@@ -24,7 +24,7 @@ _API = {
     "inspect": "uptrain.conversion",
     "train": "uptrain.api",
     "evaluate": "uptrain.evaluation",
-    "push": "uptrain.hub",
+    "push": "uptrain.publishing",
     "demo": "uptrain.miniature",
 }
 

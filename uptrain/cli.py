@@ -188,15 +188,18 @@ def _add_push(sub):
     p.add_argument("--dry-run", action="store_true", help="print the files and the model card; upload nothing")
     p.add_argument("--overwrite-card", action="store_true", help="replace a README.md you wrote with a generated card")
     p.add_argument("--eval-json", default=None, metavar="FILE", help="results of `uptrain eval … --json` for the card")
+    p.add_argument("--base-model", default=None, metavar="ID",
+                   help="Hub id of the model this one derives from, for the card's base_model (e.g. "
+                        "meta-llama/Llama-2-7b-hf when the source was a local copy); wins over uptrain.json")
     return p
 
 
 def _run_push(args) -> int:
-    from uptrain.hub import push
+    from uptrain.publishing import push
 
     result = push(args.dir, repo_id=args.repo_id, private=args.private, revision=args.revision,
                   commit_message=args.commit_message, token=args.token, dry_run=args.dry_run,
-                  overwrite_card=args.overwrite_card, eval_json=args.eval_json)
+                  overwrite_card=args.overwrite_card, eval_json=args.eval_json, base_model=args.base_model)
     print(result.summary())
     return 0
 

@@ -22,8 +22,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from uptrain.arch import SPECS, attention_shape
 from uptrain.errors import UptrainError
-from uptrain.modelcard import IMAGE_SUFFIXES, is_generated, model_card, source_name
+from uptrain.hf import check_hub_id
+from uptrain.publishing.card_facts import IMAGE_SUFFIXES, source_name
+from uptrain.publishing.model_card import is_generated, model_card
+from uptrain.record import FILENAME as RECORD, Record, read_record, try_read_record
 from uptrain.report import fmt_bytes
 
 INDEX = "model.safetensors.index.json"
@@ -88,7 +92,12 @@ class PushResult:
 
 # --------------------------------------------------------------------------------------- validation
 def read_header(path: Path) -> dict:
-    """The tensor table of a safetensors file, after checking the file is as long as the header says."""
+    """The tensor table of a safetensors file, after checking the file is exactly as long as the header says.
+
+    Not checkpoint.read_safetensors_header: that one (for the converter's reads) only refuses a file too
+    short for its tensors, while a file to publish must match its header exactly, as the safetensors
+    format requires (a longer one is a half-overwritten copy); and its messages speak of the path on this
+    machine and of re-downloading, where these name the file in the repo and say re-create or re-copy."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         raw = f.read(8)
@@ -152,14 +161,19 @@ def load_config(folder: Path) -> dict:
         raise UptrainError(f"{folder}/config.json does not load with transformers: {e}") from e
 
 
-def check_kv_heads(config: dict, record: dict, tensors: dict) -> None:
-    """The KV-head count must agree between config.json, uptrain.json and the K/V weight shapes."""
-    from uptrain.arch import SPECS
+def _kv_heads(config: dict) -> int | None:
+    try:
+        return attention_shape(config).kv_heads
+    except (UptrainError, TypeError, ZeroDivisionError):  # a config without the usual fields
+        return None
 
+
+def check_kv_heads(config: dict, record: Record | None, tensors: dict) -> None:
+    """The KV-head count must agree between config.json, uptrain.json and the K/V weight shapes."""
     spec = SPECS.get(config.get("model_type"))
-    kv = spec.kv_heads(config) if spec else (config.get("num_key_value_heads") or config.get("num_attention_heads"))
-    after = (record.get("conversion") or {}).get("kv_heads_after")
-    if after is not None and after != kv:
+    kv = _kv_heads(config)
+    after = record.conversion.kv_heads_after if record and record.conversion else None
+    if after and kv is not None and after != kv:
         raise UptrainError(f"config.json has {kv} KV heads but uptrain.json records a conversion to {after}: "
                            f"the folder mixes two models")
     if spec is None:
@@ -177,8 +191,9 @@ def check_kv_heads(config: dict, record: dict, tensors: dict) -> None:
 
 
 def _parse_json_files(folder: Path, names: list[str]) -> None:
+    """Every JSON file to upload parses (uptrain.json was already read through record.py)."""
     for name in names:
-        if name.endswith(".json"):
+        if name.endswith(".json") and name != RECORD:
             try:
                 json.loads((folder / name).read_text(encoding="utf-8"))
             except ValueError as e:
@@ -239,19 +254,15 @@ class Plan:
     notes: list[str]
 
 
-def plan(folder, repo_id: str, eval_json=None, overwrite_card: bool = False) -> Plan:
-    """Validate DIR, choose the files, write the card. Reads only; touches neither DIR nor the network."""
+def plan(folder, repo_id: str, eval_json=None, overwrite_card: bool = False, base_model: str | None = None) -> Plan:
+    """Validate DIR, choose the files, write the card. Reads only; touches neither DIR nor the network.
+    base_model: the Hub model the card names as `base_model`, over what uptrain.json suggests."""
     folder = Path(folder)
     if not folder.is_dir():
         raise UptrainError(f"{folder} is not a folder")
     config = load_config(folder)
     weights, tensors = check_weights(folder)
-    record = {}
-    if (folder / "uptrain.json").is_file():
-        try:
-            record = json.loads((folder / "uptrain.json").read_text(encoding="utf-8"))
-        except ValueError as e:
-            raise UptrainError(f"uptrain.json is not valid JSON ({e})") from e
+    record = read_record(folder)
     check_kv_heads(config, record, tensors)
     notes = [] if record else ["no uptrain.json: the card can only describe the config"]
 
@@ -261,10 +272,13 @@ def plan(folder, repo_id: str, eval_json=None, overwrite_card: bool = False) -> 
         images = _referenced(user_card, _images(folder))
         files, skipped = select_files(folder, weights, images)
         card, origin = user_card, "kept"
+        if base_model:
+            notes.append(f"--base-model {base_model} is not used: README.md is your own card, kept as it is "
+                         f"(set base_model in its front matter, or replace it with --overwrite-card)")
     else:
         files, skipped = select_files(folder, weights, _images(folder))
         files = sorted(set(files) | {"README.md"})
-        card = model_card(folder, repo_id, files, eval_json)
+        card = model_card(folder, repo_id, files, eval_json, base_model=base_model)
         origin = "regenerated" if user_card is not None and not is_generated(user_card) else "generated"
     _parse_json_files(folder, files)
     if not any(f.startswith("tokenizer") or f in ("vocab.json", "spiece.model") for f in files):
@@ -344,30 +358,28 @@ def _pattern(name: str) -> str:
     return re.sub(r"([*?[])", r"[\1]", name)
 
 
-def _default_message(folder: Path) -> str:
-    try:
-        rec = json.loads((folder / "uptrain.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+def _default_message(folder: Path, base_model: str | None = None) -> str:
+    rec = try_read_record(folder)
+    if rec is None:
         return "Upload model with uptrain"
-    conv = rec.get("conversion") or {}
-    what = f"GQA-{conv['kv_heads_after']} conversion of {source_name(conv)}" if conv.get("kv_heads_after") else "model"
-    return f"Upload {what}" + (" (uptrained)" if rec.get("uptraining") else "") + " with uptrain"
+    conv = rec.conversion
+    src = base_model or (source_name(conv) if conv else None)
+    what = f"GQA-{conv.kv_heads_after} conversion of {src}" if conv and conv.kv_heads_after else "model"
+    return f"Upload {what}" + (" (uptrained)" if rec.uptraining else "") + " with uptrain"
 
 
 def push(dir, repo_id, private=False, revision=None, commit_message=None, token=None, dry_run=False,
-         overwrite_card=False, eval_json=None) -> PushResult:
-    """Validate DIR, write its model card, and upload the allow-listed files to `repo_id` in one commit."""
-    from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.utils import validate_repo_id
-
-    try:
-        validate_repo_id(repo_id)
-    except HFValidationError as e:
-        raise UptrainError(f"--repo-id {repo_id!r} is not a Hub repo id: {e}") from e
+         overwrite_card=False, eval_json=None, base_model=None) -> PushResult:
+    """Validate DIR, write its model card, and upload the allow-listed files to `repo_id` in one commit.
+    base_model: the Hub model this one derives from (e.g. the Hub id of a local source copy), written as
+    the card's `base_model` instead of what uptrain.json suggests."""
+    check_hub_id(repo_id, "--repo-id")
+    if base_model is not None:
+        check_hub_id(base_model, "--base-model")
     if not dry_run:  # cheap checks first: no token, no need to wait for the folder's validation
         token = resolve_token(token)
     folder = Path(dir)
-    p = plan(folder, repo_id, eval_json=eval_json, overwrite_card=overwrite_card)
+    p = plan(folder, repo_id, eval_json=eval_json, overwrite_card=overwrite_card, base_model=base_model)
     sizes = [(f, len(p.card.encode()) if f == "README.md" else (folder / f).stat().st_size) for f in p.files]
     result = PushResult(repo_id=repo_id, files=sizes, skipped=p.skipped, card=p.card, card_origin=p.card_origin,
                         private=private, revision=revision, dry_run=dry_run, notes=p.notes)
@@ -392,7 +404,7 @@ def push(dir, repo_id, private=False, revision=None, commit_message=None, token=
         with staged(folder, p.files, p.card) as tmp:
             info = api.upload_folder(repo_id=repo_id, folder_path=tmp, allow_patterns=[_pattern(f) for f in p.files],
                                      delete_patterns=DELETE_PATTERNS, revision=revision,
-                                     commit_message=commit_message or _default_message(folder))
+                                     commit_message=commit_message or _default_message(folder, base_model))
     result.url = str(repo_url).rstrip("/") + (f"/tree/{revision}" if revision else "")
     result.commit_url = getattr(info, "commit_url", None)
     return result

@@ -1,0 +1,12 @@
+"""Publishing: `push` a checkpoint folder to the Hugging Face Hub with a generated model card.
+
+    card_facts.py   what the card says, as plain data (uptrain.json, config, eval rows, licence)
+    model_card.py   the card itself: ModelCardData front matter + sections, rendered from the facts
+    hub.py          validation, the allow-list, the staged folder, one commit, Hub errors as one message
+
+Only the entry layer (uptrain/api.py, uptrain/cli.py, uptrain/__init__.py) imports this package.
+Importing it stays cheap: torch and transformers load when a push runs, not before.
+"""
+from uptrain.publishing.hub import PushResult, push
+
+__all__ = ["PushResult", "push"]

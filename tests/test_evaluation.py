@@ -11,8 +11,8 @@ import torch
 
 from tiny_models import save, tiny_model
 from uptrain.data import DataSpec
-from uptrain.evaluation import (decode_speed, eval_token_ids, evaluate, kv_cache_bytes_per_token, perplexity,
-                                sliding_perplexity, sliding_windows)
+from uptrain.arch import attention_shape
+from uptrain.evaluation import decode_speed, eval_token_ids, evaluate, perplexity, sliding_perplexity, sliding_windows
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ["--seq-len", "64", "--stride", "32", "--prompt-len", "8", "--new-tokens", "4", "--repeats", "1",
@@ -20,6 +20,11 @@ FAST = ["--seq-len", "64", "--stride", "32", "--prompt-len", "8", "--new-tokens"
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def kv_cache_bytes_per_token(config, dtype: torch.dtype) -> int:
+    """What an evaluation row reports: arch's formula at the loaded model's dtype."""
+    return attention_shape(config).kv_cache_bytes_per_token(dtype.itemsize)
 
 
 def run_cli(*args, env_extra=None):
@@ -180,8 +185,8 @@ def test_different_tokenizers_allowed_reports_bits_per_byte(two_models, tokenize
 def test_missing_model_through_the_real_cli(tmp_path):
     p = run_cli(tmp_path / "missing", "--json", tmp_path / "x.json", *FAST)
     assert p.returncode == 2
-    assert p.stderr.strip().splitlines() == [f"uptrain eval: error: model not found: '{tmp_path / 'missing'}' "
-                                             f"is not a folder (nor a Hub repo id)"]
+    assert p.stderr.strip().splitlines() == [f"uptrain eval: error: model '{tmp_path / 'missing'}' not found: "
+                                             f"not a folder, nor a Hub repo id"]
     assert not (tmp_path / "x.json").exists()
 
 

@@ -1,10 +1,10 @@
-"""uptrain.report: number formats, markdown tables, the eval table, PNG plots and atomic writes."""
+"""uptrain.report: number formats, markdown tables, the eval table, PNG plots; uptrain.files: atomic writes."""
 import json
 import os
 
 import pytest
 
-from uptrain import report
+from uptrain import files, report
 from uptrain.errors import UptrainError
 
 ROWS = [
@@ -81,7 +81,7 @@ def test_line_and_bar_plots(tmp_path):
 
 def test_writes_are_atomic(tmp_path):
     target = tmp_path / "r.json"
-    report.write_json([{"a": 1}], target)
+    files.write_json(target, [{"a": 1}])
 
     def fail(tmp):
         with open(tmp, "w") as f:
@@ -89,7 +89,7 @@ def test_writes_are_atomic(tmp_path):
         raise RuntimeError("disk full")
 
     with pytest.raises(RuntimeError):
-        report._atomic_write(target, fail)
+        files.atomic_write(target, fail)
     assert json.loads(target.read_text()) == [{"a": 1}]  # the old file is intact
     assert os.listdir(tmp_path) == ["r.json"]  # no temporary left behind
 

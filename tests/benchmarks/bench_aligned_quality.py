@@ -70,7 +70,7 @@ def heldout(tokenizer, n_blocks: int):
 def ppl(folder: str, blocks) -> dict:
     from transformers import AutoModelForCausalLM
 
-    from uptrain.evaluation import perplexity
+    from uptrain.evaluation.quality import perplexity
 
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     return perplexity(model, blocks, batch_size=8)

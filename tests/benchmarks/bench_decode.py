@@ -54,7 +54,8 @@ def main(argv=None) -> int:
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
-    from uptrain.evaluation import decode_speed, kv_cache_bytes_per_token
+    from uptrain.arch import attention_shape
+    from uptrain.evaluation.cost import decode_speed
 
     hf_logging.disable_progress_bar()
     torch.set_num_threads(args.threads)
@@ -73,7 +74,7 @@ def main(argv=None) -> int:
                                                                                                       reverse=True)}
         print(f"built and converted in {time.time() - t0:.1f} s\n")
         weights = {g: sum(p.numel() * p.element_size() for p in m.parameters()) for g, m in models.items()}
-        per_tok = {g: kv_cache_bytes_per_token(m.config, m.dtype) for g, m in models.items()}
+        per_tok = {g: attention_shape(m.config).kv_cache_bytes_per_token(m.dtype.itemsize) for g, m in models.items()}
 
         name = {g: "MHA" if g == H else "MQA" if g == 1 else f"GQA-{g}" for g in models}
         print("KV-cache bytes (formula; checked against the real cache after each generate below)")

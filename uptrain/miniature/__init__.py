@@ -1,0 +1,19 @@
+"""`uptrain demo`: the GQA paper in miniature — offline, on a CPU, in minutes.
+
+Pre-train a small MHA Llama on Shakespeare (the stand-in for "the original pre-training"), convert it to
+GQA-4, GQA-2 and MQA, uptrain each for α of the pre-training steps, evaluate everything on held-out plays
+and write a report with the paper's Table 1 / Figures 3-5 shapes. Built only from the public pieces:
+`uptrain.data`, `uptrain.convert`, `uptrain.train`, `uptrain.evaluate`, `uptrain.report`.
+
+    sizes.py     DemoSize (FULL, QUICK), the variants compared, the α sweep
+    state.py     DIR/state.json: every finished unit of work, so `--resume` redoes only the rest
+    stages.py    tokenizer and data, pre-training, conversion, uptraining, α sweep, evaluation
+    findings.py  the paper's tables and plain-language findings from the numbers
+    report.py    plots, report.md, results.json
+    run.py       demo(): the stages in order, then the report
+"""
+from uptrain.miniature.report import DemoResult
+from uptrain.miniature.run import demo
+from uptrain.miniature.sizes import FULL, QUICK, DemoSize
+
+__all__ = ["demo", "DemoResult", "DemoSize", "FULL", "QUICK"]

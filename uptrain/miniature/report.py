@@ -1,0 +1,98 @@
+"""What the demo writes: the plots (the paper's Figures 3-5 and the training curves), report.md and
+results.json, all through uptrain.report and uptrain.files."""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from uptrain.files import atomic_write, write_json
+from uptrain.miniature.findings import findings, mha_step0, sweep_points, table_rows
+
+
+@dataclass
+class DemoResult:
+    out: str
+    report: str
+    results: str
+    plots: list[str]
+    rows: list[dict]
+    wall_time_s: float
+    findings: list[str] = field(default_factory=list)
+
+
+def write_outputs(run, vs, pre: dict, uptrained: dict, sweep: dict, ev: dict, t0: float) -> DemoResult:
+    """Tables, findings, plots, results.json and report.md of a finished run (started at time `t0`)."""
+    n, steps, alpha, size = run.pretrain_steps, run.uptrain_steps, run.alpha, run.size
+    rows = table_rows(vs, ev["rows"], uptrained, steps, alpha)
+    found = findings(rows, sweep, n)
+    paths = plots(run.out, rows, pre, uptrained, sweep, n, vs)
+    wall = time.time() - t0
+    results = {"settings": {"size": asdict(size), "seed": run.seed, "alpha": alpha, "uptrain_steps": steps,
+                            "pretrain_steps": n, "eval": ev["settings"]},
+               "rows": rows, "alpha_sweep": sweep_points(sweep, n), "findings": found,
+               "pretrain": {"final_eval": pre["final_eval"], "eval_history": pre["eval_history"]},
+               "eval_rows": ev["rows"], "wall_time_s": wall}
+    results_path = write_json(str(run.out / "results.json"), results)
+    report_path = atomic_write(str(run.out / "report.md"),
+                               report_md(rows, found, paths, size, n, steps, alpha, ev["settings"], wall, run.out))
+    return DemoResult(str(run.out), report_path, results_path, paths, rows, wall, found)
+
+
+def plots(out_dir: Path, rows, pre, uptrained, sweep, n, vs) -> list[str]:
+    from uptrain.report import plot_bars, plot_lines, plot_quality_vs_cost
+
+    paths = []
+    main = [dict(x, label=x["model"], perplexity=x["ppl_uptrained"]) for x in rows if x["role"] == "main"]
+    paths.append(plot_quality_vs_cost(main, str(out_dir / "quality_vs_cost.png"),
+                                      title="after uptraining (α·N steps): quality vs inference cost"))
+    cats = ["mean", "first", "random"]
+    ab = {x["method"]: x for x in rows if x["model"].startswith("MQA") and x["role"] != "beyond"}
+    beyond = [x for x in rows if x["role"] == "beyond" and x["model"].startswith("MQA")]
+    paths.append(plot_bars(
+        cats + [x["model"].replace("MQA ", "") for x in beyond],
+        {"step 0": [ab[c]["ppl_step0"] for c in cats] + [x["ppl_step0"] for x in beyond],
+         "uptrained": [ab[c]["ppl_uptrained"] for c in cats] + [x["ppl_uptrained"] for x in beyond]},
+        str(out_dir / "method_ablation.png"), ylabel="held-out perplexity (dashed: MHA)",
+        title="MQA conversion method (paper Fig. 4)", baseline=mha_step0(rows)))
+    pts = sweep_points(sweep, n)
+    paths.append(plot_lines({"MQA (mean)": ([p["alpha"] for p in pts], [p["perplexity"] for p in pts])},
+                            str(out_dir / "alpha_sweep.png"), xlabel="uptraining proportion α",
+                            ylabel="held-out perplexity", title="uptraining proportion (paper Fig. 5)", logy=True))
+    curves = {"MHA pre-training": (list(range(1, len(pre["losses"]) + 1)), pre["losses"])}
+    for v in vs:
+        if v.role != "ablation":
+            u = uptrained[v.name]
+            curves[f"{v.name} uptraining"] = ([n + i for i in range(1, len(u["losses"]) + 1)], u["losses"])
+    paths.append(plot_lines(curves, str(out_dir / "training_curves.png"), xlabel="step",
+                            ylabel="training loss (NLL / token)", title="pre-training, then uptraining", logy=True))
+    return paths
+
+
+def report_md(rows, found, plot_paths, size, n, steps, alpha, settings, wall, out_dir) -> str:
+    from uptrain.report import col, fmt_bytes, fmt_num, markdown_table
+
+    cols = [col("model", "model", str, "left"), col("method", "method", str, "left"), col("kv_heads", "KV heads", str),
+            col("kv_cache_bytes_per_token", "KV cache / token", fmt_bytes),
+            col("decode_ms_per_token", "decode ms / token", lambda x: fmt_num(x, 3)),
+            col("ppl_step0", "ppl step 0", lambda x: fmt_num(x, 4)),
+            col("ppl_uptrained", f"ppl after {steps} steps", lambda x: fmt_num(x, 4))]
+    sections = {"main": "Table 1 shape: MHA, GQA and MQA (mean-pool conversion)",
+                "ablation": "Conversion method ablation (Figure 4)",
+                "beyond": "Beyond the paper: data-free mean-norm and calibration-aware aligned merging"}
+    md = ["# uptrain demo: the GQA paper in miniature\n",
+          f"A {size.layers}-layer Llama with {size.heads} heads (hidden {size.hidden}, vocabulary {size.vocab}) "
+          f"pre-trained from scratch for N = {n} steps of {size.batch}×{size.seq_len} tokens on Shakespeare's plays, "
+          f"converted, then uptrained for α·N = {alpha}·{n} = {steps} steps. Perplexity over the same "
+          f"{settings['eval_tokens']:,} tokens of held-out plays. Wall time {wall / 60:.1f} min.\n"]
+    for role, title in sections.items():
+        sub = [x for x in rows if x["role"] == role or (role != "main" and x["model"] == "MQA")]
+        if role == "beyond":
+            sub = [x for x in rows if x["model"] in ("GQA-2", "MQA") or x["role"] == "beyond"]
+        md += [f"## {title}\n", markdown_table(sub, cols), ""]
+    md += ["## Findings\n", *[f"- {f}" for f in found], ""]
+    md += ["## Plots\n", *[f"![{Path(p).stem}]({os.path.relpath(p, out_dir)})" for p in plot_paths], ""]
+    md += [f"Checkpoints: `step0/` (converted), `runs/` (pre-training and uptraining). Push one with "
+           f"`uptrain push {out_dir}/runs/uptrain-gqa-2 --repo-id you/name --dry-run`."]
+    return "\n".join(md) + "\n"

@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from uptrain.arch import SPECS, attention_shape
+from uptrain.arch import SPECS, attention_kind, attention_shape
 from uptrain.errors import UptrainError
 from uptrain.hf import check_hub_id
 from uptrain.publishing.card_facts import IMAGE_SUFFIXES, source_name
@@ -364,7 +364,8 @@ def _default_message(folder: Path, base_model: str | None = None) -> str:
         return "Upload model with uptrain"
     conv = rec.conversion
     src = base_model or (source_name(conv) if conv else None)
-    what = f"GQA-{conv.kv_heads_after} conversion of {src}" if conv and conv.kv_heads_after else "model"
+    kind = attention_kind(conv.num_attention_heads, conv.kv_heads_after) if conv else "?"
+    what = f"{kind} conversion of {src}" if kind != "?" else "model"
     return f"Upload {what}" + (" (uptrained)" if rec.uptraining else "") + " with uptrain"
 
 

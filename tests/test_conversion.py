@@ -163,3 +163,71 @@ def test_plan_llama2_70b_on_meta_device():
     assert pool_mean(torch.empty(1024, 8192, device="meta"), 1, 128).shape == (128, 8192)
     with pytest.raises(UptrainError, match="valid values: 1, 2, 4, 8"):
         plan_conversion(SPECS["llama"], cfg.to_dict(), entries, groups=16)
+
+
+def test_plan_shards_matches_huggingface_hub():
+    """Our shard planner (no torch.distributed import) assigns exactly as huggingface_hub's splitter."""
+    import random
+
+    from huggingface_hub import split_torch_state_dict_into_shards
+
+    from uptrain.checkpoint import DTYPES, plan_shards
+
+    rng = random.Random(0)
+    for _ in range(200):
+        tensors = {}
+        for i in range(rng.randint(1, 30)):
+            shape = tuple(rng.choice([0, 1, 3, 64, 100, 1000]) for _ in range(rng.randint(0, 3)))
+            tensors[f"t{i}"] = (rng.choice(["BF16", "F32", "I8", "F64", "BOOL"]), shape)
+        limit = rng.choice([1, 100, 5000, 100000, 10 ** 9, "5KB", "1MB", "0.01MB"])
+        meta = {n: torch.empty(s, dtype=DTYPES[dt], device="meta") for n, (dt, s) in tensors.items()}
+        split = split_torch_state_dict_into_shards(meta, filename_pattern="model{suffix}.safetensors",
+                                                   max_shard_size=limit)
+        shards, total = plan_shards(tensors, limit)
+        assert list(shards) == list(split.filename_to_tensors)
+        assert {f: set(v) for f, v in shards.items()} == {f: set(v) for f, v in split.filename_to_tensors.items()}
+        assert total == sum(t.numel() * t.element_size() for t in meta.values())
+
+
+def test_merge_error_on_helper_thread_reaches_the_caller(tmp_path, monkeypatch):
+    """A failure while merging (here: the method raises) stops the conversion with that error, leaves no
+    output, and does not hang."""
+    from uptrain.conversion.methods import PoolMethod
+
+    model = tiny_model("llama", seed=4)
+    src = save(model, tmp_path / "src")
+
+    def boom(self, layer, tensors, ctx):
+        if layer == 1:
+            raise UptrainError("merge failed on purpose")
+        return orig(self, layer, tensors, ctx)
+
+    orig = PoolMethod.merge
+    monkeypatch.setattr(PoolMethod, "merge", boom)
+    with pytest.raises(UptrainError, match="on purpose"):
+        uptrain.convert(src, tmp_path / "out", groups=2, progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_convert_does_not_import_torch_before_writing(tmp_path):
+    """Choosing, planning and starting the conversion need no torch: a fresh interpreter starts copying
+    while the helper thread imports it (and never imports transformers for a plain mean conversion)."""
+    import subprocess
+    import sys
+
+    model = tiny_model("llama", seed=5)
+    src = save(model, tmp_path / "src")
+    code = (
+        "import sys\n"
+        "from uptrain.conversion import writer, converter\n"
+        "seen = []\n"
+        "orig = writer.write_converted\n"
+        "def spy(*a, **k):\n"
+        "    seen.append('torch' in sys.modules)\n"
+        "    return orig(*a, **k)\n"
+        "converter.write_converted = spy\n"
+        f"converter.convert({str(src)!r}, {str(tmp_path / 'out')!r}, groups=2, progress=False)\n"
+        "print(seen, 'transformers' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[False] False"

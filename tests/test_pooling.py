@@ -87,3 +87,74 @@ def test_relative_error_zero_for_equal_heads():
 def test_bad_row_count_is_an_error():
     with pytest.raises(ValueError):
         split_groups(torch.zeros(10, 2), 4, 2)
+
+
+def _relative_error_f64(source, pooled, groups, head_dim):
+    """The definition, evaluated in float64 with the expanded copy."""
+    src = source.double()
+    n = src.shape[0] // head_dim // groups
+    return ((src - expand_groups(pooled.double(), groups, n, head_dim)).norm() / src.norm()).item()
+
+
+@pytest.mark.parametrize("pool", [pool_mean, pool_first, pool_mean_norm, pool_random])
+@pytest.mark.parametrize("kv, groups, cols", [(8, 4, 3), (8, 1, 5), (4, 2, 1), (8, 8, 3), (6, 3, 4)])
+def test_relative_error_matches_its_definition(pool, kv, groups, cols):
+    """The closed form (no expanded copy) equals ‖W − repeat(P)‖ / ‖W‖ on labelled and random tensors,
+    including 1-D ones, to float32 accuracy."""
+    d = 4
+    for w in (labelled(kv, d, cols), torch.randn(kv * d, cols, generator=torch.Generator().manual_seed(kv + cols))):
+        for t in (w, w[:, 0]):
+            p = pool(t, groups, d, generator=torch.Generator().manual_seed(0))
+            want = _relative_error_f64(t, p, groups, d)
+            assert relative_error(t, p, groups, d) == pytest.approx(want, rel=1e-5, abs=1e-7)
+            if pool is pool_mean:
+                assert relative_error(t, p, groups, d, is_mean=True) == pytest.approx(want, rel=1e-5, abs=1e-7)
+
+
+@pytest.mark.parametrize("eps", [0.0, 1e-6, 1e-3, 0.05, 0.3])
+def test_relative_error_nearly_equal_heads(eps):
+    """Where the closed form would cancel (heads nearly equal), the direct evaluation takes over: still
+    accurate, and exactly 0 for equal heads."""
+    g = torch.Generator().manual_seed(1)
+    base = torch.randn(2, 1, 16, 32, generator=g).expand(2, 4, 16, 32).reshape(128, 32)
+    w = base + eps * torch.randn(128, 32, generator=g)
+    p = pool_mean(w, 2, 16)
+    for is_mean in (False, True):
+        got = relative_error(w, p, 2, 16, is_mean=is_mean)
+        if eps == 0:
+            assert got == 0.0
+        else:
+            assert got == pytest.approx(_relative_error_f64(w, p, 2, 16), rel=1e-5)
+
+
+def test_relative_error_large_tensor_accurate():
+    """A 4096² weight: the statistic stays within 1e-6 of float64 (one float32 norm over 16M values
+    drifted by ~1e-4)."""
+    w = torch.randn(4096, 1024, generator=torch.Generator().manual_seed(2))
+    p = pool_mean(w, 8, 128)
+    want = _relative_error_f64(w, p, 8, 128)
+    assert relative_error(w, p, 8, 128) == pytest.approx(want, rel=1e-6)
+    assert relative_error(w, p, 8, 128, is_mean=True) == pytest.approx(want, rel=1e-6)
+
+
+def test_pool_method_names_match_poolers():
+    """The converter names the pooling methods without importing torch; the names must stay in step."""
+    from uptrain.conversion.methods import POOL_METHODS
+    from uptrain.pooling import POOLERS
+
+    assert set(POOL_METHODS) == set(POOLERS)
+
+
+@pytest.mark.parametrize("pool", [pool_mean, pool_first, pool_mean_norm, pool_random])
+def test_pooling_does_not_depend_on_thread_count(pool):
+    """The converter merges on a helper thread with one torch thread: results must be bit-identical."""
+    w = torch.randn(2048, 512, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16).float()
+    before = torch.get_num_threads()
+    outs = []
+    try:
+        for n in (before, 1):
+            torch.set_num_threads(n)
+            outs.append(pool(w, 4, 128, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(outs[0].view(torch.int16), outs[1].view(torch.int16))

@@ -7,24 +7,39 @@ import hashlib
 import json
 import math
 import os
-import re
 import shutil
 import struct
 from dataclasses import dataclass
 from fnmatch import fnmatch
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from uptrain.errors import UptrainError
 
-# safetensors dtype names ↔ torch dtypes
-DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}
-DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+if TYPE_CHECKING:
+    import torch
+
+# safetensors dtype names → bytes per element, and the floating ones. torch is not imported here: the
+# converter starts copying bytes while a helper thread imports it (~1 s). DTYPES (names → torch dtypes)
+# and DTYPE_NAMES (the reverse) are built on first use (module __getattr__).
+DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+               "F8_E4M3": 1, "F8_E5M2": 1}
+FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
+_TORCH_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+                 "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
+                 "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+
+
+def __getattr__(name: str):
+    if name in ("DTYPES", "DTYPE_NAMES"):
+        import torch
+
+        dtypes = {k: getattr(torch, v) for k, v in _TORCH_DTYPES.items()}
+        globals().update(DTYPES=dtypes, DTYPE_NAMES={v: k for k, v in dtypes.items()})
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
 BIN_INDEX = "pytorch_model.bin.index.json"
@@ -57,7 +72,7 @@ class TensorEntry:
 
 
 def dtype_size(dtype: str) -> int:
-    return torch.empty((), dtype=DTYPES[dtype]).element_size()
+    return DTYPE_SIZES[dtype]
 
 
 # ------------------------------------------------------------------------------------------ source
@@ -125,7 +140,7 @@ class SafetensorsSource:
             for name, v in header.items():
                 if name == "__metadata__":
                     continue
-                if v["dtype"] not in DTYPES:
+                if v["dtype"] not in DTYPE_SIZES:
                     raise UptrainError(f"{name} in {fname} has dtype {v['dtype']}, which uptrain cannot read")
                 a, b = v["data_offsets"]
                 self.entries[name] = TensorEntry(name, str(path), v["dtype"], tuple(v["shape"]), start + a, start + b)
@@ -136,16 +151,33 @@ class SafetensorsSource:
                     raise UptrainError(f"the shard index maps {name} to {fname}, but that shard does not hold it; "
                                        f"the checkpoint is inconsistent — re-download or re-save it")
 
-    def read(self, name: str) -> torch.Tensor:
+    def read(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        """One tensor, read straight into its memory. `out` (a uint8 CPU tensor of at least its size) is
+        reused instead of fresh memory: the result is then a view of it, valid until `out` is reused."""
+        import torch
+
+        from uptrain.checkpoint import DTYPES
+
         e = self.entries[name]
-        with open(e.file, "rb") as f:
-            f.seek(e.begin)
-            buf = bytearray(f.read(e.nbytes))
-        if len(buf) != e.nbytes:
-            raise UptrainError(f"{e.file} is truncated while reading {name}")
-        if not buf:
+        if not e.nbytes:
             return torch.empty(e.shape, dtype=DTYPES[e.dtype])
-        return torch.frombuffer(buf, dtype=DTYPES[e.dtype]).view(e.shape)
+        if out is not None:
+            buf = out.view(-1)[:e.nbytes]
+            result = buf.view(DTYPES[e.dtype]).view(e.shape)
+            view = memoryview(buf.numpy())
+        else:
+            buf = bytearray(e.nbytes)  # not bytes: frombuffer wants writable memory
+            result = None
+            view = memoryview(buf)
+        got = 0
+        with open(e.file, "rb", buffering=0) as f:
+            f.seek(e.begin)
+            while got < e.nbytes:
+                n = f.readinto(view[got:])
+                if not n:
+                    raise UptrainError(f"{e.file} is truncated while reading {name}")
+                got += n
+        return result if result is not None else torch.frombuffer(buf, dtype=DTYPES[e.dtype]).view(e.shape)
 
     def copy_bytes(self, name: str, dst) -> None:
         """Raw byte copy of an unchanged tensor: no parsing, no dtype round trip. Uses the kernel's
@@ -181,6 +213,10 @@ class PickleSource:
         self.folder = folder
         index = folder / BIN_INDEX
         files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else [BIN_SINGLE]
+        import torch  # (imported here, not at the top: see DTYPE_SIZES)
+
+        from uptrain.checkpoint import DTYPE_NAMES
+
         self.files, self._tensors, self.entries = files, {}, {}
         self.header_hash = hashlib.sha256()
         for fname in files:
@@ -221,7 +257,7 @@ def kv_dtype(entries: dict) -> str:
     dtype holding the most parameters ("F32" when there is none)."""
     counts: dict[str, int] = {}
     for e in entries.values():
-        if DTYPES[e.dtype].is_floating_point:
+        if e.dtype in FLOAT_DTYPES:
             counts[e.dtype] = counts.get(e.dtype, 0) + math.prod(e.shape)
     return max(counts, key=counts.get) if counts else "F32"
 
@@ -242,31 +278,38 @@ def write_all(f, data) -> None:
         view = view[f.write(view):]
 
 
-def tensor_bytes(t: torch.Tensor) -> bytes:
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """The raw bytes of a tensor as a read-only view of its memory (no copy for a contiguous CPU tensor)."""
+    import torch
+
     t = t.detach().contiguous().cpu()
     if t.numel() == 0:
-        return b""
-    return t.view(torch.uint8).numpy().tobytes() if t.dtype != torch.uint8 else t.numpy().tobytes()
+        return memoryview(b"")
+    a = (t.view(torch.uint8) if t.dtype != torch.uint8 else t).numpy()
+    return memoryview(a).cast("B").toreadonly()
 
 
 def plan_shards(tensors: dict[str, tuple[str, tuple[int, ...]]], max_shard_size) -> tuple[dict[str, list[str]], int]:
-    """Assign output tensors to shards with huggingface_hub's own splitter (meta tensors: no memory).
-    Returns ({filename: [names]}, total bytes); one shard is named model.safetensors."""
-    from huggingface_hub import split_torch_state_dict_into_shards
+    """Assign output tensors to shards with huggingface_hub's framework-agnostic splitter (the one behind
+    `split_torch_state_dict_into_shards`, which would import torch.distributed, ~1 s, to look for DTensors),
+    from (dtype, shape) only. Returns ({filename: [names]}, total bytes); one shard is model.safetensors."""
+    from huggingface_hub import split_state_dict_into_shards_factory
 
-    meta = {n: torch.empty(shape, dtype=DTYPES[dt], device="meta") for n, (dt, shape) in tensors.items()}
-    split = split_torch_state_dict_into_shards(meta, filename_pattern="model{suffix}.safetensors",
-                                               max_shard_size=max_shard_size)
-    total = sum(t.numel() * t.element_size() for t in meta.values())
+    def nbytes(entry):
+        return dtype_size(entry[0]) * math.prod(entry[1])
+
+    split = split_state_dict_into_shards_factory(tensors, get_storage_size=nbytes, get_storage_id=lambda _: None,
+                                                 filename_pattern="model{suffix}.safetensors",
+                                                 max_shard_size=max_shard_size)
+    total = sum(nbytes(e) for e in tensors.values())
     # Keep the source order inside each shard (layer by layer) so reads stay local.
     order = {n: i for i, n in enumerate(tensors)}
     return {f: sorted(names, key=order.__getitem__) for f, names in split.filename_to_tensors.items()}, total
 
 
-def write_shard(path: Path, names: list[str], tensors: dict[str, tuple[str, tuple[int, ...]]], write_tensor,
-                metadata: dict | None = None) -> int:
-    """Write one safetensors file whose header is known up front; `write_tensor(name, fileobj)` streams each
-    tensor's bytes in order. Returns the bytes written (data only)."""
+def shard_header(names: list[str], tensors: dict[str, tuple[str, tuple[int, ...]]], metadata: dict | None = None):
+    """(the file's first bytes: length + JSON header, the header, data bytes) of a safetensors file holding
+    `names` in this order; tensor n's data lies at len(prefix) + header[n]["data_offsets"]."""
     header, offset = {}, 0
     for n in names:
         dt, shape = tensors[n]
@@ -276,8 +319,16 @@ def write_shard(path: Path, names: list[str], tensors: dict[str, tuple[str, tupl
     header["__metadata__"] = {"format": "pt", **(metadata or {})}
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # data starts 8-byte aligned, as safetensors writes it
+    return struct.pack("<Q", len(blob)) + blob, header, offset
+
+
+def write_shard(path: Path, names: list[str], tensors: dict[str, tuple[str, tuple[int, ...]]], write_tensor,
+                metadata: dict | None = None) -> int:
+    """Write one safetensors file whose header is known up front; `write_tensor(name, fileobj)` streams each
+    tensor's bytes in order. Returns the bytes written (data only)."""
+    prefix, header, offset = shard_header(names, tensors, metadata)
     with open(path, "wb", buffering=0) as f:
-        write_all(f, struct.pack("<Q", len(blob)) + blob)
+        write_all(f, prefix)
         for n in names:
             before = f.tell()
             write_tensor(n, f)

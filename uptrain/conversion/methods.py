@@ -10,12 +10,17 @@ from __future__ import annotations
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from uptrain.arch import AttentionSpec
 from uptrain.conversion.options import ConvertOptions
-from uptrain.pooling import POOLERS, pool_rows, relative_error
+
+if TYPE_CHECKING:
+    import torch
+
+# The pooling methods (uptrain.pooling.POOLERS, which tests keep equal to this): named here so that
+# choosing a method does not import torch; the converter imports it on a helper thread while it copies.
+POOL_METHODS = ("mean", "first", "random", "mean-norm")
 
 
 @dataclass
@@ -42,12 +47,21 @@ class PoolMethod:
 
     def __init__(self, name: str):
         self.name = name
-        self.pool = POOLERS[name]
+
+    @property
+    def pool(self):
+        from uptrain.pooling import POOLERS
+
+        return POOLERS[self.name]
 
     def prepare(self, ctx: ConvertContext) -> dict:
         return {}
 
     def merge(self, layer: int, tensors: dict[str, torch.Tensor], ctx: ConvertContext) -> dict[str, torch.Tensor]:
+        import torch
+
+        from uptrain.pooling import pool_rows
+
         out = {}
         for suffix, t in tensors.items():
             gen = torch.Generator().manual_seed(ctx.seed * 1_000_003 + zlib.crc32(f"{layer}.{suffix}".encode()))
@@ -58,6 +72,8 @@ class PoolMethod:
 
     def stats(self, layer: int, src: dict[str, torch.Tensor], out: dict[str, torch.Tensor], ctx) -> dict:
         """Relative change of the K and V projection weights (0 when the heads of each group were equal)."""
+        from uptrain.pooling import relative_error
+
         stats = {}
         for suffix, t in src.items():
             if suffix not in ctx.spec.kv or t.dim() != 2:
@@ -65,13 +81,14 @@ class PoolMethod:
             src_rows, out_rows = ctx.spec.rows(suffix, ctx.config), ctx.spec.rows(suffix, ctx.config, ctx.groups)
             for (role, a, b), (_, c, e) in zip(src_rows, out_rows):
                 if role in ("k", "v"):
-                    stats[f"{role}_rel_error"] = relative_error(t[a:b], out[suffix][c:e], ctx.groups, ctx.head_dim)
+                    stats[f"{role}_rel_error"] = relative_error(t[a:b], out[suffix][c:e], ctx.groups, ctx.head_dim,
+                                                                is_mean=self.name == "mean")
         return stats
 
 
 def make_method(options: ConvertOptions):
     """The method object for checked options (ConvertOptions.check has refused unknown names)."""
-    if options.method in POOLERS:
+    if options.method in POOL_METHODS:
         return PoolMethod(options.method)
     from uptrain.conversion.aligned import AlignedMethod  # calibration code: imported only when asked for
 

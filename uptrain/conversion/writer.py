@@ -1,14 +1,117 @@
 """Execute a conversion plan: output shards planned on the meta device, then written tensor by tensor —
-unchanged tensors as raw bytes, merged ones through the method — plus the shard index."""
+unchanged tensors as raw bytes, merged ones through the method — plus the shard index.
+
+Two threads: the calling thread writes the shards (unchanged tensors with copy_file_range, which releases
+the GIL), while a helper thread imports torch if needed, then reads, merges and casts the merged tensors in
+write order into a small bounded queue (torch ops and file reads release the GIL too). Every tensor has
+a known offset in its shard, so the writer puts each merged tensor in place as soon as it is ready and
+never waits in the middle of a shard: merging overlaps copying. Memory stays bounded: the helper is at
+most `MERGE_AHEAD` finished tensors ahead of the writer."""
 from __future__ import annotations
 
 import json
-import math
+import queue
+import threading
 from pathlib import Path
 
-import torch
+from typing import TYPE_CHECKING
 
-from uptrain.checkpoint import DTYPES, SAFE_INDEX, dtype_size, plan_shards, tensor_bytes, write_all, write_shard
+from uptrain.checkpoint import SAFE_INDEX, plan_shards, shard_header, tensor_bytes, write_all
+
+if TYPE_CHECKING:
+    import torch
+
+MERGE_AHEAD = 4  # finished merged tensors the helper thread may hold before the writer takes them
+
+
+class _MergeAhead:
+    """Runs `produce(name)` for `names` in order on a helper thread; `take(name)` returns the results in the
+    same order. An exception in the helper is raised by the `take` that would have received its result."""
+
+    def __init__(self, names: list[str], produce):
+        self._queue: queue.Queue = queue.Queue(maxsize=MERGE_AHEAD)
+        self._stop = threading.Event()
+        self._waiting = threading.Event()  # the writer has nothing left to copy and waits for merges
+        self._thread = threading.Thread(target=self._run, args=(names, produce), name="uptrain-merge", daemon=True)
+        self._thread.start()
+
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def _run(self, names, produce) -> None:
+        threads = None
+        try:
+            # torch is imported here if nobody has yet (~1 s): meanwhile the writer copies bytes.
+            import torch
+
+            # One torch thread here: the writer's byte copies need the other core, and idle OpenMP
+            # workers spin. (Pooling results do not depend on the thread count; tests check it.)
+            # Once the writer waits (nothing left to copy), all threads again.
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            for name in names:
+                if self._waiting.is_set() and torch.get_num_threads() != threads:
+                    torch.set_num_threads(threads)
+                if not self._put((name, produce(name), None)):
+                    return
+        except BaseException as e:  # handed to the writer, which raises it
+            self._put((None, None, e))
+        finally:
+            if threads is not None:
+                torch.set_num_threads(threads)
+
+    def ready(self) -> bool:
+        """Whether `take` would return (or raise) without waiting."""
+        return not self._queue.empty()
+
+    def take(self, name: str, last_copy_done: bool = False):
+        """The next result, which must be `name`'s. `last_copy_done`: the writer has nothing left to copy,
+        so the helper may use every core."""
+        if last_copy_done:
+            self._waiting.set()
+        got, data, error = self._queue.get()
+        if error is not None:
+            raise error
+        if got != name:  # a bug guard: the helper must follow the writer's order
+            raise RuntimeError(f"merge order mismatch: expected {name}, got {got}")
+        return data
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+class _Scratch:
+    """Reused buffers for the helper thread's reads and float32 copies of one tensor at a time (methods
+    that merge tensors one by one only). Fresh memory for every 64 MB tensor costs page faults, which
+    at 7B size cost as much as the pooling itself."""
+
+    def __init__(self):
+        self._bufs: dict[str, torch.Tensor] = {}
+
+    def get(self, key: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        import torch
+
+        b = self._bufs.get(key)
+        if b is None or b.numel() < numel:
+            b = self._bufs[key] = torch.empty(numel, dtype=dtype)
+        return b[:numel]
+
+    def holds(self, t: torch.Tensor) -> bool:
+        ptr = t.untyped_storage().data_ptr()
+        return any(ptr == b.untyped_storage().data_ptr() for b in self._bufs.values())
+
+
+def _reads_into(source) -> bool:
+    import inspect
+
+    return "out" in inspect.signature(source.read).parameters
 
 
 def write_converted(folder: Path, plan: dict, source, merger, ctx, max_shard_size, progress: bool = True):
@@ -23,36 +126,79 @@ def write_converted(folder: Path, plan: dict, source, merger, ctx, max_shard_siz
             layer_names.setdefault(layer, []).append(n)
     cache: dict[str, torch.Tensor] = {}
     stats: dict[int, dict] = {}
+    scratch = _Scratch() if not merger.layerwise and _reads_into(source) else None
 
-    def merged(name: str) -> torch.Tensor:
+    def read_float(n: str) -> torch.Tensor:
+        import torch
+
+        if scratch is None:
+            return source.read(n).float()
+        e = source.entries[n]
+        raw = source.read(n, out=scratch.get("raw", e.nbytes, torch.uint8))
+        if raw.dtype == torch.float32:  # as .float() would: the same memory (outputs are checked below)
+            return raw
+        return scratch.get("f32", raw.numel(), torch.float32).view(raw.shape).copy_(raw)
+
+    def merged(name: str):
+        """The output bytes of a merged tensor (runs on the helper thread)."""
+        from uptrain.checkpoint import DTYPES
+
         _, layer, suffix, dt, shape = plan[name]
         if name not in cache:
             names = layer_names[layer] if merger.layerwise else [name]
-            inputs = {plan[n][2]: source.read(n).float() for n in names}
+            inputs = {plan[n][2]: read_float(n) for n in names}
             outputs = merger.merge(layer, inputs, ctx)
             stats.setdefault(layer, {"layer": layer}).update(merger.stats(layer, inputs, outputs, ctx))
             for n in names:
-                cache[n] = outputs[plan[n][2]]
+                out = outputs[plan[n][2]]
+                # an output sharing memory with an input in the scratch buffers would be overwritten by
+                # the next read: keep a copy
+                cache[n] = out.clone() if scratch is not None and scratch.holds(out) else out
+            del inputs, outputs
         t = cache.pop(name).to(DTYPES[dt])
         if tuple(t.shape) != shape:
             raise RuntimeError(f"method {merger.name} produced {tuple(t.shape)} for {name}, planned {shape}")
-        return t
+        return tensor_bytes(t)
 
     bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"convert → {ctx.groups} KV heads", disable=not progress)
+    ahead = _MergeAhead([n for names in shards.values() for n in names if plan[n][0] == "merge"], merged)
 
-    def write_tensor(name, f):
-        if plan[name][0] == "copy":
-            source.copy_bytes(name, f)
-        else:
-            write_all(f, tensor_bytes(merged(name)))
-        dt, shape = out_tensors[name]
-        bar.update(dtype_size(dt) * math.prod(shape))
+    def write_shard_file(path: Path, names: list[str], last: bool) -> int:
+        """One shard, header known up front. Each tensor goes to its own offset, so the writer need not
+        wait for a merge: it copies the unchanged tensors in order and writes each merged one as soon as
+        the helper has it (at the latest at the end of the shard)."""
+        prefix, header, size = shard_header(names, out_tensors)
+        pending = [n for n in names if plan[n][0] == "merge"]  # the helper's order
+
+        def put(f, name: str, data) -> None:
+            a, b = header[name]["data_offsets"]
+            f.seek(len(prefix) + a)
+            if data is None:
+                source.copy_bytes(name, f)
+            else:
+                write_all(f, data)
+            if f.tell() != len(prefix) + b:  # a bug guard: a wrong shape must never produce a silently bad file
+                raise RuntimeError(f"{name}: wrote {f.tell() - len(prefix) - a} bytes, planned {b - a}")
+            bar.update(b - a)
+
+        with open(path, "wb", buffering=0) as f:
+            write_all(f, prefix)
+            for name in names:
+                if plan[name][0] == "copy":
+                    put(f, name, None)
+                while pending and ahead.ready():
+                    put(f, pending[0], ahead.take(pending[0]))
+                    pending.pop(0)
+            for name in pending:
+                put(f, name, ahead.take(name, last_copy_done=last))
+        return size
 
     written = 0
     try:
-        for fname, names in shards.items():
-            written += write_shard(folder / fname, names, out_tensors, write_tensor)
+        for i, (fname, names) in enumerate(shards.items()):
+            written += write_shard_file(folder / fname, names, last=i == len(shards) - 1)
     finally:
+        ahead.close()
         bar.close()
     if len(shards) > 1:
         index = {"metadata": {"total_size": written},

@@ -86,26 +86,28 @@ def read_config(folder: Path) -> dict:
         raise UptrainError(f"{cfg} is not valid JSON ({e})") from e
 
 
-def read_safetensors_header(path: str) -> tuple[dict, int]:
-    """The JSON header of a safetensors file and the byte offset where its data starts; validates that
-    the file is long enough for every tensor it declares (a truncated download is caught here)."""
-    size = os.path.getsize(path)
+def read_safetensors_header(path, exact: bool = False, fix: str = "re-download or re-save it") -> tuple[dict, int]:
+    """The JSON header of a safetensors file (with "__metadata__" when present) and the byte offset where its
+    data starts, after checking the file: long enough for every tensor it declares (a truncated download),
+    and with `exact`, exactly as long (what a file to publish must be: a longer one is a half-overwritten
+    copy). `fix` ends every message: what the user should do about a bad file."""
+    path = Path(path)
+    size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
-        if len(head) < 8:
-            raise UptrainError(f"{path} is truncated or not a safetensors file (re-download or re-save it)")
-        (n,) = struct.unpack("<Q", head)
-        if n > min(size - 8, 100 << 20):
-            raise UptrainError(f"{path} is corrupt or not a safetensors file (header length {n}); re-download it")
+        n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+        if n < 2 or n > min(size - 8, 100 << 20):  # safetensors caps headers at 100 MB
+            raise UptrainError(f"{path} is truncated or not a safetensors file (bad header length); {fix}")
         try:
             header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise UptrainError(f"{path} has a corrupt safetensors header ({e}); re-download it") from e
+            ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
+            raise UptrainError(f"{path} has a corrupt safetensors header ({e!r}); {fix}") from e
     data_start = 8 + n
-    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
-    if ends and data_start + max(ends) > size:
-        raise UptrainError(f"{path} is truncated: it declares {data_start + max(ends)} bytes but has {size}; "
-                           f"re-download or re-save it")
+    end = data_start + max(ends, default=0)
+    if end > size or (exact and end != size):
+        raise UptrainError(f"{path} is truncated or corrupt: its header describes {end:,} bytes, the file has "
+                           f"{size:,}; {fix}")
     return header, data_start
 
 

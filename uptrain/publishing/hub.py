@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from uptrain.arch import SPECS, attention_kind, attention_shape
+from uptrain.checkpoint import read_safetensors_header
 from uptrain.errors import UptrainError
 from uptrain.hf import check_hub_id
 from uptrain.publishing.card_facts import IMAGE_SUFFIXES, source_name
@@ -92,27 +93,9 @@ class PushResult:
 
 # --------------------------------------------------------------------------------------- validation
 def read_header(path: Path) -> dict:
-    """The tensor table of a safetensors file, after checking the file is exactly as long as the header says.
-
-    Not checkpoint.read_safetensors_header: that one (for the converter's reads) only refuses a file too
-    short for its tensors, while a file to publish must match its header exactly, as the safetensors
-    format requires (a longer one is a half-overwritten copy); and its messages speak of the path on this
-    machine and of re-downloading, where these name the file in the repo and say re-create or re-copy."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        n = int.from_bytes(raw, "little") if len(raw) == 8 else -1
-        if n < 2 or 8 + n > size or n > 100_000_000:  # safetensors caps headers at 100 MB
-            raise UptrainError(f"{path.name} is not a safetensors file (bad header); re-create or re-copy it")
-        try:
-            header = json.loads(f.read(n))
-            header.pop("__metadata__", None)
-            end = 8 + n + max((t["data_offsets"][1] for t in header.values()), default=0)
-        except (ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
-            raise UptrainError(f"{path.name} has a corrupt safetensors header ({e!r})") from e
-    if size != end:
-        raise UptrainError(f"{path.name} is truncated or corrupt: its header describes {end:,} bytes, the file "
-                           f"has {size:,}; re-create or re-copy it")
+    """The tensor table of a shard to publish: exactly as long as its header says."""
+    header, _ = read_safetensors_header(path, exact=True, fix="re-create or re-copy it")
+    header.pop("__metadata__", None)
     return header
 
 

@@ -20,6 +20,7 @@ from uptrain.conversion.methods import ConvertContext, make_method
 from uptrain.conversion.options import ConvertOptions
 from uptrain.conversion.plan import plan_conversion
 from uptrain.conversion.writer import write_converted
+from uptrain.errors import UptrainError
 from uptrain.files import AtomicFolder
 from uptrain.hf import card_licence, local_folder, resolve
 from uptrain.record import ConversionRecord, Record, read_record, write_record
@@ -74,8 +75,8 @@ def convert(src: str, out: str, groups: int | None = None, *, options: ConvertOp
     if options is None:
         options = ConvertOptions.from_kwargs(groups=groups, **option_kw)
     elif groups is not None or option_kw:
-        options = ConvertOptions.from_kwargs(getattr(options, "_style", "python"),
-                                             **{**options.to_dict(), **option_kw, "groups": groups or options.groups})
+        raise UptrainError("describe the conversion either with options=ConvertOptions(...) or with keyword "
+                           "arguments (groups=…, method=…), not both")
     options.check()
     source_ref = resolve(src, revision, what="source")
     src_dir, rev = local_folder(source_ref, CHECKPOINT_FILES)

@@ -74,7 +74,7 @@ def _add_train(sub):
         description="Run the recipe on this machine, or on many GPUs with `accelerate launch --config_file "
                     "recipes/accelerate/fsdp.yaml -m uptrain train RECIPE.yaml`. Writes a HF checkpoint, "
                     "uptrain.json, recipe.yaml, metrics.jsonl and checkpoints/ into the recipe's `out`.")
-    p.add_argument("recipe", help="recipe YAML (see recipes/; every key is documented in uptrain/config.py)")
+    p.add_argument("recipe", help="recipe YAML (see recipes/; every key is documented in uptrain/training/recipe.py)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="beat the YAML, e.g. optim.lr=3e-4 budget.max_steps=20 resume=auto log.progress=false")
     return p

@@ -126,4 +126,13 @@ def pool_rows(t: torch.Tensor, segments: list[tuple[str, int, int]], groups: int
     parts = []
     for role, a, b in segments:
         parts.append(pool(t[a:b], groups, head_dim, **kw) if role in ("k", "v") else t[a:b].float())
+    if len(parts) == 1 and _fresh(parts[0], t):
+        return parts[0]  # what cat would return, without its copy (a separate K or V tensor: the usual case)
     return torch.cat(parts, dim=0)
+
+
+def _fresh(p: torch.Tensor, t: torch.Tensor) -> bool:
+    """Whether `p` is a contiguous float32 tensor of its own, sharing no memory with `t` (as cat's result)."""
+    return (p.dtype == torch.float32 and p.is_contiguous() and p.storage_offset() == 0
+            and p.untyped_storage().data_ptr() != t.untyped_storage().data_ptr()
+            and p.untyped_storage().nbytes() == p.numel() * 4)

@@ -4,12 +4,14 @@ unchanged tensors as raw bytes, merged ones through the method — plus the shar
 Two threads: the calling thread writes the shards (unchanged tensors with copy_file_range, which releases
 the GIL), while a helper thread imports torch if needed, then reads, merges and casts the merged tensors in
 write order into a small bounded queue (torch ops and file reads release the GIL too). Every tensor has
-a known offset in its shard, so the writer puts each merged tensor in place as soon as it is ready and
-never waits in the middle of a shard: merging overlaps copying. Memory stays bounded: the helper is at
+a known offset in its shard (all shard files are opened, headers written, up front), so the helper writes
+each merged tensor in place itself (os.pwrite; elsewhere the writer does, as soon as it is ready) and the
+writer never waits in the middle of a shard: merging overlaps copying. Memory stays bounded: the helper is at
 most `MERGE_AHEAD` finished tensors ahead of the writer."""
 from __future__ import annotations
 
 import json
+import os
 import queue
 import threading
 from pathlib import Path
@@ -22,6 +24,15 @@ if TYPE_CHECKING:
     import torch
 
 MERGE_AHEAD = 4  # finished merged tensors the helper thread may hold before the writer takes them
+WRITTEN = object()  # a merged tensor the helper has already written into its shard (os.pwrite)
+
+
+def pwrite_all(fd: int, data, offset: int) -> None:
+    """os.pwrite may be partial: loop until every byte is out. Leaves the file position alone."""
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
 
 
 class _MergeAhead:
@@ -158,47 +169,73 @@ def write_converted(folder: Path, plan: dict, source, merger, ctx, max_shard_siz
         t = cache.pop(name).to(DTYPES[dt])
         if tuple(t.shape) != shape:
             raise RuntimeError(f"method {merger.name} produced {tuple(t.shape)} for {name}, planned {shape}")
-        return tensor_bytes(t)
+        data = tensor_bytes(t)
+        if not direct:
+            return data
+        # Written here, at its offset, not by the writer: its thread's time is the conversion's time.
+        fd, start, nbytes = places[name]
+        if data.nbytes != nbytes:  # a bug guard: a wrong size must never produce a silently bad file
+            raise RuntimeError(f"{name}: wrote {data.nbytes} bytes, planned {nbytes}")
+        pwrite_all(fd, data, start)
+        return WRITTEN
 
+    # Every shard's header is known up front: all shard files are opened (and their headers written) before
+    # the first byte is copied, so that the helper can write the merged tensors into any of them.
+    headers = {fname: shard_header(names, out_tensors) for fname, names in shards.items()}
+    direct = hasattr(os, "pwrite")
+    places: dict[str, tuple[int, int, int]] = {}  # merged tensor → (fd, absolute offset, bytes)
+    files: dict[str, object] = {}
     bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"convert → {ctx.groups} KV heads", disable=not progress)
-    ahead = _MergeAhead([n for names in shards.values() for n in names if plan[n][0] == "merge"], merged)
+    ahead = None
 
-    def write_shard_file(path: Path, names: list[str], last: bool) -> int:
+    def write_shard_file(f, fname: str, names: list[str], last: bool) -> int:
         """One shard, header known up front. Each tensor goes to its own offset, so the writer need not
-        wait for a merge: it copies the unchanged tensors in order and writes each merged one as soon as
-        the helper has it (at the latest at the end of the shard)."""
-        prefix, header, size = shard_header(names, out_tensors)
+        wait for a merge: it copies the unchanged tensors in order while the helper writes each merged one
+        (or hands it over to be written) as soon as it has it; the writer waits for a merge at the latest
+        at the end of the shard."""
+        prefix, header, size = headers[fname]
         pending = [n for n in names if plan[n][0] == "merge"]  # the helper's order
 
-        def put(f, name: str, data) -> None:
+        def put(name: str, data) -> None:
             a, b = header[name]["data_offsets"]
-            f.seek(len(prefix) + a)
-            if data is None:
-                source.copy_bytes(name, f)
-            else:
-                write_all(f, data)
-            if f.tell() != len(prefix) + b:  # a bug guard: a wrong shape must never produce a silently bad file
-                raise RuntimeError(f"{name}: wrote {f.tell() - len(prefix) - a} bytes, planned {b - a}")
+            if data is not WRITTEN:
+                f.seek(len(prefix) + a)
+                if data is None:
+                    source.copy_bytes(name, f)
+                else:
+                    write_all(f, data)
+                if f.tell() != len(prefix) + b:  # a bug guard: a wrong shape must never produce a silently bad file
+                    raise RuntimeError(f"{name}: wrote {f.tell() - len(prefix) - a} bytes, planned {b - a}")
             bar.update(b - a)
 
-        with open(path, "wb", buffering=0) as f:
-            write_all(f, prefix)
-            for name in names:
-                if plan[name][0] == "copy":
-                    put(f, name, None)
-                while pending and ahead.ready():
-                    put(f, pending[0], ahead.take(pending[0]))
-                    pending.pop(0)
-            for name in pending:
-                put(f, name, ahead.take(name, last_copy_done=last))
+        for name in names:
+            if plan[name][0] == "copy":
+                put(name, None)
+            while pending and ahead.ready():
+                put(pending[0], ahead.take(pending[0]))
+                pending.pop(0)
+        for name in pending:
+            put(name, ahead.take(name, last_copy_done=last))
         return size
 
     written = 0
     try:
+        for fname, names in shards.items():
+            f = files[fname] = open(folder / fname, "wb", buffering=0)
+            prefix, header, _ = headers[fname]
+            write_all(f, prefix)
+            for n in names:
+                if plan[n][0] == "merge":
+                    a, b = header[n]["data_offsets"]
+                    places[n] = (f.fileno(), len(prefix) + a, b - a)
+        ahead = _MergeAhead([n for names in shards.values() for n in names if plan[n][0] == "merge"], merged)
         for i, (fname, names) in enumerate(shards.items()):
-            written += write_shard_file(folder / fname, names, last=i == len(shards) - 1)
+            written += write_shard_file(files[fname], fname, names, last=i == len(shards) - 1)
     finally:
-        ahead.close()
+        if ahead is not None:
+            ahead.close()
+        for f in files.values():
+            f.close()
         bar.close()
     if len(shards) > 1:
         index = {"metadata": {"total_size": written},

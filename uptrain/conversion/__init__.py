@@ -5,7 +5,7 @@
     methods.py      the method interface; mean / first / random / mean-norm pooling
     aligned.py      method aligned: calibration-aware merge (math in uptrain/merging.py)
     calibration.py  second moments of the attention inputs over a little text, for aligned
-    writer.py       executes a plan: shards planned on the meta device, written tensor by tensor
+    writer.py       executes a plan: shards planned from dtypes and shapes, written tensor by tensor
     converter.py    convert(): resolve, plan, write, record (a module name unlike the function's, so an
                     import of the module never shadows it)
     inspection.py   inspect(): what a checkpoint is and what converting it would buy

@@ -1,4 +1,4 @@
-"""Execute a conversion plan: output shards planned on the meta device, then written tensor by tensor —
+"""Execute a conversion plan: output shards planned from dtypes and shapes, then written tensor by tensor —
 unchanged tensors as raw bytes, merged ones through the method — plus the shard index.
 
 Two threads: the calling thread writes the shards (unchanged tensors with copy_file_range, which releases

@@ -12,8 +12,8 @@ The public API — the CLI is a thin layer over exactly these calls, so a notebo
 
 Functions are imported lazily: `import uptrain` stays cheap (no transformers import), which matters
 for the streaming converter's memory budget. Module names differ from the function names on purpose
-(`uptrain.conversion.convert`, not `uptrain.convert.convert`) so an import of a submodule never
-shadows an API function.
+(`uptrain.conversion.converter.convert`, `uptrain.evaluation.compare.evaluate`) so an import of a submodule
+never shadows an API function. The layers below these calls are drawn in the README's "How it works".
 """
 from importlib import import_module
 

@@ -222,6 +222,8 @@ def test_mean_norm_matches_its_definition():
     ("starcoder2", None, 2),  # biases everywhere, LayerNorm with bias
     ("gemma", None, 2),    # explicit head_dim ≠ hidden / heads
     ("phi3", None, 4),     # fused qkv_proj
+    ("gemma2", None, 2),   # attention logit soft-capping: exact folds keep the scores it caps
+    ("smollm3", None, 2),  # layers without RoPE take the same per-frequency fold
 ])
 def test_aligned_reproduces_source_logits(arch, kv, groups, tmp_path, tokenizer):
     model = plant(tiny_model(arch, kv_heads=kv), groups)
@@ -277,6 +279,9 @@ def test_refuses_per_head_norms_through_the_cli(tmp_path):
 @pytest.mark.parametrize("arch, over, words", [
     ("olmo2", {}, "k_norm"),
     ("phi3", {"partial_rotary_factor": 0.5}, "partial_rotary_factor"),
+    ("stablelm", {}, "partial_rotary_factor"),
+    ("olmo", {"clip_qkv": 8.0}, "clip_qkv"),
+    ("cohere", {}, "rotate-half layout"),
 ])
 def test_refuses_what_it_cannot_fold(arch, over, words, tmp_path, tokenizer):
     src = save(tiny_model(arch, **over), tmp_path / "src", tokenizer=tokenizer)

@@ -18,6 +18,13 @@ TINY_CONFIGS = {
     "phi3": ("Phi3Config", {}),
     "starcoder2": ("Starcoder2Config", {}),
     "olmo2": ("Olmo2Config", {}),
+    "granite": ("GraniteConfig", {"attention_multiplier": 0.2, "residual_multiplier": 0.5}),
+    "smollm3": ("SmolLM3Config", {"no_rope_layer_interval": 2}),
+    "gemma2": ("Gemma2Config", {"head_dim": 16, "sliding_window": 16}),
+    "gemma3_text": ("Gemma3TextConfig", {"head_dim": 16, "sliding_window": 16}),
+    "cohere": ("CohereConfig", {"attention_bias": True}),
+    "olmo": ("OlmoConfig", {"clip_qkv": 8.0}),
+    "stablelm": ("StableLmConfig", {"use_qkv_bias": True}),
 }
 
 

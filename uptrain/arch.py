@@ -36,6 +36,7 @@ _SEPARATE_KV = {
     "self_attn.k_proj.weight": K_ROWS, "self_attn.k_proj.bias": K_ROWS,
     "self_attn.v_proj.weight": V_ROWS, "self_attn.v_proj.bias": V_ROWS,
 }
+_GEMMA_FFN_NORMS = ("pre_feedforward_layernorm.weight", "post_feedforward_layernorm.weight")
 _GLOBAL = ("model.embed_tokens.weight", "model.norm.weight", "model.norm.bias", "lm_head.weight")
 
 
@@ -137,6 +138,31 @@ SPECS: dict[str, AttentionSpec] = {
               "mlp.c_proj.bias", "self_attn.q_proj.weight", "self_attn.q_proj.bias", "self_attn.o_proj.weight",
               "self_attn.o_proj.bias")),
     # k_norm is an RMSNorm over the concatenation of all KV heads: its weight has K·head_dim entries.
+    "granite": _LLAMA,  # its multipliers (embedding, attention, residual, logits) are config scalars
+    "smollm3": _LLAMA,  # every 4th layer has no RoPE: a per-frequency fold is exact without rotations too
+    "gemma2": AttentionSpec(kv=_SEPARATE_KV, copy=_LLAMA_LAYER + _GEMMA_FFN_NORMS),
+    # q_norm / k_norm as in qwen3: one RMSNorm weight over head_dim, shared by all heads.
+    "gemma3_text": AttentionSpec(kv=_SEPARATE_KV, copy=_LLAMA_LAYER + _GEMMA_FFN_NORMS
+                                 + ("self_attn.q_norm.weight", "self_attn.k_norm.weight")),
+    # Parallel attention and MLP after one LayerNorm (weight only); RoPE on interleaved pairs (2i, 2i+1).
+    # use_qk_norm checkpoints (per-head norm weights [heads, head_dim]) are not described: refused.
+    "cohere": AttentionSpec(
+        kv=_SEPARATE_KV,
+        copy=("input_layernorm.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight",
+              "self_attn.q_proj.weight", "self_attn.q_proj.bias", "self_attn.o_proj.weight", "self_attn.o_proj.bias"),
+        rope="interleaved"),
+    # OLMo-1: LayerNorms without parameters; clip_qkv clamps q, k and v (no effect on pooling).
+    "olmo": AttentionSpec(
+        kv=_SEPARATE_KV,
+        copy=("mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight", "self_attn.q_proj.weight",
+              "self_attn.o_proj.weight")),
+    # LayerNorms with biases, partial rotary, optional q/k/v biases. qk_layernorm checkpoints keep one norm
+    # tensor per head under the head's index (k_layernorm.norms.{h}): not described, refused.
+    "stablelm": AttentionSpec(
+        kv=_SEPARATE_KV,
+        copy=("input_layernorm.weight", "input_layernorm.bias", "post_attention_layernorm.weight",
+              "post_attention_layernorm.bias", "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight",
+              "self_attn.q_proj.weight", "self_attn.q_proj.bias", "self_attn.o_proj.weight")),
     "olmo2": AttentionSpec(
         kv={**_SEPARATE_KV, "self_attn.k_norm.weight": K_ROWS},
         copy=("post_attention_layernorm.weight", "post_feedforward_layernorm.weight", "mlp.gate_proj.weight",

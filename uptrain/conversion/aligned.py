@@ -35,6 +35,10 @@ def check_supported(spec, config: dict | None = None, said: str = "method aligne
     if config is None:
         return
     mt = config.get("model_type", "this model")
+    if config.get("clip_qkv") is not None:
+        raise UptrainError(f"{said} cannot fold maps through {mt}'s clip_qkv ({config['clip_qkv']}): q, k and v "
+                           f"are clamped between the projection and attention, which no linear map commutes "
+                           f"with; {_ALTERNATIVES}")
     factors = [f for key in ("partial_rotary_factor", "rotary_pct") for f in _nested_values(config, key)
                if f is not None and float(f) != 1.0]
     dims = [x for x in _nested_values(config, "rotary_dim") if x is not None and x != spec.head_dim(config)]

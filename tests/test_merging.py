@@ -224,6 +224,7 @@ def test_mean_norm_matches_its_definition():
     ("phi3", None, 4),     # fused qkv_proj
     ("gemma2", None, 2),   # attention logit soft-capping: exact folds keep the scores it caps
     ("smollm3", None, 2),  # layers without RoPE take the same per-frequency fold
+    ("mixtral", None, 2),  # mixture-of-experts MLP: attention only
 ])
 def test_aligned_reproduces_source_logits(arch, kv, groups, tmp_path, tokenizer):
     model = plant(tiny_model(arch, kv_heads=kv), groups)

@@ -25,6 +25,9 @@ TINY_CONFIGS = {
     "cohere": ("CohereConfig", {"attention_bias": True}),
     "olmo": ("OlmoConfig", {"clip_qkv": 8.0}),
     "stablelm": ("StableLmConfig", {"use_qkv_bias": True}),
+    "mixtral": ("MixtralConfig", {"num_local_experts": 3, "num_experts_per_tok": 2}),
+    "qwen2_moe": ("Qwen2MoeConfig", {"num_experts": 3, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                                     "shared_expert_intermediate_size": 32}),
 }
 
 

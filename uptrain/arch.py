@@ -36,6 +36,7 @@ _SEPARATE_KV = {
     "self_attn.k_proj.weight": K_ROWS, "self_attn.k_proj.bias": K_ROWS,
     "self_attn.v_proj.weight": V_ROWS, "self_attn.v_proj.bias": V_ROWS,
 }
+_FUSED_EXPERTS = r"mlp\.experts\.(gate_up_proj|down_proj)"
 _GEMMA_FFN_NORMS = ("pre_feedforward_layernorm.weight", "post_feedforward_layernorm.weight")
 _GLOBAL = ("model.embed_tokens.weight", "model.norm.weight", "model.norm.bias", "lm_head.weight")
 
@@ -46,6 +47,8 @@ class AttentionSpec:
 
     kv: per-layer tensor suffix → row layout; every tensor whose shape depends on the KV-head count.
     copy: per-layer suffixes that are copied unchanged (may be absent in a checkpoint).
+    copy_patterns: regular expressions for per-layer suffixes copied unchanged that carry an index of their
+        own (the experts of a mixture-of-experts MLP: block_sparse_moe.experts.{e}.w1.weight).
     required: kv suffixes every layer must have (a checkpoint without them is not what we think).
     q / o: the query and output projections (calibration-aware methods fold maps into them).
     rope: "rotate_half" (HF layout: pair i ↔ i + d/2) or None (no rotary positions).
@@ -53,6 +56,7 @@ class AttentionSpec:
 
     kv: dict[str, Layout]
     copy: tuple[str, ...]
+    copy_patterns: tuple[str, ...] = ()
     required: tuple[str, ...] = ("self_attn.k_proj.weight", "self_attn.v_proj.weight")
     global_tensors: tuple[str, ...] = _GLOBAL
     layer_prefix: str = "model.layers.{}."
@@ -89,7 +93,7 @@ class AttentionSpec:
             layer, suffix = int(m.group(1)), m.group(2)
             if suffix in self.kv:
                 return "kv", layer, suffix
-            if suffix in self.copy:
+            if suffix in self.copy or any(re.fullmatch(p, suffix) for p in self.copy_patterns):
                 return "copy", layer, suffix
         elif name in self.global_tensors:
             return "copy", None, name
@@ -163,6 +167,16 @@ SPECS: dict[str, AttentionSpec] = {
         copy=("input_layernorm.weight", "input_layernorm.bias", "post_attention_layernorm.weight",
               "post_attention_layernorm.bias", "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight",
               "self_attn.q_proj.weight", "self_attn.q_proj.bias", "self_attn.o_proj.weight")),
+    # Mixture-of-experts MLPs: only attention changes; router and experts are copied byte for byte. Both the
+    # per-expert names checkpoints hold and the fused ones transformers 5 uses in memory (mlp.experts.*_proj).
+    "mixtral": AttentionSpec(
+        kv=_SEPARATE_KV, copy=_LLAMA_LAYER + ("block_sparse_moe.gate.weight", "mlp.gate.weight"),
+        copy_patterns=(r"block_sparse_moe\.experts\.\d+\.w[123]\.weight", _FUSED_EXPERTS)),
+    "qwen2_moe": AttentionSpec(
+        kv=_SEPARATE_KV,
+        copy=_LLAMA_LAYER + ("mlp.gate.weight", "mlp.shared_expert_gate.weight", "mlp.shared_expert.gate_proj.weight",
+                             "mlp.shared_expert.up_proj.weight", "mlp.shared_expert.down_proj.weight"),
+        copy_patterns=(r"mlp\.experts\.\d+\.(gate|up|down)_proj\.weight", _FUSED_EXPERTS)),
     "olmo2": AttentionSpec(
         kv={**_SEPARATE_KV, "self_attn.k_norm.weight": K_ROWS},
         copy=("post_attention_layernorm.weight", "post_feedforward_layernorm.weight", "mlp.gate_proj.weight",

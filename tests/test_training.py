@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import pytest
-import uptrain
 import torch
 from safetensors.torch import load_file
 

@@ -153,6 +153,8 @@ class SafetensorsSource:
                     raise UptrainError(f"the shard index maps {name} to {fname}, but that shard does not hold it; "
                                        f"the checkpoint is inconsistent — re-download or re-save it")
 
+    reads_into = True  # read(name, out=buffer) reuses a buffer (the writer asks before it passes one)
+
     def read(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
         """One tensor, read straight into its memory. `out` (a uint8 CPU tensor of at least its size) is
         reused instead of fresh memory: the result is then a view of it, valid until `out` is reused."""

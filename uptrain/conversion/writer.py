@@ -119,12 +119,6 @@ class _Scratch:
         return any(ptr == b.untyped_storage().data_ptr() for b in self._bufs.values())
 
 
-def _reads_into(source) -> bool:
-    import inspect
-
-    return "out" in inspect.signature(source.read).parameters
-
-
 def write_converted(folder: Path, plan: dict, source, merger, ctx, max_shard_size, progress: bool = True):
     """Write the weights of `plan` into `folder`. Returns (bytes written, number of shards, per-layer stats)."""
     from tqdm.auto import tqdm
@@ -137,7 +131,7 @@ def write_converted(folder: Path, plan: dict, source, merger, ctx, max_shard_siz
             layer_names.setdefault(layer, []).append(n)
     cache: dict[str, torch.Tensor] = {}
     stats: dict[int, dict] = {}
-    scratch = _Scratch() if not merger.layerwise and _reads_into(source) else None
+    scratch = _Scratch() if not merger.layerwise and getattr(source, "reads_into", False) else None
 
     def read_float(n: str) -> torch.Tensor:
         import torch

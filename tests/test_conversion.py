@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_models import TINY_CONFIGS, dummy_files, make_groups_equal, save, tiny_model
+from tiny_models import REMOTE_CODE, TINY_CONFIGS, dummy_files, make_groups_equal, save, tiny_model
 
 import uptrain
 from uptrain.arch import SPECS
@@ -49,29 +49,38 @@ def test_groups_equal_heads_is_bit_identical(arch, tmp_path):
 def test_equal_heads_within_groups_convert_losslessly(arch, tmp_path, tokenizer):
     from transformers import AutoModelForCausalLM
 
-    model = make_groups_equal(tiny_model(arch, seed=1), groups=2)
+    from uptrain.arch import attention_shape
+
+    g = 2 if 2 in SPECS[arch].valid_groups(tiny_model(arch).config) else 1  # gpt_bigcode: MHA or MQA only
+    model = make_groups_equal(tiny_model(arch, seed=1), groups=g)
     src = save(model, tmp_path / "src", tokenizer=tokenizer)
     dummy_files(src)
-    r = uptrain.convert(src, tmp_path / "out", groups=2, progress=False)
-    out = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
-    assert out.config.num_key_value_heads == 2
+    r = uptrain.convert(src, tmp_path / "out", groups=g, progress=False)
+    out = AutoModelForCausalLM.from_pretrained(tmp_path / "out", trust_remote_code=arch in REMOTE_CODE).eval()
+    assert attention_shape(out.config).kv_heads == g
     ids = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(0))
     assert (logits(model, ids) - logits(out, ids)).abs().max().item() <= 1e-5
-    assert all(s["k_rel_error"] == 0 and s["v_rel_error"] == 0 for s in r.layers)
+    # exactly 0 when each group's mean is of 4 equal floats; a mean of 8 (MQA) rounds (x + x + x ≠ 3x)
+    assert all(s["k_rel_error"] <= (0 if g > 1 else 1e-6) and s["v_rel_error"] <= (0 if g > 1 else 1e-6)
+               for s in r.layers)
     # the output generates with a KV cache, and the cache has the new head count
     gen = out.generate(ids[:1, :5], max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
     assert gen.sequences.shape == (1, 9)
-    # config identical except the KV-head count; companions copied; tied embeddings kept
+    # config identical except the KV-head count (and the modeling file's auto_map); companions copied; tied
+    # embeddings kept
     src_cfg = json.loads((tmp_path / "src" / "config.json").read_text())
     out_cfg = json.loads((tmp_path / "out" / "config.json").read_text())
-    assert {k: v for k, v in out_cfg.items() if k != "num_key_value_heads"} == \
-        {k: v for k, v in src_cfg.items() if k != "num_key_value_heads"}
+    # (the keys the spec's form for G sets: falcon's new_decoder_architecture, gpt_bigcode's multi_query …)
+    kv_keys = {"num_key_value_heads", "auto_map", *SPECS[arch].form(src_cfg, g).config} | (
+        {"architectures"} if r.remote_code else set())
+    assert {k: v for k, v in out_cfg.items() if k not in kv_keys} == {k: v for k, v in src_cfg.items() if k not in kv_keys}
+    assert ("auto_map" in out_cfg) == (arch in REMOTE_CODE) == (r.remote_code is not None)
     for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja"):
         assert (tmp_path / "out" / f).is_file(), f
     if out.config.tie_word_embeddings:
-        assert out.lm_head.weight.data_ptr() == out.model.embed_tokens.weight.data_ptr()
+        assert out.get_output_embeddings().weight.data_ptr() == out.get_input_embeddings().weight.data_ptr()
     rec = json.loads((tmp_path / "out" / "uptrain.json").read_text())["conversion"]
-    assert (rec["groups"], rec["method"], rec["kv_heads_before"], rec["kv_heads_after"]) == (2, "mean", 8, 2)
+    assert (rec["groups"], rec["method"], rec["kv_heads_before"], rec["kv_heads_after"]) == (g, "mean", 8, g)
     assert rec["source_fingerprint"].startswith("sha256:")
     assert json.loads((tmp_path / "out" / "uptrain.json").read_text())["uptrain_version"] == uptrain.__version__
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no temporary folder left behind
@@ -231,3 +240,87 @@ def test_convert_does_not_import_torch_before_writing(tmp_path):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[False] False"
+
+
+# ------------------------------------------------------------------------------------------- layout variants
+def _lossless(arch, tmp_path, groups, source_groups=None, **cfg):
+    """Convert a tiny `arch` (config overrides `cfg`) whose KV heads are equal within `groups` groups; return
+    (source model, converted model, ConvertResult), checking the logits match."""
+    from transformers import AutoModelForCausalLM
+
+    model = make_groups_equal(tiny_model(arch, seed=8, **cfg), groups=groups)
+    src = save(model, tmp_path / "src")
+    r = uptrain.convert(src, tmp_path / "out", groups=groups, progress=False)
+    out = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    ids = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(1))
+    assert (logits(model, ids) - logits(out, ids)).abs().max().item() <= 1e-5
+    return model, out, r
+
+
+def _cache_bytes(model, ids) -> int:
+    out = model.generate(ids, max_new_tokens=2, do_sample=False, return_dict_in_generate=True, pad_token_id=1)
+    return sum(t.numel() * t.element_size() for layer in out.cache.layers for t in (layer.keys, layer.values))
+
+
+def test_cohere_per_head_k_norm_is_pooled_like_k(tmp_path):
+    """use_qk_norm: k_norm holds one LayerNorm weight per KV head ([K, head_dim]), pooled to [G, head_dim]."""
+    model, out, _ = _lossless("cohere", tmp_path, 2, use_qk_norm=True, kv_heads=4)
+    assert tuple(out.model.layers[0].self_attn.k_norm.weight.shape) == (2, 8)
+    assert tuple(out.model.layers[0].self_attn.q_norm.weight.shape) == (8, 8)
+
+
+def test_falcon_new_decoder_architecture_to_fewer_kv_heads(tmp_path):
+    """Falcon-40B's layout ([q … q k v] per KV head, num_kv_heads 4) → 2 KV heads."""
+    model, out, r = _lossless("falcon", tmp_path, 2, new_decoder_architecture=True, kv_heads=4, num_kv_heads=4)
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert (cfg["num_kv_heads"], cfg["new_decoder_architecture"], r.kv_heads_before) == (2, True, 4)
+    # transformers' Falcon broadcasts K/V to all H heads before caching in this layout: no smaller cache
+    ids = torch.randint(0, 512, (1, 6))
+    assert _cache_bytes(out, ids) == _cache_bytes(model, ids)
+
+
+def test_falcon_mha_to_gqa_and_mqa(tmp_path):
+    """An MHA Falcon with a parallel block becomes the new decoder architecture (one LayerNorm kept); any MHA
+    Falcon becomes multi_query at G = 1, whose cache holds one head."""
+    _, out, _ = _lossless("falcon", tmp_path / "gqa", 2)
+    cfg = json.loads((tmp_path / "gqa" / "out" / "config.json").read_text())
+    assert (cfg["new_decoder_architecture"], cfg["num_kv_heads"], cfg["num_ln_in_parallel_attn"]) == (True, 2, 1)
+    for name, cfg_kw in {"rw": dict(parallel_attn=False, alibi=True), "parallel": {}}.items():
+        model, out, _ = _lossless("falcon", tmp_path / name, 1, **cfg_kw)
+        assert json.loads((tmp_path / name / "out" / "config.json").read_text())["multi_query"] is True
+        ids = torch.randint(0, 512, (1, 6))
+        assert _cache_bytes(model, ids) == 8 * _cache_bytes(out, ids)
+
+
+def test_falcon_forms_say_which_g_are_possible(tmp_path):
+    from uptrain.arch import spec_for_config
+
+    seq = tiny_model("falcon", parallel_attn=False).config.to_dict()  # falcon-rw-1b's sequential block
+    assert spec_for_config(seq).valid_groups(seq) == [1, 8]
+    src = save(tiny_model("falcon", parallel_attn=False), tmp_path / "src")
+    with pytest.raises(UptrainError, match="valid values: 1, 8"):
+        uptrain.convert(src, tmp_path / "out", groups=2, progress=False)
+    mqa = tiny_model("falcon", multi_query=True).config.to_dict()  # falcon-7b: already MQA
+    assert spec_for_config(mqa).kv_heads(mqa) == 1 and spec_for_config(mqa).valid_groups(mqa) == [1]
+
+
+def test_stablelm_per_head_k_layernorms_are_pooled(tmp_path):
+    """qk_layernorm: one LayerNorm tensor per head, by name (k_layernorm.norms.{h}); the 4 K norms become 2,
+    norms 2 and 3 are gone, the 8 query-head norms are copied."""
+    _, out, _ = _lossless("stablelm", tmp_path, 2, qk_layernorm=True, kv_heads=4)
+    names = set(load_all(tmp_path / "out"))
+    k_norms = {n for n in names if n.startswith("model.layers.0.self_attn.k_layernorm")}
+    assert k_norms == {f"model.layers.0.self_attn.k_layernorm.norms.{h}.weight" for h in (0, 1)}
+    assert len([n for n in names if n.startswith("model.layers.0.self_attn.q_layernorm")]) == 8
+    src = load_all(tmp_path / "src")
+    k = "model.layers.1.self_attn.k_layernorm.norms.{}.weight"
+    assert torch.equal(load_all(tmp_path / "out")[k.format(1)], src[k.format(2)])  # heads 2, 3 were equal
+
+
+def test_stablelm_per_head_k_layernorms_pool_as_means(tmp_path):
+    src = save(tiny_model("stablelm", seed=9, qk_layernorm=True, kv_heads=4), tmp_path / "src")
+    uptrain.convert(src, tmp_path / "out", groups=1, progress=False)
+    a, b = load_all(src), load_all(tmp_path / "out")
+    k = "model.layers.0.self_attn.k_layernorm.norms.{}.weight"
+    assert torch.allclose(b[k.format(0)], torch.stack([a[k.format(h)] for h in range(4)]).mean(0), atol=1e-7)
+    assert k.format(1) not in b

@@ -7,8 +7,10 @@ ROOT = pathlib.Path(__file__).resolve().parents[1] / "uptrain"
 
 # Bottom to top. A module belongs to the layer of the longest listed prefix of its dotted name.
 LAYERS = [
-    ("base", ["uptrain.errors", "uptrain.version"]),
-    ("math, data and files", ["uptrain.pooling", "uptrain.merging", "uptrain.data", "uptrain.files"]),
+    # uptrain.modeling imports nothing of uptrain (its templates travel with checkpoints: see the test below),
+    # so every layer may ask it which code is ours
+    ("base", ["uptrain.errors", "uptrain.version", "uptrain.modeling"]),
+    ("math, data and files", ["uptrain.pooling", "uptrain.merging", "uptrain.data", "uptrain.span_corruption", "uptrain.files"]),
     ("records and I/O", ["uptrain.record", "uptrain.hf", "uptrain.checkpoint", "uptrain.report"]),
     ("model knowledge", ["uptrain.arch"]),
     ("conversion and evaluation", ["uptrain.conversion", "uptrain.evaluation"]),
@@ -76,3 +78,22 @@ def test_the_checker_sees_a_violation():
     assert upward_imports("uptrain.evaluation.compare", "from uptrain import publishing\n")
     assert upward_imports("uptrain.training.loop", "from ..cli import main\n")
     assert not upward_imports("uptrain.training.loop", "from uptrain.evaluation.quality import perplexity\n")
+
+
+def test_modeling_files_import_only_torch_and_transformers():
+    """The templates in uptrain/modeling/ are copied next to converted weights and loaded with
+    trust_remote_code=True where uptrain is not installed: torch and transformers only. The registry
+    (__init__) reads them with the standard library alone."""
+    import sys
+
+    folder = ROOT / "modeling"
+    templates = sorted(folder.glob("modeling_*.py"))
+    assert templates
+    for path in [*templates, folder / "__init__.py"]:
+        allowed = {"torch", "transformers"} if path.name != "__init__.py" else set(sys.stdlib_module_names)
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        tops = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        tops |= {("." if n.level else "") + (n.module or "").split(".")[0]
+                 for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        tops.discard("__future__")
+        assert tops <= allowed, f"{path.name} imports {sorted(tops - allowed)}"

@@ -10,6 +10,20 @@ Grouping (litgpt's picture; H query heads, K source KV heads, G result KV heads,
 
 Query head h reads KV head h // (H/G). Reducing a GQA source with K KV heads to G (G | K) merges
 KV heads k in [j·K/G, (j+1)·K/G) into result head j, which keeps every query head on its group.
+
+Methods see every tensor in one canonical form: rows = heads × head_dim, the roles of a fused tensor one
+after the other ([q | k | v]), input features along dim 1. How a checkpoint stores it instead is data too
+(`Storage`): GPT-2's Conv1D keeps weights transposed ([in, out]); gpt_neox, gpt_bigcode and falcon fuse
+q, k and v per KV head:
+
+    per KV head (K = 2, H = 4):  [q0 q1 k0 v0 | q2 q3 k1 v1]    canonical:  [q0 q1 q2 q3 | k0 k1 | v0 v1]
+
+(with K = H that is gpt_neox's [q k v] per head; with K = 1 the plain [q | k | v] of an MQA checkpoint.)
+
+What the result is for a given G is data as well (`Form`): a native config change (the KV-head field,
+gpt_bigcode's multi_query), a native *other* architecture (GPT-2 with G = 1 is a gpt_bigcode checkpoint),
+or, where no transformers class can hold G KV heads, a modeling file that travels with the checkpoint
+(remote code: uptrain/modeling/, loaded with trust_remote_code=True).
 """
 from __future__ import annotations
 
@@ -41,6 +55,127 @@ _GEMMA_FFN_NORMS = ("pre_feedforward_layernorm.weight", "post_feedforward_layern
 _GLOBAL = ("model.embed_tokens.weight", "model.norm.weight", "model.norm.bias", "lm_head.weight")
 
 
+G = "G"  # in a Form's config: the result's KV-head count
+
+
+@dataclass(frozen=True)
+class Storage:
+    """How a checkpoint stores one tensor, relative to its canonical form [heads × head_dim rows, …].
+
+    transposed: stored [in, out] (GPT-2's Conv1D). order: the stored row of each canonical row (fused
+    q/k/v per KV head), None when the rows are canonical. flat: stored [heads, head_dim] (cohere's per-head
+    norm weights), canonical [heads · head_dim]. Works on any tensor with .t(), [list] and reshape (torch)."""
+
+    transposed: bool = False
+    order: tuple[int, ...] | None = None
+    flat: bool = False
+
+    @property
+    def changes(self) -> bool:
+        return self.transposed or self.order is not None or self.flat
+
+    def canonical(self, t):
+        if self.transposed:
+            t = t.t()
+        if self.flat:
+            t = t.reshape(-1)
+        if self.order is not None:
+            t = t[list(self.order)]
+        return t.contiguous() if self.changes else t
+
+    def stored(self, t, shape: tuple[int, ...]):
+        """The canonical `t` as this storage holds it; `shape`: the stored shape."""
+        if self.order is not None:
+            inverse = [0] * len(self.order)
+            for canonical_row, stored_row in enumerate(self.order):
+                inverse[stored_row] = canonical_row
+            t = t[inverse]
+        if self.transposed:
+            t = t.t()
+        if self.flat:
+            t = t.reshape(shape)
+        return t.contiguous() if self.changes else t
+
+
+def per_kv_head_order(heads: int, kv_heads: int, head_dim: int) -> tuple[int, ...]:
+    """Stored row of each canonical [q | k | v] row when q, k and v are fused per KV head: KV head j's block
+    holds its H/K query heads, then its key, then its value (H/K + 2 heads of head_dim rows)."""
+    n, d = heads // kv_heads, head_dim
+    block = (n + 2) * d
+    q = [(h // n) * block + (h % n) * d + r for h in range(heads) for r in range(d)]
+    k = [j * block + n * d + r for j in range(kv_heads) for r in range(d)]
+    v = [j * block + (n + 1) * d + r for j in range(kv_heads) for r in range(d)]
+    return tuple(q + k + v)
+
+
+@dataclass(frozen=True)
+class Form:
+    """One way to write a result with G KV heads; a spec's first form that applies is used.
+
+    groups: for which G — "any", "H" (MHA kept: the source unchanged) or "1" (MQA).
+    requires: source config values the form needs (a missing key counts as False / None).
+    config: config.json changes; the value G stands for the result's KV-head count, None removes a key.
+    remote_code: the template in uptrain/modeling/ the result needs (no transformers class holds G KV
+        heads of this architecture); None: native, loads with plain transformers.
+    untransposed: per-layer suffixes the source stores transposed (spec.transposed) and this form does not
+        (GPT-2's Conv1D weights in a gpt_bigcode checkpoint, which uses nn.Linear).
+    """
+
+    groups: str = "any"
+    requires: dict = field(default_factory=dict)
+    config: dict = field(default_factory=dict)
+    remote_code: str | None = None
+    untransposed: tuple[str, ...] = ()
+
+    def applies(self, cfg, heads: int, groups: int) -> bool:
+        if self.groups == "H" and groups != heads or self.groups == "1" and groups != 1:
+            return False
+        return all((_get(cfg, k, None) or False) == v for k, v in self.requires.items())
+
+    @property
+    def native(self) -> bool:
+        return self.remote_code is None
+
+    @property
+    def model_type(self) -> str | None:
+        """The model_type of the result when it differs from the source's."""
+        return self.config.get("model_type")
+
+
+@dataclass(frozen=True)
+class Extra:
+    """Tensors a checkpoint holds only when config flag `flag` is set (stablelm's qk_layernorm, cohere's
+    use_qk_norm, phi's qk_layernorm): spec_for_config adds them for such configs only, so that a spec lists
+    what the checkpoint at hand holds (calibration-aware methods refuse what it lists between projection and
+    attention)."""
+
+    flag: str
+    kv: dict = field(default_factory=dict)
+    copy: tuple[str, ...] = ()
+    copy_patterns: tuple[str, ...] = ()
+    flat: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Block:
+    """One kind of attention block of an encoder-decoder, where each layer has more than one (T5: encoder
+    self-attention; decoder self-attention and cross-attention). Its tensors are `prefix` + a suffix of the
+    spec's kv / copy; a tensor's unit (what `classify` calls its layer) is (block name, layer index).
+
+    layers_fields: config fields counting its layers, the first one set wins (T5's num_decoder_layers is null
+        when the decoder is as deep as the encoder). pooled: its K/V heads are pooled by default.
+    cached: it keeps a KV cache while generating (the decoder's blocks; the encoder runs once, in parallel)."""
+
+    name: str
+    prefix: str
+    layers_fields: tuple[str, ...]
+    pooled: bool
+    cached: bool
+
+    def layers(self, cfg) -> int:
+        return next(v for v in (_get(cfg, f, None) for f in self.layers_fields) if v is not None)
+
+
 @dataclass(frozen=True)
 class AttentionSpec:
     """Where one architecture keeps its attention weights, as data.
@@ -52,6 +187,17 @@ class AttentionSpec:
     required: kv suffixes every layer must have (a checkpoint without them is not what we think).
     q / o: the query and output projections (calibration-aware methods fold maps into them).
     rope: "rotate_half" (HF layout: pair i ↔ i + d/2) or None (no rotary positions).
+    root: the checkpoint names of a base model lack this leading module name (GPT-2's "transformer.",
+        OPT's "model."): classify() accepts both.
+    transposed / per_kv_head / flat: per-layer suffixes stored other than canonically (see Storage).
+    mqa_field: a boolean config key that makes the model MQA (gpt_bigcode, falcon: multi_query), unless
+        gqa_field is set (falcon's new_decoder_architecture: then kv_heads_field counts).
+    forms: how a result is written, first that applies (default: kv_heads_field = G, native).
+    extras: tensors that exist only when a config flag is set (see Extra; spec_for_config applies them).
+    blocks: encoder-decoders only: the attention blocks of a layer (see Block); layer_prefix is then unused
+        and per-layer tensors outside attention (feed-forward, norms) are matched by global_patterns.
+    global_patterns: regular expressions for whole tensor names copied unchanged.
+    head_dim_field: the config field holding head_dim when it is set explicitly (T5: d_kv).
     """
 
     kv: dict[str, Layout]
@@ -63,9 +209,21 @@ class AttentionSpec:
     q: str = "self_attn.q_proj"
     o: str = "self_attn.o_proj"
     rope: str | None = "rotate_half"
-    kv_heads_field: str = "num_key_value_heads"
+    kv_heads_field: str | None = "num_key_value_heads"
     heads_field: str = "num_attention_heads"
     layers_field: str = "num_hidden_layers"
+    hidden_field: str = "hidden_size"
+    root: str = ""
+    transposed: tuple[str, ...] = ()
+    per_kv_head: tuple[str, ...] = ()
+    flat: tuple[str, ...] = ()
+    mqa_field: str | None = None
+    gqa_field: str | None = None
+    forms: tuple[Form, ...] = ()
+    extras: tuple[Extra, ...] = ()
+    blocks: tuple[Block, ...] = ()
+    global_patterns: tuple[str, ...] = ()
+    head_dim_field: str = "head_dim"
     notes: str = ""
     _patterns: dict = field(default=None, compare=False, repr=False)
 
@@ -74,32 +232,154 @@ class AttentionSpec:
         return _get(cfg, self.heads_field)
 
     def kv_heads(self, cfg) -> int:
+        if self.gqa_field and _get(cfg, self.gqa_field, None):
+            return _get(cfg, self.kv_heads_field)
+        if self.mqa_field and _get(cfg, self.mqa_field, None):
+            return 1
         # MHA configs often omit the KV-head count (None / missing means "= heads").
-        return _get(cfg, self.kv_heads_field, None) or self.heads(cfg)
+        return (_get(cfg, self.kv_heads_field, None) if self.kv_heads_field else None) or self.heads(cfg)
 
     def layers(self, cfg) -> int:
-        return _get(cfg, self.layers_field)
+        """Layers holding a KV cache (an encoder-decoder's decoder layers)."""
+        cached = [b for b in self.blocks if b.cached]
+        return cached[0].layers(cfg) if cached else _get(cfg, self.layers_field)
 
     def head_dim(self, cfg) -> int:
         # Never assume hidden / heads: gemma, qwen3 and others set head_dim explicitly.
-        return _get(cfg, "head_dim", None) or _get(cfg, "hidden_size") // self.heads(cfg)
+        return _get(cfg, self.head_dim_field, None) or _get(cfg, self.hidden_field) // self.heads(cfg)
+
+    def units(self, cfg) -> list:
+        """What `classify` calls a layer, for every unit whose K/V are pooled: layer indices, or (block name,
+        layer index) for an encoder-decoder."""
+        if not self.blocks:
+            return list(range(self.layers(cfg)))
+        return [(b.name, i) for b in self.blocks if b.pooled for i in range(b.layers(cfg))]
+
+    def cached_blocks(self) -> tuple[Block, ...]:
+        return tuple(b for b in self.blocks if b.cached)
+
+    def pooling(self, attention: str) -> AttentionSpec:
+        """This spec with the attention blocks `attention` names pooled: "decoder" (the default: an
+        encoder-decoder's decoder self- and cross-attention, as the GQA paper) or "all" (encoder
+        self-attention too). Decoder-only specs pool their one block either way. The result's modeling file
+        reads the choice from config.json's gqa_attention."""
+        if not self.blocks or attention == "decoder":
+            return self
+        import dataclasses
+
+        blocks = tuple(dataclasses.replace(b, pooled=True) for b in self.blocks)
+        forms = tuple(dataclasses.replace(f, config={**f.config, "gqa_attention": attention}) if f.remote_code
+                      else f for f in self.forms)
+        return dataclasses.replace(self, blocks=blocks, forms=forms)
+
+    def for_config(self, cfg) -> AttentionSpec:
+        """This spec plus the tensors of the config's optional features (extras whose flag is set)."""
+        on = [x for x in self.extras if _get(cfg, x.flag, None)]
+        if not on:
+            return self
+        import dataclasses
+
+        return dataclasses.replace(
+            self, kv={**self.kv, **{k: v for x in on for k, v in x.kv.items()}},
+            copy=self.copy + tuple(c for x in on for c in x.copy),
+            copy_patterns=self.copy_patterns + tuple(c for x in on for c in x.copy_patterns),
+            flat=self.flat + tuple(c for x in on for c in x.flat), extras=())
+
+    # -- the result ------------------------------------------------------------------------------
+    def form(self, cfg, groups: int) -> Form | None:
+        """How a result with `groups` KV heads is written; None when no form can hold it."""
+        forms = self.forms or (Form(config={self.kv_heads_field: G}),)
+        return next((f for f in forms if f.applies(cfg, self.heads(cfg), groups)), None)
+
+    def valid_groups(self, cfg) -> list[int]:
+        """G values this source can be converted to: divisors of its KV heads that some form can hold."""
+        return [g for g in valid_groups(self.kv_heads(cfg)) if self.form(cfg, g) is not None]
+
+    def result_config(self, cfg: dict, groups: int) -> dict:
+        """config.json of the result (remote code's auto_map is added by the converter, which knows the file)."""
+        out = dict(cfg)
+        for k, v in self.form(cfg, groups).config.items():
+            if v is None:
+                out.pop(k, None)
+            else:
+                out[k] = groups if v == G else v
+        return out
+
+    def storage(self, suffix: str, cfg, kv_heads: int | None = None, form: Form | None = None) -> Storage:
+        """How `suffix` is stored in a checkpoint with `kv_heads` KV heads (a result written as `form`)."""
+        transposed = suffix in self.transposed and not (form and suffix in form.untransposed)
+        order = None
+        if suffix in self.per_kv_head:
+            order = per_kv_head_order(self.heads(cfg), kv_heads or self.kv_heads(cfg), self.head_dim(cfg))
+            if order == tuple(range(len(order))):  # one KV head: [q … q k v] is already canonical
+                order = None
+        return Storage(transposed, order, suffix in self.flat)
+
+    def kv_rows_in(self, suffix: str, shape: tuple[int, ...]) -> int:
+        """The number of canonical rows of a tensor of `shape` stored as `suffix`."""
+        if suffix in self.flat:
+            return shape[0] * shape[1]
+        return shape[1] if suffix in self.transposed and len(shape) == 2 else shape[0]
+
+    def stored_shape(self, suffix: str, shape: tuple[int, ...], rows: int, cfg, form: Form | None = None):
+        """`shape` (the source's) with its canonical rows changed to `rows`, as the result stores it."""
+        if suffix in self.flat:
+            return (rows // self.head_dim(cfg), *shape[1:])
+        if suffix in self.transposed and len(shape) == 2:
+            return (shape[0], rows) if not (form and suffix in form.untransposed) else (rows, shape[0])
+        return (rows, *shape[1:])
 
     # -- tensor names ----------------------------------------------------------------------------
     def classify(self, name: str) -> tuple[str, int | None, str]:
         """name → (kind, layer, suffix) with kind "kv", "copy"; raises on a name the spec does not know."""
+        if self.blocks:
+            return self._classify_in_blocks(name)
         prefix_re = re.escape(self.layer_prefix).replace(r"\{\}", r"(\d+)")
-        m = re.fullmatch(prefix_re + r"(.+)", name)
-        if m:
-            layer, suffix = int(m.group(1)), m.group(2)
-            if suffix in self.kv:
-                return "kv", layer, suffix
-            if suffix in self.copy or any(re.fullmatch(p, suffix) for p in self.copy_patterns):
-                return "copy", layer, suffix
-        elif name in self.global_tensors:
+        # a base model's checkpoint names lack the root (GPT-2's h.0.… for transformer.h.0.…)
+        for full in (name, self.root + name) if self.root and not name.startswith(self.root) else (name,):
+            m = re.fullmatch(prefix_re + r"(.+)", full)
+            if m:
+                layer, suffix = int(m.group(1)), m.group(2)
+                if suffix in self.kv:
+                    return "kv", layer, suffix
+                family = self.head_family(suffix)
+                if family:  # one tensor per KV head: the family's key (head_index says which head)
+                    return "kv", layer, family[0]
+                if suffix in self.copy or any(re.fullmatch(p, suffix) for p in self.copy_patterns):
+                    return "copy", layer, suffix
+            elif full in self.global_tensors:
+                return "copy", None, full
+        raise UptrainError(f"tensor {name!r} is not described by the attention spec; converting it blindly "
+                           f"could produce a wrong model. Add it to uptrain/arch.py (kv if its shape depends "
+                           f"on the KV-head count, copy otherwise)")
+
+    def _classify_in_blocks(self, name: str):
+        """Encoder-decoders: k / v of a pooled block are "kv", everything else is copied."""
+        for b in self.blocks:
+            m = re.fullmatch(re.escape(b.prefix).replace(r"\{\}", r"(\d+)") + r"(.+)", name)
+            if m and (m.group(2) in self.kv or m.group(2) in self.copy):
+                unit, suffix = (b.name, int(m.group(1))), m.group(2)
+                return ("kv" if b.pooled and suffix in self.kv else "copy"), unit, suffix
+        if name in self.global_tensors or any(re.fullmatch(p, name) for p in self.global_patterns):
             return "copy", None, name
         raise UptrainError(f"tensor {name!r} is not described by the attention spec; converting it blindly "
                            f"could produce a wrong model. Add it to uptrain/arch.py (kv if its shape depends "
                            f"on the KV-head count, copy otherwise)")
+
+    def head_family(self, suffix: str) -> tuple[str, int] | None:
+        """(kv key, head) for a per-layer suffix of a tensor family with one tensor per KV head, whose kv key
+        holds "{}" for the head (stablelm's self_attn.k_layernorm.norms.{}.weight); None otherwise. Such a
+        family is canonically the concatenation of its K tensors."""
+        for key in self.kv:
+            if "{}" in key:
+                m = re.fullmatch(re.escape(key).replace(r"\{\}", r"(\d+)"), suffix)
+                if m:
+                    return key, int(m.group(1))
+        return None
+
+    def head_of(self, name: str, key: str) -> int:
+        """The head of tensor `name` in the one-tensor-per-head family `key` (see head_family)."""
+        return int(re.search(re.escape(key).replace(r"\{\}", r"(\d+)") + "$", name).group(1))
 
     def rows(self, suffix: str, cfg, kv_heads: int | None = None) -> list[tuple[str, int, int]]:
         """[(role, start_row, stop_row)] of a kv tensor for a model with `kv_heads` KV heads."""
@@ -121,6 +401,18 @@ class AttentionSpec:
 
 
 _LLAMA = AttentionSpec(kv=_SEPARATE_KV, copy=_LLAMA_LAYER)
+_C_ATTN = {"attn.c_attn.weight": QKV_ROWS, "attn.c_attn.bias": QKV_ROWS}
+_GPT2_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+_GPT2_LAYER = ("ln_1.weight", "ln_1.bias", "ln_2.weight", "ln_2.bias", "attn.c_proj.weight", "attn.c_proj.bias",
+               "mlp.c_fc.weight", "mlp.c_fc.bias", "mlp.c_proj.weight", "mlp.c_proj.bias",
+               "attn.bias", "attn.masked_bias")  # causal-mask buffers older checkpoints saved
+_GPT2_GLOBAL = ("transformer.wte.weight", "transformer.wpe.weight", "transformer.ln_f.weight", "transformer.ln_f.bias",
+                "lm_head.weight")
+
+
+def _remote_code_forms(template: str) -> tuple[Form, ...]:
+    """G = H: the source as it is (native); otherwise num_key_value_heads = G plus uptrain/modeling's file."""
+    return Form(groups="H"), Form(config={"num_key_value_heads": G}, remote_code=template)
 
 SPECS: dict[str, AttentionSpec] = {
     "llama": _LLAMA,
@@ -149,24 +441,30 @@ SPECS: dict[str, AttentionSpec] = {
     "gemma3_text": AttentionSpec(kv=_SEPARATE_KV, copy=_LLAMA_LAYER + _GEMMA_FFN_NORMS
                                  + ("self_attn.q_norm.weight", "self_attn.k_norm.weight")),
     # Parallel attention and MLP after one LayerNorm (weight only); RoPE on interleaved pairs (2i, 2i+1).
-    # use_qk_norm checkpoints (per-head norm weights [heads, head_dim]) are not described: refused.
+    # use_qk_norm (Command R+): a LayerNorm weight per head, stored [heads, head_dim]; k_norm's rows are the KV
+    # heads (pooled like K), q_norm's the query heads (copied).
     "cohere": AttentionSpec(
         kv=_SEPARATE_KV,
         copy=("input_layernorm.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight",
               "self_attn.q_proj.weight", "self_attn.q_proj.bias", "self_attn.o_proj.weight", "self_attn.o_proj.bias"),
-        rope="interleaved"),
+        rope="interleaved",
+        extras=(Extra("use_qk_norm", kv={"self_attn.k_norm.weight": K_ROWS}, copy=("self_attn.q_norm.weight",),
+                      flat=("self_attn.k_norm.weight",)),)),
     # OLMo-1: LayerNorms without parameters; clip_qkv clamps q, k and v (no effect on pooling).
     "olmo": AttentionSpec(
         kv=_SEPARATE_KV,
         copy=("mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight", "self_attn.q_proj.weight",
               "self_attn.o_proj.weight")),
-    # LayerNorms with biases, partial rotary, optional q/k/v biases. qk_layernorm checkpoints keep one norm
-    # tensor per head under the head's index (k_layernorm.norms.{h}): not described, refused.
+    # LayerNorms with biases, partial rotary, optional q/k/v biases. qk_layernorm (StableLM-2-12B) keeps one
+    # LayerNorm per head, each its own tensor under the head's index: the K k_layernorm norms are pooled to G
+    # like K's rows (a family: "{}" is the head), the H q_layernorm norms copied.
     "stablelm": AttentionSpec(
         kv=_SEPARATE_KV,
         copy=("input_layernorm.weight", "input_layernorm.bias", "post_attention_layernorm.weight",
               "post_attention_layernorm.bias", "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight",
-              "self_attn.q_proj.weight", "self_attn.q_proj.bias", "self_attn.o_proj.weight")),
+              "self_attn.q_proj.weight", "self_attn.q_proj.bias", "self_attn.o_proj.weight"),
+        extras=(Extra("qk_layernorm", kv={"self_attn.k_layernorm.norms.{}.weight": K_ROWS},
+                      copy_patterns=(r"self_attn\.q_layernorm\.norms\.\d+\.weight",)),)),
     # Mixture-of-experts MLPs: only attention changes; router and experts are copied byte for byte. Both the
     # per-expert names checkpoints hold and the fused ones transformers 5 uses in memory (mlp.experts.*_proj).
     "mixtral": AttentionSpec(
@@ -182,7 +480,126 @@ SPECS: dict[str, AttentionSpec] = {
         copy=("post_attention_layernorm.weight", "post_feedforward_layernorm.weight", "mlp.gate_proj.weight",
               "mlp.up_proj.weight", "mlp.down_proj.weight", "self_attn.q_proj.weight", "self_attn.o_proj.weight",
               "self_attn.q_norm.weight")),
+    # ---- architectures whose transformers class has no KV-head count: below G = H the result carries a
+    # modeling file (remote code, uptrain/modeling/), at G = H it is the source, unchanged.
+    # Pythia: q, k, v fused per head ([q k v] × H; per KV head in the result), partial rotary, parallel
+    # residual. Old checkpoints hold the causal-mask buffers and embed_out (transformers 5 renames it lm_head).
+    "gpt_neox": AttentionSpec(
+        kv={"attention.query_key_value.weight": QKV_ROWS, "attention.query_key_value.bias": QKV_ROWS},
+        copy=("input_layernorm.weight", "input_layernorm.bias", "post_attention_layernorm.weight",
+              "post_attention_layernorm.bias", "mlp.dense_h_to_4h.weight", "mlp.dense_h_to_4h.bias",
+              "mlp.dense_4h_to_h.weight", "mlp.dense_4h_to_h.bias", "attention.dense.weight", "attention.dense.bias",
+              "attention.bias", "attention.masked_bias", "attention.rotary_emb.inv_freq"),
+        required=("attention.query_key_value.weight",), layer_prefix="gpt_neox.layers.{}.",
+        global_tensors=("gpt_neox.embed_in.weight", "gpt_neox.final_layer_norm.weight",
+                        "gpt_neox.final_layer_norm.bias", "embed_out.weight", "lm_head.weight"),
+        q="attention.query_key_value", o="attention.dense",
+        per_kv_head=("attention.query_key_value.weight", "attention.query_key_value.bias"),
+        forms=_remote_code_forms("gpt_neox")),
+    # GPT-2: Conv1D weights stored [in, out], c_attn = [q | k | v]; learned positions, no RoPE. MQA (G = 1) is
+    # written as a native gpt_bigcode checkpoint (multi_query, nn.Linear weights) unless the attention
+    # scales by layer index, which gpt_bigcode cannot express.
+    "gpt2": AttentionSpec(
+        kv=_C_ATTN, copy=_GPT2_LAYER, required=("attn.c_attn.weight",), global_tensors=_GPT2_GLOBAL,
+        layer_prefix="transformer.h.{}.", root="transformer.", q="attn.c_attn", o="attn.c_proj", rope=None,
+        heads_field="n_head", layers_field="n_layer", hidden_field="n_embd", transposed=_GPT2_CONV1D,
+        forms=(Form(groups="H"),
+               Form(groups="1", requires={"scale_attn_by_inverse_layer_idx": False, "add_cross_attention": False},
+                    config={"model_type": "gpt_bigcode", "architectures": ["GPTBigCodeForCausalLM"],
+                            "multi_query": True, "num_key_value_heads": G},
+                    untransposed=_GPT2_CONV1D),
+               *_remote_code_forms("gpt2")[1:])),
+    # OPT: separate projections with biases (enable_bias), learned positions; base-model checkpoints lack
+    # "model." (facebook/opt-*: decoder.layers.…).
+    "opt": AttentionSpec(
+        kv=_SEPARATE_KV,
+        copy=("self_attn.q_proj.weight", "self_attn.q_proj.bias", "self_attn.out_proj.weight",
+              "self_attn.out_proj.bias", "self_attn_layer_norm.weight", "self_attn_layer_norm.bias", "fc1.weight",
+              "fc1.bias", "fc2.weight", "fc2.bias", "final_layer_norm.weight", "final_layer_norm.bias"),
+        global_tensors=("model.decoder.embed_tokens.weight", "model.decoder.embed_positions.weight",
+                        "model.decoder.final_layer_norm.weight", "model.decoder.final_layer_norm.bias",
+                        "model.decoder.project_in.weight", "model.decoder.project_out.weight", "lm_head.weight"),
+        layer_prefix="model.decoder.layers.{}.", root="model.", o="self_attn.out_proj", rope=None,
+        forms=_remote_code_forms("opt")),
+    # phi-1 / phi-1.5 / phi-2: biases everywhere, the output projection is `dense`, partial rotary, one
+    # LayerNorm before a parallel attention + MLP; qk_layernorm norms span head_dim (shared by all heads).
+    "phi": AttentionSpec(
+        kv=_SEPARATE_KV,
+        copy=("self_attn.q_proj.weight", "self_attn.q_proj.bias", "self_attn.dense.weight", "self_attn.dense.bias",
+              "input_layernorm.weight", "input_layernorm.bias", "mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight",
+              "mlp.fc2.bias"),
+        extras=(Extra("qk_layernorm", copy=("self_attn.q_layernorm.weight", "self_attn.q_layernorm.bias",
+                                            "self_attn.k_layernorm.weight", "self_attn.k_layernorm.bias")),),
+        global_tensors=("model.embed_tokens.weight", "model.final_layernorm.weight", "model.final_layernorm.bias",
+                        "lm_head.weight", "lm_head.bias"),
+        o="self_attn.dense"),
+    # Falcon: q, k, v fused per KV head in all three layouts — MHA ([q k v] × H), multi_query ([q … q k v],
+    # falcon-7b) and new_decoder_architecture ([q … q k v] × num_kv_heads, falcon-40b/180b). Below G = H an
+    # MHA source becomes multi_query (G = 1) or, with a parallel block (one LayerNorm kept:
+    # num_ln_in_parallel_attn 1), the new decoder architecture; sequential MHA blocks have no GQA form.
+    # transformers' Falcon broadcasts K/V to every head before its cache in the new decoder architecture:
+    # the cache it keeps there is not smaller (multi_query's is).
+    "falcon": AttentionSpec(
+        kv={"self_attention.query_key_value.weight": QKV_ROWS, "self_attention.query_key_value.bias": QKV_ROWS},
+        copy=("self_attention.dense.weight", "self_attention.dense.bias", "mlp.dense_h_to_4h.weight",
+              "mlp.dense_h_to_4h.bias", "mlp.dense_4h_to_h.weight", "mlp.dense_4h_to_h.bias",
+              "input_layernorm.weight", "input_layernorm.bias", "post_attention_layernorm.weight",
+              "post_attention_layernorm.bias", "ln_attn.weight", "ln_attn.bias", "ln_mlp.weight", "ln_mlp.bias"),
+        required=("self_attention.query_key_value.weight",), layer_prefix="transformer.h.{}.", root="transformer.",
+        global_tensors=("transformer.word_embeddings.weight", "transformer.ln_f.weight", "transformer.ln_f.bias",
+                        "lm_head.weight"),
+        q="self_attention.query_key_value", o="self_attention.dense",
+        kv_heads_field="num_kv_heads", mqa_field="multi_query", gqa_field="new_decoder_architecture",
+        per_kv_head=("self_attention.query_key_value.weight", "self_attention.query_key_value.bias"),
+        forms=(Form(groups="H"),
+               Form(requires={"new_decoder_architecture": True}, config={"num_kv_heads": G}),
+               Form(groups="1", config={"multi_query": True, "num_kv_heads": G}),
+               Form(requires={"parallel_attn": True},
+                    config={"new_decoder_architecture": True, "num_kv_heads": G, "num_ln_in_parallel_attn": 1}))),
+    # gpt_bigcode (SantaCoder, StarCoder-1): MHA or MQA, nothing between (multi_query). c_attn is an
+    # nn.Linear fused per head in MHA ([q k v] × H) and [q … q | k | v] in MQA: per KV head both times.
+    "gpt_bigcode": AttentionSpec(
+        kv=_C_ATTN, copy=_GPT2_LAYER, required=("attn.c_attn.weight",), global_tensors=_GPT2_GLOBAL,
+        layer_prefix="transformer.h.{}.", root="transformer.", q="attn.c_attn", o="attn.c_proj", rope=None,
+        heads_field="n_head", layers_field="n_layer", hidden_field="n_embd", mqa_field="multi_query",
+        kv_heads_field=None,  # transformers 5 writes a num_key_value_heads that multi_query overrides on load
+        per_kv_head=tuple(_C_ATTN),
+        forms=(Form(groups="H", config={"multi_query": False, "num_key_value_heads": G}),
+               Form(groups="1", config={"multi_query": True, "num_key_value_heads": G}))),
 }
+
+
+# ---- encoder-decoders: T5 and its multilingual kin, in the T5.1.1 layout (relative position bias, no 1/sqrt(d)
+# scaling, relu or gated-gelu feed-forward, tied or untied LM head). The GQA paper pools the decoder's self- and
+# cross-attention and leaves encoder self-attention alone (it runs in parallel over the source: not bound by
+# memory bandwidth, and it has no cache); ConvertOptions.attention "all" pools it too (AttentionSpec.pooling).
+# No transformers class holds G KV heads of a T5: below G = H the result carries uptrain/modeling's file.
+_T5_BLOCKS = (
+    Block("encoder", "encoder.block.{}.layer.0.SelfAttention.", ("num_layers",), pooled=False, cached=False),
+    Block("decoder", "decoder.block.{}.layer.0.SelfAttention.", ("num_decoder_layers", "num_layers"), pooled=True,
+          cached=True),
+    Block("cross", "decoder.block.{}.layer.1.EncDecAttention.", ("num_decoder_layers", "num_layers"), pooled=True,
+          cached=True),
+)
+
+
+def _t5(model_type: str) -> AttentionSpec:
+    return AttentionSpec(
+        kv={"k.weight": K_ROWS, "v.weight": V_ROWS},
+        # relative_attention_bias: [buckets, H], per query head (every layer's in umT5, the first's in T5)
+        copy=("q.weight", "o.weight", "relative_attention_bias.weight"),
+        required=("k.weight", "v.weight"), q="q", o="o", rope=None, blocks=_T5_BLOCKS,
+        global_tensors=("shared.weight", "encoder.embed_tokens.weight", "decoder.embed_tokens.weight", "lm_head.weight",
+                        "encoder.final_layer_norm.weight", "decoder.final_layer_norm.weight"),
+        global_patterns=(r"(encoder|decoder)\.block\.\d+\.layer\.\d+\.layer_norm\.weight",
+                         r"(encoder|decoder)\.block\.\d+\.layer\.\d+\.DenseReluDense\.(wi|wi_0|wi_1|wo)\.weight"),
+        heads_field="num_heads", layers_field="num_layers", hidden_field="d_model", head_dim_field="d_kv",
+        forms=(Form(groups="H"), Form(config={"num_key_value_heads": G, "gqa_attention": "decoder"},
+                                      remote_code=model_type)))
+
+
+# A table of its own: SPECS is the causal table (tests keep it equal to their causal tiny models).
+SEQ2SEQ_SPECS: dict[str, AttentionSpec] = {"t5": _t5("t5"), "mt5": _t5("mt5"), "umt5": _t5("umt5")}
 
 
 def _get(cfg, key, *default):
@@ -199,12 +616,31 @@ def model_type(cfg) -> str:
     return _get(cfg, "model_type", None) or "<missing model_type>"
 
 
+def _is_encoder(mt: str) -> bool:
+    """A masked-LM architecture without a seq2seq form (BERT, RoBERTa, DeBERTa …), from transformers' own
+    auto mappings (imported only on this error path: planning a conversion never imports transformers)."""
+    try:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES as MLM
+        from transformers.models.auto.modeling_auto import MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES as S2S
+    except ImportError:
+        return False
+    return mt in MLM and mt not in S2S
+
+
 def spec_for_config(cfg) -> AttentionSpec:
     mt = model_type(cfg)
-    if mt not in SPECS:
-        raise UptrainError(f"architecture {mt!r} is not supported yet; supported: {', '.join(sorted(SPECS))}. "
+    spec = SPECS.get(mt) or SEQ2SEQ_SPECS.get(mt)
+    if spec is not None:
+        spec = spec.for_config(cfg)  # with the tensors of the config's optional features (Extra)
+    if spec is None and _is_encoder(mt):
+        raise UptrainError(f"architecture {mt!r} is an encoder (masked-LM family): it reads its whole input at once "
+                           f"and keeps no KV cache, so sharing KV heads saves nothing there. GQA is for "
+                           f"decoders; supported: {', '.join(sorted({**SPECS, **SEQ2SEQ_SPECS}))}")
+    if spec is None:
+        raise UptrainError(f"architecture {mt!r} is not supported yet; supported: "
+                           f"{', '.join(sorted({**SPECS, **SEQ2SEQ_SPECS}))}. "
                            f"Adding one is an entry in uptrain/arch.py plus a tiny-model test")
-    return SPECS[mt]
+    return spec
 
 
 # ------------------------------------------------------------------------------------------ shapes and sizes
@@ -237,7 +673,8 @@ def attention_shape(cfg) -> AttentionShape:
     of a multimodal one), through its spec when the table knows it."""
     if hasattr(cfg, "get_text_config"):
         cfg = cfg.get_text_config()
-    spec = SPECS.get(_get(cfg, "model_type", None), _GENERIC)
+    mt = _get(cfg, "model_type", None)
+    spec = SPECS.get(mt) or SEQ2SEQ_SPECS.get(mt) or _GENERIC
     return AttentionShape(spec.layers(cfg), spec.heads(cfg), spec.kv_heads(cfg), spec.head_dim(cfg))
 
 

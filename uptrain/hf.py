@@ -48,6 +48,37 @@ def check_hub_id(name: str, what: str) -> str:
     return name
 
 
+def hub_token(token: str | None = None) -> str | None:
+    """The token a Hub upload would use: the given one, else HF_TOKEN, else the saved login (huggingface_hub's
+    own lookup); None without one. Never printed."""
+    from huggingface_hub import get_token
+
+    return token or get_token()
+
+
+def check_hub_token(token: str, what: str) -> str | None:
+    """Ask the Hub whether `token` can write (one whoami call): one UptrainError naming `what` for a token it
+    rejects (401) or a read-only one; None when it can, a note when the Hub cannot be asked (offline)."""
+    from huggingface_hub import HfApi, errors
+
+    try:
+        info = HfApi().whoami(token=token)
+    except errors.HfHubHTTPError as e:
+        status = e.response.status_code if e.response is not None else None
+        if status == 401:
+            raise UptrainError(f"{what}: the Hub rejected the Hugging Face token (401): it is invalid or expired. "
+                               f"Create a write token at {HfApi().endpoint}/settings/tokens and set HF_TOKEN or "
+                               f"`hf auth login`") from None
+        return f"the token could not be checked ({status}); the upload will tell"
+    except Exception as e:  # offline, no network: the upload will tell
+        return f"the token could not be checked ({type(e).__name__}); the upload will tell"
+    role = ((info.get("auth") or {}).get("accessToken") or {}).get("role")
+    if role == "read":
+        raise UptrainError(f"{what}: the Hugging Face token is read-only; uploading needs a write token (create one "
+                           f"at {HfApi().endpoint}/settings/tokens)")
+    return None
+
+
 def snapshot_repo(path) -> tuple[str, str] | None:
     """(repo id, commit) of a folder inside the Hugging Face cache, else None."""
     m = _SNAPSHOT.search(str(path).replace(os.sep, "/"))
@@ -103,8 +134,9 @@ def local_folder(source: Source, allow_patterns: list[str]) -> tuple[Path, str |
     return local, local.name  # snapshot folders are named by commit hash
 
 
-def load_config(source: Source, causal: bool = False):
-    """The transformers config; with `causal`, also checks that it is a causal LM with weights beside it."""
+def load_config(source: Source, causal: bool = False, seq2seq: bool = False):
+    """The transformers config; with `causal`, also checks that it is a causal LM with weights beside it
+    (with `seq2seq` too, an encoder-decoder LM such as T5 is accepted in its place)."""
     if source.local and not os.path.isfile(os.path.join(source.path, "config.json")):
         raise UptrainError(f"{source.what} {source.name!r} has no config.json: not a Hugging Face model folder")
     from transformers import AutoConfig
@@ -118,7 +150,17 @@ def load_config(source: Source, causal: bool = False):
         from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES as CAUSAL
 
         classes = {c for v in CAUSAL.values() for c in ((v,) if isinstance(v, str) else v)}
+        # a causal LM whose class travels with it (uptrain's GQA modeling files): auto_map names it
+        remote = (getattr(cfg, "auto_map", None) or {}).get("AutoModelForCausalLM")
+        classes |= {remote.rsplit(".", 1)[-1]} if isinstance(remote, str) else set()
         archs = getattr(cfg, "architectures", None) or []
+        if seq2seq and getattr(cfg, "is_encoder_decoder", False):
+            from transformers.models.auto.modeling_auto import MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES as S2S
+
+            CAUSAL = S2S
+            classes = {c for v in S2S.values() for c in ((v,) if isinstance(v, str) else v)}
+            remote = (getattr(cfg, "auto_map", None) or {}).get("AutoModelForSeq2SeqLM")
+            classes |= {remote.rsplit(".", 1)[-1]} if isinstance(remote, str) else set()
         if cfg.model_type not in CAUSAL or (archs and not set(archs) & classes):
             raise UptrainError(f"{source.what} {source.name!r} is not a causal language model (model_type "
                                f"{cfg.model_type!r}, architectures {archs}); an AutoModelForCausalLM checkpoint "
@@ -138,11 +180,13 @@ def load_tokenizer(source: Source, why: str):
         raise UptrainError(f"no usable tokenizer in {source.what} {source.name!r} ({type(e).__name__}): {why}") from e
 
 
-def load_model(source: Source, dtype="auto", device=None, quiet: bool = False):
-    """AutoModelForCausalLM in `dtype` ("auto", a name such as "bfloat16", or a torch.dtype), on `device`.
-    quiet: no transformers loading bar (the caller shows its own)."""
+def load_model(source: Source, dtype="auto", device=None, quiet: bool = False, drop_quantization_config=False):
+    """AutoModelForCausalLM (AutoModelForSeq2SeqLM for an encoder-decoder) in `dtype` ("auto", a name such as "bfloat16", or a torch.dtype), on `device`.
+    quiet: no transformers loading bar (the caller shows its own). drop_quantization_config: load plain float
+    weights whose config.json still carries a quantization_config (checkpoint.quantization says it is a
+    leftover) without a quantizer, so that the model can be saved."""
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
     from transformers.utils import logging as hf_logging
 
     dtype = getattr(torch, dtype) if isinstance(dtype, str) and dtype != "auto" else (dtype or "auto")
@@ -150,7 +194,17 @@ def load_model(source: Source, dtype="auto", device=None, quiet: bool = False):
     if quiet:
         hf_logging.disable_progress_bar()
     try:
-        model = AutoModelForCausalLM.from_pretrained(source.path, revision=source.revision, dtype=dtype)
+        kw, remote = {}, carries_uptrain_code(source)
+        config = AutoConfig.from_pretrained(source.path, revision=source.revision, trust_remote_code=remote)
+        # an encoder-decoder (T5) loads as a seq2seq LM; its uptrain GQA class is named in auto_map the same way
+        auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
+        if drop_quantization_config:
+            kw["config"] = config
+            for cfg in {id(c): c for c in (kw["config"], kw["config"].get_text_config(decoder=True))}.values():
+                if hasattr(cfg, "quantization_config"):
+                    del cfg.quantization_config
+        model = auto.from_pretrained(source.path, revision=source.revision, dtype=dtype, trust_remote_code=remote,
+                                     **kw)
     except Exception as e:
         raise UptrainError(f"could not load {source.what} {source.name!r} with transformers: {type(e).__name__}: "
                            f"{_first_line(e)}") from e
@@ -158,6 +212,33 @@ def load_model(source: Source, dtype="auto", device=None, quiet: bool = False):
         if quiet and bar:
             hf_logging.enable_progress_bar()
     return model.to(device) if device is not None else model
+
+
+def carries_uptrain_code(source: Source) -> bool:
+    """Whether `source` carries GQA modeling code that uptrain wrote: config.json's auto_map names only
+    uptrain/modeling templates, byte for byte (a GPT-2 / GPT-NeoX / OPT converted below G = H). Such a
+    model is loaded with trust_remote_code=True; code from anyone else is never run without the user."""
+    import json
+
+    from uptrain.modeling import code_files, ours
+
+    def read(name: str) -> bytes | None:
+        if source.local:
+            path = Path(source.path) / name
+            return path.read_bytes() if path.is_file() else None
+        from huggingface_hub import hf_hub_download
+
+        try:
+            return Path(hf_hub_download(source.path, name, revision=source.revision)).read_bytes()
+        except Exception:  # offline, missing file: not ours to trust
+            return None
+
+    raw = read("config.json")
+    try:
+        auto_map = json.loads(raw).get("auto_map") if raw else None
+    except ValueError:
+        return False
+    return bool(code_files(auto_map)) and ours(auto_map, read)
 
 
 LICENCE_KEYS = ("license", "license_name", "license_link")

@@ -4,9 +4,10 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-from uptrain.arch import attention_kind, kv_cache_bytes_per_token, spec_for_config, valid_groups
+from uptrain.arch import attention_kind, kv_cache_bytes_per_token, spec_for_config
 from uptrain.checkpoint import CHECKPOINT_FILES, DTYPES, dtype_size, kv_dtype, open_source, read_config
 from uptrain.hf import local_folder, resolve
+from uptrain.modeling import code_files
 from uptrain.report import fmt_bytes
 
 
@@ -20,8 +21,11 @@ class CheckpointInfo:
     head_dim: int
     params: int
     dtype: str
-    kv_cache_bytes_per_token: int
-    options: list[dict]  # one per valid G: groups, kv_cache_bytes_per_token, saving
+    kv_cache_bytes_per_token: int  # an encoder-decoder's: decoder self-attention, per generated token
+    options: list[dict]  # one per valid G: groups, kv_cache_bytes_per_token, saving (+ cross_… for seq2seq)
+    cross_kv_cache_bytes_per_token: int | None = None  # encoder-decoders: cross-attention, per source token
+    gqa_attention: str | None = None  # encoder-decoders converted by uptrain: which attention shares KV heads
+    code: list[str] | None = None  # modeling files config.json's auto_map names: it loads with trust_remote_code
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -39,11 +43,29 @@ class CheckpointInfo:
             f"  dtype             {self.dtype}",
             f"  KV cache          {self.kv_cache_bytes_per_token:,} bytes per token",
             "",
-            "  --groups G   KV cache bytes/token   at 4096 tokens   saving",
+            "  --groups G   KV cache bytes/token   at 4096 tokens   saving   result",
         ]
+        if self.code:
+            lines.insert(2, f"  code              {', '.join(self.code)} (load with trust_remote_code=True)")
+        if self.cross_kv_cache_bytes_per_token is not None:  # an encoder-decoder: two caches, two units
+            lines[-3:] = [
+                f"  KV cache          decoder self-attention {self.kv_cache_bytes_per_token:,} bytes per generated "
+                f"token; cross-attention {self.cross_kv_cache_bytes_per_token:,} bytes per source token",
+                "  pooled            " + {None: "by convert: decoder self- and cross-attention (--attention all: "
+                                                   "encoder self-attention too)",
+                                             "decoder": "decoder self- and cross-attention (gqa_attention: decoder)",
+                                             "all": "every attention block (gqa_attention: all)"}.get(
+                    self.gqa_attention, f"gqa_attention: {self.gqa_attention}"),
+                "", "  --groups G   self bytes/generated token   cross bytes/source token   at 4096 + 4096   saving"]
         for o in self.options:
             b = o["kv_cache_bytes_per_token"]
-            lines.append(f"  {o['groups']:>10}   {b:>20,}   {fmt_bytes(b * 4096):>14}   {o['saving']:>6.1%}")
+            if self.cross_kv_cache_bytes_per_token is not None:
+                c = o["cross_kv_cache_bytes_per_token"]
+                lines.append(f"  {o['groups']:>10}   {b:>26,}   {c:>24,}   {fmt_bytes((b + c) * 4096):>13}   "
+                             f"{o['saving']:>6.1%}   {o['result']}")
+                continue
+            lines.append(f"  {o['groups']:>10}   {b:>20,}   {fmt_bytes(b * 4096):>14}   {o['saving']:>6.1%}   "
+                         f"{o['result']}")
         return "\n".join(lines)
 
 
@@ -61,8 +83,26 @@ def inspect(src: str, revision: str | None = None, allow_pickle: bool = True) ->
     layers, heads, kv, d = spec.layers(cfg), spec.heads(cfg), spec.kv_heads(cfg), spec.head_dim(cfg)
     base = kv_cache_bytes_per_token(layers, kv, d, nbytes)
     options = []
-    for g in valid_groups(kv):
+    for g in spec.valid_groups(cfg):  # the G some form of the architecture can hold (gpt_bigcode: 1 or H)
         b = kv_cache_bytes_per_token(layers, g, d, nbytes)
-        options.append({"groups": g, "kv_cache_bytes_per_token": b, "saving": 1 - b / base})
+        options.append({"groups": g, "kv_cache_bytes_per_token": b, "saving": 1 - b / base,
+                        "result": result_kind(spec, cfg, g)})
+    cross = None
+    if spec.blocks:  # per cached block: the decoder's self-attention (per generated token) and cross-attention
+        self_b, cross_b = (b.layers(cfg) for b in spec.cached_blocks())
+        cross = kv_cache_bytes_per_token(cross_b, kv, d, nbytes)
+        for o in options:
+            o["cross_kv_cache_bytes_per_token"] = kv_cache_bytes_per_token(cross_b, o["groups"], d, nbytes)
     return CheckpointInfo(str(src), cfg["model_type"], layers, heads, kv, d, params, str(DTYPES[dtype]).replace(
-        "torch.", ""), base, options)
+        "torch.", ""), base, options, cross, cfg.get("gqa_attention") if cross is not None else None,
+        code_files(cfg.get("auto_map")) or None)
+
+
+def result_kind(spec, cfg, groups: int) -> str:
+    """What `uptrain convert --groups G` writes: "native" (plain transformers), "native <model_type>" (another
+    architecture: GPT-2 MQA is a gpt_bigcode checkpoint) or "remote code" (uptrain's modeling file travels with
+    it: trust_remote_code=True)."""
+    form = spec.form(cfg, groups)
+    if form.remote_code:
+        return "remote code (trust_remote_code=True)"
+    return f"native {form.model_type}" if form.model_type else "native"

@@ -2,33 +2,93 @@
 Shape logic only, so a 70B header is planned without memory (tests do it on the meta device)."""
 from __future__ import annotations
 
-from uptrain.arch import AttentionSpec, check_groups
+from typing import NamedTuple
+
+from uptrain.arch import AttentionSpec, Storage, check_groups
 from uptrain.errors import UptrainError
 
 
+class Step(NamedTuple):
+    """What happens to one tensor. action: "copy" (its bytes), "merge" (through the method, in canonical
+    form), "restore" (read, rewritten as the result stores it: GPT-2's Conv1D weights in a gpt_bigcode
+    checkpoint). read / write: how the source and the result store it (arch.Storage)."""
+
+    action: str
+    layer: int | None
+    suffix: str
+    dtype: str
+    shape: tuple[int, ...]  # in the result
+    read: Storage = Storage()
+    write: Storage = Storage()
+    members: tuple[str, ...] = ()  # a family of one tensor per KV head: all K source tensors, in head order
+    part: int | None = None  # … and which result head this one is
+
+
 def plan_conversion(spec: AttentionSpec, config: dict, entries: dict, groups: int, touched: tuple[str, ...] = (),
-                    groups_key: str = "groups"):
-    """name → (action, layer, suffix, dtype, out shape). action is "merge" for tensors the method rewrites
-    (every KV tensor, plus the per-layer suffixes in `touched`), "copy" for the rest."""
+                    groups_key: str = "groups") -> dict[str, Step]:
+    """name → Step. "merge" for tensors the method rewrites (every KV tensor, plus the per-layer suffixes in
+    `touched`), "copy" for the rest unless the result stores them differently."""
     heads, kv, d = spec.heads(config), spec.kv_heads(config), spec.head_dim(config)
     check_groups(groups, kv, groups_key)
-    plan, seen = {}, {}
+    form = spec.form(config, groups)
+    if form is None:
+        raise UptrainError(f"{groups_key} {groups}: no {config.get('model_type')} checkpoint can hold {groups} KV "
+                           f"heads of {heads} query heads (see its forms in uptrain/arch.py); valid values: "
+                           f"{', '.join(map(str, spec.valid_groups(config)))}")
+    plan, seen, families = {}, {}, {}
     for name, e in entries.items():
         kind, layer, suffix = spec.classify(name)
         shape = tuple(e.shape)
+        if kind == "kv" and "{}" in suffix:  # one tensor per KV head: planned below, once all are known
+            families.setdefault((layer, suffix), {})[spec.head_of(name, suffix)] = (name, e)
+            continue
+        per_layer = layer is not None
+        read = spec.storage(suffix, config) if per_layer else Storage()
+        write = spec.storage(suffix, config, groups, form) if per_layer else Storage()
         if kind == "kv":
-            rows = spec.rows(suffix, config)
-            if shape[0] != rows[-1][2]:
-                raise UptrainError(f"{name} has {shape[0]} rows but {heads} heads / {kv} KV heads × head_dim {d} "
-                                   f"imply {rows[-1][2]}; config.json and the weights disagree")
-            shape = (spec.rows(suffix, config, kv_heads=groups)[-1][2], *shape[1:])
-        action = "merge" if kind == "kv" or (layer is not None and suffix in touched) else "copy"
-        plan[name] = (action, layer, suffix, e.dtype, shape)
-        if layer is not None:
+            rows, want = spec.kv_rows_in(suffix, shape), spec.rows(suffix, config)[-1][2]
+            if rows != want:
+                raise UptrainError(f"{name} has {rows} rows but {heads} heads / {kv} KV heads × head_dim {d} "
+                                   f"imply {want}; config.json and the weights disagree")
+            shape = spec.stored_shape(suffix, shape, spec.rows(suffix, config, kv_heads=groups)[-1][2], config, form)
+        elif read.transposed != write.transposed:
+            shape = shape[::-1]
+        if kind == "kv" or (per_layer and suffix in touched):
+            action = "merge"
+        else:
+            action = "copy" if read == write else "restore"
+        plan[name] = Step(action, layer, suffix, e.dtype, shape, read, write)
+        if per_layer:
             seen.setdefault(layer, set()).add(suffix)
-    for layer in range(spec.layers(config)):
+    for (layer, suffix), heads_of in families.items():
+        if sorted(heads_of) != list(range(kv)):
+            raise UptrainError(f"layer {layer} has {suffix.replace('{}', '*')} for heads {sorted(heads_of)}, but "
+                               f"config.json has {kv} KV heads; config.json and the weights disagree")
+        members = tuple(heads_of[h][0] for h in range(kv))
+        for j in range(groups):  # result head j keeps the name of source head j; heads G … K-1 are gone
+            name, e = heads_of[j]
+            plan[name] = Step("merge", layer, suffix, e.dtype, tuple(e.shape), members=members, part=j)
+    for layer in spec.units(config):
         missing = [s for s in spec.required if s not in seen.get(layer, ())]
         if missing:
             raise UptrainError(f"layer {layer} has no {', '.join(missing)}; the checkpoint does not match the "
                                f"{config.get('model_type')} attention spec (incomplete or not this architecture)")
     return plan
+
+
+def result_config(spec: AttentionSpec, config: dict, groups: int):
+    """(config.json of the result, the uptrain.modeling Template that must travel with it or None when the
+    result is native). A source that was itself converted to remote code loses its auto_map when the result
+    is native (GPT-2 GQA-2 → MQA is a gpt_bigcode checkpoint)."""
+    from uptrain.modeling import TEMPLATES, code_files
+
+    form = spec.form(config, groups)
+    out = spec.result_config(config, groups)
+    ours = {t.file for t in TEMPLATES.values()}
+    if code_files(out.get("auto_map")) and set(code_files(out.get("auto_map"))) <= ours:
+        del out["auto_map"]
+    template = TEMPLATES[form.remote_code] if form.remote_code else None
+    if template is not None:
+        out["auto_map"] = template.auto_map()
+        out["architectures"] = [template.model_class]  # what save_pretrained of the loaded model writes too
+    return out, template

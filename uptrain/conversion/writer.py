@@ -126,9 +126,12 @@ def write_converted(folder: Path, plan: dict, source, merger, ctx, max_shard_siz
     out_tensors = {n: (p[3], p[4]) for n, p in plan.items()}
     shards, total = plan_shards(out_tensors, max_shard_size)
     layer_names: dict[int, list[str]] = {}
+    families: dict[tuple[str, ...], list[str]] = {}  # plan.Step.members → the result tensors of that family
     for n, (action, layer, *_rest) in plan.items():
         if action == "merge":
             layer_names.setdefault(layer, []).append(n)
+        if plan[n].members:
+            families.setdefault(plan[n].members, []).append(n)
     cache: dict[str, torch.Tensor] = {}
     stats: dict[int, dict] = {}
     scratch = _Scratch() if not merger.layerwise and getattr(source, "reads_into", False) else None
@@ -148,14 +151,26 @@ def write_converted(folder: Path, plan: dict, source, merger, ctx, max_shard_siz
         """The output bytes of a merged tensor (runs on the helper thread)."""
         from uptrain.checkpoint import DTYPES
 
-        _, layer, suffix, dt, shape = plan[name]
+        action, layer, suffix, dt, shape, *_ = plan[name]
+        if action == "restore":  # stored otherwise by the result (plan.Step): no method involved
+            step = plan[name]
+            cache[name] = step.write.stored(step.read.canonical(source.read(name)), shape)
+        if plan[name].members and name not in cache:  # one tensor per KV head: pooled as their concatenation
+            import torch
+
+            members = plan[name].members
+            pooled = merger.merge(layer, {suffix: torch.cat([source.read(m).float() for m in members])}, ctx)[suffix]
+            rows = pooled.shape[0] // ctx.groups
+            for n in families[members]:
+                cache[n] = pooled[plan[n].part * rows: (plan[n].part + 1) * rows].clone()
         if name not in cache:
             names = layer_names[layer] if merger.layerwise else [name]
-            inputs = {plan[n][2]: read_float(n) for n in names}
+            # methods see the canonical form (arch.Storage); the result's storage is restored below
+            inputs = {plan[n][2]: plan[n].read.canonical(read_float(n)) for n in names}
             outputs = merger.merge(layer, inputs, ctx)
-            stats.setdefault(layer, {"layer": layer}).update(merger.stats(layer, inputs, outputs, ctx))
+            stats.setdefault(layer, {"block": layer[0], "layer": layer[1]} if isinstance(layer, tuple) else {"layer": layer}).update(merger.stats(layer, inputs, outputs, ctx))
             for n in names:
-                out = outputs[plan[n][2]]
+                out = plan[n].write.stored(outputs[plan[n][2]], plan[n].shape)
                 # an output sharing memory with an input in the scratch buffers would be overwritten by
                 # the next read: keep a copy
                 cache[n] = out.clone() if scratch is not None and scratch.holds(out) else out
@@ -188,7 +203,7 @@ def write_converted(folder: Path, plan: dict, source, merger, ctx, max_shard_siz
         (or hands it over to be written) as soon as it has it; the writer waits for a merge at the latest
         at the end of the shard."""
         prefix, header, size = headers[fname]
-        pending = [n for n in names if plan[n][0] == "merge"]  # the helper's order
+        pending = [n for n in names if plan[n][0] != "copy"]  # the helper's order
 
         def put(name: str, data) -> None:
             a, b = header[name]["data_offsets"]
@@ -219,10 +234,10 @@ def write_converted(folder: Path, plan: dict, source, merger, ctx, max_shard_siz
             prefix, header, _ = headers[fname]
             write_all(f, prefix)
             for n in names:
-                if plan[n][0] == "merge":
+                if plan[n][0] != "copy":
                     a, b = header[n]["data_offsets"]
                     places[n] = (f.fileno(), len(prefix) + a, b - a)
-        ahead = _MergeAhead([n for names in shards.values() for n in names if plan[n][0] == "merge"], merged)
+        ahead = _MergeAhead([n for names in shards.values() for n in names if plan[n][0] != "copy"], merged)
         for i, (fname, names) in enumerate(shards.items()):
             written += write_shard_file(files[fname], fname, names, last=i == len(shards) - 1)
     finally:

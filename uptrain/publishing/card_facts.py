@@ -16,6 +16,7 @@ import yaml
 from uptrain.arch import AttentionShape, attention_shape
 from uptrain.errors import UptrainError
 from uptrain.hf import card_licence, is_hub_id, snapshot_repo
+from uptrain.modeling import code_files
 from uptrain.record import ConversionRecord, Record, UptrainingRecord, read_record, try_read_record
 
 IMAGE_SUFFIXES = (".png", ".svg", ".jpg", ".jpeg", ".gif", ".webp")
@@ -74,6 +75,16 @@ class CardFacts:
     @property
     def model_type(self) -> str | None:
         return self.config.get("model_type")
+
+    @property
+    def source_model_type(self) -> str | None:
+        """The source's architecture (gpt2 for a GPT-2 written as a gpt_bigcode checkpoint)."""
+        return (self.conversion.model_type if self.conversion else None) or self.model_type
+
+    @property
+    def code_files(self) -> list[str]:
+        """The modeling files config.json's auto_map names: the model needs trust_remote_code=True."""
+        return code_files(self.config.get("auto_map"))
 
     @property
     def context(self) -> int | None:

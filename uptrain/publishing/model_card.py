@@ -75,8 +75,9 @@ def card_data(facts: CardFacts):
     tags = ["gqa", "grouped-query-attention", "uptrain"]
     if facts.kv_heads == 1:
         tags.append("mqa")
-    if facts.model_type:
-        tags.append(facts.model_type)
+    tags += list(dict.fromkeys(t for t in (facts.model_type, facts.source_model_type) if t))  # gpt2 → gpt_bigcode
+    if facts.code_files:
+        tags.append("custom_code")
     return ModelCardData(base_model=base, base_model_relation="finetune" if base else None, **facts.licence,
                          library_name="transformers", pipeline_tag="text-generation", tags=tags,
                          datasets=facts.hub_datasets or None)
@@ -268,15 +269,25 @@ def _evaluation(facts: CardFacts) -> str:
 def _usage(facts: CardFacts) -> str:
     repo = facts.repo_id
     tok_repo = repo if facts.has_tokenizer else facts.source_hub_id or "SOURCE_MODEL"
+    trust = ", trust_remote_code=True" if facts.code_files else ""
     code = (f"from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
             f"tokenizer = AutoTokenizer.from_pretrained(\"{tok_repo}\")\n"
-            f"model = AutoModelForCausalLM.from_pretrained(\"{repo}\", dtype=\"auto\")\n"
+            f"model = AutoModelForCausalLM.from_pretrained(\"{repo}\", dtype=\"auto\"{trust})\n"
             f"inputs = tokenizer(\"To be, or not to be\", return_tensors=\"pt\")\n"
             f"print(tokenizer.decode(model.generate(**inputs, max_new_tokens=40)[0]))")
     note = ("" if facts.has_tokenizer
             else "\n\nThis repository has no tokenizer files: use the source model's tokenizer.")
-    return (f"## Usage\n\nA standard `transformers` checkpoint: `num_key_value_heads` in config.json is all it "
-            f"takes, no custom code.\n\n```python\n{code}\n```{note}")
+    if facts.code_files:
+        what = (f"No `transformers` class holds {facts.kv_heads} key/value heads of a {facts.model_type} model, so "
+                f"this repository carries its attention code ({', '.join(f'`{f}`' for f in facts.code_files)}, "
+                f"named by config.json's `auto_map`; it imports only torch and transformers): load it with "
+                f"`trust_remote_code=True`.")
+    elif facts.model_type != facts.source_model_type:
+        what = (f"A standard `transformers` checkpoint, no custom code: the {facts.source_model_type} source "
+                f"written as a native `{facts.model_type}` model.")
+    else:
+        what = "A standard `transformers` checkpoint: `num_key_value_heads` in config.json is all it takes, no custom code."
+    return f"## Usage\n\n{what}\n\n```python\n{code}\n```{note}"
 
 
 def _plots(facts: CardFacts) -> str:

@@ -1,0 +1,66 @@
+"""GQA modeling files that travel with a converted checkpoint (the Hub's `trust_remote_code` convention).
+
+For architectures whose transformers class has no KV-head count (gpt_neox, gpt2, opt), the converter copies
+one template of this folder next to the weights and points config.json's `auto_map` at its model class:
+
+    OUT/config.json   "num_key_value_heads": G, "auto_map": {"AutoModelForCausalLM": "modeling_gqa_gpt2.GPT2GQALMHeadModel"}
+    OUT/modeling_gqa_gpt2.py   (this folder's file, byte for byte)
+
+so that `AutoModelForCausalLM.from_pretrained(OUT, trust_remote_code=True)` loads it on a machine without
+uptrain. The templates import only torch and transformers (tests/test_layers.py checks it); this registry
+imports only the standard library, so that any layer of uptrain may ask it whether a folder's code is ours
+(uptrain/hf.py does before it passes trust_remote_code=True).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+WRITTEN_FOR = "transformers 5.x (written and tested with 5.24)"
+
+
+@dataclass(frozen=True)
+class Template:
+    file: str  # in this folder; copied under the same name next to the weights
+    model_class: str  # its class for `auto_class`
+    auto_class: str = "AutoModelForCausalLM"  # encoder-decoders (t5): AutoModelForSeq2SeqLM
+
+    @property
+    def path(self) -> Path:
+        return HERE / self.file
+
+    @property
+    def module(self) -> str:
+        return Path(self.file).stem
+
+    def auto_map(self) -> dict:
+        return {self.auto_class: f"{self.module}.{self.model_class}"}
+
+
+# Keyed by the name arch.py's Form.remote_code uses (the source model_type).
+TEMPLATES = {
+    "gpt_neox": Template("modeling_gqa_gpt_neox.py", "GPTNeoXGQAForCausalLM"),
+    "gpt2": Template("modeling_gqa_gpt2.py", "GPT2GQALMHeadModel"),
+    "opt": Template("modeling_gqa_opt.py", "OPTGQAForCausalLM"),
+    # decoder self- and cross-attention (config.json's gqa_attention "all": encoder self-attention too)
+    "t5": Template("modeling_gqa_t5.py", "T5GQAForConditionalGeneration", "AutoModelForSeq2SeqLM"),
+    "mt5": Template("modeling_gqa_t5.py", "MT5GQAForConditionalGeneration", "AutoModelForSeq2SeqLM"),
+    "umt5": Template("modeling_gqa_t5.py", "UMT5GQAForConditionalGeneration", "AutoModelForSeq2SeqLM"),
+}
+
+
+def code_files(auto_map) -> list[str]:
+    """The module files an `auto_map` (config.json) names, e.g. ["modeling_gqa_gpt2.py"]."""
+    if not isinstance(auto_map, dict):
+        return []
+    refs = [r for v in auto_map.values() for r in (v if isinstance(v, (list, tuple)) else [v]) if isinstance(r, str)]
+    return sorted({r.split("--")[-1].rsplit(".", 1)[0] + ".py" for r in refs})
+
+
+def ours(auto_map, read) -> bool:
+    """Whether every module `auto_map` names is one of our templates, byte for byte. `read(file)` returns a
+    file's bytes beside the config (None when absent): a local folder, or a Hub download."""
+    files = code_files(auto_map)
+    known = {t.file: t for t in TEMPLATES.values()}
+    return bool(files) and all(f in known and read(f) == known[f].path.read_bytes() for f in files)

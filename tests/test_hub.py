@@ -19,7 +19,8 @@ from tiny_models import save, tiny_model
 
 from uptrain.errors import UptrainError
 from uptrain.publishing import push
-from uptrain.publishing.hub import DELETE_PATTERNS, plan
+from uptrain.publishing import hub
+from uptrain.publishing.hub import DELETE_PATTERNS, HUB_TRIES, plan
 from uptrain.publishing.model_card import front_matter
 from uptrain.report import fmt_bytes
 
@@ -109,13 +110,17 @@ def test_a_card_the_user_wrote_is_kept_unless_asked(folders, tmp_path):
 
 # ------------------------------------------------------------------------------------------- the Hub boundary
 class FakeHub:
-    """Records every HfApi call uptrain makes; `fail` maps a method name to the exception it raises."""
+    """Records every HfApi call uptrain makes; `fail` maps a method name to the exception it raises (always), or
+    to a list of exceptions raised by its first calls (then it succeeds). The waits between retries are
+    recorded in `waits`, not slept; `remote` is what list_repo_files answers."""
 
-    def __init__(self, monkeypatch, repo_private=True, fail=None):
-        self.calls, self.uploaded = [], {}
-        self.repo_private, self.fail = repo_private, fail or {}
-        for name in ("create_repo", "repo_info", "create_branch", "upload_folder", "create_commit", "upload_file"):
+    def __init__(self, monkeypatch, repo_private=True, fail=None, remote=()):
+        self.calls, self.uploaded, self.commits, self.waits = [], {}, [], []
+        self.repo_private, self.fail, self.remote = repo_private, fail or {}, list(remote)
+        for name in ("create_repo", "repo_info", "create_branch", "upload_folder", "create_commit", "upload_file",
+                     "list_repo_files"):
             monkeypatch.setattr(huggingface_hub.HfApi, name, self._method(name))
+        monkeypatch.setattr(hub, "_sleep", self.waits.append)
 
     def _method(self, name):
         real = inspect.signature(getattr(huggingface_hub.HfApi, name))
@@ -123,8 +128,11 @@ class FakeHub:
         def call(api, *args, **kw):
             real.bind(api, *args, **kw)  # the real method would accept these arguments
             self.calls.append((name, args, kw, api.token))
-            if name in self.fail:
-                raise self.fail[name]
+            fail = self.fail.get(name)
+            if isinstance(fail, list) and fail:
+                raise fail.pop(0)
+            if isinstance(fail, BaseException):
+                raise fail
             return getattr(self, name, lambda *a, **k: None)(api, *args, **kw)
         return call
 
@@ -137,9 +145,14 @@ class FakeHub:
     def upload_folder(self, api, *, folder_path, allow_patterns, **kw):
         root = Path(folder_path)
         everything = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
-        for f in filter_repo_objects(everything, allow_patterns=allow_patterns):
+        files = list(filter_repo_objects(everything, allow_patterns=allow_patterns))
+        for f in files:
             self.uploaded[f] = (root / f).read_bytes()  # read now: the staging folder is temporary
+        self.commits.append((kw["commit_message"], files, kw["delete_patterns"]))
         return SimpleNamespace(commit_url=f"{api.endpoint}/{kw['repo_id']}/commit/abc123")
+
+    def list_repo_files(self, api, repo_id, **kw):
+        return self.remote
 
     def names(self):
         return [c[0] for c in self.calls]
@@ -219,6 +232,64 @@ def test_hub_errors_become_one_clear_message(folders, monkeypatch, method, make,
     with pytest.raises(UptrainError, match=re.escape(message)) as e:
         push(folders[0], repo_id="acme/tiny", revision="gqa2", token=SECRET)
     assert SECRET not in str(e.value) and "\n" not in str(e.value)
+
+
+def _connect_error():
+    return importlib.import_module(hf_errors.Response.__module__.split(".")[0]).ConnectError("connection reset")
+
+
+def test_transient_hub_errors_are_retried_with_backoff(folders, monkeypatch, capsys):
+    """5xx, a dropped connection and 429 (with Retry-After) each cost one retry; the upload then goes through.
+    With hf_xet, upload_folder called again resumes: committed files are skipped, uploaded chunks deduplicated."""
+    limited = _http_error(hf_errors.HfHubHTTPError, 429)
+    limited.response.headers["Retry-After"] = "7"
+    hub_ = FakeHub(monkeypatch, fail={"create_repo": [_http_error(hf_errors.HfHubHTTPError, 502)],
+                                      "upload_folder": [_http_error(hf_errors.HfHubHTTPError, 503), _connect_error(),
+                                                        limited]})
+    result = push(folders[0], repo_id="me/tiny", token=SECRET)
+    assert hub_.names() == ["create_repo"] * 2 + ["upload_folder"] * 4
+    assert hub_.waits == [2.0, 2.0, 4.0, 7.0]  # per call: 2 s, then doubled; a 429's Retry-After wins
+    assert len(hub_.commits) == 1 and result.url.endswith("/me/tiny")
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["creating the repo: 502 from the Hub; trying again in 2 s (try 2 of 4)",
+                   "uploading: 503 from the Hub; trying again in 2 s (try 2 of 4)",
+                   "uploading: ConnectError from the Hub; trying again in 4 s (try 3 of 4)",
+                   "uploading: 429 from the Hub; trying again in 7 s (try 4 of 4)"]
+
+
+def test_retries_stop_after_hub_tries(folders, monkeypatch):
+    hub_ = FakeHub(monkeypatch, fail={"upload_folder": _http_error(hf_errors.HfHubHTTPError, 500)})
+    with pytest.raises(UptrainError, match=re.escape(f"the Hub had a server error (500) after {HUB_TRIES} tries — try "
+                                                     f"again later: a rerun resumes the upload")):
+        push(folders[0], repo_id="me/tiny", token=SECRET)
+    assert hub_.names().count("upload_folder") == HUB_TRIES == 4 and hub_.waits == [2.0, 4.0, 8.0]
+
+
+@pytest.mark.parametrize("status", [400, 401, 403, 404, 409, 422])
+def test_client_errors_are_never_retried(folders, monkeypatch, status):
+    hub_ = FakeHub(monkeypatch, fail={"create_repo": _http_error(hf_errors.HfHubHTTPError, status)})
+    with pytest.raises(UptrainError):
+        push(folders[0], repo_id="me/tiny", token=SECRET)
+    assert hub_.names() == ["create_repo"] and hub_.waits == []
+
+
+def test_a_large_folder_goes_up_weights_first_and_the_card_last(folders, monkeypatch):
+    """Above LARGE_FOLDER_BYTES: the shards in a first upload (which huggingface_hub may split into several
+    commits, and resumes when called again), then config, index, tokenizer and card in a final commit that also
+    deletes the stale weights of the previous push (and never the new ones)."""
+    _, uptrained, _ = folders
+    monkeypatch.setattr(hub, "LARGE_FOLDER_BYTES", 1000)
+    stale = ["model.safetensors", "model-00007-of-00007.safetensors"]
+    hub_ = FakeHub(monkeypatch, remote=["README.md", "config.json", SHARDS[0], *stale, "notes.txt"])
+    result = push(uptrained, repo_id="me/big", token=SECRET, commit_message="GQA-2")
+    assert hub_.names() == ["create_repo", "upload_folder", "list_repo_files", "upload_folder"]
+    (m1, files1, del1), (m2, files2, del2) = hub_.commits
+    assert (m1, sorted(files1), del1) == ("GQA-2 (weights)", SHARDS, None)
+    assert m2 == "GQA-2" and sorted(files2) == sorted(set(UPLOADED) - set(SHARDS))
+    assert del2 == stale  # exact names: neither the new shards nor anything else
+    assert sorted(hub_.uploaded) == UPLOADED and result.large
+    assert "the weights first, then the rest with the card in a final commit" in result.summary()
+    assert any(n.startswith("above 1000 B: the weights go up first") for n in result.notes)
 
 
 def test_bad_repo_id(folders):

@@ -194,6 +194,7 @@ def test_push_to_hub_is_called_after_training_not_by_the_loop(models, tmp_path, 
             return "pushed"
 
     monkeypatch.setattr(uptrain.publishing, "push", lambda folder, repo_id: calls.append((folder, repo_id)) or Pushed())
+    monkeypatch.setenv("HF_TOKEN", "hf_test")  # push_to_hub needs a token before step 1 (test_reliability.py)
     r = recipe(models, tmp_path / "p", budget={"max_steps": 1}, push_to_hub="me/tiny-gqa")
     res = train(r)  # the training package alone never publishes
     assert calls == [] and res.push_to_hub == "me/tiny-gqa"
@@ -329,17 +330,18 @@ def test_model_data_and_teacher_mistakes_through_the_cli(models, tokenizer, tmp_
     """Errors that need the model or the data (the CLI's main(), in-process to spare 10 s of imports per
     case): one message, exit 2, no output folder."""
     import yaml
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import BloomConfig, BloomForCausalLM
 
     from uptrain.cli import main
 
-    gpt2 = save(GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=512)), tmp_path / "gpt2",
-                tokenizer)
+    # a causal LM the attention table does not know (ALiBi, fused heads)
+    bloom = save(BloomForCausalLM(BloomConfig(hidden_size=32, n_layer=1, n_head=2, vocab_size=512)),
+                 tmp_path / "bloom", tokenizer)
     big_vocab = save(tiny_model(vocab=600), tmp_path / "v600", tokenizer)
     (tmp_path / "short.txt").write_text("Too short.")
     cases = [
         ({"model": {"path": str(tmp_path / "nowhere")}}, "model.path '%s' not found" % (tmp_path / "nowhere")),
-        ({"model": {"path": gpt2}}, "architecture 'gpt2' is not supported yet"),
+        ({"model": {"path": bloom}}, "architecture 'bloom' is not supported yet"),
         ({"model": {"path": models["mha"], "convert": {"groups": 3}}}, "model.convert.groups 3 does not divide the source's 8"),
         ({"data": {"source": str(tmp_path / "short.txt"), "eval_files": str(tmp_path / "short.txt")}},
          "fewer tokens than one block of seq_len=32"),

@@ -6,6 +6,7 @@ The public API — the CLI is a thin layer over exactly these calls, so a notebo
     uptrain.inspect("path/or/hub-id")
     result = uptrain.convert("src", "out", groups=8, method="mean")
     uptrain.train("recipes/tiny-cpu.yaml", overrides=["budget.max_steps=20"])
+    uptrain.plan("recipes/llama2-7b-gqa8.yaml", accelerate_config="recipes/accelerate/fsdp.yaml").to_text()
     uptrain.evaluate(["src", "out"], data=...)
     uptrain.push("out", repo_id="me/model-gqa8")
     uptrain.demo(out="demo-out", quick=True)
@@ -23,6 +24,7 @@ _API = {
     "convert": "uptrain.conversion",
     "inspect": "uptrain.conversion",
     "train": "uptrain.api",
+    "plan": "uptrain.training.plan",
     "evaluate": "uptrain.evaluation",
     "push": "uptrain.publishing",
     "demo": "uptrain.miniature",

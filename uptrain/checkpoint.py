@@ -364,3 +364,120 @@ def check_output(src: Path, out: Path, overwrite: bool) -> None:
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise UptrainError(f"output folder {out} exists and is not empty; pass --overwrite to replace it "
                            f"or choose another folder")
+
+
+def check_free_space(path, need: int, what: str, fix: str) -> int:
+    """The free bytes of the file system that will hold `path` (its nearest existing folder); one UptrainError
+    naming `what` (with its estimate) and `fix` when fewer than `need` are free. Checked before writing."""
+    from uptrain.report import fmt_bytes
+
+    probe = Path(path).absolute()
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if free < need:
+        raise UptrainError(f"not enough free disk for {what}: {fmt_bytes(free)} free on {probe}, about "
+                           f"{fmt_bytes(need)} needed; {fix}")
+    return free
+
+
+# ------------------------------------------------------------------------------------------ quantization
+# Tensors that only a quantized checkpoint holds, by the last part of their name: GPTQ / AWQ (qweight, qzeros,
+# scales, g_idx), bitsandbytes (absmax, quant_map, nested_*, quant_state.*, SCB, weight_format), FP8 and
+# compressed-tensors (weight_scale, weight_scale_inv, input_scale, weight_zero_point, weight_packed …).
+QUANT_TENSORS = frozenset({"qweight", "qzeros", "scales", "g_idx", "absmax", "quant_map", "nested_absmax",
+                           "nested_quant_map", "SCB", "weight_format", "weight_scale", "weight_scale_inv",
+                           "input_scale", "weight_zero_point", "weight_packed", "weight_global_scale"})
+PLAIN_FLOATS = frozenset({"F64", "F32", "F16", "BF16"})  # what uptrain converts, trains and saves
+
+
+def weight_table(folder: Path, allow_pickle: bool = True) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """name → (safetensors dtype name, shape) of every stored tensor, from the shard headers (or, for pickle
+    weights and `allow_pickle`, a weights-only memory map); no tensor data is read and any dtype is accepted.
+    {} without weights it may read. Missing or damaged shards are skipped: the readers that need them
+    (open_source, transformers) say what is wrong with them."""
+    folder = Path(folder)
+    if (folder / SAFE_INDEX).is_file() or (folder / SAFE_SINGLE).is_file():
+        try:
+            files = [SAFE_SINGLE] if not (folder / SAFE_INDEX).is_file() else sorted(set(
+                json.loads((folder / SAFE_INDEX).read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return {}
+        table = {}
+        for f in files:
+            try:
+                header, _ = read_safetensors_header(folder / f)
+            except (OSError, UptrainError):
+                continue
+            table.update({k: (v["dtype"], tuple(v["shape"])) for k, v in header.items() if k != "__metadata__"})
+        return table
+    bins = [folder / BIN_SINGLE] if (folder / BIN_SINGLE).is_file() else sorted(folder.glob("pytorch_model-*.bin"))
+    if bins and allow_pickle:
+        import torch
+
+        from uptrain.checkpoint import DTYPE_NAMES
+
+        table = {}
+        for f in bins:
+            try:
+                sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+            except Exception:  # (PickleSource and transformers report an unreadable pickle)
+                continue
+            table.update({k: (DTYPE_NAMES.get(t.dtype, str(t.dtype)), tuple(t.shape)) for k, t in sd.items()})
+        return table
+    return {}
+
+
+@dataclass(frozen=True)
+class Quantization:
+    """What config.json says (`method`: its quantization_config's quant_method) and what the weights show
+    (`evidence`: tensors only a quantized checkpoint holds). The weights decide: a quant_method on plain float
+    weights is a leftover (transformers would load a quantizer and then refuse to save the model)."""
+
+    method: str | None
+    evidence: tuple[str, ...]
+    inspected: bool = True  # False: no weights could be read (pickles not allowed), only config.json spoke
+
+    @property
+    def quantized(self) -> bool:
+        return bool(self.evidence)
+
+    @property
+    def leftover(self) -> bool:
+        return self.method is not None and not self.evidence and self.inspected
+
+    def check(self, what: str, name: str) -> None:
+        if self.quantized:
+            shown = ", ".join(self.evidence[:3]) + (f" and {len(self.evidence) - 3} more" if len(self.evidence) > 3
+                                                    else "")
+            how = f"quant_method {self.method!r}" if self.method else "no quantization_config"
+            raise UptrainError(f"{what} {name!r} is a quantized checkpoint ({how}; tensors {shown}); uptrain "
+                               f"converts, trains and saves plain floating-point weights: dequantize first (the "
+                               f"original float checkpoint, or transformers' `model.dequantize()` then "
+                               f"`save_pretrained`) and give that folder")
+
+    def note(self, what: str, name: str) -> str:
+        return (f"note: the config.json of {what} {name!r} carries a quantization_config (quant_method "
+                f"{self.method!r}) but every weight is a plain float tensor: a leftover, dropped (with it, "
+                f"transformers would refuse to save the trained model)")
+
+
+def quantization(folder: Path, config: dict | None = None, allow_pickle: bool = True) -> Quantization:
+    folder = Path(folder)
+    config = read_config(folder) if config is None else config
+    qc = config.get("quantization_config") or (config.get("text_config") or {}).get("quantization_config")
+    method = None
+    if qc:
+        method = str(qc.get("quant_method") or ("bitsandbytes" if qc.get("load_in_4bit") or qc.get("load_in_8bit")
+                                                else "unknown")) if isinstance(qc, dict) else str(qc)
+    table = weight_table(folder, allow_pickle)
+    if not table:
+        gguf = sorted(p.name for p in folder.glob("*.gguf"))
+        return Quantization(method or ("gguf" if gguf else None), tuple(f"{g} (a GGUF file)" for g in gguf), False)
+    evidence = []
+    for name, (dtype, _) in table.items():
+        last = name.rsplit(".", 1)[-1]
+        packed = dtype not in PLAIN_FLOATS and (last == "weight" or last.endswith(("_blocks", "_scales")))
+        if last in QUANT_TENSORS or ".quant_state." in name or packed:
+            evidence.append(f"{name} ({dtype})")
+    return Quantization(method, tuple(evidence))

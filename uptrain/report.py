@@ -102,6 +102,10 @@ def eval_columns(rows: Sequence[dict]) -> list[Column]:
     cols += [
         col("ppl_ratio", "ppl ×", fmt_ratio),
         col("kv_cache_bytes_per_token", "KV/token", fmt_bytes),
+    ]
+    if any(r.get("cross_kv_cache_bytes_per_source_token") is not None for r in rows):  # encoder-decoders
+        cols.append(col("cross_kv_cache_bytes_per_source_token", "cross KV/src token", fmt_bytes))
+    cols += [
         Column("KV @ ctx", lambda r: fmt_bytes(r.get("kv_cache_bytes_at_context"))),
         col("kv_ratio", "KV ×", fmt_ratio),
         col("prefill_tokens_per_s", "prefill tok/s", lambda x: f"{x:,.0f}"),

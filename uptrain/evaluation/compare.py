@@ -1,6 +1,8 @@
 """Several checkpoints side by side: quality on the same held-out tokens (perplexity, bits/byte), KV-cache
 bytes (arch's formula, checked against a real cache), prefill / decode speed, peak memory, optional
-downstream tasks; one row per model, the first the reference of the ratio columns."""
+downstream tasks; one row per model, the first the reference of the ratio columns. Encoder-decoders (T5) are
+scored by held-out span corruption (the same corrupted inputs and targets for every model) and report their
+decoder's self-attention cache per generated token and cross-attention cache per source token."""
 from __future__ import annotations
 
 import gc
@@ -15,7 +17,8 @@ from uptrain import hf
 from uptrain.arch import attention_shape
 from uptrain.errors import UptrainError
 from uptrain.evaluation.cost import decode_speed, peak_memory, reset_peak_memory
-from uptrain.evaluation.quality import scored_ranges, sliding_perplexity, sliding_windows
+from uptrain.evaluation.quality import (HELD_OUT_SEED, corrupt_blocks, scored_ranges, seq2seq_loss,
+                                        sliding_perplexity, sliding_windows)
 from uptrain.evaluation.tasks import lm_eval_available, run_tasks
 from uptrain.record import try_read_record
 
@@ -110,6 +113,16 @@ class EvalResult:
 
     def settings_text(self) -> str:
         s = self.settings
+        if s.get("objective") == "span corruption":
+            return (f"Span-corruption loss over the same {s['eval_tokens']} target tokens of {s['data']} "
+                    f"({s['eval_blocks']} blocks corrupted to {s['seq_len']} encoder tokens; noise density "
+                    f"{s['noise_density']}, mean span {s['mean_noise_span_length']}, seed {s['seed']}: the same "
+                    f"inputs and targets for every model). Decode: batch {s['decode_batch']}, source "
+                    f"{s['prompt_len']} tokens, {s['new_tokens']} new tokens, median of {s['repeats']}, "
+                    f"{s['device']}. KV/token: the decoder's self-attention cache per generated token; cross "
+                    f"KV/src token: its cross-attention cache per source token; KV @ ctx: both, at {s['context']} "
+                    f"source and {s['context']} generated tokens × batch {s['decode_batch']}. "
+                    f"Ratios against {self.rows[0]['label']}.")
         return (f"Perplexity over the same {s['eval_tokens']} target tokens of {s['data']} "
                 f"(window {s['seq_len']}, stride {s['stride']}: every scored token sees at least "
                 f"{s['seq_len'] - s['stride']} tokens of context). Decode: batch {s['decode_batch']}, prompt "
@@ -170,9 +183,14 @@ def evaluate(models, data=None, *, eval_tokens: int = 16384, seq_len: int | None
         if v < low:
             raise UptrainError(f"{name} must be at least {low}, got {v}")
     sources = [hf.resolve(p, what="model") for p in paths]
-    configs = [hf.load_config(s, causal=True) for s in sources]
+    configs = [hf.load_config(s, causal=True, seq2seq=True) for s in sources]
+    kinds = {bool(getattr(c, "is_encoder_decoder", False)) for c in configs}
+    if len(kinds) > 1:
+        raise UptrainError("the models mix encoder-decoders and causal LMs: their losses are of different "
+                           "objectives (span corruption, next token) and not comparable; evaluate them separately")
+    seq2seq = kinds == {True}
     max_pos = min((getattr(c.get_text_config(), "max_position_embeddings", None) or 10**9) for c in configs)
-    seq_len = seq_len or min(1024, max_pos)
+    seq_len = seq_len or min(512 if seq2seq else 1024, max_pos)  # an encoder-decoder's: its input length
     stride = stride or max(1, seq_len // 2)
     for what, n in (("--seq-len", seq_len), ("--prompt-len + --new-tokens", prompt_len + new_tokens)):
         if n > max_pos:
@@ -186,10 +204,15 @@ def evaluate(models, data=None, *, eval_tokens: int = 16384, seq_len: int | None
     # Token ids once per distinct tokenizer: every model with that tokenizer scores exactly these ids.
     streams = {}
     for fp, tok in zip(prints, toks):
-        if fp not in streams:
+        if fp not in streams and seq2seq:
+            streams[fp] = _span_corruption_data(spec, tok, eval_tokens, seq_len)
+        elif fp not in streams:
             ids = eval_token_ids(spec, tok, eval_tokens + 1)
             streams[fp] = (ids, _text_bytes(tok, ids, scored_ranges(sliding_windows(ids.numel(), seq_len, stride))))
     tasks = [t for t in (tasks or []) if t]
+    if tasks and seq2seq:
+        raise UptrainError("--tasks runs lm-evaluation-harness on causal LMs; encoder-decoders are scored by "
+                           "held-out span corruption only (drop --tasks)")
     have_lm_eval = bool(tasks) and lm_eval_available()
     if tasks and not have_lm_eval:
         notes.append("downstream tasks skipped: lm-evaluation-harness is not installed "
@@ -199,7 +222,12 @@ def evaluate(models, data=None, *, eval_tokens: int = 16384, seq_len: int | None
                 "batch_size": batch_size, "decode_batch": decode_batch, "prompt_len": prompt_len,
                 "new_tokens": new_tokens, "repeats": repeats, "context": context or seq_len, "device": str(dev),
                 "dtype": dtype or "auto", "tokenizers_differ": len(set(prints)) > 1,
-                "torch_threads": threads or torch.get_num_threads()}
+                "torch_threads": threads or torch.get_num_threads(),
+                "objective": "span corruption" if seq2seq else "next token"}
+    if seq2seq:
+        sc, held = next(iter(streams.values()))[2]
+        settings.update(eval_blocks=len(held), noise_density=sc.noise_density,
+                        mean_noise_span_length=sc.mean_noise_span_length, seed=HELD_OUT_SEED)
     threads_before = torch.get_num_threads()
     rows = []
     try:
@@ -224,17 +252,32 @@ def evaluate(models, data=None, *, eval_tokens: int = 16384, seq_len: int | None
     return EvalResult(rows, settings, notes + _row_notes(rows, have_lm_eval))
 
 
+def _span_corruption_data(spec, tokenizer, eval_tokens: int, seq_len: int):
+    """(raw ids, UTF-8 bytes of the targets, (SpanCorruption, Seq2SeqSet)): enough held-out blocks to score at
+    least eval_tokens target tokens, corrupted to seq_len encoder tokens with the held-out seed."""
+    from uptrain.span_corruption import SpanCorruption
+
+    sc = SpanCorruption.for_tokenizer(tokenizer, inputs_length=seq_len)
+    n = math.ceil(eval_tokens / sc.targets_length)
+    raw = eval_token_ids(spec, tokenizer, n * sc.tokens_length)
+    data = corrupt_blocks(raw.view(n, sc.tokens_length), sc, HELD_OUT_SEED)
+    return raw, _text_bytes(tokenizer, data.labels.flatten(), [(0, data.labels.numel())]), (sc, data)
+
+
 # ---------------------------------------------------------------- rows
 def _evaluate_one(src: hf.Source, label, cfg, tok, fp, stream, s, dev, progress) -> tuple[dict, object]:
     """(table row, loaded model): quality on the shared ids, KV bytes, decode speed, peak memory. The model
     is returned for the optional downstream tasks."""
     from tqdm.auto import tqdm
 
-    ids, n_bytes = stream
+    ids, n_bytes = stream[:2]
     reset_peak_memory(dev)
     model = hf.load_model(src, s["dtype"], dev, quiet=True).eval()
     with tqdm(desc=f"{label} perplexity", unit="batch", leave=False, disable=not progress) as bar:
-        q = sliding_perplexity(model, ids, s["seq_len"], s["stride"], s["batch_size"], progress=bar)
+        if len(stream) > 2:  # an encoder-decoder: held-out span corruption
+            q = seq2seq_loss(model, stream[2][1], s["batch_size"], progress=bar)
+        else:
+            q = sliding_perplexity(model, ids, s["seq_len"], s["stride"], s["batch_size"], progress=bar)
     b, p = s["decode_batch"], s["prompt_len"]
     prompt = ids.repeat(math.ceil(b * p / ids.numel()))[: b * p].view(b, p)  # real text; repeated if short
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -250,11 +293,15 @@ def _evaluate_one(src: hf.Source, label, cfg, tok, fp, stream, s, dev, progress)
         "bits_per_byte": q["loss"] * q["tokens"] / math.log(2) / max(n_bytes, 1), "eval_bytes": n_bytes,
         "kv_cache_bytes_per_token": per_token, "kv_cache_bytes_at_context": per_token * s["context"] * b,
         **speed, "kv_cache_expected_bytes": per_token * speed["kv_cache_measured_positions"],
-        "peak_memory_bytes": peak, "peak_memory_kind": peak_kind,
+        "peak_memory_bytes": peak, "peak_memory_kind": peak_kind, "objective": s["objective"],
         "tokenizer": fp,
         "conversion": record.conversion.summary() if record and record.conversion else None,
         "uptraining": record.uptraining.summary() if record and record.uptraining else None,
     }
+    if len(stream) > 2:  # the decoder's cross-attention: the same formula, per source token
+        row["cross_kv_cache_bytes_per_source_token"] = per_token
+        row["cross_kv_cache_expected_bytes"] = per_token * speed["cross_kv_cache_measured_positions"]
+        row["kv_cache_bytes_at_context"] = 2 * per_token * s["context"] * b
     return row, model
 
 
@@ -273,6 +320,9 @@ def _row_notes(rows, have_lm_eval) -> list[str]:
         if r["kv_cache_measured_bytes"] not in (None, r["kv_cache_expected_bytes"]):
             notes.append(f"{r['label']}: the real cache holds {r['kv_cache_measured_bytes']} bytes, the formula "
                          f"says {r['kv_cache_expected_bytes']} (sliding-window or non-standard cache?)")
+        if r.get("cross_kv_cache_measured_bytes") not in (None, r.get("cross_kv_cache_expected_bytes")):
+            notes.append(f"{r['label']}: the real cross-attention cache holds {r['cross_kv_cache_measured_bytes']} "
+                         f"bytes, the formula says {r['cross_kv_cache_expected_bytes']}")
         for task, res in (r.get("tasks") or {}).items():
             if "error" in res and have_lm_eval:
                 notes.append(f"{r['label']}: task {task!r} failed: {res['error']}")

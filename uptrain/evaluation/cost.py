@@ -25,6 +25,8 @@ def cache_tensors(cache) -> list[torch.Tensor]:
 
 
 def cache_bytes(cache) -> int:
+    if hasattr(cache, "self_attention_cache"):  # an encoder-decoder's: decoder self- and cross-attention
+        return cache_bytes(cache.self_attention_cache) + cache_bytes(cache.cross_attention_cache)
     return sum(t.numel() * t.element_size() for t in cache_tensors(cache))
 
 
@@ -48,7 +50,9 @@ def decode_speed(model, prompt: torch.Tensor, new_tokens: int = 32, repeats: int
 
     Each call is timestamped per token: prefill = start → first logits, decode step = the mean gap between
     later logits (one cached forward of `batch` tokens). One warm-up call, then `repeats` calls, medians.
-    Also returns the bytes held by the cache of the last call."""
+    Also returns the bytes held by the cache of the last call. For an encoder-decoder `prompt` is the
+    source (the encoder's input) and the cache is split: decoder self-attention (kv_cache_measured_*) and
+    cross-attention over the source (cross_kv_cache_measured_*)."""
     from transformers import LogitsProcessorList
 
     if new_tokens < 2:
@@ -70,8 +74,9 @@ def decode_speed(model, prompt: torch.Tensor, new_tokens: int = 32, repeats: int
             step.append((clock.stamps[-1] - clock.stamps[0]) / (len(clock.stamps) - 1))
     prefill_s, step_s = statistics.median(prefill), statistics.median(step)
     cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
-    generated = out.sequences.shape[1] - plen
-    return {
+    enc_dec = bool(getattr(model.config, "is_encoder_decoder", False))
+    generated = out.sequences.shape[1] - (1 if enc_dec else plen)  # a decoder's output starts with its start id
+    res = {
         "prefill_tokens_per_s": batch * plen / prefill_s,
         "decode_tokens_per_s": batch / step_s,
         "decode_ms_per_token": step_s * 1e3,
@@ -80,6 +85,12 @@ def decode_speed(model, prompt: torch.Tensor, new_tokens: int = 32, repeats: int
         "kv_cache_measured_bytes": cache_bytes(cache) if cache is not None else None,
         "kv_cache_measured_positions": batch * (plen + generated - 1),
     }
+    if enc_dec:  # self-attention holds the start token and every new token but the last; cross, the source
+        res["kv_cache_measured_bytes"] = cache_bytes(cache.self_attention_cache) if cache is not None else None
+        res["kv_cache_measured_positions"] = batch * generated
+        res["cross_kv_cache_measured_bytes"] = cache_bytes(cache.cross_attention_cache) if cache is not None else None
+        res["cross_kv_cache_measured_positions"] = batch * plen
+    return res
 
 
 # ---------------------------------------------------------------- memory

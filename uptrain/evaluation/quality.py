@@ -110,3 +110,74 @@ def _score(model, batches, progress=None) -> tuple[float, int]:
 def _result(nll: float, tokens: int) -> dict:
     loss = nll / max(tokens, 1)
     return {"loss": loss, "perplexity": math.exp(loss), "tokens": tokens}
+
+
+# ---------------------------------------------------------------------------------------- encoder-decoders
+HELD_OUT_SEED = 0  # held-out span corruption: one fixed seed, so every model and every run reads the same inputs
+
+
+class Seq2SeqSet:
+    """Encoder inputs [n, L_in] and decoder targets [n, L_t], row by row; sliced like a block tensor (training
+    shards held-out data over processes with `blocks[rank::world]`)."""
+
+    def __init__(self, input_ids: torch.Tensor, labels: torch.Tensor):
+        self.input_ids, self.labels = input_ids, labels
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def __getitem__(self, i) -> Seq2SeqSet:
+        return Seq2SeqSet(self.input_ids[i], self.labels[i])
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(rows, input length, target length)."""
+        return (len(self), self.input_ids.shape[1], self.labels.shape[1])
+
+
+def corrupt_blocks(blocks: torch.Tensor, sc, seed: int = HELD_OUT_SEED) -> Seq2SeqSet:
+    """T5's span corruption (uptrain.span_corruption.SpanCorruption `sc`) of held-out blocks [n, tokens_length]:
+    block i is corrupted by (seed, i) alone, so every model evaluated with the same seed reads the same inputs
+    and predicts the same targets."""
+    out = sc(blocks, seed=seed, first_index=0)
+    return Seq2SeqSet(torch.from_numpy(out["input_ids"]), torch.from_numpy(out["labels"]))
+
+
+def shift_right(labels: torch.Tensor, start_id: int, pad_id: int) -> torch.Tensor:
+    """Decoder inputs for teacher forcing: the start token, then the targets but the last (T5's _shift_right;
+    an ignored target, -100, reads as padding)."""
+    dec = torch.cat([torch.full_like(labels[:, :1], start_id), labels[:, :-1]], dim=1)
+    return dec.masked_fill(dec == -100, pad_id)
+
+
+def decoder_start(config) -> tuple[int, int]:
+    """(decoder start id, pad id) of an encoder-decoder config (T5 starts decoding with the pad id)."""
+    pad = config.pad_token_id
+    start = config.decoder_start_token_id if config.decoder_start_token_id is not None else pad
+    if start is None or pad is None:
+        raise UptrainError("the encoder-decoder's config has no decoder_start_token_id / pad_token_id; teacher "
+                           "forcing needs them")
+    return start, pad
+
+
+@torch.no_grad()
+def seq2seq_loss(model, data: Seq2SeqSet, batch_size: int = 8, progress=None) -> dict:
+    """Mean NLL per target token of an encoder-decoder over `data` (every target counts; -100 is skipped) and
+    its exp: the held-out span-corruption loss and perplexity. Same result dict as `perplexity`."""
+    was_training = model.training
+    model.eval()
+    device = model_device(model)
+    start, pad = decoder_start(model.config)
+    total, count = 0.0, 0
+    try:
+        for i in range(0, len(data), batch_size):
+            x, y = data.input_ids[i: i + batch_size].to(device), data.labels[i: i + batch_size].to(device)
+            logits = model(input_ids=x, decoder_input_ids=shift_right(y, start, pad), use_cache=False).logits
+            total += float(torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), y.flatten(),
+                                                             ignore_index=-100, reduction="sum"))
+            count += int((y != -100).sum())
+            if progress is not None:
+                progress.update(1)
+    finally:
+        model.train(was_training)
+    return _result(total, count)

@@ -1,4 +1,5 @@
-"""`uptrain push`: validate a checkpoint folder, write its model card, upload it to the Hub in one commit.
+"""`uptrain push`: validate a checkpoint folder, write its model card, upload it to the Hub in one commit
+(a folder above LARGE_FOLDER_BYTES: the weights first, then the rest with the card in a final commit).
 
 Only an allow-list of files leaves the machine (config, safetensors weights named by the index, tokenizer,
 chat template, uptrain.json, recipe.yaml, licence files, the card and the plots it shows): optimizer
@@ -8,15 +9,28 @@ DIR itself is never modified. The upload is staged in a temporary folder holding
 plus the card, and that folder is what `upload_folder` sees. Writing README.md into DIR instead would
 turn our card into "a card the user wrote" on the next push, and a push that changes its input is a
 surprise; the staging folder costs a few symlinks, not copies.
+
+Transient Hub failures (5xx, 408, 429, connection errors and timeouts) are retried HUB_TRIES times in all,
+waiting 2, 4, 8 s (a 429's Retry-After wins, up to a minute); 4xx answers (bad token, no access, invalid
+card) fail at once. huggingface_hub 2.x has no `upload_large_folder`: with hf_xet installed `upload_folder`
+itself streams, batches big uploads into several commits and resumes an interrupted one when called again
+(already committed files are skipped, uploaded chunks deduplicated), so a retry is a resume. Above
+LARGE_FOLDER_BYTES, where one commit stops being a good bet (hours of upload, the pipeline's own batching by
+file count and time), the weights go up first and config, index, tokenizer and the card last, with the
+deletion of stale weights: the repo switches to the new model in that final commit and its card never
+describes weights that are not there yet.
 """
 from __future__ import annotations
 
 import fnmatch
+import importlib.util
 import json
 import os
 import re
 import shutil
+import sys
 import tempfile
+import time
 from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -25,7 +39,8 @@ from pathlib import Path
 from uptrain.arch import SPECS, attention_kind, attention_shape
 from uptrain.checkpoint import read_safetensors_header
 from uptrain.errors import UptrainError
-from uptrain.hf import check_hub_id
+from uptrain.hf import check_hub_id, hub_token
+from uptrain.modeling import code_files
 from uptrain.publishing.card_facts import IMAGE_SUFFIXES, source_name
 from uptrain.publishing.model_card import is_generated, model_card
 from uptrain.record import FILENAME as RECORD, Record, read_record, try_read_record
@@ -49,6 +64,9 @@ LEFTOVERS = (
 # A push replaces the model: weights a previous push left on the branch must go in the same commit, or a
 # stale index (or stale shards) would be loaded instead of the new single file.
 DELETE_PATTERNS = ["*.safetensors", "*.safetensors.index.json"]
+HUB_TRIES = 4  # one call and up to three retries of a transient failure
+BACKOFF_S = 2.0  # the first wait; doubled for each retry
+LARGE_FOLDER_BYTES = 10 << 30  # 10 GiB: above it, weights first and the card last (module docstring)
 
 
 @dataclass
@@ -64,6 +82,7 @@ class PushResult:
     url: str | None = None
     commit_url: str | None = None
     notes: list[str] = field(default_factory=list)
+    large: bool = False  # above LARGE_FOLDER_BYTES: weights first, then the rest in a final commit
 
     @property
     def total_bytes(self) -> int:
@@ -87,7 +106,8 @@ class PushResult:
             return (f"dry run: nothing uploaded. Would push {len(self.files)} files "
                     f"({fmt_bytes(self.total_bytes)}) to {where}:\n{self.listing()}\n{notes}"
                     f"model card (README.md, {card}):\n\n{self.card}")
-        return (f"pushed {len(self.files)} files ({fmt_bytes(self.total_bytes)}) to {where} in one commit; "
+        how = "the weights first, then the rest with the card in a final commit" if self.large else "in one commit"
+        return (f"pushed {len(self.files)} files ({fmt_bytes(self.total_bytes)}) to {where}, {how}; "
                 f"model card: {card}\n{self.listing()}\n{notes}{self.url}")
 
 
@@ -154,6 +174,7 @@ def _kv_heads(config: dict) -> int | None:
 def check_kv_heads(config: dict, record: Record | None, tensors: dict) -> None:
     """The KV-head count must agree between config.json, uptrain.json and the K/V weight shapes."""
     spec = SPECS.get(config.get("model_type"))
+    spec = spec.for_config(config) if spec is not None else None  # with its optional tensors (arch.Extra)
     kv = _kv_heads(config)
     after = record.conversion.kv_heads_after if record and record.conversion else None
     if after and kv is not None and after != kv:
@@ -166,10 +187,10 @@ def check_kv_heads(config: dict, record: Record | None, tensors: dict) -> None:
             kind, _, suffix = spec.classify(name)
         except UptrainError:  # the converter is strict about unknown tensors; publishing need not be
             continue
-        if kind == "kv":
-            rows = spec.rows(suffix, config)[-1][2]
-            if entry["shape"][0] != rows:
-                raise UptrainError(f"{name} has {entry['shape'][0]} rows but config.json's {kv} KV heads × "
+        if kind == "kv" and "{}" not in suffix:  # (a one-tensor-per-head family has head_dim rows per tensor)
+            rows, have = spec.rows(suffix, config)[-1][2], spec.kv_rows_in(suffix, tuple(entry["shape"]))
+            if have != rows:  # kv_rows_in: GPT-2's Conv1D holds its heads along dim 1
+                raise UptrainError(f"{name} has {have} rows but config.json's {kv} KV heads × "
                                    f"head_dim {spec.head_dim(config)} need {rows}: weights and config disagree")
 
 
@@ -253,13 +274,14 @@ def plan(folder, repo_id: str, eval_json=None, overwrite_card: bool = False, bas
     user_card = readme.read_text(encoding="utf-8") if readme.is_file() else None
     if user_card is not None and not is_generated(user_card) and not overwrite_card:
         images = _referenced(user_card, _images(folder))
-        files, skipped = select_files(folder, weights, images)
+        files, skipped = select_files(folder, weights + code_files(config.get("auto_map")), images)
         card, origin = user_card, "kept"
         if base_model:
             notes.append(f"--base-model {base_model} is not used: README.md is your own card, kept as it is "
                          f"(set base_model in its front matter, or replace it with --overwrite-card)")
     else:
-        files, skipped = select_files(folder, weights, _images(folder))
+        # the modeling file that config.json's auto_map names travels with the weights (trust_remote_code)
+        files, skipped = select_files(folder, weights + code_files(config.get("auto_map")), _images(folder))
         files = sorted(set(files) | {"README.md"})
         card = model_card(folder, repo_id, files, eval_json, base_model=base_model)
         origin = "regenerated" if user_card is not None and not is_generated(user_card) else "generated"
@@ -271,10 +293,9 @@ def plan(folder, repo_id: str, eval_json=None, overwrite_card: bool = False, bas
 
 # --------------------------------------------------------------------------------------- upload
 def resolve_token(token: str | None = None) -> str:
-    """--token, else HF_TOKEN, else the saved login. Never printed."""
-    from huggingface_hub import get_token
-
-    token = token or get_token()
+    """--token, else HF_TOKEN, else the saved login (uptrain.hf.hub_token, which training checks too). Never
+    printed."""
+    token = hub_token(token)
     if not token:
         raise UptrainError("no Hugging Face token: pass --token, set HF_TOKEN, or log in once with "
                            "`hf auth login` (the token needs write access). Nothing was created or uploaded")
@@ -308,15 +329,66 @@ def hub_errors(repo_id: str, revision: str | None, endpoint: str, token: str):
             fail(f"no write access to {repo_id} (403 Forbidden): the repo or the namespace {owner!r} belongs to "
                  f"someone else, or the token is read-only. Use a repo id under your own name or an organisation "
                  f"you can write to, with a write token{server}", e)
-        if status is not None and status >= 500:
-            fail(f"the Hub had a server error ({status}) — try again later{server}", e)
+        if status is not None and (status >= 500 or status in (408, 429)):
+            fail(f"the Hub had a server error ({status}){_tries(e)} — try again later: a rerun resumes the "
+                 f"upload{server}", e)
         if revision and status in (400, 409, 422):
             fail(f"the Hub refused branch {revision!r} of {repo_id} ({status}){server}", e)
         fail(f"the Hub refused the upload to {repo_id} ({status}){server}", e)
     except (getattr(errors, "HTTPError", OSError), ConnectionError, TimeoutError) as e:
-        fail(f"cannot reach {endpoint} ({type(e).__name__}): is the network up? HF_ENDPOINT selects another Hub", e)
+        fail(f"cannot reach {endpoint} ({type(e).__name__}){_tries(e)}: is the network up? HF_ENDPOINT selects "
+             f"another Hub", e)
     except ValueError as e:  # e.g. the Hub's check of the card's YAML metadata
         fail(f"the upload to {repo_id} was refused: {e}", e)
+
+
+def transient(e: BaseException) -> bool:
+    """A failure worth another try: a 5xx, 408 or 429 answer, a connection error or a timeout. Never a 4xx
+    (bad token, no access, invalid card) nor offline mode."""
+    from huggingface_hub import errors
+
+    if isinstance(e, errors.OfflineModeIsEnabled):
+        return False
+    if isinstance(e, errors.HfHubHTTPError):
+        status = e.response.status_code if e.response is not None else None
+        return status is not None and (status >= 500 or status in (408, 429))
+    http = sys.modules.get(getattr(errors, "HTTPError", OSError).__module__)  # httpx2 (or httpx)
+    return isinstance(e, (ConnectionError, TimeoutError, *((http.TransportError,) if hasattr(http, "TransportError")
+                                                          else ())))
+
+
+def _retry_after(e: BaseException) -> float | None:
+    response = getattr(e, "response", None)
+    try:
+        return min(60.0, float(response.headers["Retry-After"])) if response is not None else None
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _tries(e: BaseException) -> str:
+    n = getattr(e, "uptrain_tries", 1)
+    return f" after {n} tries" if n > 1 else ""
+
+
+def _sleep(seconds: float) -> None:  # (tests replace it)
+    time.sleep(seconds)
+
+
+def with_retries(call, what: str):
+    """call(), again after a transient failure (HUB_TRIES in all, exponential backoff); the last failure,
+    or the first that is not transient, is raised with the number of tries (`uptrain_tries`)."""
+    for attempt in range(1, HUB_TRIES + 1):
+        try:
+            return call()
+        except Exception as e:
+            if attempt == HUB_TRIES or not transient(e):
+                e.uptrain_tries = attempt
+                raise
+            wait = _retry_after(e) or BACKOFF_S * 2 ** (attempt - 1)
+            status = getattr(getattr(e, "response", None), "status_code", None)
+            print(f"{what}: {status or type(e).__name__} from the Hub; trying again in {wait:g} s (try "
+                  f"{attempt + 1} of {HUB_TRIES})", file=sys.stderr, flush=True)
+            _sleep(wait)
 
 
 @contextmanager
@@ -366,7 +438,13 @@ def push(dir, repo_id, private=False, revision=None, commit_message=None, token=
     p = plan(folder, repo_id, eval_json=eval_json, overwrite_card=overwrite_card, base_model=base_model)
     sizes = [(f, len(p.card.encode()) if f == "README.md" else (folder / f).stat().st_size) for f in p.files]
     result = PushResult(repo_id=repo_id, files=sizes, skipped=p.skipped, card=p.card, card_origin=p.card_origin,
-                        private=private, revision=revision, dry_run=dry_run, notes=p.notes)
+                        private=private, revision=revision, dry_run=dry_run, notes=p.notes,
+                        large=sum(n for _, n in sizes) > LARGE_FOLDER_BYTES)
+    if result.large:
+        result.notes.append(f"above {fmt_bytes(LARGE_FOLDER_BYTES)}: the weights go up first, the rest and the card "
+                            f"in a final commit" + ("" if importlib.util.find_spec("hf_xet") else
+                                                    "; install hf_xet (pip install hf_xet) for an upload that "
+                                                    "resumes where it stopped instead of starting again"))
     if dry_run:
         from huggingface_hub import get_token
 
@@ -377,18 +455,31 @@ def push(dir, repo_id, private=False, revision=None, commit_message=None, token=
     from huggingface_hub import HfApi
 
     api = HfApi(token=token)  # endpoint: HF_ENDPOINT, read by huggingface_hub itself
+    message = commit_message or _default_message(folder, base_model)
     with hub_errors(repo_id, revision, api.endpoint, token):
         # private=None for a public push keeps an organisation's "private by default" policy.
-        repo_url = api.create_repo(repo_id, private=private or None, exist_ok=True, repo_type="model")
-        if private and not api.repo_info(repo_id).private:
+        repo_url = with_retries(lambda: api.create_repo(repo_id, private=private or None, exist_ok=True,
+                                                        repo_type="model"), "creating the repo")
+        if private and not with_retries(lambda: api.repo_info(repo_id), "reading the repo").private:
             raise UptrainError(f"{repo_id} already exists and is public; --private does not change an existing "
                                f"repo. Make it private in its settings first, or drop --private")
         if revision and not revision.startswith("refs/"):
-            api.create_branch(repo_id, branch=revision, exist_ok=True)
+            with_retries(lambda: api.create_branch(repo_id, branch=revision, exist_ok=True), "creating the branch")
         with staged(folder, p.files, p.card) as tmp:
-            info = api.upload_folder(repo_id=repo_id, folder_path=tmp, allow_patterns=[_pattern(f) for f in p.files],
-                                     delete_patterns=DELETE_PATTERNS, revision=revision,
-                                     commit_message=commit_message or _default_message(folder, base_model))
+            def upload(files, delete, msg):
+                return with_retries(lambda: api.upload_folder(
+                    repo_id=repo_id, folder_path=tmp, allow_patterns=[_pattern(f) for f in files],
+                    delete_patterns=delete, revision=revision, commit_message=msg), "uploading")
+
+            if result.large:
+                weights = [f for f in p.files if f.endswith(".safetensors")]
+                upload(weights, None, f"{message} (weights)")
+                remote = with_retries(lambda: api.list_repo_files(repo_id, revision=revision), "listing the repo")
+                stale = [f for f in remote if f not in p.files
+                         and any(fnmatch.fnmatch(f, pat) for pat in DELETE_PATTERNS)]
+                info = upload([f for f in p.files if f not in weights], [_pattern(f) for f in stale] or None, message)
+            else:
+                info = upload(p.files, DELETE_PATTERNS, message)
     result.url = str(repo_url).rstrip("/") + (f"/tree/{revision}" if revision else "")
     result.commit_url = getattr(info, "commit_url", None)
     return result

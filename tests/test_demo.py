@@ -80,3 +80,87 @@ def test_rerun_needs_overwrite_and_resume_reuses_stages(demo_run):
     assert "uptrain train:" not in r.stdout  # nothing was trained again
     after = json.loads((out / "results.json").read_text())
     assert [x["ppl_uptrained"] for x in after["rows"]] == [x["ppl_uptrained"] for x in json.loads(before)["rows"]]
+
+
+def test_llama_record_names_the_objective(demo_run):
+    from uptrain.record import read_record
+
+    out, _ = demo_run
+    results = json.loads((out / "results.json").read_text())
+    assert results["settings"]["arch"] == "llama"
+    mqa = next(r for r in results["rows"] if r["model"] == "MQA")
+    assert read_record(mqa["uptrained_path"]).uptraining.objective == "causal-lm"
+
+
+def test_unknown_arch_is_refused_before_anything_runs(tmp_path):
+    from uptrain.errors import UptrainError
+    from uptrain.miniature import demo
+
+    with pytest.raises(UptrainError, match="llama, t5"):
+        demo(out=str(tmp_path / "out"), arch="gpt2", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------- --arch t5
+@pytest.fixture(scope="module")
+def t5_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo-t5") / "out"
+    r = subprocess.run([sys.executable, "-m", "uptrain", "demo", "--arch", "t5", "--quick", "--out", str(out),
+                        "--no-progress"], capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out, json.loads((out / "results.json").read_text()), (out / "report.md").read_text()
+
+
+def _finding(results, start):
+    return next(f for f in results["findings"] if f.startswith(start))
+
+
+@pytest.mark.slow
+def test_t5_demo_writes_the_paper_rows_and_plots(t5_run):
+    out, results, report = t5_run
+    assert results["settings"]["arch"] == "t5" and results["settings"]["eval"]["objective"] == "span corruption"
+    assert [r["model"] for r in results["rows"]] == ["MHA", "GQA-4", "GQA-2", "MQA", "MQA first", "MQA random"]
+    for f in ("quality_vs_cost.png", "method_ablation.png", "alpha_sweep.png", "training_curves.png"):
+        assert (out / f).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "T5.1.1" in report and "Beyond the paper" not in report
+    assert all(f in report for f in results["findings"])
+    # the MHA step-0 row is pre-training's own held-out eval: the same corrupted blocks, scored twice
+    mha = results["rows"][0]
+    assert mha["ppl_step0"] == pytest.approx(results["pretrain"]["final_eval"]["perplexity"], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_t5_checkpoints_cache_and_record(t5_run):
+    from uptrain.record import read_record
+
+    _, results, _ = t5_run
+    kv = {r["model"]: r["kv_cache_bytes_per_token"] for r in results["rows"]}
+    assert kv["MHA"] == 8 * kv["MQA"] == 4 * kv["GQA-2"] == 2 * kv["GQA-4"]
+    for row in results["rows"]:
+        # cross-attention is pooled with self-attention: the same bytes per source token as per target token
+        assert row["cross_kv_cache_bytes_per_source_token"] == row["kv_cache_bytes_per_token"]
+        cfg = json.loads(open(os.path.join(row["uptrained_path"], "config.json")).read())
+        assert cfg.get("num_key_value_heads", cfg["num_heads"]) == row["kv_heads"]
+        assert read_record(row["uptrained_path"]).uptraining.objective == "span-corruption"
+
+
+@pytest.mark.slow
+def test_t5_findings_agree_with_the_numbers(t5_run):
+    _, results, _ = t5_run
+    r = {x["model"]: x for x in results["rows"]}
+    order = r["MQA"]["ppl_uptrained"] < r["MQA first"]["ppl_uptrained"] < r["MQA random"]["ppl_uptrained"]
+    assert ("the paper's order holds." in _finding(results, "Conversion method")) == order
+    closer = all(r[g]["ppl_uptrained"] <= r["MQA"]["ppl_uptrained"] for g in ("GQA-4", "GQA-2"))
+    assert ("as in the paper" in _finding(results, "Quality vs MHA")) == closer
+    at = {round(p["alpha"], 3): p["perplexity"] for p in results["alpha_sweep"]}
+    share = (at[0.0] - at[0.05]) / (at[0.0] - at[0.1])
+    assert f"gives {share:.0%} of the gain" in _finding(results, "Uptraining proportion")
+    # the sweep's α=0.05 point is the same state as the α=0.05 uptraining run
+    assert at[0.05] == pytest.approx(r["MQA"]["ppl_uptrained"], rel=1e-4)
+    s = results["settings"]
+    src, tgt = s["size"]["seq_len"], results["pretrain"]["final_eval"]["tokens"] // s["eval"]["eval_blocks"]
+    mha = r["MHA"]["kv_cache_bytes_per_token"]
+    cross = _finding(results, "Cross-attention cache")
+    assert f"{src}-token source and {tgt}-token target" in cross
+    assert f"caches {mha * (src + tgt):,} bytes (MHA)" in cross
+    assert f"cross-attention is {src / (src + tgt):.0%} of it" in cross

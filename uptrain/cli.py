@@ -87,6 +87,34 @@ def _run_train(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- plan
+def _add_plan(sub):
+    p = sub.add_parser(
+        "plan", help="parameters, tokens, FLOPs, memory per GPU and GPU-hours of a recipe, before renting GPUs",
+        description="What `uptrain train RECIPE.yaml` would cost, from the model's config alone (no weights are "
+                    "read): parameters after the conversion, steps and tokens of the budget, training FLOPs, "
+                    "memory per GPU for DDP / FSDP / ZeRO-3 and GPU-hours on A100 / H100 / H200.")
+    p.add_argument("recipe", help="recipe YAML, as for `uptrain train`")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="as for `uptrain train`, e.g. train.micro_batch_size=2")
+    p.add_argument("--accelerate-config", default=None, metavar="FILE",
+                   help="the launcher config (recipes/accelerate/*.yaml): its strategy, processes and mixed precision")
+    p.add_argument("--processes", type=int, default=None, metavar="N",
+                   help="GPUs (default: the accelerate config's num_processes, else 1)")
+    p.add_argument("--mfu", type=float, default=None, help="model-FLOPs utilisation for the GPU-hours (default 0.4)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    return p
+
+
+def _run_plan(args) -> int:
+    from uptrain.training.plan import DEFAULT_MFU, plan
+
+    result = plan(args.recipe, args.overrides, accelerate_config=args.accelerate_config, processes=args.processes,
+                  mfu=DEFAULT_MFU if args.mfu is None else args.mfu)
+    print(json.dumps(result.to_dict(), indent=2) if args.json else result.to_text())
+    return 0
+
+
 # ---------------------------------------------------------------- eval
 def _add_eval(sub):
     p = sub.add_parser("eval", help="perplexity, KV-cache bytes and decode speed of several models side by side",
@@ -160,6 +188,9 @@ def _add_demo(sub):
                                    "for α of the pre-training steps, evaluate, and write DIR/report.md with plots.")
     p.add_argument("--out", default="demo-out", help="output folder (report.md, results.json, plots, checkpoints)")
     p.add_argument("--quick", action="store_true", help="a smaller model and fewer steps (about 2 minutes)")
+    p.add_argument("--arch", choices=("llama", "t5"), default="llama",
+                   help="llama (next-token prediction) or t5: a T5.1.1 pre-trained with span corruption, its "
+                        "decoder's self- and cross-attention converted (the paper's own setting)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--alpha", type=float, default=0.05, help="uptraining steps as a fraction of pre-training")
     p.add_argument("--overwrite", action="store_true", help="delete an earlier demo run in --out and start again")
@@ -172,7 +203,7 @@ def _run_demo(args) -> int:
     from uptrain.miniature import demo
 
     demo(out=args.out, quick=args.quick, seed=args.seed, alpha=args.alpha, overwrite=args.overwrite,
-         resume=args.resume, progress=not args.no_progress)
+         resume=args.resume, progress=not args.no_progress, arch=args.arch)
     return 0
 
 
@@ -208,6 +239,7 @@ COMMANDS = {
     "convert": (_add_convert, _run_convert),
     "inspect": (_add_inspect, _run_inspect),
     "train": (_add_train, _run_train),
+    "plan": (_add_plan, _run_plan),
     "eval": (_add_eval, _run_eval),
     "demo": (_add_demo, _run_demo),
     "push": (_add_push, _run_push),
@@ -227,12 +259,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # argparse takes positionals in one run: KEY=VALUE overrides written after an option (`uptrain plan R.yaml
+    # --json optim.lr=1e-4`) come back unrecognised; they are still overrides.
+    if extra and hasattr(args, "overrides") and all("=" in x and not x.startswith("-") for x in extra):
+        args.overrides += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return COMMANDS[args.command][1](args)
     except UptrainError as e:
-        print(f"uptrain {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        # 2 for bad input; an error that carries its own status (training preempted: 75) keeps it.
+        status = getattr(e, "exit_status", 2)
+        if not getattr(e, "quiet", False):  # raised on every rank, said by the main process
+            print(f"uptrain {args.command}: {'error' if status == 2 else 'stopped'}: {e}", file=sys.stderr)
+        return status
     except KeyboardInterrupt:
         print(f"uptrain {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -99,6 +99,7 @@ class UptrainingRecord(_Section):
     lr: float = 0.0
     schedule: str = ""
     distillation: Optional[dict] = None
+    objective: Optional[str] = None  # causal-lm or span-corruption (an encoder-decoder's); None: an older record
     initial_eval: Optional[dict] = None
     final_eval: Optional[dict] = None
     eval_history: list = field(default_factory=list)

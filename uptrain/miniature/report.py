@@ -26,17 +26,19 @@ def write_outputs(run, vs, pre: dict, uptrained: dict, sweep: dict, ev: dict, t0
     """Tables, findings, plots, results.json and report.md of a finished run (started at time `t0`)."""
     n, steps, alpha, size = run.pretrain_steps, run.uptrain_steps, run.alpha, run.size
     rows = table_rows(vs, ev["rows"], uptrained, steps, alpha)
-    found = findings(rows, sweep, n)
+    lengths = (size.seq_len, run.span.targets_length) if run.span is not None else None
+    found = findings(rows, sweep, n, lengths)
     paths = plots(run.out, rows, pre, uptrained, sweep, n, vs)
     wall = time.time() - t0
     results = {"settings": {"size": asdict(size), "seed": run.seed, "alpha": alpha, "uptrain_steps": steps,
-                            "pretrain_steps": n, "eval": ev["settings"]},
+                            "pretrain_steps": n, "eval": ev["settings"], "arch": run.arch.name},
                "rows": rows, "alpha_sweep": sweep_points(sweep, n), "findings": found,
                "pretrain": {"final_eval": pre["final_eval"], "eval_history": pre["eval_history"]},
                "eval_rows": ev["rows"], "wall_time_s": wall}
     results_path = write_json(str(run.out / "results.json"), results)
     report_path = atomic_write(str(run.out / "report.md"),
-                               report_md(rows, found, paths, size, n, steps, alpha, ev["settings"], wall, run.out))
+                               report_md(rows, found, paths, size, n, steps, alpha, ev["settings"], wall, run.out,
+                                         run.arch.title, lengths))
     return DemoResult(str(run.out), report_path, results_path, paths, rows, wall, found)
 
 
@@ -70,27 +72,39 @@ def plots(out_dir: Path, rows, pre, uptrained, sweep, n, vs) -> list[str]:
     return paths
 
 
-def report_md(rows, found, plot_paths, size, n, steps, alpha, settings, wall, out_dir) -> str:
+def report_md(rows, found, plot_paths, size, n, steps, alpha, settings, wall, out_dir, title="Llama",
+              lengths=None) -> str:
     from uptrain.report import col, fmt_bytes, fmt_num, markdown_table
 
     cols = [col("model", "model", str, "left"), col("method", "method", str, "left"), col("kv_heads", "KV heads", str),
             col("kv_cache_bytes_per_token", "KV cache / token", fmt_bytes),
+            *([col("cross_kv_cache_bytes_per_source_token", "cross KV / source token", fmt_bytes)] if lengths else []),
             col("decode_ms_per_token", "decode ms / token", lambda x: fmt_num(x, 3)),
             col("ppl_step0", "ppl step 0", lambda x: fmt_num(x, 4)),
             col("ppl_uptrained", f"ppl after {steps} steps", lambda x: fmt_num(x, 4))]
     sections = {"main": "Table 1 shape: MHA, GQA and MQA (mean-pool conversion)",
                 "ablation": "Conversion method ablation (Figure 4)",
                 "beyond": "Beyond the paper: data-free mean-norm and calibration-aware aligned merging"}
-    md = ["# uptrain demo: the GQA paper in miniature\n",
-          f"A {size.layers}-layer Llama with {size.heads} heads (hidden {size.hidden}, vocabulary {size.vocab}) "
-          f"pre-trained from scratch for N = {n} steps of {size.batch}×{size.seq_len} tokens on Shakespeare's plays, "
-          f"converted, then uptrained for α·N = {alpha}·{n} = {steps} steps. Perplexity over the same "
-          f"{settings['eval_tokens']:,} tokens of held-out plays. Wall time {wall / 60:.1f} min.\n"]
-    for role, title in sections.items():
+    if lengths:  # an encoder-decoder: span corruption, the decoder's self- and cross-attention converted
+        what = (f"A T5.1.1 ({size.layers} encoder and {size.layers} decoder layers, {size.heads} heads, hidden "
+                f"{size.hidden}, vocabulary {size.vocab}) pre-trained from scratch with span corruption for N = {n} "
+                f"steps of {size.batch} blocks ({lengths[0]} encoder tokens, {lengths[1]} targets) on Shakespeare's "
+                f"plays, its decoder's self- and cross-attention converted, then uptrained for α·N = {alpha}·{n} = "
+                f"{steps} steps. Span-corruption perplexity over the same {settings['eval_tokens']:,} target tokens "
+                f"of corrupted held-out blocks (seed {settings.get('seed')}).")
+    else:
+        what = (f"A {size.layers}-layer {title} with {size.heads} heads (hidden {size.hidden}, vocabulary "
+                f"{size.vocab}) pre-trained from scratch for N = {n} steps of {size.batch}×{size.seq_len} tokens on "
+                f"Shakespeare's plays, converted, then uptrained for α·N = {alpha}·{n} = {steps} steps. Perplexity "
+                f"over the same {settings['eval_tokens']:,} tokens of held-out plays.")
+    md = ["# uptrain demo: the GQA paper in miniature\n", f"{what} Wall time {wall / 60:.1f} min.\n"]
+    for role, heading in sections.items():
+        if not any(x["role"] == role for x in rows):  # T5 has no beyond-the-paper rows
+            continue
         sub = [x for x in rows if x["role"] == role or (role != "main" and x["model"] == "MQA")]
         if role == "beyond":
             sub = [x for x in rows if x["model"] in ("GQA-2", "MQA") or x["role"] == "beyond"]
-        md += [f"## {title}\n", markdown_table(sub, cols), ""]
+        md += [f"## {heading}\n", markdown_table(sub, cols), ""]
     md += ["## Findings\n", *[f"- {f}" for f in found], ""]
     md += ["## Plots\n", *[f"![{Path(p).stem}]({os.path.relpath(p, out_dir)})" for p in plot_paths], ""]
     md += [f"Checkpoints: `step0/` (converted), `runs/` (pre-training and uptraining). Push one with "

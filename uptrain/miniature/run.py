@@ -9,28 +9,35 @@ import torch
 
 from uptrain.miniature import stages
 from uptrain.miniature.report import DemoResult, write_outputs
-from uptrain.miniature.sizes import FULL, QUICK, DemoSize, variants
+from uptrain.errors import UptrainError
+from uptrain.miniature.sizes import ARCHS, DemoSize
 from uptrain.miniature.state import State, prepare_out
 
 
 def demo(out: str = "demo-out", quick: bool = False, seed: int = 0, overwrite: bool = False, resume: bool = False,
-         alpha: float = 0.05, progress: bool = True, size: DemoSize | None = None) -> DemoResult:
-    """Run the paper in miniature into `out`; returns the paths of the report, JSON and plots."""
+         alpha: float = 0.05, progress: bool = True, size: DemoSize | None = None, arch: str = "llama") -> DemoResult:
+    """Run the paper in miniature into `out` on a Llama or (arch="t5") a T5.1.1 pre-trained with span
+    corruption; returns the paths of the report, JSON and plots."""
     t0 = time.time()
-    size = size or (QUICK if quick else FULL)
+    if arch not in ARCHS:
+        raise UptrainError(f"demo architecture {arch!r} is not one of {', '.join(ARCHS)}")
+    a = ARCHS[arch]
+    size = size or (a.quick if quick else a.full)
     if not progress:  # one line per stage only: silence transformers' own load/save bars too
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
     out_dir = Path(out)
     prepare_out(out_dir, overwrite, resume)
-    run = stages.Run(out_dir, size, seed, alpha, progress,
-                     State(out_dir, {"size": asdict(size), "seed": seed, "alpha": alpha}))
+    settings = {"size": asdict(size), "seed": seed, "alpha": alpha}
+    if a.seq2seq:  # (a Llama run's settings stay as they were, so earlier runs still resume)
+        settings["arch"] = a.name
+    run = stages.Run(out_dir, size, seed, alpha, progress, State(out_dir, settings), arch=a)
     torch.manual_seed(seed)
 
     stages.prepare_data(run)
     pre = stages.pretrain(run)
-    vs = variants(size.heads)
+    vs = a.variants(size.heads)
     step0 = stages.convert_variants(run, pre["out"], vs)
     uptrained = stages.uptrain_variants(run, step0, vs)
     sweep = stages.alpha_sweep(run, step0)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,40 @@ def variants(heads: int) -> list[Variant]:
             Variant("GQA-2 aligned", 2, "aligned", "beyond"),
             Variant("MQA mean-norm", 1, "mean-norm", "beyond"),
             Variant("MQA aligned", 1, "aligned", "beyond")]
+
+
+def t5_variants(heads: int) -> list[Variant]:
+    """The paper's T5 comparison (Table 1, Fig. 4): decoder self- and cross-attention pooled, no beyond-the-paper
+    methods (aligned merging calibrates causal LMs only)."""
+    return [v for v in variants(heads) if v.role != "beyond"]
+
+
+# T5.1.1 in miniature (gated-GELU, untied head): seq_len is the encoder's input length; span corruption reads
+# raw blocks of the length T5's rule gives and eval_tokens counts those raw tokens.
+T5_FULL = DemoSize(layers=2, heads=8, hidden=128, vocab=2048, seq_len=64, batch=16, pretrain_steps=400, lr=3e-3,
+                   eval_tokens=16384, calibration_tokens=0, tokenizer_plays=None, max_train_blocks=None,
+                   decode_prompt=64, decode_new=16)
+T5_QUICK = DemoSize(layers=2, heads=8, hidden=64, vocab=1024, seq_len=64, batch=8, pretrain_steps=80, lr=3e-3,
+                    eval_tokens=4096, calibration_tokens=0, tokenizer_plays=4, max_train_blocks=2000,
+                    decode_prompt=32, decode_new=8)
+
+
+@dataclass(frozen=True)
+class DemoArch:
+    """What differs between the demo's architectures, as data: the sizes, the variants compared, the
+    optimiser's weight decay and how the report names the model and its quality measure."""
+
+    name: str
+    title: str  # the model family in the report: "Llama", "T5.1.1"
+    full: DemoSize
+    quick: DemoSize
+    variants: Callable[[int], list[Variant]]
+    weight_decay: float
+    seq2seq: bool = False  # span corruption (encoder-decoder) rather than next-token prediction
+
+
+ARCHS = {"llama": DemoArch("llama", "Llama", FULL, QUICK, variants, weight_decay=0.1),
+         "t5": DemoArch("t5", "T5.1.1", T5_FULL, T5_QUICK, t5_variants, weight_decay=0.0, seq2seq=True)}
 
 
 ALPHAS = (0.0, 0.025, 0.05, 0.1)

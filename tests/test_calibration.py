@@ -1,5 +1,5 @@
-"""The calibration pass: per-layer second moments of the attention input equal what a direct
-computation from the model's hidden states gives; data options, token counts and errors."""
+"""The calibration pass, one decoder layer at a time: per-layer second moments of the attention input equal
+what a direct computation from the whole model's hidden states gives; data options, token counts and errors."""
 import pytest
 import torch
 from tiny_models import save, tiny_model
@@ -78,24 +78,13 @@ def test_missing_tokenizer_is_a_clear_error(tmp_path):
         calibrate(src, spec_for_config(cfg), cfg, tokens=64, progress=False)
 
 
-def test_bf16_checkpoint_runs_in_float32_one_layer_at_a_time(tmp_path, tokenizer):
-    from uptrain.conversion.calibration import upcast_layer_by_layer
-
+def test_bf16_checkpoint_computes_in_float32(tmp_path, tokenizer):
+    """Each layer is materialised in float32 from the bf16 tensors (bf16 matmuls on CPUs can be 100× slower):
+    the statistics are those of a float32 copy of the same weights."""
     model = tiny_model("llama", dtype=torch.bfloat16)
     src = save(model, tmp_path / "src", tokenizer=tokenizer)
     cfg = model.config.to_dict()
     moments, _ = calibrate(src, spec_for_config(cfg), cfg, tokens=128, seq_len=64, progress=False)
     blocks = calibration_blocks(DataSpec(), tokenizer, 128, 64)
-    seen = []
-    handles = upcast_layer_by_layer(list(model.model.layers))
-    handles += [layer.self_attn.q_proj.register_forward_pre_hook(lambda m, a: seen.append(a[0].dtype))
-                for layer in model.model.layers]
-    with torch.no_grad():
-        model.model(blocks)  # calibration stops before lm_head, which would get float32 inputs
-    for h in handles:
-        h.remove()
-    assert seen == [torch.float32, torch.float32]  # the layers computed in float32 …
-    assert all(p.dtype == torch.bfloat16 for p in model.parameters())  # … and were stored back in bf16
-    # the same statistics as a float32 copy of the same weights, up to bf16 embeddings and RoPE tables
     for got, want in zip(moments, direct_moments(model.float(), blocks)):
-        assert ((got - want).norm() / want.norm()).item() < 2e-2
+        assert ((got - want).norm() / want.norm()).item() < 1e-5

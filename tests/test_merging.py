@@ -1,6 +1,7 @@
 """`--method aligned`: exact where the heads of a group are related by maps the method can fold
-(per-frequency complex scalars for RoPE keys, invertible maps for values), where mean-pooling is not;
-similarity grouping finds a planted grouping after the heads were shuffled; refusals are clear."""
+(per-frequency complex scalars for RoPE keys — on the rotated rows only under partial rotary —, invertible
+maps for values), where mean-pooling is not; similarity grouping finds a planted grouping after the heads
+were shuffled; refusals are clear and point to mean-norm with refinement (tests/test_refine.py)."""
 import json
 import math
 import os
@@ -13,6 +14,7 @@ from tiny_models import V, save, tiny_model
 
 import uptrain
 from uptrain.arch import spec_for_config
+from uptrain.conversion.options import DEFAULT_REFINE_STEPS
 from uptrain.errors import UptrainError
 from uptrain.merging import head_gram, merge_attention, merge_pca, partition
 from uptrain.pooling import pool_mean, pool_mean_norm, split_groups
@@ -36,17 +38,28 @@ def invertible(dh: int, gen) -> torch.Tensor:
     return q * (0.5 + 1.5 * torch.rand(dh, generator=gen))
 
 
+def key_transform(d: int, rotary: int, gen) -> torch.Tensor:
+    """A map between RoPE keys that a fold can undo: per-frequency complex scalars on the `rotary` rotated rows,
+    any invertible map on the rows passed through (partial rotary)."""
+    return torch.block_diag(pair_transform(rotary, gen), *([invertible(d - rotary, gen)] if rotary < d else []))
+
+
 def plant(model, groups: int, seed: int = 0, q_scale: float = 3.0):
-    """Make each group's K heads per-frequency complex multiples of the group's first head and its V heads
-    invertible maps of it (weights and biases alike, separate or fused projections). Queries are scaled up
-    so attention is far from uniform and a blurred key shows in the logits."""
+    """Make each group's K heads per-frequency complex multiples of the group's first head (on the rotated
+    rows; invertible maps of the rest under partial rotary) and its V heads invertible maps of it (weights
+    and biases alike, separate or fused projections). Queries are scaled up so attention is far from
+    uniform and a blurred key shows in the logits."""
+    from uptrain.conversion.aligned import rotary_dims
+
     cfg = model.config
     spec = spec_for_config(cfg)
     kv, d = spec.kv_heads(cfg), spec.head_dim(cfg)
+    rotary = rotary_dims(spec, cfg.to_dict()) or d
     n, gen, sd = kv // groups, torch.Generator().manual_seed(seed), model.state_dict()
     with torch.no_grad():
         for layer in range(spec.layers(cfg)):
-            maps = {"k": [pair_transform(d, gen) for _ in range(kv)], "v": [invertible(d, gen) for _ in range(kv)]}
+            maps = {"k": [key_transform(d, rotary, gen) for _ in range(kv)],
+                    "v": [invertible(d, gen) for _ in range(kv)]}
             for suffix in spec.kv:
                 t = sd.get(spec.layer_prefix.format(layer) + suffix)
                 for role, a, b in spec.rows(suffix, cfg) if t is not None else ():
@@ -152,6 +165,37 @@ def test_merge_attention_exact_for_foldable_heads(heads, kv, groups, use_rope, w
     assert (attend(x, q, km, vm, o, use_rope) - ref).abs().max() > 0.05 * ref.abs().max()
 
 
+def test_partial_rotary_merges_rotated_and_passed_rows_apart():
+    """RoPE on the first 4 of 8 rows: keys related by complex scalars there and by any invertible map on
+    the rest merge exactly; treating the whole head as rotated (or as unrotated) does not."""
+    x, c, q, k, v, o = planted_layer(4, 4, 1)
+    gen = torch.Generator().manual_seed(5)
+    for h in range(1, 4):
+        k[h] = key_transform(8, 4, gen).double() @ k[0]
+
+    def partial(w):  # HF partial rotary: rotate_half over the first 4 rows, the rest as they are
+        return torch.cat([rope(w[..., :4]), w[..., 4:]], -1)
+
+    def attend_partial(q, k, v, o):
+        xa = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], 1)
+        qs, ks, vs = (torch.einsum("hdi,ti->htd", w, xa) for w in (q, k, v))
+        qs, ks = partial(qs), partial(ks)
+        rep = q.shape[0] // k.shape[0]
+        s = qs @ ks.repeat_interleave(rep, 0).mT / math.sqrt(8)
+        s = s.masked_fill(torch.ones_like(s[0], dtype=torch.bool).triu(1), -torch.inf)
+        heads = torch.softmax(s, -1) @ vs.repeat_interleave(rep, 0)
+        return heads.transpose(0, 1).reshape(x.shape[0], -1) @ o.T
+
+    ref = attend_partial(q, k, v, o)
+    q2, k2, v2, o2, info = merge_attention(q, k, v, o, c, 1, rotary_dims=4)
+    assert (attend_partial(q2, k2, v2, o2) - ref).abs().max() <= 1e-9 * ref.abs().max()
+    assert info["k_fit_error"] < 1e-10
+    for wrong in (None, 8):  # the whole head as rotated
+        q3, k3, v3, o3, info = merge_attention(q, k, v, o, c, 1, rotary_dims=wrong)
+        assert info["k_fit_error"] > 0.01
+        assert (attend_partial(q3, k3, v3, o3) - ref).abs().max() > 0.01 * ref.abs().max()
+
+
 def test_rope_keys_related_by_a_general_map_are_not_foldable():
     """The complex-scalar restriction is real: an arbitrary invertible map between RoPE keys does not
     commute with the rotations, so the merge is approximate (and says so) rather than silently exact."""
@@ -222,6 +266,7 @@ def test_mean_norm_matches_its_definition():
     ("starcoder2", None, 2),  # biases everywhere, LayerNorm with bias
     ("gemma", None, 2),    # explicit head_dim ≠ hidden / heads
     ("phi3", None, 4),     # fused qkv_proj
+    ("stablelm", None, 2),  # partial rotary (a quarter of each head): rotated rows and the rest apart
     ("gemma2", None, 2),   # attention logit soft-capping: exact folds keep the scores it caps
     ("smollm3", None, 2),  # layers without RoPE take the same per-frequency fold
     ("mixtral", None, 2),  # mixture-of-experts MLP: attention only
@@ -273,14 +318,13 @@ def test_refuses_per_head_norms_through_the_cli(tmp_path):
                         "--method", "aligned"], capture_output=True, text=True, cwd=ROOT)
     assert p.returncode == 2
     msg = p.stderr.strip().splitlines()
-    assert len(msg) == 1 and "k_norm" in msg[0] and "mean-norm" in msg[0] and "Traceback" not in p.stderr
+    assert len(msg) == 1 and "k_norm" in msg[0] and "Traceback" not in p.stderr
+    assert f"use --method mean-norm with --refine-steps {DEFAULT_REFINE_STEPS} instead" in msg[0]  # the CLI's words
     assert not out.exists() and not any(n.startswith(".out") for n in os.listdir(tmp_path))
 
 
 @pytest.mark.parametrize("arch, over, words", [
     ("olmo2", {}, "k_norm"),
-    ("phi3", {"partial_rotary_factor": 0.5}, "partial_rotary_factor"),
-    ("stablelm", {}, "partial_rotary_factor"),
     ("olmo", {"clip_qkv": 8.0}, "clip_qkv"),
     ("cohere", {}, "rotate-half layout"),
 ])

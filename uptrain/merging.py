@@ -30,8 +30,12 @@ queries that read it, e_h,f = (Σ_q E|q_f|²)^½; non-RoPE K in the query second
 Similarity grouping picks which KV heads share a result head from the pairwise merge residuals (K and V,
 relative), then permutes query heads (q rows, o_proj columns) so that groups are contiguous again.
 
+Partial rotary (RoPE on the first rotary_dims rows of a head): scores are the sum over the rotated rows
+and the passed-through rows, so the first take the per-frequency fold and the rest the non-RoPE one.
+
 Refused: norms between a projection and RoPE (qwen3's per-head q/k RMSNorm, olmo2's k_norm over all KV
-heads) are nonlinear, so maps cannot be folded through them; partial rotary breaks the pair layout.
+heads) are nonlinear, so maps cannot be folded through them. There local reconstruction serves instead
+(uptrain/conversion/refine.py): it fits the merged module without a closed form.
 """
 from __future__ import annotations
 
@@ -158,24 +162,26 @@ def query_metric(q: torch.Tensor, c: torch.Tensor, kv_heads: int) -> tuple[torch
 
 
 # ------------------------------------------------------------------------------------------ grouping
-def pair_costs(k_gram: torch.Tensor, v_gram: torch.Tensor, rope: bool, k_weight, v_metric) -> torch.Tensor:
+def pair_costs(k_parts, v_gram: torch.Tensor, v_metric) -> torch.Tensor:
     """[K, K] relative residual of merging each pair of KV heads (K part + V part); diagonal 0.
-    Grams [K, d_h, K, d_h]; k_weight: query energy [K, d_h/2] (RoPE) or a (L, L⁻¹) query metric (no RoPE);
-    v_metric: (L, L⁻¹) or None."""
-    if rope:
-        g = pair_gram(k_gram)  # [F, K, K]
-        if k_weight is not None:
-            et = k_weight.T
-            g = g * et.unsqueeze(-1) * et.unsqueeze(-2)
-        d = g.diagonal(dim1=-2, dim2=-1).real  # [F, K]
-        ga, gb = d.unsqueeze(-1), d.unsqueeze(-2)
-        lam_min = (ga + gb) / 2 - (((ga - gb) / 2) ** 2 + g.abs() ** 2).sqrt()  # smaller eigenvalue of each 2×2
-        k_cost = lam_min.clamp_min(0).sum(0) / (ga + gb).sum(0).clamp_min(1e-300)
-    else:
-        k_cost = _pca_pair_costs(k_gram, k_weight)
-    cost = k_cost + _pca_pair_costs(v_gram, v_metric)
+    k_parts: per key segment (Gram [K, d, K, d], rope, weight): weight is the query energy [K, d/2] (RoPE)
+    or a (L, L⁻¹) query metric (no RoPE); v_gram [K, d_h, K, d_h]; v_metric: (L, L⁻¹) or None."""
+    cost = _pca_pair_costs(v_gram, v_metric)
+    for k_gram, rope, k_weight in k_parts:
+        cost = cost + (_rope_pair_costs(k_gram, k_weight) if rope else _pca_pair_costs(k_gram, k_weight))
     cost.fill_diagonal_(0)
     return cost
+
+
+def _rope_pair_costs(k_gram: torch.Tensor, k_weight) -> torch.Tensor:
+    g = pair_gram(k_gram)  # [F, K, K]
+    if k_weight is not None:
+        et = k_weight.T
+        g = g * et.unsqueeze(-1) * et.unsqueeze(-2)
+    d = g.diagonal(dim1=-2, dim2=-1).real  # [F, K]
+    ga, gb = d.unsqueeze(-1), d.unsqueeze(-2)
+    lam_min = (ga + gb) / 2 - (((ga - gb) / 2) ** 2 + g.abs() ** 2).sqrt()  # smaller eigenvalue of each 2×2
+    return lam_min.clamp_min(0).sum(0) / (ga + gb).sum(0).clamp_min(1e-300)
 
 
 def _pca_pair_costs(gram: torch.Tensor, metric) -> torch.Tensor:
@@ -230,25 +236,37 @@ def partition(cost: torch.Tensor, groups: int) -> list[list[int]]:
 
 
 # ------------------------------------------------------------------------------------------ one layer
+def key_segments(head_dim: int, rope: bool, rotary_dims: int | None = None) -> list[tuple[int, int, bool]]:
+    """Rows of a key head merged apart: [(start, stop, rotated)]. Partial rotary (stablelm, phi with
+    partial_rotary_factor) rotates the first rotary_dims rows (pairs f ↔ f + rotary_dims/2) and passes
+    the rest through: scores are the sum of both parts, so each is merged in its own way."""
+    if not rope:
+        return [(0, head_dim, False)]
+    r = head_dim if rotary_dims is None else rotary_dims
+    return [(0, r, True)] + ([(r, head_dim, False)] if r < head_dim else [])
+
+
 def merge_attention(q, k, v, o, c, groups: int, rope: bool = True, grouping: str = "contiguous",
-                    weighted: bool = True):
+                    weighted: bool = True, rotary_dims: int | None = None):
     """Merge one layer's K/V heads into `groups` heads and fold the maps into q and o.
 
     q [H, d_h, D], k, v [K, d_h, D]: augmented rows (weight columns, then the bias as column D-1; zeros
     when the projection has no bias); o [out, H·d_h]; c [D, D] second moment of the augmented input.
+    rotary_dims: rows of each head RoPE rotates (None: all); the others take the non-RoPE fold.
     Query head p reads KV head p // (H/K) before and p // (H/G) after. float64 in, float64 out.
     Returns (q′, k′ [G, d_h, D], v′, o′, info) with info = {"kv_groups", "k_fit_error", "v_fit_error"}."""
     heads, dh, big_d = q.shape
     n_kv, out_dim = k.shape[0], o.shape[0]
     r, n = heads // n_kv, n_kv // groups
+    segments = key_segments(dh, rope, rotary_dims)
     v_metric = output_metric(o, n_kv, dh) if weighted else None
-    if rope:
-        k_weight = query_energy(q, c, n_kv) if weighted else None
-    else:
-        k_weight = query_metric(q, c, n_kv) if weighted else None
-    k_gram, v_gram = head_gram(k, c), head_gram(v, c)  # [K, d_h, K, d_h]: all the calibration the merge needs
+    k_weights = [None if not weighted else query_energy(q[:, a:b], c, n_kv) if rot else
+                 query_metric(q[:, a:b], c, n_kv) for a, b, rot in segments]
+    # all the calibration the merge needs: Grams [K, d, K, d] of each key segment and of the values
+    k_grams, v_gram = [head_gram(k[:, a:b], c) for a, b, _ in segments], head_gram(v, c)
     if grouping == "similarity":
-        sets = partition(pair_costs(k_gram, v_gram, rope, k_weight, v_metric), groups)
+        parts = [(g, rot, w) for g, (_, _, rot), w in zip(k_grams, segments, k_weights)]
+        sets = partition(pair_costs(parts, v_gram, v_metric), groups)
     elif grouping == "contiguous":
         sets = [list(range(j * n, (j + 1) * n)) for j in range(groups)]
     else:
@@ -261,11 +279,18 @@ def merge_attention(q, k, v, o, c, groups: int, rope: bool = True, grouping: str
     sub = (lambda m: None if m is None else (m[0][idx], m[1][idx]))
     v_new, v_maps, v_res = merge_pca(v[idx], group_gram(v_gram, idx), sub(v_metric))
     o = torch.einsum("ognrd,gnde->ognre", o, v_maps)  # W_o[:, q] ← W_o[:, q] B_h
-    if rope:
-        k_new, mult, k_res = merge_rope(k[idx], group_gram(k_gram, idx), None if k_weight is None else k_weight[idx])
-        q = from_pairs(to_pairs(q) * mult[:, :, None, :, None])
-    else:
-        k_new, k_maps, k_res = merge_pca(k[idx], group_gram(k_gram, idx), sub(k_weight))
-        q = torch.einsum("gnde,gnrdx->gnrex", k_maps, q)  # W_q,q ← B_hᵀ W_q,q
-    info = {"kv_groups": sets, "k_fit_error": float(k_res.mean()), "v_fit_error": float(v_res.mean())}
+    k_parts, q_parts, k_res = [], [], 0.0
+    for (a, b, rot), gram, weight in zip(segments, k_grams, k_weights):
+        ks, qs = k[idx][:, :, a:b], q[:, :, :, a:b]
+        if rot:
+            k_new, mult, res = merge_rope(ks, group_gram(gram, idx), None if weight is None else weight[idx])
+            qs = from_pairs(to_pairs(qs) * mult[:, :, None, :, None])
+        else:
+            k_new, k_maps, res = merge_pca(ks, group_gram(gram, idx), sub(weight))
+            qs = torch.einsum("gnde,gnrdx->gnrex", k_maps, qs)  # W_q,q ← B_hᵀ W_q,q
+        k_parts.append(k_new)
+        q_parts.append(qs)
+        k_res += float(res.mean()) * (b - a) / dh  # a segment's share of the rows
+    k_new, q = torch.cat(k_parts, dim=-2), torch.cat(q_parts, dim=-2)
+    info = {"kv_groups": sets, "k_fit_error": k_res, "v_fit_error": float(v_res.mean())}
     return q.reshape(heads, dh, big_d), k_new, v_new, o.reshape(out_dim, heads * dh), info

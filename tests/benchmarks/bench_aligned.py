@@ -22,7 +22,9 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_convert import HIDDEN, LAYERS, measure  # noqa: E402
+from bench_convert import CASES, measure  # noqa: E402
+
+HIDDEN, LAYERS = CASES["small"][:2]
 
 
 def add_tokenizer(folder: str) -> None:
@@ -50,7 +52,7 @@ def main():
         if not os.path.isdir(src):
             print("generating the 1.9 GB checkpoint …", flush=True)
             bench_convert = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench_convert.py")
-            subprocess.run([sys.executable, bench_convert, "--generate", src, "500000000"], check=True)
+            subprocess.run([sys.executable, bench_convert, "--generate", src, "small", "500000000"], check=True)
         if not os.path.isfile(os.path.join(src, "tokenizer.json")):
             subprocess.run([sys.executable, __file__, "--add-tokenizer", src], check=True)
         rows = []

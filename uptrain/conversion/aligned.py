@@ -7,7 +7,17 @@ import torch
 from uptrain.errors import UptrainError
 from uptrain.merging import merge_attention
 
-_ALTERNATIVES = "use method mean, mean-norm, first or random for this model"
+
+
+def _alternatives(options) -> str:
+    """What to use instead, in the caller's words: a closed-form-free merge (mean-norm, then local reconstruction)."""
+    if options is None:
+        return "use method mean-norm with refine steps (local reconstruction), or mean, first or random"
+    from uptrain.conversion.options import DEFAULT_REFINE_STEPS
+
+    return (f"use {options.said('method', 'mean-norm')} with {options.said('refine_steps', DEFAULT_REFINE_STEPS)} "
+            f"instead (local reconstruction fits the merged heads without a closed form), or a data-free "
+            f"{options.key('method')} (mean, first, random)")
 
 
 def _nested_values(cfg, key):
@@ -19,91 +29,66 @@ def _nested_values(cfg, key):
             yield from _nested_values(v, key)
 
 
-def check_supported(spec, config: dict | None = None, said: str = "method aligned") -> None:
-    """Raise a clear UptrainError where aligned merging cannot be exact in the lossless case; `said` is
-    how the caller spelled the option (`--method aligned`, `model.convert.method: aligned`)."""
+def check_supported(spec, config: dict | None = None, options=None) -> None:
+    """Raise a clear UptrainError where aligned merging cannot be exact in the lossless case, in the words
+    of `options` (a ConvertOptions: `--method aligned`, `model.convert.method: aligned`)."""
+    said = options.said("method") if options is not None else "method aligned"
+    instead = _alternatives(options)
     attn = spec.q.rsplit(".", 1)[0] + "."
     norms = sorted(s for s in (*spec.kv, *spec.copy) if s.startswith(attn) and "norm" in s)
     if norms:
         raise UptrainError(f"{said} cannot fold maps through the attention norms "
                            f"({', '.join(norms)}) of this architecture: they act between the "
                            f"projection and RoPE and are nonlinear, so the merged model would be silently "
-                           f"wrong; {_ALTERNATIVES}")
+                           f"wrong; {instead}")
     if spec.rope not in ("rotate_half", None):
         raise UptrainError(f"{said} knows RoPE only in the rotate-half layout, not {spec.rope!r}; "
-                           f"{_ALTERNATIVES}")
+                           f"{instead}")
     if config is None:
         return
     mt = config.get("model_type", "this model")
     if config.get("clip_qkv") is not None:
         raise UptrainError(f"{said} cannot fold maps through {mt}'s clip_qkv ({config['clip_qkv']}): q, k and v "
                            f"are clamped between the projection and attention, which no linear map commutes "
-                           f"with; {_ALTERNATIVES}")
+                           f"with; {instead}")
+    r = rotary_dims(spec, config)
+    if r is not None and (r % 2 or not 0 < r <= spec.head_dim(config)):
+        raise UptrainError(f"{said} cannot pair RoPE's rows: {mt} rotates {r} of {spec.head_dim(config)} rows of each "
+                           f"head; {instead}")
+
+
+def rotary_dims(spec, config: dict) -> int | None:
+    """Rows of each head RoPE rotates when it rotates only part of it (partial_rotary_factor, rotary_pct,
+    rotary_dim, as transformers computes them: int(head_dim · factor)), else None."""
+    d = spec.head_dim(config)
     factors = [f for key in ("partial_rotary_factor", "rotary_pct") for f in _nested_values(config, key)
                if f is not None and float(f) != 1.0]
-    dims = [x for x in _nested_values(config, "rotary_dim") if x is not None and x != spec.head_dim(config)]
-    if factors or dims:
-        what = f"partial_rotary_factor {factors[0]}" if factors else f"rotary_dim {dims[0]}"
-        raise UptrainError(f"{said} needs RoPE over the whole head; {mt} rotates only part of it "
-                           f"({what}), which breaks the pair layout (dim f ↔ f + d_h/2) the key merge relies "
-                           f"on; {_ALTERNATIVES}")
+    if factors:
+        return int(d * float(factors[0]))
+    dims = [x for x in _nested_values(config, "rotary_dim") if x is not None and x != d]
+    return dims[0] if dims else None
 
 
-class AlignedMethod:
-    """`method aligned`: calibrate once, then merge layer by layer (see uptrain/merging.py's docstring).
+def attention_suffixes(spec) -> tuple[str, ...]:
+    """Every per-layer tensor of the attention block (the K/V tensors, q, o, their biases, attention norms):
+    what a calibrated method may rewrite."""
+    attn = spec.q.rsplit(".", 1)[0] + "."
+    own = (f"{spec.q}.weight", f"{spec.q}.bias", f"{spec.o}.weight", f"{spec.o}.bias")
+    return tuple(dict.fromkeys((*spec.kv, *own, *(s for s in spec.copy if s.startswith(attn)))))
 
-    Reads the aligned options of ConvertOptions: calibration (a data source; the Python API also takes a
-    DataSpec or a dict of its fields), calibration_tokens, calibration_seq_len, calibration_batch_size,
-    grouping and weighted."""
 
-    layerwise = True
-    name = "aligned"
-
-    def __init__(self, options):
-        self.options = options
-        self.grouping = options.grouping or "contiguous"
-        self.moments: list[torch.Tensor] = []
-        # Filled layer by layer during merge; the converter writes the record after the last layer.
-        self.layer_record: list[dict] = []
-
-    def touched(self, spec) -> tuple[str, ...]:
-        check_supported(spec, said=self.options.said("method"))
-        own = (f"{spec.q}.weight", f"{spec.q}.bias", f"{spec.o}.weight")
-        return tuple(dict.fromkeys((*spec.kv, *own)))
-
-    def prepare(self, ctx) -> dict:
-        from uptrain.conversion.calibration import calibrate
-
-        o = self.options
-        check_supported(ctx.spec, ctx.config, said=o.said("method"))
-        self.layer_record = []
-        self.moments, record = calibrate(
-            ctx.src_dir, ctx.spec, ctx.config, data=o.calibration, tokens=o.calibration_tokens,
-            seq_len=o.calibration_seq_len, batch_size=o.calibration_batch_size or 8, progress=ctx.progress)
-        return {"calibration": record, "grouping": self.grouping,
-                "aligned": {"weighted": o.weighted, "layers": self.layer_record}}
-
-    def merge(self, layer: int, tensors: dict[str, torch.Tensor], ctx) -> dict[str, torch.Tensor]:
-        spec, cfg, dh = ctx.spec, ctx.config, ctx.head_dim
-        parts = _gather(tensors, spec, cfg)
-        c, self.moments[layer] = self.moments[layer], None  # each layer is merged once: free as we go
-        hidden = c.shape[0] - 1
-        aug = {role: _augment(p, dh, hidden) for role, p in parts.items() if role in ("q", "k", "v")}
-        o = tensors[f"{spec.o}.weight"].double()
-        q, k, v, o, info = merge_attention(aug["q"], aug["k"], aug["v"], o, c, ctx.groups,
-                                           rope=spec.rope is not None, grouping=self.grouping,
-                                           weighted=self.options.weighted)
-        self.layer_record.append({"layer": layer, **info})
-        self.layer_record.sort(key=lambda e: e["layer"])  # in place: the record holds this very list
-        new = {"q": q, "k": k, "v": v}
-        return _scatter(tensors, spec, cfg, ctx.groups, new, o)
-
-    def stats(self, layer: int, inputs, outputs, ctx) -> dict:
-        """The converter's per-layer error for this method: the merged weights live in another basis than
-        the source heads, so comparing them row by row means nothing; the calibration-weighted fraction of
-        K / V the shared heads miss (as a norm ratio, like the pooling methods' relative error) does."""
-        entry = next(e for e in self.layer_record if e["layer"] == layer)
-        return {"k_rel_error": entry["k_fit_error"] ** 0.5, "v_rel_error": entry["v_fit_error"] ** 0.5}
+def merge_aligned(tensors: dict[str, torch.Tensor], c: torch.Tensor, spec, cfg, groups: int, head_dim: int,
+                  grouping: str = "contiguous", weighted: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
+    """One layer's aligned merge: {suffix: float32} (K/V tensors, q, o; anything else passes unchanged)
+    and the second moment C [(hidden+1)², float64] of its attention input → ({suffix: float32}, info)."""
+    parts = _gather(tensors, spec, cfg)
+    hidden = c.shape[0] - 1
+    aug = {role: _augment(p, head_dim, hidden) for role, p in parts.items() if role in ("q", "k", "v")}
+    o = tensors[f"{spec.o}.weight"].double()
+    q, k, v, o, info = merge_attention(aug["q"], aug["k"], aug["v"], o, c.to(torch.float64), groups,
+                                       rope=spec.rope is not None, grouping=grouping, weighted=weighted,
+                                       rotary_dims=rotary_dims(spec, cfg) if spec.rope else None)
+    return _scatter(tensors, spec, cfg, groups, {"q": q, "k": k, "v": v}, o), info
 
 
 def _gather(tensors, spec, cfg) -> dict[str, dict[str, torch.Tensor]]:
@@ -145,6 +130,6 @@ def _scatter(tensors, spec, cfg, groups, new, o) -> dict[str, torch.Tensor]:
             out[suffix] = rows("q", kind)
         elif suffix == f"{spec.o}.weight":
             out[suffix] = o.float()
-        else:
-            raise UptrainError(f"method aligned was handed {suffix}, which it does not know how to merge")
+        else:  # o's bias, attention norms: the folds leave them alone
+            out[suffix] = tensors[suffix]
     return out

@@ -9,21 +9,25 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import math
+import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from uptrain.arch import check_groups, kv_cache_bytes_per_token, spec_for_config
-from uptrain.checkpoint import CHECKPOINT_FILES, check_output, copy_companions, dtype_size, fingerprint, kv_dtype, \
-    open_source, read_config
-from uptrain.conversion.methods import ConvertContext, make_method
+from uptrain.checkpoint import CHECKPOINT_FILES, check_free_space, check_output, copy_companions, dtype_size, \
+    fingerprint, kv_dtype, open_source, quantization, read_config
+from uptrain.conversion.methods import POOL_METHODS, ConvertContext, make_method
 from uptrain.conversion.options import ConvertOptions
-from uptrain.conversion.plan import plan_conversion
+from uptrain.conversion.plan import plan_conversion, result_config
 from uptrain.conversion.writer import write_converted
 from uptrain.errors import UptrainError
 from uptrain.files import AtomicFolder
 from uptrain.hf import card_licence, local_folder, resolve
 from uptrain.record import ConversionRecord, Record, read_record, write_record
+from uptrain.report import fmt_bytes
 
 
 @dataclass
@@ -44,6 +48,8 @@ class ConvertResult:
     kv_cache_bytes_per_token_before: int
     kv_cache_bytes_per_token_after: int
     layers: list[dict]
+    written_as: str = ""  # the result's model_type (gpt2 → MQA: gpt_bigcode)
+    remote_code: str | None = None  # the modeling file the result needs (trust_remote_code=True), if any
 
     def summary(self) -> str:
         from uptrain.report import fmt_bytes
@@ -56,7 +62,11 @@ class ConvertResult:
                 f"KV cache {fmt_bytes(self.kv_cache_bytes_per_token_before)} → "
                 f"{fmt_bytes(self.kv_cache_bytes_per_token_after)} per token ({saving:.0%} smaller). Largest "
                 f"relative change of a layer's K / V weights: {k:.3f} / {v:.3f}. Wrote "
-                f"{fmt_bytes(self.bytes_written)} in {self.shards} shard(s) to {self.out} in {self.seconds:.1f} s.")
+                f"{fmt_bytes(self.bytes_written)} in {self.shards} shard(s) to {self.out} in {self.seconds:.1f} s."
+                + (f" Written as a native {self.written_as} checkpoint." if self.written_as != self.model_type else "")
+                + (f" No transformers class holds {self.kv_heads_after} KV heads of a {self.model_type}: the "
+                   f"folder carries {self.remote_code}, load it with trust_remote_code=True."
+                   if self.remote_code else ""))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -82,7 +92,9 @@ def convert(src: str, out: str, groups: int | None = None, *, options: ConvertOp
     src_dir, rev = local_folder(source_ref, CHECKPOINT_FILES)
     out_dir = Path(out)
     config = read_config(src_dir)
-    spec = spec_for_config(config)
+    quant = quantization(src_dir, config, allow_pickle=options.allow_pickle)
+    quant.check("source", str(src))  # refused before anything is written: "dequantize first"
+    spec = pooled_spec(config, options, str(src))
     heads, kv, d, n_layers = spec.heads(config), spec.kv_heads(config), spec.head_dim(config), spec.layers(config)
     g = options.groups
     check_groups(g, kv, options.key("groups"))
@@ -91,14 +103,21 @@ def convert(src: str, out: str, groups: int | None = None, *, options: ConvertOp
     source = open_source(src_dir, allow_pickle=options.allow_pickle)
     touched = tuple(merger.touched(spec)) if merger.layerwise else ()
     plan = plan_conversion(spec, config, source.entries, g, touched, options.key("groups"))
-    ctx = ConvertContext(spec, config, src_dir, source, heads, kv, g, d, options.seed, progress)
+    planned = sum(math.prod(shape) * dtype_size(dtype) for _, _, _, dtype, shape, *_ in plan.values())
+    check_free_space(out_dir, planned, f"the converted model ({len(plan)} tensors, {fmt_bytes(planned)})",
+                     "free space or choose an OUT on a larger disk")
+    ctx = ConvertContext(spec, config, src_dir, source, heads, kv, g, d, options.seed, progress, out_dir)
     method_record = merger.prepare(ctx)  # e.g. a calibration pass; before any output exists
     value_bytes = dtype_size(kv_dtype(source.entries))
 
     with AtomicFolder(out_dir) as tmp:
         written, n_shards, layers = write_converted(tmp, plan, source, merger, ctx, options.max_shard_size, progress)
-        new_config = dict(config)
-        new_config[spec.kv_heads_field] = g
+        new_config, template = result_config(spec, config, g)
+        if template is not None:  # the Hub's trust_remote_code convention: the code beside the weights
+            shutil.copyfile(template.path, tmp / template.file)
+        if quant.leftover:  # plain float weights: a quantizer would make the model unsaveable
+            new_config.pop("quantization_config", None)
+            print(quant.note("source", str(src)), file=sys.stderr, flush=True)
         (tmp / "config.json").write_text(json.dumps(new_config, indent=2) + "\n")
         copy_companions(src_dir, tmp)
         result = ConvertResult(
@@ -107,7 +126,7 @@ def convert(src: str, out: str, groups: int | None = None, *, options: ConvertOp
             bytes_written=written, shards=n_shards, seconds=0.0,
             kv_cache_bytes_per_token_before=kv_cache_bytes_per_token(n_layers, kv, d, value_bytes),
             kv_cache_bytes_per_token_after=kv_cache_bytes_per_token(n_layers, g, d, value_bytes),
-            layers=layers)
+            layers=layers, written_as=new_config["model_type"], remote_code=template and template.file)
         conversion = ConversionRecord(
             source=str(src), source_revision=rev or source_ref.revision, source_hub_id=source_ref.hub_id,
             source_fingerprint=fingerprint(src_dir, source), model_type=config["model_type"],
@@ -125,3 +144,23 @@ def convert(src: str, out: str, groups: int | None = None, *, options: ConvertOp
         write_record(tmp, Record(conversion=conversion, source_record=previous.to_dict() if previous else None))
     result.seconds = time.time() - t0
     return result
+
+
+def pooled_spec(config: dict, options: ConvertOptions, src: str):
+    """The source's attention spec with the blocks `options.attention` names pooled (encoder-decoders; a
+    decoder-only spec is itself), after the refusals that only an encoder-decoder can meet."""
+    spec = spec_for_config(config)
+    if not spec.blocks:
+        return spec
+    mt = config.get("model_type")
+    if options.calibrated:
+        how = options.said("method") if options.method == "aligned" else options.said("refine_steps")
+        raise UptrainError(f"{how} is not supported on {mt} (an encoder-decoder) yet: calibration runs decoder-only "
+                           f"models. Use method {', '.join(POOL_METHODS)} without refine steps")
+    before = config.get("gqa_attention") or "decoder"
+    if spec.kv_heads(config) < spec.heads(config) and before != options.attention:
+        raise UptrainError(f"{src} already shares its KV heads in its {before} attention (gqa_attention: {before}); "
+                           f"converting it further keeps that choice: use {options.said('attention', before)}, or "
+                           f"convert the MHA source")
+    return spec.pooling(options.attention)
+

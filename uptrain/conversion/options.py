@@ -20,7 +20,7 @@ GROUPINGS = ("contiguous", "similarity")
 ATTENTIONS = ("decoder", "all")  # arch.AttentionSpec.pooling
 CALIBRATION_INPUTS = ("source", "converted")
 DEFAULT_CALIBRATION_TOKENS = 32768
-DEFAULT_REFINE_STEPS = 100  # aligned's default (measured: bench_refine.py); pooling methods refine only when asked
+DEFAULT_REFINE_STEPS = 50  # aligned's default (measured: bench_refine.py); pooling methods refine only when asked
 
 
 def _opt(help: str, default=None, cli: bool = True, scope: str | None = None, **kw):

@@ -57,6 +57,10 @@ _GLOBAL = ("model.embed_tokens.weight", "model.norm.weight", "model.norm.bias", 
 
 G = "G"  # in a Form's config: the result's KV-head count
 
+# Buffers older checkpoints saved inside the attention module (names relative to it: GPT-2's and Pythia's causal
+# masks, RoPE's inv_freq): copied as bytes, never parameters a calibrated method rewrites.
+ATTENTION_BUFFERS = ("bias", "masked_bias", "rotary_emb.inv_freq")
+
 
 @dataclass(frozen=True)
 class Storage:

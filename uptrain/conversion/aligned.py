@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from uptrain.arch import ATTENTION_BUFFERS
 from uptrain.errors import UptrainError
 from uptrain.merging import merge_attention
 
@@ -71,10 +72,11 @@ def rotary_dims(spec, config: dict) -> int | None:
 
 def attention_suffixes(spec) -> tuple[str, ...]:
     """Every per-layer tensor of the attention block (the K/V tensors, q, o, their biases, attention norms):
-    what a calibrated method may rewrite."""
+    what a calibrated method may rewrite. Saved buffers (causal masks, inv_freq) are not among them."""
     attn = spec.q.rsplit(".", 1)[0] + "."
     own = (f"{spec.q}.weight", f"{spec.q}.bias", f"{spec.o}.weight", f"{spec.o}.bias")
-    return tuple(dict.fromkeys((*spec.kv, *own, *(s for s in spec.copy if s.startswith(attn)))))
+    norms = (s for s in spec.copy if s.startswith(attn) and s[len(attn):] not in ATTENTION_BUFFERS)
+    return tuple(dict.fromkeys((*spec.kv, *own, *norms)))
 
 
 def merge_aligned(tensors: dict[str, torch.Tensor], c: torch.Tensor, spec, cfg, groups: int, head_dim: int,

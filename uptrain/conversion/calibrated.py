@@ -12,6 +12,12 @@ layer at a time (uptrain/conversion/layerwise.py) and, per layer:
   5. puts the layer's new attention tensors, in the checkpoint's dtype, in a scratch folder beside the
      output (never the whole model in memory), from where the writer's `merge` takes them.
 
+The merges work on canonical rows ([q | k | v], [out, in]: arch.Storage), as the writer's `merge` does; the
+source skeleton is the checkpoint's own class, the converted one the class that holds G KV heads with the
+source's module names (`engine_form`): the source's class with fewer KV heads where transformers has a KV-head
+field, else uptrain/modeling's GQA class (gpt_neox: q, k, v fused per KV head; gpt2: Conv1D; opt), each loaded
+in its own stored layout (`Layouts`).
+
 Memory: one float32 decoder layer (two with converted inputs) + the carried hidden states, plus X and Y of
 one layer when refining (each tokens × hidden float32) + one (hidden+1)² moment for aligned.
 """
@@ -64,15 +70,65 @@ class Scratch:
         return out
 
 
+def engine_form(spec, config: dict, groups: int):
+    """The form whose model computes the converted layers while calibrating: the result's own when it keeps
+    the source's model type (native, or uptrain/modeling's GQA class), else the spec's remote-code form
+    (GPT-2 → MQA is written as gpt_bigcode, whose layers take other arguments: GPT-2's GQA class with one KV
+    head computes the same). None when there is neither."""
+    form = spec.form(config, groups)
+    if form is not None and not form.model_type:
+        return form
+    return next((f for f in spec.forms if f.remote_code and not f.model_type
+                 and f.applies(config, spec.heads(config), groups)), None)
+
+
+def converted_model(spec, config: dict, groups: int) -> tuple[dict, type | None]:
+    """(config overrides, model class or None for the config's own) of the converted skeleton."""
+    import importlib
+
+    from uptrain.arch import G
+    from uptrain.modeling import TEMPLATES
+
+    form = engine_form(spec, config, groups)
+    changes = form.config if form.config else {spec.kv_heads_field: G}
+    overrides = {k: groups if v == G else v for k, v in changes.items() if k not in ("model_type", "architectures")}
+    if form.remote_code is None:
+        return overrides, None
+    template = TEMPLATES[form.remote_code]
+    return overrides, getattr(importlib.import_module(f"uptrain.modeling.{template.module}"), template.model_class)
+
+
 def check_calibratable(spec, config: dict, options) -> None:
-    """Refuse, in the caller's words, sources whose converted layers the engine cannot build natively."""
-    odd = [name for name in ("transposed", "per_kv_head", "flat") if getattr(spec, name, ())]
-    form = spec.form(config, options.groups) if hasattr(spec, "form") else None
-    if odd or getattr(spec, "root", "") or (form is not None and not form.native):
-        raise UptrainError(f"{options.said('method')} with calibration needs a result that plain transformers "
-                           f"loads with the source's tensor layout; {config.get('model_type')} is not such a model "
-                           f"yet. Use a data-free {options.key('method')} (mean, mean-norm) without "
-                           f"{options.key('refine_steps')}")
+    """Refuse, in the caller's words, sources whose converted layers the engine cannot build."""
+    if engine_form(spec, config, options.groups) is None:
+        raise UptrainError(f"{options.said('method')} with calibration cannot build the converted "
+                           f"{config.get('model_type')} layers for {options.key('groups')} {options.groups} (no form "
+                           f"of it keeps the source's module names). Use a data-free {options.key('method')} "
+                           f"(mean, mean-norm) without {options.key('refine_steps')}")
+
+
+class Layouts:
+    """How one layer's attention tensors are stored in the source and in the converted skeleton (arch.Storage):
+    the merges work on canonical rows ([q | k | v], [out, in]), the skeletons load their own layout (gpt_neox's
+    q, k, v fused per KV head; GPT-2's transposed Conv1D)."""
+
+    def __init__(self, spec, config: dict, groups: int, shapes: dict[str, tuple[int, ...]]):
+        form = engine_form(spec, config, groups)
+        self.read = {s: spec.storage(s, config) for s in shapes}
+        self.write = {s: spec.storage(s, config, groups, form) for s in shapes}
+        rows = {s: spec.rows(s, config, kv_heads=groups)[-1][2] for s in shapes if s in spec.kv}
+        self.shapes = {s: spec.stored_shape(s, shape, rows[s], config, form) if s in rows else shape
+                       for s, shape in shapes.items()}
+
+    def canonical(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {s: self.read[s].canonical(t) for s, t in tensors.items()}
+
+    def converted(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Canonical → as the converted skeleton stores them."""
+        return {s: self.write[s].stored(t, self.shapes[s]) for s, t in tensors.items()}
+
+    def from_converted(self, suffix: str, t: torch.Tensor) -> torch.Tensor:
+        return self.write[suffix].canonical(t)
 
 
 class CalibratedMethod:
@@ -130,7 +186,9 @@ class CalibratedMethod:
         calibration.update(inputs=self.inputs, device=device.type)
         self.scratch = Scratch(getattr(ctx, "out_dir", None))
         try:
-            engine = LayerByLayer(ctx.src_dir, ctx.spec, ctx.config, ctx.source, device, ctx.groups)
+            overrides, model_class = converted_model(ctx.spec, ctx.config, ctx.groups)
+            engine = LayerByLayer(ctx.src_dir, ctx.spec, ctx.config, ctx.source, device, ctx.groups, overrides,
+                                  model_class)
             batches = engine.embed(blocks, o.calibration_batch_size or DEFAULT_BATCH_SIZE)
             self._run(engine, batches, ctx)
         except BaseException:
@@ -168,25 +226,35 @@ class CalibratedMethod:
                     out = run_layer(layer, b, i)
                     if out is not None:
                         b.hidden = out
-            mine = {s: src[prefix + s] for s in suffixes if prefix + s in src}
+            here = [s for s in suffixes if prefix + s in src]
+            layouts = Layouts(spec, ctx.config, ctx.groups, {s: tuple(src[prefix + s].shape) for s in here})
+            # the merges see canonical rows, as the writer's `merge` does; the skeletons load their own layout
+            mine = layouts.canonical({s: src[prefix + s] for s in here})
             new = self.closed_form(i, mine, moment.result() if moment is not None else None, ctx)
-            dtypes = {s: DTYPES[ctx.source.entries[prefix + s].dtype] for s in new}
+            dtypes = {s: DTYPES[ctx.source.entries[engine.stored[prefix + s]].dtype] for s in new}
             # What the written checkpoint will hold: the converted stream and the refinement start from it.
             new = {s: t.to(dtypes[s]).float() for s, t in new.items()}
+
+            def converted_layer(src, new):
+                return {**src, **{prefix + s: t for s, t in layouts.converted(new).items()}}
+
             if refine_on:
-                full = {**src, **{prefix + s: t for s, t in new.items()}}
-                with engine.layer(i, full, converted=True, only=attn_name) as attn:
-                    fit = refine(attn, calls, self.steps, o_proj=attn.get_submodule(o_name), seed=i)
-                    params = dict(attn.named_parameters())
-                    missing = [s for s in new if s[len(attn_name) + 1:] not in params]
+                with engine.layer(i, converted_layer(src, new), converted=True, only=attn_name) as attn:
+                    o_proj = attn.get_submodule(o_name)
+                    # the closed-form refit of o_proj solves for an nn.Linear (GPT-2's Conv1D: Adam alone)
+                    fit = refine(attn, calls, self.steps, o_proj=o_proj if isinstance(o_proj, torch.nn.Linear)
+                                 else None, seed=i)
+                    params = {f"{attn_name}.{n}": p for n, p in attn.named_parameters()}
+                    missing = [s for s in new if s not in params]
                     if missing:
                         raise UptrainError(f"refinement found no parameter for {', '.join(missing)} in the "
                                            f"{ctx.config.get('model_type')} attention module")
-                    new = {s: params[s[len(attn_name) + 1:]].detach().to("cpu", dtypes[s]).float() for s in new}
+                    new = {s: layouts.from_converted(s, params[s].detach().to("cpu")).to(dtypes[s]).float()
+                           for s in new}
                 self.refined_layers.append({"layer": i, **fit})
             calls.clear()  # X and Y of this layer: not needed any more
             if self.inputs == "converted":
-                with engine.layer(i, {**src, **{prefix + s: t for s, t in new.items()}}, converted=True) as layer:
+                with engine.layer(i, converted_layer(src, new), converted=True) as layer:
                     for b in batches:
                         b.hidden = run_layer(layer, b, i)
             self.scratch.put(i, {s: t.to(dtypes[s]) for s, t in new.items()})

@@ -4,8 +4,8 @@
 
 Runs `uptrain demo`'s stages (uptrain/miniature/stages.py: same data, tokenizer, sizes, schedule, α = 0.05)
 with a GPT-NeoX in place of the Llama: 4 layers, 8 heads, hidden 256, Pythia's rotary_pct 0.25, parallel
-residual, untied embeddings; pre-trained for N = 320 steps, converted to GQA-2 and MQA (mean pooling; the
-results carry uptrain's modeling file and load with trust_remote_code=True), uptrained α·N = 16 steps at
+residual, untied embeddings; pre-trained for N = 320 steps, converted to GQA-2 and MQA (mean pooling, and
+aligned with its default refinement; the results carry uptrain's modeling file and load with trust_remote_code=True), uptrained α·N = 16 steps at
 the lr pre-training ended at, next to the MHA model continued for the same steps, and evaluated on the
 same 16k held-out tokens. Prints the table (step-0 and uptrained perplexity, KV cache per token) and
 writes it to DIR/pythia.md. About 5 minutes on 2 CPU cores (--quick: the demo's quick size, under one).
@@ -56,7 +56,10 @@ def main() -> None:
     say(f"pre-training a {size.layers}-layer MHA GPT-NeoX ({size.heads} heads, hidden {size.hidden}, rotary_pct "
         f"0.25) for {n} steps")
     pre = train_run(run, "mha-pretrain", str(init), n, size.lr, "cosine", max(1, n // 20), max(1, n // 5))
-    vs = [Variant("MHA", None), Variant("GQA-2", 2, "mean"), Variant("MQA", 1, "mean")]
+    vs = [Variant("MHA", None), Variant("GQA-2", 2, "mean"), Variant("MQA", 1, "mean"),
+          # calibrated, layer by layer through uptrain's GPT-NeoX GQA class (partial rotary: RoPE'd rows take
+          # the per-frequency fold, the rest the PCA fold), then refined
+          Variant("GQA-2 aligned", 2, "aligned", "beyond"), Variant("MQA aligned", 1, "aligned", "beyond")]
     step0 = convert_variants(run, pre["out"], vs)
     uptrained = uptrain_variants(run, step0, vs)
     ev = evaluate_all(run, step0, uptrained, vs)

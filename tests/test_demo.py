@@ -164,3 +164,14 @@ def test_t5_findings_agree_with_the_numbers(t5_run):
     assert f"{src}-token source and {tgt}-token target" in cross
     assert f"caches {mha * (src + tgt):,} bytes (MHA)" in cross
     assert f"cross-attention is {src / (src + tgt):.0%} of it" in cross
+
+
+@pytest.mark.parametrize("mqa_speed, says", [(100.0, "does not show here"), (124.0, "does not show here"),
+                                             (126.0, "faster, as the paper measures")])
+def test_inference_cost_finding_follows_the_measured_speed(mqa_speed, says):
+    from uptrain.miniature.findings import _inference_cost
+
+    rows = [{"kv_cache_bytes_per_token": 8192, "decode_tokens_per_s": 100.0},
+            {"kv_cache_bytes_per_token": 1024, "decode_tokens_per_s": mqa_speed}]
+    text = _inference_cost(rows)
+    assert "shrinks 8×" in text and f"{mqa_speed / 100:.2f}× as fast" in text and says in text

@@ -86,15 +86,22 @@ def _sweep_share(pts) -> str | None:
             + (" — most of it, as in the paper." if share >= 0.5 else " — less than half, unlike the paper."))
 
 
+FASTER = 1.25  # a decode-speed ratio the report calls faster (tiny models on a CPU: ±20% between identical runs)
+
+
 def _inference_cost(rows) -> str:
     big = max(rows, key=lambda x: x["kv_cache_bytes_per_token"])
     small = min(rows, key=lambda x: x["kv_cache_bytes_per_token"])
     sp = (small["decode_tokens_per_s"] or 0) / (big["decode_tokens_per_s"] or 1)
-    return (f"Inference cost: the KV cache shrinks "
+    head = (f"Inference cost: the KV cache shrinks "
             f"{big['kv_cache_bytes_per_token'] / small['kv_cache_bytes_per_token']:.0f}× "
-            f"from MHA to MQA; cached decode is {sp:.2f}× as fast on this CPU — a model this small is bound by "
-            f"weights and Python overhead, not by cache traffic, so the speed-up the paper measures on large "
-            f"models at long context does not show here.")
+            f"from MHA to MQA; cached decode is {sp:.2f}× as fast on this CPU")
+    if sp >= FASTER:
+        return (head + " — faster, as the paper measures on large models, though a model this small is bound by "
+                "weights and Python overhead more than by cache traffic, and timings on a shared CPU vary a lot "
+                "between runs: the bytes, not this ratio, are the result to trust here.")
+    return (head + " — a model this small is bound by weights and Python overhead, not by cache traffic, so the "
+            "speed-up the paper measures on large models at long context does not show here.")
 
 
 def _beyond(rows, r, g) -> str:

@@ -34,14 +34,19 @@ def demo(out: str = "demo-out", quick: bool = False, seed: int = 0, overwrite: b
         settings["arch"] = a.name
     run = stages.Run(out_dir, size, seed, alpha, progress, State(out_dir, settings), arch=a)
     torch.manual_seed(seed)
-
-    stages.prepare_data(run)
-    pre = stages.pretrain(run)
-    vs = a.variants(size.heads)
-    step0 = stages.convert_variants(run, pre["out"], vs)
-    uptrained = stages.uptrain_variants(run, step0, vs)
-    sweep = stages.alpha_sweep(run, step0)
-    ev = stages.evaluate_all(run, step0, uptrained, vs)
+    threads = torch.get_num_threads()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    try:
+        stages.prepare_data(run)
+        pre = stages.pretrain(run)
+        vs = a.variants(size.heads)
+        step0 = stages.convert_variants(run, pre["out"], vs)
+        uptrained = stages.uptrain_variants(run, step0, vs)
+        sweep = stages.alpha_sweep(run, step0)
+        ev = stages.evaluate_all(run, step0, uptrained, vs)
+    finally:
+        torch.set_num_threads(threads)
 
     result = write_outputs(run, vs, pre, uptrained, sweep, ev, t0)
     stages.say(f"done in {result.wall_time_s / 60:.1f} min: {result.report}")

@@ -85,10 +85,15 @@ class DemoArch:
     variants: Callable[[int], list[Variant]]
     weight_decay: float
     seq2seq: bool = False  # span corruption (encoder-decoder) rather than next-token prediction
+    # torch threads for the whole run (None: torch's default). The T5 miniature's matrices are too small to
+    # split: a training step on two threads cost 6-17x the CPU time of one thread and ran 4-11x slower on
+    # this 2-core machine while other work shared it (measured, hidden 64 and 128).
+    threads: int | None = None
 
 
 ARCHS = {"llama": DemoArch("llama", "Llama", FULL, QUICK, variants, weight_decay=0.1),
-         "t5": DemoArch("t5", "T5.1.1", T5_FULL, T5_QUICK, t5_variants, weight_decay=0.0, seq2seq=True)}
+         "t5": DemoArch("t5", "T5.1.1", T5_FULL, T5_QUICK, t5_variants, weight_decay=0.0, seq2seq=True,
+                         threads=1)}
 
 
 ALPHAS = (0.0, 0.025, 0.05, 0.1)

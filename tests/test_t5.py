@@ -245,8 +245,9 @@ def test_methods_and_refusals(sources, tmp_path):
         if method == "first":  # heads 0 and 2 of the source's 4
             src = a["decoder.block.1.layer.1.EncDecAttention.v.weight"]
             assert torch.equal(w, torch.cat([src[0:16], src[32:48]]))
-    with pytest.raises(UptrainError, match="method='aligned' is not supported on t5.*mean, first, random, mean-norm"):
-        uptrain.convert(sources["t5"], tmp_path / "x", groups=2, method="aligned", progress=False)
+    with pytest.raises(UptrainError, match="grouping='similarity' is not supported on t5: .*relative position bias"):
+        uptrain.convert(sources["t5"], tmp_path / "x", groups=2, method="aligned", grouping="similarity",
+                        progress=False)
     with pytest.raises(UptrainError, match="attention='encoder'; choose one of decoder, all"):
         uptrain.convert(sources["t5"], tmp_path / "x", groups=2, attention="encoder", progress=False)
     with pytest.raises(UptrainError, match="groups 3 does not divide"):

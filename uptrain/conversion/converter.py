@@ -19,7 +19,7 @@ from pathlib import Path
 from uptrain.arch import check_groups, kv_cache_bytes_per_token, spec_for_config
 from uptrain.checkpoint import CHECKPOINT_FILES, check_free_space, check_output, copy_companions, dtype_size, \
     fingerprint, kv_dtype, open_source, quantization, read_config
-from uptrain.conversion.methods import POOL_METHODS, ConvertContext, make_method
+from uptrain.conversion.methods import ConvertContext, make_method
 from uptrain.conversion.options import ConvertOptions
 from uptrain.conversion.plan import plan_conversion, result_config
 from uptrain.conversion.writer import write_converted
@@ -79,7 +79,8 @@ def convert(src: str, out: str, groups: int | None = None, *, options: ConvertOp
 
     The conversion is described by `options` (a ConvertOptions) or by its fields as keyword arguments:
     `convert(src, out, groups=8, method="aligned", calibration_tokens=65536)`. Streaming: reads one tensor
-    at a time, copies unchanged tensors as bytes, never builds the model. Writes into a temporary folder
+    at a time, copies unchanged tensors as bytes, never builds the model (except aligned on an encoder-decoder,
+    which calibrates on the whole source model: seq2seq_aligned.py). Writes into a temporary folder
     beside `out` and renames it into place only when everything succeeded."""
     t0 = time.time()
     if options is None:
@@ -99,7 +100,7 @@ def convert(src: str, out: str, groups: int | None = None, *, options: ConvertOp
     g = options.groups
     check_groups(g, kv, options.key("groups"))
     check_output(src_dir, out_dir, overwrite)
-    merger = make_method(options)
+    merger = seq2seq_method(options) if spec.blocks and options.calibrated else make_method(options)
     source = open_source(src_dir, allow_pickle=options.allow_pickle)
     touched = tuple(merger.touched(spec)) if merger.layerwise else ()
     plan = plan_conversion(spec, config, source.entries, g, touched, options.key("groups"))
@@ -112,6 +113,9 @@ def convert(src: str, out: str, groups: int | None = None, *, options: ConvertOp
 
     with AtomicFolder(out_dir) as tmp:
         written, n_shards, layers = write_converted(tmp, plan, source, merger, ctx, options.max_shard_size, progress)
+        if spec.blocks:  # a layerwise method rewrites q / o of every block: list only the pooled units
+            pooled = set(spec.units(config))
+            layers = [s for s in layers if (s["block"], s["layer"]) in pooled]
         new_config, template = result_config(spec, config, g)
         if template is not None:  # the Hub's trust_remote_code convention: the code beside the weights
             shutil.copyfile(template.path, tmp / template.file)
@@ -146,6 +150,14 @@ def convert(src: str, out: str, groups: int | None = None, *, options: ConvertOp
     return result
 
 
+def seq2seq_method(options: ConvertOptions):
+    """The calibrated method of an encoder-decoder (aligned, or any method with refine steps), calibrated on
+    the whole source model rather than layer by layer."""
+    from uptrain.conversion.seq2seq_aligned import Seq2SeqCalibrated
+
+    return Seq2SeqCalibrated(options)
+
+
 def pooled_spec(config: dict, options: ConvertOptions, src: str):
     """The source's attention spec with the blocks `options.attention` names pooled (encoder-decoders; a
     decoder-only spec is itself), after the refusals that only an encoder-decoder can meet."""
@@ -153,10 +165,10 @@ def pooled_spec(config: dict, options: ConvertOptions, src: str):
     if not spec.blocks:
         return spec
     mt = config.get("model_type")
-    if options.calibrated:
-        how = options.said("method") if options.method == "aligned" else options.said("refine_steps")
-        raise UptrainError(f"{how} is not supported on {mt} (an encoder-decoder) yet: calibration runs decoder-only "
-                           f"models. Use method {', '.join(POOL_METHODS)} without refine steps")
+    if options.calibrated:  # aligned / refinement: calibrated on the whole model (seq2seq_aligned.py)
+        from uptrain.conversion.seq2seq_aligned import check_seq2seq
+
+        check_seq2seq(options, mt)
     before = config.get("gqa_attention") or "decoder"
     if spec.kv_heads(config) < spec.heads(config) and before != options.attention:
         raise UptrainError(f"{src} already shares its KV heads in its {before} attention (gqa_attention: {before}); "

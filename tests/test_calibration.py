@@ -9,6 +9,8 @@ from uptrain.conversion.calibration import calibrate, calibration_blocks, data_s
 from uptrain.data import DataSpec
 from uptrain.errors import UptrainError
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def direct_moments(model, blocks):
     """[X 1]ᵀ[X 1] per layer from output_hidden_states: X = input_layernorm(input of layer i)."""

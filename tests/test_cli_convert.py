@@ -67,7 +67,7 @@ def expect_error(r, *needles):
 
 
 def test_groups_not_dividing(src, tmp_path):
-    expect_error(run_subprocess("convert", src, tmp_path / "o", "--groups", "3"), "does not divide", "valid values: 1, 2, 4, 8")
+    expect_error(run("convert", src, tmp_path / "o", "--groups", "3"), "does not divide", "valid values: 1, 2, 4, 8")
     expect_error(run("convert", src, tmp_path / "o", "--groups", "16"), "larger than", "valid values")
     assert not (tmp_path / "o").exists()
 
@@ -136,7 +136,7 @@ def test_pickle_refused_unless_allowed(tmp_path):
     torch.save(model.state_dict(), src / "pytorch_model.bin")
     expect_error(run("convert", src, tmp_path / "o", "--groups", "2"), "--allow-pickle")
     assert not (tmp_path / "o").exists()
-    r = run_subprocess("convert", src, tmp_path / "o", "--groups", "2", "--allow-pickle", "--quiet")
+    r = run("convert", src, tmp_path / "o", "--groups", "2", "--allow-pickle", "--quiet")
     assert r.returncode == 0, r.stderr
     out = load_file(str(tmp_path / "o" / "model.safetensors"))
     assert torch.equal(out["model.layers.0.mlp.up_proj.weight"], model.state_dict()["model.layers.0.mlp.up_proj.weight"])

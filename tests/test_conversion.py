@@ -15,6 +15,7 @@ from uptrain.errors import UptrainError
 from uptrain.pooling import pool_mean
 
 ARCHS = sorted(TINY_CONFIGS)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_every_spec_has_a_tiny_model():

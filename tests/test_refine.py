@@ -2,13 +2,10 @@
 what no closed form can fold, serves architectures aligned refuses, never spoils an exact merge, and the
 engine holds one decoder layer at a time."""
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
-from test_merging import ROOT, invertible, load
+from test_merging import invertible, load
 from tiny_models import make_groups_equal, save, tiny_model
 
 import uptrain
@@ -110,16 +107,20 @@ def test_equal_heads_stay_lossless(method, tmp_path, tokenizer, heldout_ids):
     assert all(f["after"] == f["before"] < 1e-10 for f in record(tmp_path / "out")["refine"]["layers"])
 
 
-def test_converted_inputs_through_the_cli(tmp_path, tokenizer, heldout_ids):
+def test_converted_inputs_through_the_cli(tmp_path, tokenizer, heldout_ids, capfd):
+    """The CLI's main() in-process (argv parsing, exit status, the progress bar), one thread as above; a fresh
+    interpreter would add seconds of imports that tests/test_cli_convert.py already pays for `uptrain convert`."""
+    from uptrain.cli import main
+
     model = plant_general(tiny_model("llama"), 2)
     src = save(model, tmp_path / "src", tokenizer=tokenizer)
     out = tmp_path / "out"
-    p = subprocess.run([sys.executable, "-m", "uptrain", "convert", src, str(out), "--groups", "2", "--method",
-                        "mean-norm", "--refine-steps", "80", "--calibration-inputs", "converted", "--device", "cpu",
-                        "--calibration-tokens", "512", "--calibration-seq-len", "32"],
-                       capture_output=True, text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert p.returncode == 0, p.stderr
-    assert "calibrate + refine" in p.stderr
+    status = main(["convert", src, str(out), "--groups", "2", "--method", "mean-norm", "--refine-steps", "80",
+                   "--calibration-inputs", "converted", "--device", "cpu", "--calibration-tokens", "512",
+                   "--calibration-seq-len", "32"])
+    err = capfd.readouterr().err
+    assert status == 0, err
+    assert "calibrate + refine" in err
     conv = record(out)
     assert conv["calibration"]["inputs"] == "converted" and conv["calibration"]["device"] == "cpu"
     assert rel_error(model, out, heldout_ids) < 0.1

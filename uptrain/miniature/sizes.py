@@ -58,18 +58,18 @@ def variants(heads: int) -> list[Variant]:
 
 
 def t5_variants(heads: int) -> list[Variant]:
-    """The paper's T5 comparison (Table 1, Fig. 4): decoder self- and cross-attention pooled, no beyond-the-paper
-    methods (aligned merging calibrates causal LMs only)."""
-    return [v for v in variants(heads) if v.role != "beyond"]
+    """The paper's T5 comparison (Table 1, Fig. 4): decoder self- and cross-attention pooled; the same
+    beyond-the-paper rows as the Llama (aligned calibrates on span-corrupted text: seq2seq_aligned.py)."""
+    return variants(heads)
 
 
 # T5.1.1 in miniature (gated-GELU, untied head): seq_len is the encoder's input length; span corruption reads
 # raw blocks of the length T5's rule gives and eval_tokens counts those raw tokens.
 T5_FULL = DemoSize(layers=2, heads=8, hidden=128, vocab=2048, seq_len=64, batch=16, pretrain_steps=400, lr=3e-3,
-                   eval_tokens=16384, calibration_tokens=0, tokenizer_plays=None, max_train_blocks=None,
+                   eval_tokens=16384, calibration_tokens=16384, tokenizer_plays=None, max_train_blocks=None,
                    decode_prompt=64, decode_new=16)
 T5_QUICK = DemoSize(layers=2, heads=8, hidden=64, vocab=1024, seq_len=64, batch=8, pretrain_steps=80, lr=3e-3,
-                    eval_tokens=4096, calibration_tokens=0, tokenizer_plays=4, max_train_blocks=2000,
+                    eval_tokens=4096, calibration_tokens=2048, tokenizer_plays=4, max_train_blocks=2000,
                     decode_prompt=32, decode_new=8)
 
 

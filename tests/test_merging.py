@@ -20,6 +20,7 @@ from uptrain.merging import head_gram, merge_attention, merge_pca, partition
 from uptrain.pooling import pool_mean, pool_mean_norm, split_groups
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matrices: a second thread only spins on a busy machine
 
 
 # ------------------------------------------------------------------------------------------ planted heads
@@ -293,17 +294,26 @@ def test_aligned_reproduces_source_logits(arch, kv, groups, tmp_path, tokenizer)
     assert all(entry["k_fit_error"] < 1e-6 and entry["v_fit_error"] < 1e-6 for entry in conv["aligned"]["layers"])
 
 
-def test_similarity_grouping_through_the_cli(tmp_path, tokenizer):
+# The real CLI in a subprocess, on one torch thread: two OpenMP threads on a busy 2-core machine cost several
+# times the CPU time for matrices this small.
+ONE_THREAD = dict(os.environ, OMP_NUM_THREADS="1")
+
+
+def test_similarity_grouping_through_the_cli(tmp_path, tokenizer, capfd):
+    """The CLI's main() in-process (argv parsing, exit status, the progress bar); the fresh-interpreter CLI runs
+    in the refusal test below and in tests/test_cli_convert.py."""
+    from uptrain.cli import main
+
     model = plant(tiny_model("llama"), 2)
     perms = shuffle_heads(model)
     src = save(model, tmp_path / "src", tokenizer=tokenizer)
     ref = logits(model, IDS)
     out = tmp_path / "out"
-    p = subprocess.run([sys.executable, "-m", "uptrain", "convert", src, str(out), "--groups", "2", "--method",
-                        "aligned", "--grouping", "similarity", "--calibration-tokens", "300"],
-                       capture_output=True, text=True, cwd=ROOT)
-    assert p.returncode == 0, p.stderr
-    assert "calibrate" in p.stderr  # the calibration pass shows a progress bar
+    status = main(["convert", src, str(out), "--groups", "2", "--method", "aligned", "--grouping", "similarity",
+                   "--calibration-tokens", "300"])
+    err = capfd.readouterr().err
+    assert status == 0, err
+    assert "calibrate" in err  # the calibration pass shows a progress bar
     conv = json.loads((out / "uptrain.json").read_text())["conversion"]
     assert conv["grouping"] == "similarity" and conv["calibration"]["tokens"] == 300
     for layer, perm in zip(conv["aligned"]["layers"], perms):
@@ -319,7 +329,7 @@ def test_refuses_per_head_norms_through_the_cli(tmp_path):
     src = save(tiny_model("qwen3"), tmp_path / "src")
     out = tmp_path / "out"
     p = subprocess.run([sys.executable, "-m", "uptrain", "convert", src, str(out), "--groups", "2",
-                        "--method", "aligned"], capture_output=True, text=True, cwd=ROOT)
+                        "--method", "aligned"], capture_output=True, text=True, cwd=ROOT, env=ONE_THREAD)
     assert p.returncode == 2
     msg = p.stderr.strip().splitlines()
     assert len(msg) == 1 and "k_norm" in msg[0] and "Traceback" not in p.stderr

@@ -8,7 +8,9 @@ quality  The demo's model (4 layers, hidden 256, 8 heads, 4k BPE vocabulary, pre
          for 320 steps, as bench_aligned_quality.py does; ~7 min on 2 quiet cores, kept in --workdir) converted
          to each G with mean, mean-norm, aligned, and with refinement (mean-norm + refine, aligned + refine on
          the source's and on the converted model's hidden states); held-out perplexity at step 0 (whole held-out
-         plays), its ratio to the MHA source's, and the conversion's wall time.
+         plays), its ratio to the MHA source's, and the conversion's wall time. Then (--uptrain-steps, default
+         4·α·N) mean-pool and aligned + refine are uptrained at the rate pre-training ended at: their ppl after
+         α·N = 16 steps, and how many steps mean-pool needs to reach aligned + refine's step-0 ppl.
 sizes    aligned + refine at calibration sizes 512 … 32k tokens: step-0 perplexity and time (to choose the default).
 cost     bench_convert.py's 1.9 GB bf16 checkpoint (16 layers, hidden 2048, 16 heads) → GQA-4, or with
          --shape 135m the shape of the issue's 135M model (30 layers, hidden 576, 3 KV heads) → MQA; random
@@ -31,7 +33,6 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from bench_aligned_quality import heldout, ppl, pretrain  # noqa: E402
-from bench_convert import measure  # noqa: E402
 
 PRETRAIN_STEPS = 320  # the demo's N
 
@@ -90,6 +91,79 @@ def quality(args, work: str) -> None:
     print("|---|---|---|---|---|")
     for g, label, p, secs in rows:
         print(f"| {g} | {label} | {p:.2f} | {p / base:.2f}× | {secs:.1f} |")
+    if args.uptrain_steps:
+        uptraining(args, work, src, blocks, base, steps, {(g, label): p for g, label, p, _ in rows})
+
+
+# Uptraining as the demo does it: constant lr at the rate pre-training ended at (bench_aligned_quality's cosine
+# ends at 0.1 × its peak), the pre-training batch, no warm-up.
+UPTRAIN_LR = 1e-4
+ALPHA_STEPS = round(0.05 * PRETRAIN_STEPS)  # α·N with the paper's α = 0.05
+
+
+def uptrain_curve(work, model_dir, name, steps, every, blocks, tok, train_blocks) -> list[tuple[int, float]]:
+    """[(step, held-out ppl)] of `uptrain.train` from model_dir, evaluated every `every` steps (and at 0)."""
+    from bench_aligned_quality import BATCH, SEQ
+
+    from uptrain.training import train
+
+    recipe = {"out": os.path.join(work, "runs", name), "overwrite": True, "model": {"path": model_dir},
+              "data": {"seq_len": SEQ}, "budget": {"max_steps": steps},
+              "optim": {"lr": UPTRAIN_LR, "schedule": "constant", "warmup_steps": 0, "weight_decay": 0.1},
+              "train": {"micro_batch_size": BATCH, "grad_accum": 1, "seed": 0},
+              "eval": {"every": every, "at_start": True, "max_blocks": blocks.shape[0], "batch_size": 8},
+              "checkpoint": {"every": 0}, "log": {"progress": False}}
+    r = train(recipe, tokenizer=tok, train_blocks=train_blocks, eval_blocks=blocks, progress=False)
+    curve = [(e["step"], e["perplexity"]) for e in r.eval_history]
+    if r.final_eval and (not curve or curve[-1][0] != r.steps):
+        curve.append((r.steps, r.final_eval["perplexity"]))
+    shutil.rmtree(os.path.join(work, "runs", name), ignore_errors=True)
+    return curve
+
+
+def uptraining(args, work, src, blocks, base, refine_steps, step0) -> None:
+    """Uptrain mean-pool and aligned + refine from their step 0: the ppl after α·N steps, and how many steps
+    mean-pool needs to reach aligned + refine's step-0 ppl (the uptraining budget the calibrated start saves)."""
+    from transformers import AutoTokenizer
+
+    from bench_aligned_quality import SEQ
+    from uptrain.data import DataSpec, load_texts, pack_blocks
+
+    tok = AutoTokenizer.from_pretrained(src)
+    train_blocks = pack_blocks(load_texts(DataSpec(), "train"), tok, SEQ)
+    rows = []
+    for g in args.groups:
+        curves = {}
+        for label, method, opts in (("mean", "mean", {}),
+                                    ("aligned + refine", "aligned", {"refine_steps": refine_steps,
+                                                                     "calibration_tokens": args.calibration_tokens})):
+            out = os.path.join(work, f"uptrain-g{g}-{method}")
+            _convert(src, out, g, method, opts)
+            n = args.uptrain_steps if label == "mean" else ALPHA_STEPS
+            curves[label] = uptrain_curve(work, out, f"g{g}-{method}", n, args.eval_every, blocks, tok, train_blocks)
+            shutil.rmtree(out, ignore_errors=True)
+            print(f"  G={g} {label:18} uptrained: " + ", ".join(f"{s}:{p:.2f}" for s, p in curves[label]), flush=True)
+        target = step0[(g, "aligned + refine")]
+        reached = next((s for s, p in curves["mean"] if p <= target), None)
+        at_alpha = {k: next((p for s, p in c if s == ALPHA_STEPS), float("nan")) for k, c in curves.items()}
+        rows.append((g, target, at_alpha, reached))
+    print()
+    print(f"uptraining at lr {UPTRAIN_LR} (constant), eval every {args.eval_every} steps; α·N = {ALPHA_STEPS} steps; "
+          f"source MHA ppl {base:.2f}")
+    print("| G | mean after α·N | aligned + refine at step 0 | aligned + refine after α·N | "
+          "steps mean-pool needs to reach aligned + refine's step 0 |")
+    print("|---|---|---|---|---|")
+    for g, target, at_alpha, reached in rows:
+        need = f"{reached} ({reached / ALPHA_STEPS:.1f} α·N)" if reached is not None else \
+            f"> {args.uptrain_steps} ({args.uptrain_steps / ALPHA_STEPS:.0f} α·N)"
+        print(f"| {g} | {at_alpha['mean']:.2f} ({at_alpha['mean'] / base:.2f}×) | {target:.2f} ({target / base:.2f}×) | "
+              f"{at_alpha['aligned + refine']:.2f} ({at_alpha['aligned + refine'] / base:.2f}×) | {need} |")
+
+
+def _convert(src, out, g, method, opts) -> None:
+    import uptrain
+
+    uptrain.convert(src, out, groups=g, method=method, overwrite=True, progress=False, **opts)
 
 
 def sizes(args, work: str) -> None:
@@ -128,6 +202,19 @@ def make_135m(folder: str) -> None:
     LlamaForCausalLM(LlamaConfig(**SHAPE_135M)).to(torch.bfloat16).save_pretrained(folder)
 
 
+def measure(cmd: list[str], threads: int | None) -> tuple[float, float, float]:
+    """(wall s, CPU s = user + sys, peak RSS GB) of a command and its children. On a shared machine the CPU
+    time is the steadier figure, with one thread (--threads 1) most of all: idle OpenMP threads spin."""
+    env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
+    t = time.perf_counter()
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    _, status, ru = os.wait4(p.pid, 0)
+    wall = time.perf_counter() - t
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"{cmd} failed: {p.stderr.read().decode()[-2000:]}")
+    return wall, ru.ru_utime + ru.ru_stime, ru.ru_maxrss / 1024 ** 2  # ru_maxrss is in KB on Linux
+
+
 def cost(args, work: str) -> None:
     from bench_aligned import add_tokenizer
 
@@ -163,7 +250,7 @@ def cost(args, work: str) -> None:
     for label, tokens, cmd, tree in runs:
         os.chdir(tree or here)  # `python -m uptrain` imports the package of its working directory first
         try:
-            wall, rss = measure([sys.executable, "-m", "uptrain", *cmd])
+            wall, cpu, rss = measure([sys.executable, "-m", "uptrain", *cmd], args.threads)
         finally:
             os.chdir(here)
         with open(os.path.join(work, "out", "uptrain.json")) as f:
@@ -171,16 +258,17 @@ def cost(args, work: str) -> None:
         calib = (conv.get("calibration") or {}).get("seconds", float("nan"))
         refine = sum(e.get("seconds", 0) for e in conv.get("refine", {}).get("layers", []))
         shutil.rmtree(os.path.join(work, "out"), ignore_errors=True)
-        rows.append((label, tokens, wall, rss, calib, refine))
-        print(f"  {tokens:6d} tokens  {label:36} {wall:8.1f} s (calibration {calib:.1f} s, of which refinement "
-              f"{refine:.1f} s)   peak RSS {rss:5.2f} GB", flush=True)
+        rows.append((label, tokens, wall, cpu, rss, calib, refine))
+        print(f"  {tokens:6d} tokens  {label:36} {wall:8.1f} s, CPU {cpu:8.1f} s (calibration {calib:.1f} s, of "
+              f"which refinement {refine:.1f} s)   peak RSS {rss:5.2f} GB   load {os.getloadavg()[0]:.1f}", flush=True)
     print()
     what = "1.9 GB bf16 → GQA-4" if args.shape == "1.9gb" else "135M-shaped bf16, 3 → 1 KV heads"
-    print(f"| calibration tokens | conversion ({what}) | wall s | calibration s | of which refinement s | "
+    print(f"torch threads: {args.threads or 'default'}")
+    print(f"| calibration tokens | conversion ({what}) | wall s | CPU s | calibration s | of which refinement s | "
           f"peak RSS GB |")
-    print("|---|---|---|---|---|---|")
-    for label, tokens, wall, rss, calib, refine in rows:
-        print(f"| {tokens} | {label} | {wall:.1f} | {calib:.1f} | {refine:.1f} | {rss:.2f} |")
+    print("|---|---|---|---|---|---|---|")
+    for label, tokens, wall, cpu, rss, calib, refine in rows:
+        print(f"| {tokens} | {label} | {wall:.1f} | {cpu:.1f} | {calib:.1f} | {refine:.1f} | {rss:.2f} |")
 
 
 def main():
@@ -197,6 +285,9 @@ def main():
     ap.add_argument("--shape", choices=("1.9gb", "135m"), default="1.9gb",
                     help="cost: bench_convert.py's 1.9 GB checkpoint, or the issue's 135M model's shape (3 → 1)")
     ap.add_argument("--eval-blocks", type=int, default=64)
+    ap.add_argument("--uptrain-steps", type=int, default=4 * ALPHA_STEPS,
+                    help="quality: uptrain mean-pool up to this many steps (0: step 0 only)")
+    ap.add_argument("--eval-every", type=int, default=4, help="quality: held-out eval interval while uptraining")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (1 is faster on a busy machine)")
     args = ap.parse_args()
     os.environ["TQDM_DISABLE"] = "1"

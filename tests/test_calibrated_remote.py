@@ -5,49 +5,14 @@ import json
 
 import pytest
 import torch
-from test_merging import IDS, invertible, key_transform, logits
+from test_merging import IDS, logits, plant
 from tiny_models import REMOTE_CODE, save, tiny_model
 
 import uptrain
-from uptrain.arch import spec_for_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 CAL = dict(calibration_tokens=256, calibration_seq_len=32, calibration_batch_size=8)
-
-
-def plant(model, groups: int, seed: int = 0, q_scale: float = 3.0):
-    """test_merging.plant in any stored layout: each group's K heads are foldable maps of its first head
-    (complex scalars per pair on RoPE's rows, invertible on the rest; any invertible map without RoPE), its V
-    heads invertible maps of it; queries scaled up so a blurred key shows in the logits."""
-    from uptrain.conversion.aligned import rotary_dims
-
-    cfg = model.config
-    spec = spec_for_config(cfg)
-    kv, d = spec.kv_heads(cfg), spec.head_dim(cfg)
-    rotary = (rotary_dims(spec, cfg.to_dict()) or d) if spec.rope else 0
-    n, gen, sd = kv // groups, torch.Generator().manual_seed(seed), model.state_dict()
-    with torch.no_grad():
-        for layer in range(spec.layers(cfg)):
-            maps = {"k": [key_transform(d, rotary, gen) if rotary else invertible(d, gen) for _ in range(kv)],
-                    "v": [invertible(d, gen) for _ in range(kv)]}
-            prefix = spec.layer_prefix.format(layer)
-            for suffix in spec.kv:
-                t = sd[prefix + suffix]
-                storage = spec.storage(suffix, cfg)
-                c = storage.canonical(t).clone()
-                for role, a, b in spec.rows(suffix, cfg):
-                    heads = c[a:b].view(-1, d, *c.shape[1:])
-                    if role == "q":
-                        heads.mul_(q_scale)
-                        continue
-                    for h in range(kv):
-                        if h % n:
-                            heads[h] = torch.einsum("ij,j...->i...", maps[role][h], heads[h - h % n].clone())
-                t.copy_(storage.stored(c, tuple(t.shape)))
-            if f"{spec.q}.weight" not in spec.kv:
-                sd[prefix + f"{spec.q}.weight"].mul_(q_scale)
-    return model
 
 
 def load_remote(folder):

@@ -46,33 +46,40 @@ def key_transform(d: int, rotary: int, gen) -> torch.Tensor:
 
 
 def plant(model, groups: int, seed: int = 0, q_scale: float = 3.0):
-    """Make each group's K heads per-frequency complex multiples of the group's first head (on the rotated
-    rows; invertible maps of the rest under partial rotary) and its V heads invertible maps of it (weights
-    and biases alike, separate or fused projections). Queries are scaled up so attention is far from
-    uniform and a blurred key shows in the logits."""
+    """Make each group's K heads foldable maps of the group's first head (per-frequency complex scalars on RoPE's
+    rows, invertible maps of the rows passed through under partial rotary; any invertible map without RoPE) and
+    its V heads invertible maps of it (weights and biases alike, separate or fused projections, in any stored
+    layout: Conv1D transposed, q/k/v fused per KV head). Queries are scaled up so attention is far from uniform
+    and a blurred key shows in the logits."""
     from uptrain.conversion.aligned import rotary_dims
 
     cfg = model.config
     spec = spec_for_config(cfg)
     kv, d = spec.kv_heads(cfg), spec.head_dim(cfg)
-    rotary = rotary_dims(spec, cfg.to_dict()) or d
+    rotary = (rotary_dims(spec, cfg.to_dict()) or d) if spec.rope else 0
     n, gen, sd = kv // groups, torch.Generator().manual_seed(seed), model.state_dict()
     with torch.no_grad():
         for layer in range(spec.layers(cfg)):
-            maps = {"k": [key_transform(d, rotary, gen) for _ in range(kv)],
+            maps = {"k": [key_transform(d, rotary, gen) if rotary else invertible(d, gen) for _ in range(kv)],
                     "v": [invertible(d, gen) for _ in range(kv)]}
+            prefix = spec.layer_prefix.format(layer)
             for suffix in spec.kv:
-                t = sd.get(spec.layer_prefix.format(layer) + suffix)
-                for role, a, b in spec.rows(suffix, cfg) if t is not None else ():
-                    heads = t[a:b].view(-1, d, *t.shape[1:])
+                t = sd.get(prefix + suffix)
+                if t is None:
+                    continue
+                storage = spec.storage(suffix, cfg)
+                c = storage.canonical(t).clone()
+                for role, a, b in spec.rows(suffix, cfg):
+                    heads = c[a:b].view(-1, d, *c.shape[1:])
                     if role == "q":
                         heads.mul_(q_scale)
                         continue
                     for h in range(kv):
                         if h % n:
                             heads[h] = torch.einsum("ij,j...->i...", maps[role][h], heads[h - h % n].clone())
+                t.copy_(storage.stored(c, tuple(t.shape)))
             if f"{spec.q}.weight" not in spec.kv:
-                sd[spec.layer_prefix.format(layer) + f"{spec.q}.weight"].mul_(q_scale)
+                sd[prefix + f"{spec.q}.weight"].mul_(q_scale)
     return model
 
 

@@ -50,7 +50,14 @@ def relative_error(module, calls) -> float:
 def refit_output(module, calls, o_proj: torch.nn.Linear, ridge: float = RIDGE) -> None:
     """o_proj ← argmin Σ‖A W′ᵀ + b′ − Y‖² + λ‖W′ − W‖² with A what o_proj reads (the heads' outputs):
     a linear least-squares problem once everything before o_proj is fixed. float64 normal equations."""
-    inputs = []
+    _solve_output(o_proj, *_output_equations(module, calls, o_proj)[:2], ridge)
+
+
+@torch.no_grad()
+def _output_equations(module, calls, o_proj: torch.nn.Linear):
+    """(AᵀA, AᵀY, per-call sums as `_sums` gives them) of o_proj's least squares, in one pass over the calls: the
+    pass that sets up the refit also measures the error before it."""
+    inputs, sums = [], []
     handle = o_proj.register_forward_pre_hook(lambda m, a: inputs.append(a[0]))
     width = o_proj.in_features + (o_proj.bias is not None)
     ata = torch.zeros(width, width, dtype=torch.float64, device=o_proj.weight.device)
@@ -58,7 +65,8 @@ def refit_output(module, calls, o_proj: torch.nn.Linear, ridge: float = RIDGE) -
     try:
         for c in calls:
             inputs.clear()
-            c(module)
+            out = c(module)
+            sums.append((float((out - c.y).double().square().sum()), float(c.y.double().square().sum())))
             a = inputs[0].reshape(-1, o_proj.in_features).double()
             if o_proj.bias is not None:
                 a = torch.cat([a, torch.ones(a.shape[0], 1, dtype=a.dtype, device=a.device)], 1)
@@ -66,6 +74,12 @@ def refit_output(module, calls, o_proj: torch.nn.Linear, ridge: float = RIDGE) -
             aty += a.T @ c.y.reshape(-1, o_proj.out_features).double()
     finally:
         handle.remove()
+    return ata, aty, sums
+
+
+@torch.no_grad()
+def _solve_output(o_proj: torch.nn.Linear, ata: torch.Tensor, aty: torch.Tensor, ridge: float = RIDGE) -> None:
+    width = ata.shape[0]
     w0 = o_proj.weight.double().T
     if o_proj.bias is not None:
         w0 = torch.cat([w0, o_proj.bias.double()[None]], 0)
@@ -90,15 +104,22 @@ def refine(module, calls, steps: int, lr: float = DEFAULT_LR, o_proj: torch.nn.L
     held-out batches, on all): an exact merge (equal heads, G = K) is never made worse."""
     t0 = time.time()
     start = {n: p.detach().clone() for n, p in module.named_parameters()}
-    first = _sums(module, calls)
-    before = _ratio(first)
-    if steps <= 0 or before < EXACT or not calls:
-        return {"before": before, "after": before, "seconds": round(time.time() - t0, 3)}
     # With enough batches, every HOLD_OUT-th is kept out of the fit and decides whether the fit is kept.
     held = set(range(HOLD_OUT - 1, len(calls), HOLD_OUT)) if len(calls) >= HOLD_OUT else set()
     fit = [c for i, c in enumerate(calls) if i not in held]
-    if o_proj is not None:
-        refit_output(module, fit, o_proj)
+    equations = None
+    if o_proj is not None and steps > 0 and calls:  # o_proj's equations and the fit batches' error: one pass
+        *equations, fit_sums = _output_equations(module, fit, o_proj)
+        held_sums = iter(_sums(module, [calls[i] for i in sorted(held)]))
+        fit_sums = iter(fit_sums)
+        first = [next(held_sums) if i in held else next(fit_sums) for i in range(len(calls))]
+    else:
+        first = _sums(module, calls)
+    before = _ratio(first)
+    if steps <= 0 or before < EXACT or not calls:
+        return {"before": before, "after": before, "seconds": round(time.time() - t0, 3)}
+    if equations is not None:
+        _solve_output(o_proj, *equations)
     params = [p for n, p in module.named_parameters() if train is None or train(n)]
     scale = [max(float(p.detach().float().square().mean().sqrt()), 1e-3) for p in params]
     opt = torch.optim.Adam([{"params": [p], "lr": lr * s} for p, s in zip(params, scale)], betas=(0.9, 0.99))

@@ -26,7 +26,7 @@ ARCH = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_att
             num_key_value_heads=8, max_position_embeddings=SEQ, tie_word_embeddings=True)
 
 
-def pretrain(folder: str, steps: int, seed: int = 0) -> None:
+def pretrain(folder: str, steps: int, seed: int = 0, arch: dict | None = None) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from uptrain.data import DataSpec, load_texts, pack_blocks, train_bpe_tokenizer
@@ -38,7 +38,7 @@ def pretrain(folder: str, steps: int, seed: int = 0) -> None:
     blocks = pack_blocks(texts, tok, SEQ + 1)
     print(f"tokenizer + {blocks.numel():,} training tokens in {time.time() - t0:.0f} s", flush=True)
     cfg = LlamaConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                      pad_token_id=tok.pad_token_id, **ARCH)
+                      pad_token_id=tok.pad_token_id, **(arch or ARCH))
     model = LlamaForCausalLM(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.1, betas=(0.9, 0.95))
     sched = torch.optim.lr_scheduler.LambdaLR(

@@ -1,6 +1,7 @@
 """Step 0 as good as the source: layer-by-layer calibration and local reconstruction, measured side by side.
 
     python tests/benchmarks/bench_refine.py quality [--workdir DIR] [--groups 4 2 1] [--calibration-tokens 32768]
+    python tests/benchmarks/bench_refine.py quality --source gqa3 --groups 1   # a pre-trained GQA source, 3 → 1
     python tests/benchmarks/bench_refine.py sizes   [--workdir DIR] [--groups 1] [--tokens 512 2048 8192 32768]
     python tests/benchmarks/bench_refine.py cost    [--workdir DIR] [--tokens 2048 32768] [--baseline GIT_REF]
 
@@ -11,11 +12,14 @@ quality  The demo's model (4 layers, hidden 256, 8 heads, 4k BPE vocabulary, pre
          plays), its ratio to the MHA source's, and the conversion's wall time. Then (--uptrain-steps, default
          4·α·N) mean-pool and aligned + refine are uptrained at the rate pre-training ended at: their ppl after
          α·N = 16 steps, and how many steps mean-pool needs to reach aligned + refine's step-0 ppl.
+         --source gqa3: the same for a model pre-trained as GQA with the issue's 135M model's head layout
+         (9 query heads sharing 3 KV heads, hidden 288), merged 3 → 1 as in the issue.
 sizes    aligned + refine at calibration sizes 512 … 32k tokens: step-0 perplexity and time (to choose the default).
 cost     bench_convert.py's 1.9 GB bf16 checkpoint (16 layers, hidden 2048, 16 heads) → GQA-4, or with
          --shape 135m the shape of the issue's 135M model (30 layers, hidden 576, 3 KV heads) → MQA; random
          weights (time and memory do not depend on them): wall time and peak RSS (wait4, fresh interpreter)
-         of the conversion with its calibration (+ refinement) at each token count; with --baseline REF also
+         of the conversion with its calibration (+ refinement) at each token count, and its CPU time (--threads 1
+         makes that the steadier figure on a shared machine); with --baseline REF also
          the `aligned` of that git revision (e.g. the commit before layer-by-layer calibration, which loaded
          the whole model), run from a `git archive` of it in the work folder.
 """
@@ -47,11 +51,17 @@ QUALITY = {
 }
 
 
-def source_model(work: str) -> str:
-    src = os.path.join(work, f"mha-{PRETRAIN_STEPS}")
+# --source gqa3: the issue's 135M model's head layout (9 query heads sharing 3 KV heads, merged 3 → 1) in a model
+# the size of the demo's (4 layers, hidden 288 = 9 × 32), pre-trained the same way: a real GQA source to merge.
+GQA3 = dict(hidden_size=288, intermediate_size=768, num_hidden_layers=4, num_attention_heads=9,
+            num_key_value_heads=3, max_position_embeddings=256, tie_word_embeddings=True)
+
+
+def source_model(work: str, kind: str = "mha") -> str:
+    src = os.path.join(work, f"{kind}-{PRETRAIN_STEPS}")
     if not os.path.isfile(os.path.join(src, "config.json")):
         print(f"pre-training {src} for {PRETRAIN_STEPS} steps …", flush=True)
-        pretrain(src, PRETRAIN_STEPS)
+        pretrain(src, PRETRAIN_STEPS, arch=GQA3 if kind == "gqa3" else None)
     return src
 
 
@@ -71,10 +81,10 @@ def quality(args, work: str) -> None:
 
     from uptrain.conversion.options import DEFAULT_REFINE_STEPS
 
-    src = source_model(work)
+    src = source_model(work, args.source)
     blocks = heldout(AutoTokenizer.from_pretrained(src), args.eval_blocks)
     base = ppl(src, blocks)["perplexity"]
-    print(f"source MHA: ppl {base:.2f} on {blocks.numel():,} held-out tokens", flush=True)
+    print(f"source {args.source}: ppl {base:.2f} on {blocks.numel():,} held-out tokens", flush=True)
     steps = args.refine_steps or DEFAULT_REFINE_STEPS
     rows = []
     for g in args.groups:
@@ -285,6 +295,8 @@ def main():
     ap.add_argument("--shape", choices=("1.9gb", "135m"), default="1.9gb",
                     help="cost: bench_convert.py's 1.9 GB checkpoint, or the issue's 135M model's shape (3 → 1)")
     ap.add_argument("--eval-blocks", type=int, default=64)
+    ap.add_argument("--source", choices=("mha", "gqa3"), default="mha",
+                    help="quality: the demo's MHA model, or a GQA one with the 135M model's heads (9 q, 3 KV)")
     ap.add_argument("--uptrain-steps", type=int, default=4 * ALPHA_STEPS,
                     help="quality: uptrain mean-pool up to this many steps (0: step 0 only)")
     ap.add_argument("--eval-every", type=int, default=4, help="quality: held-out eval interval while uptraining")

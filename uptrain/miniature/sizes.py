@@ -86,8 +86,9 @@ class DemoArch:
     weight_decay: float
     seq2seq: bool = False  # span corruption (encoder-decoder) rather than next-token prediction
     # torch threads for the whole run (None: torch's default). The T5 miniature's matrices are too small to
-    # split: a training step on two threads cost 6-17x the CPU time of one thread and ran 4-11x slower on
-    # this 2-core machine while other work shared it (measured, hidden 64 and 128).
+    # split well: on a quiet 2-core machine two threads ran a training step only 1.2x faster (for 1.6x the CPU
+    # time), and while other work shared it they ran 4-11x slower (6-17x the CPU time). The Llama's larger
+    # matrices gain 1.7x from two threads on a quiet machine: it keeps the default.
     threads: int | None = None
 
 

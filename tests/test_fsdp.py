@@ -4,8 +4,8 @@ consolidated model. Real `accelerate launch` processes, as a user runs them."""
 import json
 import os
 import subprocess
-import sys
 
+import launching
 import pytest
 import torch
 import yaml
@@ -15,8 +15,6 @@ from tiny_models import save, tiny_model
 from uptrain.errors import UptrainError
 from uptrain.training import train
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ACCELERATE = os.path.join(REPO, "recipes", "accelerate")
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -42,13 +40,8 @@ def recipe(model, out, **over):
 def launch(config: str, recipe_file, *overrides, processes: int = 2) -> subprocess.CompletedProcess:
     """`accelerate launch --config_file recipes/accelerate/CONFIG` with 2 CPU ranks and no mixed precision
     (fsdp.yaml is written for 8 GPUs in bf16: the flags override it, as a user would)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", os.path.join(ACCELERATE, config),
-           "--num_processes", str(processes), "--mixed_precision", "no", "--main_process_port", "0",
-           "-m", "uptrain", "train", str(recipe_file), *overrides]
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stderr[-4000:]
-    return p
+    return launching.launch(recipe_file, *overrides, config=config,
+                            flags=("--num_processes", str(processes), "--mixed_precision", "no"))
 
 
 def losses(out) -> list[float]:
@@ -123,7 +116,7 @@ def test_fsdp_units_are_each_models_own_decoder_layers(arch, monkeypatch):
     from accelerate.utils import FullyShardedDataParallelPlugin
     from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
 
-    raw = yaml.safe_load(open(os.path.join(ACCELERATE, "fsdp.yaml"), encoding="utf-8"))["fsdp_config"]
+    raw = yaml.safe_load(open(os.path.join(launching.ACCELERATE, "fsdp.yaml"), encoding="utf-8"))["fsdp_config"]
     assert "fsdp_transformer_layer_cls_to_wrap" not in raw and raw["fsdp_version"] == 2
     monkeypatch.setenv("FSDP_VERSION", "2")
     monkeypatch.setenv("FSDP_AUTO_WRAP_POLICY", raw["fsdp_auto_wrap_policy"])

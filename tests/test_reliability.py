@@ -10,14 +10,14 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
+from launching import launch, launch_cmd, launch_env
 from safetensors.torch import load_file, save_file
-from test_training import REPO, models, recipe  # noqa: F401  (the same tiny models and recipe)
+from test_training import models, recipe  # noqa: F401  (the same tiny models and recipe)
 
 from uptrain.checkpoint import quantization
 from uptrain.errors import UptrainError
@@ -280,17 +280,6 @@ def test_stop_signal_flags_a_signal_once_and_a_second_ctrl_c_aborts():
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
 
 
-def launch_env() -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
-
-
-def launch_cmd(recipe_file: Path, *overrides) -> list[str]:
-    """A real 2-rank `accelerate launch` of `uptrain train` (as test_training's test_two_processes_match_one)."""
-    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-            os.path.join(REPO, "recipes", "accelerate", "cpu.yaml"), "--main_process_port", "0",
-            "-m", "uptrain", "train", str(recipe_file), *overrides]
-
-
 def signalled_launch(tmp_path: Path, recipe_file: Path, send) -> tuple[int, str, int]:
     """Start a 2-rank launch in its own process group, call send(launcher) once 5 steps are logged, and return
     (launcher exit status, its stderr, the steps logged when the signal went)."""
@@ -340,13 +329,9 @@ def test_sigterm_to_a_two_rank_launch_stops_both_ranks_at_one_step(models, tmp_p
     step = stopped_step(tmp_path, err, logged)
     assert status == 1  # torch's agent re-raises the signal it got itself (the ranks exit 75)
 
-    rest = subprocess.run(launch_cmd(tmp_path / "r.yaml", "resume=auto"), env=launch_env(), capture_output=True,
-                          text=True, timeout=600)
-    assert rest.returncode == 0, rest.stderr[-3000:]
+    rest = launch(tmp_path / "r.yaml", "resume=auto")
     assert f"resuming from {tmp_path / 'run' / 'checkpoints' / f'step_{step:08d}'} at step {step}" in rest.stdout
-    whole = subprocess.run(launch_cmd(tmp_path / "f.yaml"), env=launch_env(), capture_output=True, text=True,
-                           timeout=600)
-    assert whole.returncode == 0, whole.stderr[-3000:]
+    launch(tmp_path / "f.yaml")
     assert same_weights(tmp_path / "run", tmp_path / "full") <= 1e-6
 
 

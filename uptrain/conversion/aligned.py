@@ -2,12 +2,30 @@
 projections, biases) and the pure merge in uptrain/merging.py, plus the architectures it refuses."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 from uptrain.arch import ATTENTION_BUFFERS
 from uptrain.errors import UptrainError
 from uptrain.merging import merge_attention
 
+# A RoPE pair merged as if it did not turn (merging.merge_attention's static_pairs) turns at most this angle over
+# the model's whole context (max_position_embeddings): an eighth of a turn. On the 135M model (rope θ 10⁵, 8,192
+# positions) that is its 6 slowest of 32 pairs; measured there, the joint merge of those 6 stays better than
+# the per-pair one out to 4,096-token windows, while 8 pairs (a quarter turn) lost to 6 at 4,096.
+STATIC_TURN = math.pi / 4
+
+
+def static_pairs(inv_freq: torch.Tensor | None, config: dict) -> int:
+    """How many of the slowest RoPE pairs turn less than STATIC_TURN over the model's context; inv_freq: the
+    model's own per-pair angles per position (after any rope scaling), None when unknown (then 0)."""
+    context = config.get("max_position_embeddings")
+    if inv_freq is None or not context or inv_freq.numel() == 0:
+        return 0
+    slow = (inv_freq.double() * context <= STATIC_TURN).tolist()
+    n = sum(slow)
+    return n if n and all(slow[-n:]) else 0  # only a tail of the slowest pairs (inv_freq falls with the pair)
 
 
 def _alternatives(options) -> str:
@@ -80,16 +98,19 @@ def attention_suffixes(spec) -> tuple[str, ...]:
 
 
 def merge_aligned(tensors: dict[str, torch.Tensor], c: torch.Tensor, spec, cfg, groups: int, head_dim: int,
-                  grouping: str = "contiguous", weighted: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
+                  grouping: str = "contiguous", weighted: bool = True,
+                  static: int = 0) -> tuple[dict[str, torch.Tensor], dict]:
     """One layer's aligned merge: {suffix: float32} (K/V tensors, q, o; anything else passes unchanged)
-    and the second moment C [(hidden+1)², float64] of its attention input → ({suffix: float32}, info)."""
+    and the second moment C [(hidden+1)², float64] of its attention input → ({suffix: float32}, info).
+    static: RoPE pairs merged as unrotated (`static_pairs`)."""
     parts = _gather(tensors, spec, cfg)
     hidden = c.shape[0] - 1
     aug = {role: _augment(p, head_dim, hidden) for role, p in parts.items() if role in ("q", "k", "v")}
     o = tensors[f"{spec.o}.weight"].double()
     q, k, v, o, info = merge_attention(aug["q"], aug["k"], aug["v"], o, c.to(torch.float64), groups,
                                        rope=spec.rope is not None, grouping=grouping, weighted=weighted,
-                                       rotary_dims=rotary_dims(spec, cfg) if spec.rope else None)
+                                       rotary_dims=rotary_dims(spec, cfg) if spec.rope else None,
+                                       static_pairs=static if spec.rope else 0)
     return _scatter(tensors, spec, cfg, groups, {"q": q, "k": k, "v": v}, o), info
 
 

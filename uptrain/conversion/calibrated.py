@@ -31,11 +31,11 @@ from pathlib import Path
 
 import torch
 
-from uptrain.conversion.aligned import attention_suffixes, check_supported, merge_aligned
+from uptrain.conversion.aligned import attention_suffixes, check_supported, merge_aligned, static_pairs
 from uptrain.conversion.calibration import DEFAULT_BATCH_SIZE, SecondMoment, calibration_data
 from uptrain.conversion.layerwise import LayerByLayer, pick_device, run_layer, watch_attention
 from uptrain.conversion.methods import PoolMethod
-from uptrain.conversion.refine import DEFAULT_LR, refine
+from uptrain.conversion.refine import DEFAULT_LR, REFIT_OUTPUT, refine, relative_error
 from uptrain.errors import UptrainError
 
 DEFAULT_INPUTS = "source"
@@ -131,6 +131,24 @@ class Layouts:
         return self.write[suffix].canonical(t)
 
 
+def rope_frequencies(model) -> torch.Tensor | None:
+    """The model's RoPE angle per pair and position (its rotary module's inv_freq, after any rope scaling), or
+    None when it has none or several that differ (per-layer-type RoPE: then no pair is merged as static)."""
+    found = {}
+    for name, buf in model.named_buffers():
+        if name.rsplit(".", 1)[-1] == "inv_freq" and buf is not None and not buf.is_meta:
+            found[tuple(buf.double().cpu().tolist())] = buf
+    return next(iter(found.values())).double().cpu() if len(found) == 1 else None
+
+
+def attention_error(engine: LayerByLayer, layer: int, tensors: dict[str, torch.Tensor], calls, only: str) -> float:
+    """One layer's merge error: Σ‖attn′(X) − Y‖² / Σ‖Y‖² of the converted skeleton's attention built from
+    `tensors` (the layer's checkpoint tensors by full name, as that skeleton stores them) on the recorded source
+    calls (X the attention's input, Y what the source's attention returned)."""
+    with engine.layer(layer, tensors, converted=True, only=only) as attn:
+        return relative_error(attn, calls)
+
+
 class CalibratedMethod:
     """A closed-form merge (aligned or a pooling method) + optional refinement, calibrated layer by layer."""
 
@@ -156,15 +174,16 @@ class CalibratedMethod:
         return attention_suffixes(spec)
 
     # -- the closed form of one layer ------------------------------------------------------------
-    def closed_form(self, layer: int, tensors: dict[str, torch.Tensor], moment, ctx) -> dict[str, torch.Tensor]:
-        """{suffix: float32} of the attention tensors → the same with G KV heads (q, o folded for aligned)."""
+    def closed_form(self, layer: int, tensors: dict[str, torch.Tensor], moment, ctx,
+                    static: int = 0) -> tuple[dict[str, torch.Tensor], dict]:
+        """{suffix: float32} of the attention tensors → (the same with G KV heads (q, o folded for aligned), what
+        aligned's merge says of it); static: RoPE pairs aligned merges as unrotated."""
         if self.aligned:
             new, info = merge_aligned(tensors, moment, ctx.spec, ctx.config, ctx.groups, ctx.head_dim,
-                                      self.grouping, self.options.weighted)
-            self.aligned_layers.append({"layer": layer, **info})
-            return new
+                                      self.grouping, self.options.weighted, static)
+            return new, {"layer": layer, **info}
         kv = {s: t for s, t in tensors.items() if s in ctx.spec.kv}
-        return {**tensors, **PoolMethod(self.name).merge(layer, kv, ctx)}
+        return {**tensors, **PoolMethod(self.name).merge(layer, kv, ctx)}, {}
 
     # -- the converter's interface ---------------------------------------------------------------
     def prepare(self, ctx) -> dict:
@@ -207,6 +226,8 @@ class CalibratedMethod:
         o_name = spec.o[len(attn_name) + 1:]  # o_proj, relative to the attention module
         suffixes = attention_suffixes(spec)
         refine_on = self.steps > 0
+        static = static_pairs(rope_frequencies(engine.skeleton.model), ctx.config) if self.aligned and spec.rope else 0
+        keep_calls = refine_on or static > 0
         for i in tqdm(range(engine.layers), desc="calibrate" + (" + refine" if refine_on else ""), unit="layer",
                       disable=not ctx.progress):
             prefix = engine.prefix(i)
@@ -217,7 +238,7 @@ class CalibratedMethod:
             def seen(call):
                 if moment is not None:
                     moment.add(call.x)
-                if refine_on:
+                if keep_calls:
                     calls.append(call)
 
             with engine.layer(i, src) as layer, watch_attention(engine.skeleton.attention(layer), seen,
@@ -230,27 +251,41 @@ class CalibratedMethod:
             layouts = Layouts(spec, ctx.config, ctx.groups, {s: tuple(src[prefix + s].shape) for s in here})
             # the merges see canonical rows, as the writer's `merge` does; the skeletons load their own layout
             mine = layouts.canonical({s: src[prefix + s] for s in here})
-            new = self.closed_form(i, mine, moment.result() if moment is not None else None, ctx)
-            dtypes = {s: DTYPES[ctx.source.entries[engine.stored[prefix + s]].dtype] for s in new}
-            # What the written checkpoint will hold: the converted stream and the refinement start from it.
-            new = {s: t.to(dtypes[s]).float() for s, t in new.items()}
+            dtypes = {s: DTYPES[ctx.source.entries[engine.stored[prefix + s]].dtype] for s in here}
 
             def converted_layer(src, new):
                 return {**src, **{prefix + s: t for s, t in layouts.converted(new).items()}}
 
+            def rounded(new):  # what the written checkpoint will hold: the converted stream and refinement start there
+                return {s: t.to(dtypes[s]).float() for s, t in new.items()}
+
+            c = moment.result() if moment is not None else None
+            new, info = self.closed_form(i, mine, c, ctx, static)
+            new = rounded(new)
+            if static:
+                # Merging the slow pairs as unrotated is the better start on pre-trained models, but only
+                # approximately commutes with RoPE: where the per-pair merge is better (e.g. exact), it is kept.
+                plain, plain_info = self.closed_form(i, mine, c, ctx, 0)
+                plain = rounded(plain)
+                errors = [attention_error(engine, i, converted_layer(src, t), calls, attn_name) for t in (new, plain)]
+                if not errors[0] < errors[1]:
+                    new, info = plain, plain_info
+                info.update(static_pairs=static if errors[0] < errors[1] else 0,
+                            attn_error={"static": errors[0], "per_pair": errors[1]})
+            if info:
+                self.aligned_layers.append(info)
             if refine_on:
                 with engine.layer(i, converted_layer(src, new), converted=True, only=attn_name) as attn:
                     o_proj = attn.get_submodule(o_name)
                     # the closed-form refit of o_proj solves for an nn.Linear (GPT-2's Conv1D: Adam alone)
                     fit = refine(attn, calls, self.steps, o_proj=o_proj if isinstance(o_proj, torch.nn.Linear)
-                                 else None, seed=i)
+                                 and REFIT_OUTPUT else None, seed=i)
                     params = {f"{attn_name}.{n}": p for n, p in attn.named_parameters()}
                     missing = [s for s in new if s not in params]
                     if missing:
                         raise UptrainError(f"refinement found no parameter for {', '.join(missing)} in the "
                                            f"{ctx.config.get('model_type')} attention module")
-                    new = {s: layouts.from_converted(s, params[s].detach().to("cpu")).to(dtypes[s]).float()
-                           for s in new}
+                    new = rounded({s: layouts.from_converted(s, params[s].detach().to("cpu")) for s in new})
                 self.refined_layers.append({"layer": i, **fit})
             calls.clear()  # X and Y of this layer: not needed any more
             if self.inputs == "converted":
@@ -264,7 +299,7 @@ class CalibratedMethod:
         if self.scratch is None:  # G = K: nothing was merged
             if self.aligned:
                 return dict(tensors)
-            return self.closed_form(layer, tensors, None, ctx)
+            return self.closed_form(layer, tensors, None, ctx)[0]
         new = self.scratch.take(layer)
         missing = [s for s in tensors if s not in new]
         if missing:

@@ -19,13 +19,14 @@ merge (equal heads, G = K) made worse, is undone.
 """
 from __future__ import annotations
 
-import math
 import time
 
 import torch
 
-DEFAULT_LR = 3e-2  # relative to each parameter's RMS (measured: bench_refine.py)
+DEFAULT_LR = 1.5e-2  # relative to each parameter's RMS, constant (measured on the 135M model: docs/calibration.md)
+DEFAULT_ANCHOR = 0.0  # weight of the pull towards the closed form (measured: docs/calibration.md)
 RIDGE = 1e-4  # o_proj refit: λ = RIDGE · mean diagonal of AᵀA (pulls badly determined directions to the merge)
+REFIT_OUTPUT = True  # refit o_proj in closed form before Adam (measured: docs/calibration.md)
 HOLD_OUT = 8  # from 8 batches on, every 8th is held out of the fit and judges it
 EXACT = 1e-10  # a start with less (squared) relative error is exact already, up to float32 rounding
 
@@ -94,14 +95,15 @@ def _solve_output(o_proj: torch.nn.Linear, ata: torch.Tensor, aty: torch.Tensor,
 
 
 def refine(module, calls, steps: int, lr: float = DEFAULT_LR, o_proj: torch.nn.Linear | None = None,
-           seed: int = 0, train=None) -> dict:
+           seed: int = 0, train=None, anchor: float = DEFAULT_ANCHOR) -> dict:
     """Fit `module`'s parameters (in place) so that it reproduces each call's recorded output `y`.
 
     calls: AttentionCall-like (call(module) → output, .y the target); o_proj: refitted in closed form first;
-    train: which parameters Adam moves (a predicate on their names; all by default). Returns {"before",
-    "after" (relative errors on all calls), "seconds"}, with "held_out" [before, after] when batches were
-    held out (from HOLD_OUT on) and "undone" when the fit did not lower the error on them (or, without
-    held-out batches, on all): an exact merge (equal heads, G = K) is never made worse."""
+    train: which parameters Adam moves (a predicate on their names; all by default); anchor: weight of the pull
+    towards the start, Σ ‖p − p₀‖² / ‖p₀‖² over the moved parameters. Returns {"before", "after" (relative errors
+    on all calls), "seconds"}, with "held_out" [before, after] when batches were held out (from HOLD_OUT on) and
+    "undone" when the fit did not lower the error on them (or, without held-out batches, on all): an exact merge
+    (equal heads, G = K) is never made worse."""
     t0 = time.time()
     start = {n: p.detach().clone() for n, p in module.named_parameters()}
     # With enough batches, every HOLD_OUT-th is kept out of the fit and decides whether the fit is kept.
@@ -120,24 +122,25 @@ def refine(module, calls, steps: int, lr: float = DEFAULT_LR, o_proj: torch.nn.L
         return {"before": before, "after": before, "seconds": round(time.time() - t0, 3)}
     if equations is not None:
         _solve_output(o_proj, *equations)
-    params = [p for n, p in module.named_parameters() if train is None or train(n)]
+    names = [n for n, _ in module.named_parameters() if train is None or train(n)]
+    params = [dict(module.named_parameters())[n] for n in names]
     scale = [max(float(p.detach().float().square().mean().sqrt()), 1e-3) for p in params]
     opt = torch.optim.Adam([{"params": [p], "lr": lr * s} for p, s in zip(params, scale)], betas=(0.9, 0.99))
-    base = [g["lr"] for g in opt.param_groups]
+    # the pull towards the start: relative to each tensor's size, so that q, k, v, o and norms weigh alike
+    anchors = [(start[n], 1.0 / max(float(start[n].double().square().sum()), 1e-30)) for n in names] if anchor else []
     gen = torch.Generator().manual_seed(seed)
     order: list[int] = []
     with torch.enable_grad():
         for p in params:
             p.requires_grad_(True)
         try:
-            for step in range(steps):
+            for _ in range(steps):
                 if not order:
                     order = torch.randperm(len(fit), generator=gen).tolist()
                 c = fit[order.pop()]
-                decay = 0.5 * (1 + math.cos(math.pi * step / steps))
-                for g, b in zip(opt.param_groups, base):
-                    g["lr"] = b * decay
                 loss = (c(module) - c.y).square().sum() / c.y.square().sum().clamp_min(1e-30)
+                if anchors:
+                    loss = loss + anchor * sum(w * (p - p0).square().sum() for p, (p0, w) in zip(params, anchors))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

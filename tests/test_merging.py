@@ -212,6 +212,37 @@ def test_rope_keys_related_by_a_general_map_are_not_foldable():
     assert info["k_fit_error"] > 0.05 and info["v_fit_error"] < 1e-10
 
 
+def test_key_segments_put_the_slowest_pairs_apart():
+    """Rotate-half rows of a d_h = 8 head: pairs (0,4) (1,5) (2,6) (3,7), slowest last. Two static pairs are rows
+    3, 7 and 2, 6; under partial rotary (4 rows rotated) the static pair joins the rows passed through."""
+    from uptrain.merging import key_segments
+
+    assert key_segments(8, True) == [([0, 1, 2, 3, 4, 5, 6, 7], True)]
+    assert key_segments(8, True, static_pairs=2) == [([0, 1, 4, 5], True), ([2, 3, 6, 7], False)]
+    assert key_segments(8, True, rotary_dims=4, static_pairs=1) == [([0, 2], True), ([1, 3, 4, 5, 6, 7], False)]
+    assert key_segments(8, False, static_pairs=2) == [(list(range(8)), False)]
+
+
+def test_static_pairs_fold_what_per_pair_scalars_cannot():
+    """Keys related by one complex number per pair on the fast pairs and by a general map across the two slowest
+    pairs: merged as static, those pairs fit exactly (the per-pair merge cannot), and over a span where they
+    turn little the attention output is far closer to the source's."""
+    x, c, q, k, v, o = planted_layer(4, 4, 1)
+    gen = torch.Generator().manual_seed(7)
+    fast, slow = [0, 1, 4, 5], [2, 3, 6, 7]
+    for h in range(1, 4):
+        t = torch.zeros(8, 8, dtype=torch.float64)
+        t[torch.tensor(fast)[:, None], torch.tensor(fast)] = pair_transform(4, gen).double()
+        t[torch.tensor(slow)[:, None], torch.tensor(slow)] = invertible(4, gen).double()
+        k[h] = t @ k[0]
+    ref = attend(x, q, k, v, o)
+    per_pair = merge_attention(q, k, v, o, c, 1)
+    static = merge_attention(q, k, v, o, c, 1, static_pairs=2)
+    assert static[4]["k_fit_error"] < 1e-10 < 0.01 < per_pair[4]["k_fit_error"]
+    err = [float((attend(x, *m[:4]) - ref).norm() / ref.norm()) for m in (static, per_pair)]
+    assert err[0] < 0.5 * err[1]
+
+
 def test_pca_fit_beats_the_mean_head():
     gen = torch.Generator().manual_seed(0)
     w = torch.randn(4, 8, 17, generator=gen, dtype=torch.float64)

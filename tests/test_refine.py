@@ -147,7 +147,7 @@ def test_one_layer_at_a_time(tmp_path, tokenizer, monkeypatch):
 
     monkeypatch.setattr(Skeleton, "__init__", spy_init)
     monkeypatch.setattr(Skeleton, "load", spy_load)
-    uptrain.convert(src, tmp_path / "out", groups=2, method="aligned", refine_steps=5,
+    uptrain.convert(src, tmp_path / "out", groups=2, method="aligned", refine_steps=5, distill_steps=0,
                     calibration_inputs="converted", progress=False, **CAL)
     conv = json.loads((tmp_path / "out" / "uptrain.json").read_text())["conversion"]
     candidates = sum(2 for e in conv["aligned"]["layers"] if "attn_error" in e)  # static vs per-pair closed form
@@ -203,3 +203,31 @@ def test_refine_fits_a_module_in_place():
     assert fit["after"] < 0.5 * fit["before"]
     refit_output(student, calls, student)  # the o_proj refit alone: least squares, exact here
     assert relative_error(student, calls) < 1e-4  # (up to the ridge that ties it to its start)
+
+
+def test_anchor_pulls_the_fit_towards_its_start():
+    """The pull towards the closed form (refine's anchor) trades fit for distance: the anchored fit ends closer
+    to its start and fits less; a huge anchor barely moves; without one the fit goes furthest."""
+    from uptrain.conversion.refine import refine
+
+    gen = torch.Generator().manual_seed(1)
+    target = torch.nn.Linear(16, 8)
+
+    class Call:
+        def __init__(self, x):
+            self.x, self.y = x, target(x).detach()
+
+        def __call__(self, module):
+            return module(self.x)
+
+    calls = [Call(torch.randn(32, 16, generator=gen)) for _ in range(4)]
+    moved, fits = [], []
+    for anchor in (0.0, 1.0, 1e4):
+        torch.manual_seed(0)
+        student = torch.nn.Linear(16, 8)
+        w0 = student.weight.detach().clone()
+        fit = refine(student, calls, steps=100, lr=3e-2, anchor=anchor)
+        moved.append(float((student.weight - w0).norm() / w0.norm()))
+        fits.append(fit["after"])
+    assert moved[0] > moved[1] > moved[2] and moved[2] < 0.05
+    assert fits[0] < fits[1] < fits[2]

@@ -33,7 +33,9 @@ import torch
 
 from uptrain.conversion.aligned import attention_suffixes, check_supported, merge_aligned, static_pairs
 from uptrain.conversion.calibration import DEFAULT_BATCH_SIZE, SecondMoment, calibration_data
-from uptrain.conversion.layerwise import LayerByLayer, pick_device, run_layer, watch_attention
+from uptrain.conversion import distill as distillation
+from uptrain.conversion.distill import Distillation, teacher
+from uptrain.conversion.layerwise import Batch, LayerByLayer, pick_device, run_layer, watch_attention
 from uptrain.conversion.methods import PoolMethod
 from uptrain.conversion.refine import DEFAULT_LR, REFIT_OUTPUT, refine, relative_error
 from uptrain.errors import UptrainError
@@ -42,7 +44,8 @@ DEFAULT_INPUTS = "source"
 
 
 class Scratch:
-    """Per-layer tensors parked on disk between `prepare` and the writer (safetensors, one file a layer)."""
+    """Per-layer tensors parked on disk between `prepare` and the writer (safetensors, one file a key): layer i
+    under key i until the writer takes it; distillation's working copies and Adam moments under other keys."""
 
     def __init__(self, near: Path | None):
         parent = near.parent if near is not None else None
@@ -52,21 +55,31 @@ class Scratch:
         self.close = weakref.finalize(self, shutil.rmtree, self.dir, ignore_errors=True)  # at the latest
         self.left: set[int] = set()
 
-    def put(self, layer: int, tensors: dict[str, torch.Tensor]) -> None:
+    def put(self, key: int | str, tensors: dict[str, torch.Tensor]) -> None:
         from safetensors.torch import save_file
 
-        save_file({k: v.contiguous() for k, v in tensors.items()}, self.dir / f"{layer}.safetensors")
-        self.left.add(layer)
+        save_file({k: v.contiguous() for k, v in tensors.items()}, self.dir / f"{key}.safetensors")
+        if isinstance(key, int):
+            self.left.add(key)
 
-    def take(self, layer: int) -> dict[str, torch.Tensor]:
+    def get(self, key: int | str) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
-        path = self.dir / f"{layer}.safetensors"
-        out = load_file(path)
-        path.unlink()
-        self.left.discard(layer)
-        if not self.left:
-            self.close()
+        return load_file(self.dir / f"{key}.safetensors")
+
+    def has(self, key: int | str) -> bool:
+        return (self.dir / f"{key}.safetensors").exists()
+
+    def drop(self, key: int | str) -> None:
+        (self.dir / f"{key}.safetensors").unlink(missing_ok=True)
+
+    def take(self, key: int | str) -> dict[str, torch.Tensor]:
+        out = self.get(key)
+        self.drop(key)
+        if isinstance(key, int):
+            self.left.discard(key)
+            if not self.left:
+                self.close()
         return out
 
 
@@ -160,9 +173,12 @@ class CalibratedMethod:
         self.steps = options.steps
         self.inputs = options.calibration_inputs or DEFAULT_INPUTS
         self.grouping = options.grouping or "contiguous"
+        self.distill_steps = options.distill
         self.scratch: Scratch | None = None
         self.aligned_layers: list[dict] = []
         self.refined_layers: list[dict] = []
+        self.layouts: dict[int, Layouts] = {}  # per layer, for distillation
+        self.dtypes: dict[int, dict] = {}
 
     @property
     def aligned(self) -> bool:
@@ -208,8 +224,13 @@ class CalibratedMethod:
             overrides, model_class = converted_model(ctx.spec, ctx.config, ctx.groups)
             engine = LayerByLayer(ctx.src_dir, ctx.spec, ctx.config, ctx.source, device, ctx.groups, overrides,
                                   model_class)
-            batches = engine.embed(blocks, o.calibration_batch_size or DEFAULT_BATCH_SIZE)
+            size = o.calibration_batch_size or DEFAULT_BATCH_SIZE
+            batches = engine.embed(blocks, size)
+            first = [b.hidden.clone() for b in batches] if self.distill_steps else None
             self._run(engine, batches, ctx)
+            if self.distill_steps:
+                ids = [blocks[s:s + size] for s in range(0, blocks.shape[0], size)]
+                record["distill"] = self._distill(engine, batches, ids, first, ctx)
         except BaseException:
             self.scratch.close()
             raise
@@ -292,8 +313,54 @@ class CalibratedMethod:
                 with engine.layer(i, converted_layer(src, new), converted=True) as layer:
                     for b in batches:
                         b.hidden = run_layer(layer, b, i)
-            self.scratch.put(i, {s: t.to(dtypes[s]) for s, t in new.items()})
+            # distillation moves the tensors further: it needs them in float32 (merge() rounds them)
+            self.scratch.put(i, {s: t if self.distill_steps else t.to(dtypes[s]) for s, t in new.items()})
+            self.layouts[i], self.dtypes[i] = layouts, dtypes
             del src, new
+
+    # -- end-to-end distillation (conversion/distill.py) ------------------------------------------
+    def _teacher(self, engine: LayerByLayer, batches, ids, first) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The source's top-k next-token log-probabilities per batch. With source inputs the calibration pass
+        left the source's last hidden states in the batches; with converted inputs the source runs again."""
+        finals = [b.hidden for b in batches]
+        if self.inputs == "converted":
+            finals = [h.clone() for h in first]
+            for i in range(engine.layers):
+                with engine.layer(i, engine.read(i)) as layer:
+                    for j, b in enumerate(batches):
+                        finals[j] = run_layer(layer, Batch(finals[j], b.calls), i)
+        with engine.top() as logits_of, torch.no_grad():
+            return [teacher(logits_of(x, h)) for x, h in zip(ids, finals)]
+
+    def _distill(self, engine: LayerByLayer, batches, ids, first, ctx) -> dict:
+        from tqdm.auto import tqdm
+
+        targets = self._teacher(engine, batches, ids, first)
+        scratch = self.scratch
+
+        def tensors(i):
+            prefix, key = engine.prefix(i), (f"d{i}" if scratch.has(f"d{i}") else i)
+            return {**engine.read(i), **{prefix + s: t for s, t in self.layouts[i].converted(scratch.get(key)).items()}}
+
+        def put(i, new):
+            prefix, layouts = engine.prefix(i), self.layouts[i]
+            scratch.put(f"d{i}", {s: layouts.from_converted(s, new[prefix + s].cpu()) for s in self.dtypes[i]})
+
+        state = Distillation(engine, ids, [Batch(h, b.calls) for h, b in zip(first, batches)], targets, tensors, put,
+                             list(attention_suffixes(ctx.spec)), scratch)
+        bar = tqdm(total=self.distill_steps, desc="distil", unit="step", disable=not ctx.progress)
+        try:
+            result = distillation.distill(state, self.distill_steps, distillation.DEFAULT_DISTILL_LR,
+                                          progress=lambda t, kl: (bar.update(1), bar.set_postfix(kl=f"{kl:.4f}")))
+        finally:
+            bar.close()
+        for i in range(engine.layers):
+            scratch.drop(f"adam{i}")
+            if scratch.has(f"d{i}"):
+                tuned = scratch.take(f"d{i}")
+                if not result.get("undone"):
+                    scratch.put(i, tuned)
+        return result
 
     def merge(self, layer: int, tensors: dict[str, torch.Tensor], ctx) -> dict[str, torch.Tensor]:
         if self.scratch is None:  # G = K: nothing was merged
@@ -304,7 +371,7 @@ class CalibratedMethod:
         missing = [s for s in tensors if s not in new]
         if missing:
             raise RuntimeError(f"calibrated merge of layer {layer} lacks {missing}")  # a bug guard
-        return {s: new[s] for s in tensors}
+        return {s: new[s].to(tensors[s].dtype) for s in tensors}
 
     def stats(self, layer: int, inputs, outputs, ctx) -> dict:
         """K / V error per layer: aligned's calibration-weighted fit error (its heads live in another basis),

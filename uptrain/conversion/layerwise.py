@@ -174,6 +174,24 @@ class Skeleton:
         return calls[0][0], [(calls[i][1], calls[i][2]) for i in range(len(self.layers))]
 
 
+    def logits(self, ids: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        """What the model's forward makes of `hidden` as the last decoder layer's output (final norm, head, any
+        soft-capping): one forward with every decoder layer replaced by a stub, the first returning `hidden`.
+        Gradients flow back to `hidden`."""
+        def stub(i):
+            def forward(hidden_states, *args, **kwargs):
+                return hidden if i == 0 else hidden_states
+            return forward
+
+        for i, layer in enumerate(self.layers):
+            layer.forward = stub(i)
+        try:
+            return self.model(input_ids=ids.to(self.device), use_cache=False).logits
+        finally:
+            for layer in self.layers:
+                del layer.forward
+
+
 @dataclass
 class Batch:
     """A batch of calibration blocks on its way through the layers."""
@@ -263,6 +281,7 @@ class LayerByLayer:
     def __post_init__(self):
         self.skeleton = Skeleton(self.src_dir, self.spec, self.device)
         self.globals: list[str] = []
+        self.heads: list[str] = []  # lm_head: needed only to distil on the logits (conversion/distill.py)
         self.stored: dict[str, str] = {}  # model name → checkpoint name
         root = self.spec.root
         for name in self.source.entries:
@@ -270,8 +289,8 @@ class LayerByLayer:
             full = name if not root or name.startswith(root) or name in self.spec.global_tensors else root + name
             self.stored[full] = name
             if layer is None:
-                if not full.startswith("lm_head."):  # the head is never needed: calibration ends at the last layer
-                    self.globals.append(full)
+                # the head is not needed by calibration, which ends at the last layer
+                (self.heads if full.startswith("lm_head.") else self.globals).append(full)
             else:
                 self._names.setdefault(layer, []).append(full)
 
@@ -308,6 +327,21 @@ class LayerByLayer:
         finally:
             sk.drop(sk.model)
         return batches
+
+    @contextlib.contextmanager
+    def top(self, converted: bool = False):
+        """Everything outside the decoder layers, lm_head included, materialised (a tied head tied to the
+        embeddings); yields logits(ids, hidden) (Skeleton.logits). Dropped on exit."""
+        sk = self.converted if converted else self.skeleton
+        sk.load({n: self.source.read(self.stored[n]) for n in self.globals + self.heads})
+        head = sk.model.get_output_embeddings()
+        if head is not None and head.weight.is_meta and getattr(sk.config, "tie_word_embeddings", False):
+            head.weight = sk.model.get_input_embeddings().weight
+        try:
+            sk.check_loaded(head if head is not None else sk.model, "the model's head")
+            yield sk.logits
+        finally:
+            sk.drop(sk.model)
 
     @contextlib.contextmanager
     def layer(self, i: int, tensors: dict[str, torch.Tensor], converted: bool = False, only: str | None = None):

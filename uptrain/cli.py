@@ -159,11 +159,11 @@ def _add_eval(sub):
 
 def _run_eval(args) -> int:
     from uptrain.evaluation import eval_data_spec, evaluate
-    from uptrain.report import check_writable
+    from uptrain.files import check_file_writable
 
     for path in (args.json, args.markdown, args.plot):
         if path:
-            check_writable(path)  # fail now, not after the models ran
+            check_file_writable(path)  # fail now, not after the models ran
     result = evaluate(
         args.models, eval_data_spec(args.data, args.data_config, args.split, args.text_column),
         eval_tokens=args.eval_tokens, seq_len=args.seq_len, stride=args.stride, batch_size=args.batch_size,

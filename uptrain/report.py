@@ -6,7 +6,6 @@ needed), written atomically through uptrain/files.py.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -137,18 +136,6 @@ def _task_cell(task, metric):
 
 def eval_markdown(rows: Sequence[dict]) -> str:
     return markdown_table(rows, eval_columns(rows))
-
-
-# ---------------------------------------------------------------- files
-def check_writable(path: str) -> None:
-    """Raise UptrainError now (before hours of work) if `path` cannot be written later."""
-    from uptrain.errors import UptrainError
-
-    folder = os.path.dirname(os.path.abspath(os.fspath(path)))
-    if not os.path.isdir(folder):
-        raise UptrainError(f"cannot write {path!r}: folder {folder!r} does not exist")
-    if os.path.isdir(path):
-        raise UptrainError(f"cannot write {path!r}: it is a folder")
 
 
 # ---------------------------------------------------------------- plots

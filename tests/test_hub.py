@@ -20,7 +20,7 @@ from tiny_models import save, tiny_model
 from uptrain.errors import UptrainError
 from uptrain.publishing import push
 from uptrain.publishing import hub
-from uptrain.publishing.hub import DELETE_PATTERNS, HUB_TRIES, plan
+from uptrain.publishing.hub import DELETE_PATTERNS, HUB_TRIES, plan_upload
 from uptrain.publishing.model_card import front_matter
 from uptrain.report import fmt_bytes
 
@@ -45,7 +45,7 @@ def copy_of(folder, tmp_path):
 # ------------------------------------------------------------------------------------------- validation
 def test_allow_list_leaves_training_leftovers_out(folders):
     _, uptrained, _ = folders
-    p = plan(uptrained, "me/x")
+    p = plan_upload(uptrained, "me/x")
     assert p.files == UPLOADED
     assert dict(p.skipped) == {
         "checkpoint-10/": "training checkpoint", "checkpoints/": "training checkpoints",
@@ -87,24 +87,24 @@ def test_validation_catches_a_broken_folder(folders, tmp_path, damage, message):
     else:
         (d / "config.json").unlink()
     with pytest.raises(UptrainError, match=message):
-        plan(d, "me/x")
+        plan_upload(d, "me/x")
 
 
 def test_single_file_checkpoint(tmp_path, tokenizer):
     d = save(tiny_model(kv_heads=2), tmp_path / "m", tokenizer)
-    assert "model.safetensors" in plan(d, "me/x").files
+    assert "model.safetensors" in plan_upload(d, "me/x").files
 
 
 def test_a_card_the_user_wrote_is_kept_unless_asked(folders, tmp_path):
     d = copy_of(folders[1], tmp_path)
     mine = "---\nlicense: mit\n---\n# My model\n\n![curve](./plots/loss.png)\n"
     (d / "README.md").write_text(mine)
-    kept = plan(d, "me/x")
+    kept = plan_upload(d, "me/x")
     assert kept.card == mine and kept.card_origin == "kept" and "plots/loss.png" in kept.files
-    new = plan(d, "me/x", overwrite_card=True)
+    new = plan_upload(d, "me/x", overwrite_card=True)
     assert new.card_origin == "regenerated" and front_matter(new.card)["base_model"] == "acme/tiny-mha"
     (d / "README.md").write_text(new.card.replace("81.45", "1.00"))  # an old generated card: regenerated
-    again = plan(d, "me/x")
+    again = plan_upload(d, "me/x")
     assert again.card_origin == "generated" and again.card == new.card
 
 
@@ -315,7 +315,7 @@ def test_base_model_is_committed_in_the_card(folders, monkeypatch):
 def test_base_model_with_a_kept_user_card_says_so(folders, tmp_path):
     d = copy_of(folders[0], tmp_path)
     (d / "README.md").write_text("---\nlicense: mit\n---\n# My model\n")
-    p = plan(d, "me/x", base_model="meta-llama/Llama-2-7b-hf")
+    p = plan_upload(d, "me/x", base_model="meta-llama/Llama-2-7b-hf")
     assert p.card_origin == "kept" and "base_model" not in front_matter(p.card)
     assert any("--base-model meta-llama/Llama-2-7b-hf is not used" in n for n in p.notes)
 

@@ -45,11 +45,12 @@ from uptrain.publishing.card_facts import IMAGE_SUFFIXES, source_name
 from uptrain.publishing.model_card import is_generated, model_card
 from uptrain.record import FILENAME as RECORD, Record, read_record, try_read_record
 from uptrain.report import fmt_bytes
+from uptrain.training.run_folder import RECIPE
 
 INDEX = "model.safetensors.index.json"
 # Besides these: the weights the index names, the tokenizer/generation/chat-template/licence files the
 # converter copies (checkpoint.COMPANION_FILES, one list for both), and the images the card shows.
-ALLOWED_FILES = frozenset({"config.json", INDEX, "uptrain.json", "recipe.yaml", "README.md"})
+ALLOWED_FILES = frozenset({"config.json", INDEX, RECORD, RECIPE, "README.md"})
 PLOTS_DIR = "plots"
 # Why a file is left out, for the listing (first match wins); anything else: "not in the allow-list".
 LEFTOVERS = (
@@ -151,7 +152,7 @@ def check_weights(folder: Path) -> tuple[list[str], dict]:
     return sorted(shards), tensors
 
 
-def load_config(folder: Path) -> dict:
+def checked_config_json(folder: Path) -> dict:
     """config.json as a dict, after checking transformers can load it (known model_type, valid fields)."""
     if not (folder / "config.json").is_file():
         raise UptrainError(f"{folder} has no config.json: not a Hugging Face checkpoint folder")
@@ -250,7 +251,9 @@ def select_files(folder: Path, weights: list[str], images: list[str]) -> tuple[l
 
 
 @dataclass
-class Plan:
+class Upload:
+    """What `uptrain push` would send: the files, those left out and why, the card."""
+
     files: list[str]
     skipped: list[tuple[str, str]]
     card: str
@@ -258,13 +261,14 @@ class Plan:
     notes: list[str]
 
 
-def plan(folder, repo_id: str, eval_json=None, overwrite_card: bool = False, base_model: str | None = None) -> Plan:
+def plan_upload(folder, repo_id: str, eval_json=None, overwrite_card: bool = False,
+                base_model: str | None = None) -> Upload:
     """Validate DIR, choose the files, write the card. Reads only; touches neither DIR nor the network.
     base_model: the Hub model the card names as `base_model`, over what uptrain.json suggests."""
     folder = Path(folder)
     if not folder.is_dir():
         raise UptrainError(f"{folder} is not a folder")
-    config = load_config(folder)
+    config = checked_config_json(folder)
     weights, tensors = check_weights(folder)
     record = read_record(folder)
     check_kv_heads(config, record, tensors)
@@ -288,7 +292,7 @@ def plan(folder, repo_id: str, eval_json=None, overwrite_card: bool = False, bas
     _parse_json_files(folder, files)
     if not any(f.startswith("tokenizer") or f in ("vocab.json", "spiece.model") for f in files):
         notes.append("no tokenizer files: users will need the source model's tokenizer")
-    return Plan(files=files, skipped=skipped, card=card, card_origin=origin, notes=notes)
+    return Upload(files=files, skipped=skipped, card=card, card_origin=origin, notes=notes)
 
 
 # --------------------------------------------------------------------------------------- upload
@@ -435,7 +439,7 @@ def push(dir, repo_id, private=False, revision=None, commit_message=None, token=
     if not dry_run:  # cheap checks first: no token, no need to wait for the folder's validation
         token = resolve_token(token)
     folder = Path(dir)
-    p = plan(folder, repo_id, eval_json=eval_json, overwrite_card=overwrite_card, base_model=base_model)
+    p = plan_upload(folder, repo_id, eval_json=eval_json, overwrite_card=overwrite_card, base_model=base_model)
     sizes = [(f, len(p.card.encode()) if f == "README.md" else (folder / f).stat().st_size) for f in p.files]
     result = PushResult(repo_id=repo_id, files=sizes, skipped=p.skipped, card=p.card, card_origin=p.card_origin,
                         private=private, revision=revision, dry_run=dry_run, notes=p.notes,

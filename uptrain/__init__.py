@@ -16,11 +16,16 @@ for the streaming converter's memory budget. Module names differ from the functi
 (`uptrain.conversion.converter.convert`, `uptrain.evaluation.compare.evaluate`) so an import of a submodule
 never shadows an API function. The layers below these calls are drawn in the README's "How it works".
 """
+from __future__ import annotations
+
 from importlib import import_module
+from typing import TYPE_CHECKING
 
 from uptrain.version import __version__
 
+# name → the module that defines it; imported on first use (PEP 562), so `import uptrain` loads no torch.
 _API = {
+    # the calls
     "convert": "uptrain.conversion",
     "inspect": "uptrain.conversion",
     "train": "uptrain.api",
@@ -28,7 +33,30 @@ _API = {
     "evaluate": "uptrain.evaluation",
     "push": "uptrain.publishing",
     "demo": "uptrain.miniature",
+    # what they take and return
+    "ConvertOptions": "uptrain.conversion",
+    "ConvertResult": "uptrain.conversion",
+    "CheckpointInfo": "uptrain.conversion",
+    "Recipe": "uptrain.training.recipe",
+    "TrainResult": "uptrain.training",
+    "TrainingPlan": "uptrain.training.plan",
+    "EvalResult": "uptrain.evaluation",
+    "PushResult": "uptrain.publishing",
+    "DemoResult": "uptrain.miniature.report",
+    "UptrainError": "uptrain.errors",
 }
+
+if TYPE_CHECKING:  # what IDEs and type checkers see; at run time the names load lazily below
+    from uptrain.api import train
+    from uptrain.conversion import CheckpointInfo, ConvertOptions, ConvertResult, convert, inspect
+    from uptrain.errors import UptrainError
+    from uptrain.evaluation import EvalResult, evaluate
+    from uptrain.miniature import demo
+    from uptrain.miniature.report import DemoResult
+    from uptrain.publishing import PushResult, push
+    from uptrain.training import TrainResult
+    from uptrain.training.plan import TrainingPlan, plan
+    from uptrain.training.recipe import Recipe
 
 __all__ = ["__version__", *_API]
 
@@ -37,3 +65,7 @@ def __getattr__(name: str):
     if name in _API:
         return getattr(import_module(_API[name]), name)
     raise AttributeError(f"module 'uptrain' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -68,15 +68,29 @@ def _run_inspect(args) -> int:
 
 
 # ---------------------------------------------------------------- train
+class _HelpRecipe(argparse.Action):
+    """`--help-recipe [text|markdown]`: print every recipe key and exit, as --help does (no RECIPE needed)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from uptrain.training.recipe_keys import render
+
+        print(render(values), end="")
+        parser.exit()
+
+
 def _add_train(sub):
     p = sub.add_parser(
         "train", help="uptrain a converted model from a YAML recipe (accelerate-ready)",
         description="Run the recipe on this machine, or on many GPUs with `accelerate launch --config_file "
                     "recipes/accelerate/fsdp.yaml -m uptrain train RECIPE.yaml`. Writes a HF checkpoint, "
-                    "uptrain.json, recipe.yaml, metrics.jsonl and checkpoints/ into the recipe's `out`.")
-    p.add_argument("recipe", help="recipe YAML (see recipes/; every key is documented in uptrain/training/recipe.py)")
+                    "uptrain.json, recipe.yaml, metrics.jsonl and checkpoints/ into the recipe's `out`. "
+                    "`uptrain train --help-recipe` lists every recipe key with its type, default and meaning.")
+    p.add_argument("recipe", help="recipe YAML (see recipes/; --help-recipe lists every key)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="beat the YAML, e.g. optim.lr=3e-4 budget.max_steps=20 resume=auto log.progress=false")
+    p.add_argument("--help-recipe", nargs="?", const="text", choices=("text", "markdown"), action=_HelpRecipe,
+                   metavar="FORMAT", help="print every recipe key (type, default, what it does) and exit; FORMAT "
+                                          "text (default) or markdown (the table of docs/training.md)")
     return p
 
 

@@ -2,8 +2,10 @@
 shown parses with the real CLI and passes only flags that the tests pass too (or says what it needs that a test
 machine lacks), every benchmark command names a script and its flags, and generated tables are up to date."""
 import contextlib
+import functools
 import glob
 import io
+import json
 import os
 import re
 import shlex
@@ -146,13 +148,14 @@ def subparsers():
     return action.choices
 
 
-def tested_flags() -> set[str]:
+@functools.lru_cache(maxsize=1)
+def flags_the_tests_pass() -> frozenset[str]:
     """Every "--flag" string literal in the tests and benchmarks: the flags some test or benchmark passes."""
     found = set()
     for path in glob.glob(os.path.join(REPO, "tests", "**", "*.py"), recursive=True):
         with open(path, encoding="utf-8") as f:
             found |= set(re.findall(r"[\"'](--[a-z][a-z0-9-]*)", f.read()))
-    return found
+    return frozenset(found)
 
 
 def plan_example() -> tuple[str, list[str]]:
@@ -193,7 +196,7 @@ def test_every_flag_shown_is_one_a_test_passes(doc, line, needs):
     if needs or line == plan_example()[0]:  # the plan example is run below
         return
     flags = {w.split("=")[0] for w in uptrain_argv(argv_of(line)) if w.startswith("--")}
-    assert flags <= tested_flags(), (f"{doc}: `{line}` shows {sorted(flags - tested_flags())}, which no test "
+    assert flags <= flags_the_tests_pass(), (f"{doc}: `{line}` shows {sorted(flags - flags_the_tests_pass())}, which no test "
                                      f"passes: test it, or mark the command `# needs …`")
 
 
@@ -304,3 +307,37 @@ def test_help_recipe_prints_the_keys_without_a_recipe(capsys):
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert "optim.lr  (number; default 0.0001)" in out and "model.convert.method" in out
+
+
+def test_the_readme_and_demo_md_state_the_measured_demo_time():
+    from uptrain.miniature.sizes import took
+
+    assert took("llama") in read("README.md")
+    demo = " ".join(read("docs/demo.md").split())
+    assert all(took(arch, quick) in demo for arch in ("llama", "t5") for quick in (False, True))
+
+
+def test_the_readme_python_example_runs(tmp_path, monkeypatch, tokenizer, capsys):
+    """README's six lines, as written, on a tiny MHA Llama standing where `uptrain demo` leaves its own."""
+    import torch
+    from tiny_models import save, tiny_model
+
+    block = next(body for lang, body in code_blocks(read("README.md")) if lang == "python")
+    assert len(block.splitlines()) == 6
+    save(tiny_model("llama"), tmp_path / "demo-out" / "runs" / "mha-pretrain", tokenizer=tokenizer)
+    os.symlink(os.path.join(REPO, "recipes"), tmp_path / "recipes")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("UPTRAIN_CACHE", str(tmp_path / "cache"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        exec(compile(block, "README.md", "exec"), {})
+    finally:
+        torch.set_num_threads(threads)
+    out = " ".join(capsys.readouterr().out.split())
+    assert "query heads (H) 8 KV heads 8" in out  # inspect
+    assert json.loads((tmp_path / "gqa2" / "config.json").read_text())["num_key_value_heads"] == 2  # convert
+    record = json.loads((tmp_path / "runs" / "tiny-cpu" / "uptrain.json").read_text())  # train
+    assert record["uptraining"]["steps"] == 24 and record["conversion"]["kv_heads_after"] == 2
+    assert "| gqa2 " in out and "| tiny-cpu " in out  # evaluate's table
+    assert "dry run: nothing uploaded" in out and "you/demo-gqa2" in out  # push

@@ -1,4 +1,4 @@
-"""The package's layers (README "How it works"): a module imports only from its own layer or below, so the
+"""The package's layers (CONTRIBUTING.md, "Layers"): a module imports only from its own layer or below, so the
 math never depends on I/O, I/O never on pipelines, pipelines never on publishing or the entry points."""
 import ast
 import pathlib
@@ -23,7 +23,7 @@ LAYERS = [
 def layer_of(module: str) -> int:
     best = max(((len(p), i) for i, (_, prefixes) in enumerate(LAYERS) for p in prefixes
                 if module == p or module.startswith(p + ".")), default=None)
-    assert best is not None, f"{module} is in no layer: add it to LAYERS and to the README's tree"
+    assert best is not None, f"{module} is in no layer: add it to LAYERS and to CONTRIBUTING.md's tree"
     return best[1]
 
 

@@ -14,7 +14,7 @@ The public API — the CLI is a thin layer over exactly these calls, so a notebo
 Functions are imported lazily: `import uptrain` stays cheap (no transformers import), which matters
 for the streaming converter's memory budget. Module names differ from the function names on purpose
 (`uptrain.conversion.converter.convert`, `uptrain.evaluation.compare.evaluate`) so an import of a submodule
-never shadows an API function. The layers below these calls are drawn in the README's "How it works".
+never shadows an API function. The layers below these calls are drawn in CONTRIBUTING.md's "Layers".
 """
 from __future__ import annotations
 

@@ -68,15 +68,29 @@ def _run_inspect(args) -> int:
 
 
 # ---------------------------------------------------------------- train
+class _HelpRecipe(argparse.Action):
+    """`--help-recipe [text|markdown]`: print every recipe key and exit, as --help does (no RECIPE needed)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from uptrain.training.recipe_keys import render
+
+        print(render(values), end="")
+        parser.exit()
+
+
 def _add_train(sub):
     p = sub.add_parser(
         "train", help="uptrain a converted model from a YAML recipe (accelerate-ready)",
         description="Run the recipe on this machine, or on many GPUs with `accelerate launch --config_file "
                     "recipes/accelerate/fsdp.yaml -m uptrain train RECIPE.yaml`. Writes a HF checkpoint, "
-                    "uptrain.json, recipe.yaml, metrics.jsonl and checkpoints/ into the recipe's `out`.")
-    p.add_argument("recipe", help="recipe YAML (see recipes/; every key is documented in uptrain/training/recipe.py)")
+                    "uptrain.json, recipe.yaml, metrics.jsonl and checkpoints/ into the recipe's `out`. "
+                    "`uptrain train --help-recipe` lists every recipe key with its type, default and meaning.")
+    p.add_argument("recipe", help="recipe YAML (see recipes/; --help-recipe lists every key)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="beat the YAML, e.g. optim.lr=3e-4 budget.max_steps=20 resume=auto log.progress=false")
+    p.add_argument("--help-recipe", nargs="?", const="text", choices=("text", "markdown"), action=_HelpRecipe,
+                   metavar="FORMAT", help="print every recipe key (type, default, what it does) and exit; FORMAT "
+                                          "text (default) or markdown (the table of docs/training.md)")
     return p
 
 
@@ -183,11 +197,16 @@ def _run_eval(args) -> int:
 
 # ---------------------------------------------------------------- demo
 def _add_demo(sub):
-    p = sub.add_parser("demo", help="the GQA paper in miniature on Shakespeare, offline, on a CPU (~10 min)",
+    from uptrain.miniature.sizes import THREADS, took
+
+    p = sub.add_parser("demo", help=f"the GQA paper in miniature on Shakespeare, offline, on a CPU ({took('llama')})",
                        description="Pre-train a small MHA Llama on Shakespeare, convert it to GQA/MQA, uptrain each "
-                                   "for α of the pre-training steps, evaluate, and write DIR/report.md with plots.")
+                                   "for α of the pre-training steps, evaluate, and write DIR/report.md with plots. "
+                                   f"Measured: {took('llama')} (its wall time on a quiet machine); --quick "
+                                   f"{took('llama', True)}; --arch t5 {took('t5')}, with --quick {took('t5', True)}.")
     p.add_argument("--out", default="demo-out", help="output folder (report.md, results.json, plots, checkpoints)")
-    p.add_argument("--quick", action="store_true", help="a smaller model and fewer steps (about 2 minutes)")
+    p.add_argument("--quick", action="store_true",
+                   help=f"a smaller model and fewer steps, a smoke run ({took('llama', True)})")
     p.add_argument("--arch", choices=("llama", "t5"), default="llama",
                    help="llama (next-token prediction) or t5: a T5.1.1 pre-trained with span corruption, its "
                         "decoder's self- and cross-attention converted (the paper's own setting)")
@@ -196,6 +215,9 @@ def _add_demo(sub):
     p.add_argument("--overwrite", action="store_true", help="delete an earlier demo run in --out and start again")
     p.add_argument("--resume", action="store_true", help="finish an interrupted run in --out, reusing its stages")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (one line per stage only)")
+    p.add_argument("--threads", type=int, default=THREADS,
+                   help=f"torch CPU threads (default {THREADS}: on a busy machine more threads cost several times "
+                        "the CPU time; on a quiet one, 2 are faster)")
     return p
 
 
@@ -203,7 +225,7 @@ def _run_demo(args) -> int:
     from uptrain.miniature import demo
 
     demo(out=args.out, quick=args.quick, seed=args.seed, alpha=args.alpha, overwrite=args.overwrite,
-         resume=args.resume, progress=not args.no_progress, arch=args.arch)
+         resume=args.resume, progress=not args.no_progress, arch=args.arch, threads=args.threads)
     return 0
 
 

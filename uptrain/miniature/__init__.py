@@ -12,8 +12,15 @@ and write a report with the paper's Table 1 / Figures 3-5 shapes. Built only fro
     report.py    plots, report.md, results.json
     run.py       demo(): the stages in order, then the report
 """
-from uptrain.miniature.report import DemoResult
-from uptrain.miniature.run import demo
+from importlib import import_module
+
 from uptrain.miniature.sizes import FULL, QUICK, DemoSize
 
 __all__ = ["demo", "DemoResult", "DemoSize", "FULL", "QUICK"]
+_LAZY = {"demo": "uptrain.miniature.run", "DemoResult": "uptrain.miniature.report"}  # they import torch
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'uptrain.miniature' has no attribute {name!r}")

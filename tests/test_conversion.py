@@ -12,6 +12,7 @@ from uptrain.arch import SPECS
 from uptrain.checkpoint import TensorEntry
 from uptrain.conversion import plan_conversion
 from uptrain.errors import UptrainError
+from uptrain.evaluation.cost import output_cache
 from uptrain.pooling import pool_mean
 
 ARCHS = sorted(TINY_CONFIGS)
@@ -260,7 +261,7 @@ def _lossless(arch, tmp_path, groups, source_groups=None, **cfg):
 
 def _cache_bytes(model, ids) -> int:
     out = model.generate(ids, max_new_tokens=2, do_sample=False, return_dict_in_generate=True, pad_token_id=1)
-    return sum(t.numel() * t.element_size() for layer in out.cache.layers for t in (layer.keys, layer.values))
+    return sum(t.numel() * t.element_size() for layer in output_cache(out).layers for t in (layer.keys, layer.values))
 
 
 def test_cohere_per_head_k_norm_is_pooled_like_k(tmp_path):

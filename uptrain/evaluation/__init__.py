@@ -13,7 +13,7 @@ from importlib import import_module
 _EXPORTS = {
     "perplexity": "quality", "sliding_perplexity": "quality", "sliding_windows": "quality",
     "scored_ranges": "quality",
-    "cache_tensors": "cost", "cache_bytes": "cost", "decode_speed": "cost",
+    "output_cache": "cost", "cache_tensors": "cost", "cache_bytes": "cost", "decode_speed": "cost",
     "reset_peak_memory": "cost", "peak_memory": "cost",
     "lm_eval_available": "tasks", "run_tasks": "tasks",
     "evaluate": "compare", "EvalResult": "compare", "eval_data_spec": "compare", "eval_token_ids": "compare",

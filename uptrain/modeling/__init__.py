@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-WRITTEN_FOR = "transformers 5.x (written and tested with 5.24)"
+WRITTEN_FOR = "transformers 5.19 to 5.24 (tested with both)"
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,8 @@ shared by groups of H/G query heads (query head h reads KV head h // (H/G)), and
 With G = H that is GPT-2's own layout, and this class computes what GPT2LMHeadModel computes. The KV cache
 holds G heads. Self-attention only (a GPT-2 with cross-attention is not a causal LM checkpoint).
 
-Written for transformers 5.24 (GPT2Attention's `cache` argument of 5.x).
+Written for transformers 5.19 to 5.24 (GPT2Attention's cache argument is `past_key_values` in 5.19, `cache`
+from 5.20).
 """
 from transformers.cache_utils import EncoderDecoderCache
 from transformers.models.gpt2 import modeling_gpt2 as gpt2
@@ -27,6 +28,11 @@ def repeat_kv(x, n: int):
     return x[:, :, None].expand(b, g, n, s, d).reshape(b, g * n, s, d)
 
 
+def the_cache(cache, kwargs):
+    """The layer's cache: transformers >= 5.20 passes it as `cache`, 5.19 as `past_key_values`."""
+    return cache if cache is not None else kwargs.pop("past_key_values", None)
+
+
 class GPT2GQAAttention(gpt2.GPT2Attention):
     def __init__(self, config, is_cross_attention=False, layer_idx=None):
         super().__init__(config, is_cross_attention=is_cross_attention, layer_idx=layer_idx)
@@ -38,6 +44,7 @@ class GPT2GQAAttention(gpt2.GPT2Attention):
         self.c_attn = Conv1D(self.embed_dim + 2 * self.kv_dim, self.embed_dim)
 
     def forward(self, hidden_states, cache=None, attention_mask=None, **kwargs):
+        cache = the_cache(cache, kwargs)
         kwargs.pop("encoder_hidden_states", None)
         kwargs.pop("encoder_attention_mask", None)
         kwargs.pop("output_attentions", None)

@@ -8,7 +8,8 @@ shared by groups of H/G query heads (query head h reads KV head h // (H/G)): `k_
 and biases) have G heads of rows instead of H. With G = H this class computes what OPTForCausalLM computes.
 The KV cache holds G heads.
 
-Written for transformers 5.24 (OPTAttention's `cache` argument of 5.x).
+Written for transformers 5.19 to 5.24 (OPTAttention's cache argument is `past_key_values` in 5.19, `cache`
+from 5.20).
 """
 from torch import nn
 from transformers.models.opt import modeling_opt as opt
@@ -22,6 +23,11 @@ def repeat_kv(x, n: int):
     return x[:, :, None].expand(b, g, n, s, d).reshape(b, g * n, s, d)
 
 
+def the_cache(cache, kwargs):
+    """The layer's cache: transformers >= 5.20 passes it as `cache`, 5.19 as `past_key_values`."""
+    return cache if cache is not None else kwargs.pop("past_key_values", None)
+
+
 class OPTGQAAttention(opt.OPTAttention):
     def __init__(self, config, layer_idx=None, **kwargs):
         super().__init__(config, layer_idx=layer_idx, **kwargs)
@@ -32,6 +38,7 @@ class OPTGQAAttention(opt.OPTAttention):
         self.v_proj = nn.Linear(self.embed_dim, kv_dim, bias=self.enable_bias)
 
     def forward(self, hidden_states, cache=None, attention_mask=None, output_attentions=False, **kwargs):
+        cache = the_cache(cache, kwargs)
         bsz, tgt_len, _ = hidden_states.size()
         # OPT scales the query before the product (see OPTAttention.forward) and attends with scaling 1
         query_states = self.q_proj(hidden_states) * self.scaling

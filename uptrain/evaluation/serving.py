@@ -38,17 +38,40 @@ INSTALL = ('pip install "uptrain[serve]" on a GPU machine; on a CPU: pip install
 
 
 def vllm_available() -> bool:
-    return importlib.util.find_spec("vllm") is not None
+    try:
+        return importlib.util.find_spec("vllm") is not None
+    except ValueError:  # sys.modules["vllm"] is None: the import is blocked
+        return False
 
 
-def check_servable(name: str, config, flag: str = "--engine vllm") -> None:
-    """Refuse, before anything loads, a model vLLM cannot serve (an encoder-decoder), or vLLM's absence."""
+# Configurations vLLM 0.32 serves wrong or not at all, whatever uptrain did to them (found by serving every
+# tiny architecture of tests/tiny_models.py): (model_type, does this config hit it, what happens). Refused
+# before vLLM starts, rather than left to crash in it or to emit other tokens than transformers.
+VLLM_LIMITS = [
+    ("cohere", lambda c: bool(getattr(c, "attention_bias", False)),
+     "vLLM's Cohere drops q/k/v biases (attention_bias: true), so it would generate other tokens than transformers"),
+    ("falcon", lambda c: (getattr(c, "ffn_hidden_size", None) or 4 * c.hidden_size) != 4 * c.hidden_size,
+     "vLLM's Falcon assumes a feed-forward of 4 × hidden_size (this one has ffn_hidden_size "
+     "{c.ffn_hidden_size})"),
+    ("gpt_bigcode", lambda c: not getattr(c, "multi_query", True),
+     "vLLM serves gpt_bigcode through its Transformers backend, which fails on multi-head (multi_query: false) "
+     "checkpoints; uptrain's gpt_bigcode results (G = 1) are multi-query and serve"),
+]
+
+
+def check_servable(name: str, config, flag: str | None = None) -> None:
+    """Refuse, before anything loads, a model vLLM cannot serve (an encoder-decoder, a VLLM_LIMITS case), or
+    vLLM's absence. `flag`: how the caller names the engine option (`--engine vllm`), for the remedy."""
+    fix = f". Evaluate it without {flag}" if flag else ""
     if getattr(config, "is_encoder_decoder", False):
         raise UptrainError(f"{name} is an encoder-decoder ({config.model_type}): vLLM 0.32 serves decoder-only "
-                           f"models, and has no path for {config.model_type}. Evaluate it without {flag} "
-                           f"(transformers measures its caches and decode speed)")
+                           f"models and has no path for {config.model_type}{fix}" +
+                           (" (transformers measures its caches and decode speed)" if flag else ""))
+    for model_type, hits, why in VLLM_LIMITS:
+        if config.model_type == model_type and hits(config):
+            raise UptrainError(f"{name} cannot be served by vLLM 0.32: {why.format(c=config)}{fix}")
     if not vllm_available():
-        raise UptrainError(f"{flag} needs vLLM, which is not installed: {INSTALL}")
+        raise UptrainError(f"{flag or 'serving in vLLM'} needs vLLM, which is not installed: {INSTALL}")
 
 
 @dataclass
@@ -112,8 +135,10 @@ def serve_in_vllm(jobs: list[ServeJob], settings: ServeSettings, progress=None) 
 
     progress: called with (job index, result) as each model finishes. A model vLLM fails on raises UptrainError
     with vLLM's message; its full log is kept and named."""
-    if not vllm_available():
-        raise UptrainError(f"serving in vLLM needs vLLM, which is not installed: {INSTALL}")
+    from transformers import AutoConfig
+
+    for job in jobs:
+        check_servable(job.label or job.path, AutoConfig.from_pretrained(job.path, revision=job.revision))
     work = tempfile.mkdtemp(prefix="uptrain-vllm-")
     request, results, log = (os.path.join(work, n) for n in ("request.json", "results.jsonl", "vllm.log"))
     with open(request, "w") as f:

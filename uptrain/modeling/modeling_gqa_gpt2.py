@@ -71,7 +71,8 @@ class GPT2GQAAttention(gpt2.GPT2Attention):
             attn_output, attn_weights = attention_interface(
                 self, query, key, value, attention_mask, dropout=self.attn_dropout.p if self.training else 0.0,
                 scaling=self.scaling, **kwargs)
-        attn_output = attn_output.reshape(*attn_output.shape[:-2], -1).contiguous()
+        # [batch, seq, H·d] (vLLM's attention returns [seq, H·d]: reshaped by the input's shape, not its own)
+        attn_output = attn_output.reshape(*hidden_states.shape[:-1], -1).contiguous()
         return self.resid_dropout(self.c_proj(attn_output)), attn_weights
 
 

@@ -129,10 +129,10 @@ class EvalResult:
                 f"(window {s['seq_len']}, stride {s['stride']}: every scored token sees at least "
                 f"{s['seq_len'] - s['stride']} tokens of context). Decode: batch {s['decode_batch']}, prompt "
                 f"{s['prompt_len']}, {s['new_tokens']} new tokens, median of {s['repeats']}, {s['device']}. "
-                f"KV @ ctx: {s['context']} tokens × batch {s['decode_batch']}. {self._vllm_text()}"
+                f"KV @ ctx: {s['context']} tokens × batch {s['decode_batch']}. {self.serving_text()}"
                 f"Ratios against {self.rows[0]['label']}.")
 
-    def _vllm_text(self) -> str:
+    def serving_text(self) -> str:
         v = self.settings.get("vllm")
         if not v:
             return ""

@@ -131,6 +131,7 @@ def serve_in_vllm(jobs: list[ServeJob], settings: ServeSettings, progress=None) 
         kv_cache_blocks, block_size
         max_concurrency      requests of settings.context tokens that fit in the cache at once
         output_tokens_per_s  output tokens / s for all prompts sent at once (median of settings.repeats)
+        batch_wall_s, batch_cpu_s   wall and CPU seconds of that batch (medians; CPU: every thread of the engine)
         load_s, device, dtype, vllm_version
 
     progress: called with (job index, result) as each model finishes. A model vLLM fails on raises UptrainError

@@ -34,17 +34,20 @@ def measure(job: dict, s: dict, agreement_prompts: int) -> dict:
                                                                            min_tokens=n), use_tqdm=False)
         batch = SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
         llm.generate(prompts, batch, use_tqdm=False)  # warm-up
-        rates = []
+        rates, walls, cpus = [], [], []
         for _ in range(s["repeats"]):
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             outs = llm.generate(prompts, batch, use_tqdm=False)
-            rates.append(sum(len(o.outputs[0].token_ids) for o in outs) / (time.perf_counter() - t))
+            walls.append(time.perf_counter() - t)
+            cpus.append(time.process_time() - c)  # every thread of this process (the engine runs in it)
+            rates.append(sum(len(o.outputs[0].token_ids) for o in outs) / walls[-1])
         return {
             "greedy": [list(o.outputs[0].token_ids) for o in greedy],
             "kv_cache_tokens": blocks * block_size, "kv_cache_blocks": blocks, "block_size": block_size,
             # requests of `context` tokens that fit at once: each takes whole blocks
             "max_concurrency": blocks // -(-s["context"] // block_size),
             "output_tokens_per_s": statistics.median(rates), "requests": len(prompts),
+            "batch_wall_s": statistics.median(walls), "batch_cpu_s": statistics.median(cpus),
             "load_s": load_s, "device": current_platform.device_type,
             "dtype": str(llm.llm_engine.vllm_config.model_config.dtype).replace("torch.", ""),
             "version": __version__,

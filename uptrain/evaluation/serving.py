@@ -3,9 +3,9 @@
     from uptrain.evaluation.serving import ServeSettings, ServeJob, serve_in_vllm
 
     results = serve_in_vllm([ServeJob("out-gqa2", prompts=[[12, 7, …], …])], ServeSettings(new_tokens=32))
-    results[0]["greedy"]              # vLLM's greedy tokens for each prompt
+    results[0]["greedy"]              # vLLM's greedy tokens for the first AGREEMENT_PROMPTS prompts
     results[0]["kv_cache_tokens"]     # tokens the KV cache holds in settings.kv_cache_bytes
-    results[0]["output_tokens_per_s"] # a batch of settings.requests concurrent requests
+    results[0]["output_tokens_per_s"] # all the job's prompts sent at once
 
 vLLM runs in a child process (`python -m uptrain.evaluation.vllm_child`, the only module that imports vllm):
 vLLM spawns workers, which needs a `__main__` guard that library code cannot give, and a child gives back
@@ -28,7 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 from uptrain.errors import UptrainError
 
@@ -120,7 +120,6 @@ class ServeJob:
     trust_remote_code: bool = False
     dtype: str | None = None  # used when ServeSettings.dtype is None
     label: str = ""
-    extra: dict = field(default_factory=dict)
 
 
 def serve_in_vllm(jobs: list[ServeJob], settings: ServeSettings, progress=None) -> list[dict]:

@@ -44,11 +44,12 @@ def test_eval_engine_vllm_through_the_real_cli(tmp_path, tokenizer):
         assert r["vllm_max_concurrency"] == r["vllm_kv_cache_blocks"] // -(-64 // r["vllm_block_size"])  # context 64
         assert r["vllm_greedy_identical"] == r["vllm_greedy_prompts"] == 8 and r["vllm_greedy_agreement"] == 1.0
         assert r["vllm_output_tokens_per_s"] > 0 and r["vllm_requests"] == 8
-        assert r["vllm_device"] == "cpu" and r["vllm_dtype"] == "float32"
+        assert r["vllm_device"] == "cpu" and r["vllm_dtype"] == "float32" and r["vllm_eager"] is True  # CPU default
     assert [r["vllm_kv_capacity_ratio"] for r in rows] == [1.0, HEADS / 2, HEADS, HEADS / 2]
     # the transformers columns are still there, and agree with vLLM's on the cache size
     assert [r["kv_ratio"] for r in rows] == [1.0, 2 / HEADS, 1 / HEADS, 2 / HEADS]
     md = (out / "r.md").read_text()
     assert "vLLM KV tokens" in md and "| 8/8 (1.00) |" in md and "vLLM = HF: prompts whose 32 greedy tokens" in md
+    assert "on cpu (float32, eager): vLLM KV tokens = what 64 MiB of KV cache holds" in md
     png = (out / "r.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and int.from_bytes(png[16:20], "big") > 1200  # three panels

@@ -140,7 +140,7 @@ class EvalResult:
 
         r = self.rows[0]
         return (f"vLLM {r.get('vllm_version', '')} on {r.get('vllm_device', '?')} ({r.get('vllm_dtype', '?')}, "
-                f"{'eager' if v['eager'] else 'compiled'}): vLLM KV tokens = what {fmt_bytes(v['kv_cache_bytes'])} "
+                f"{'eager' if r.get('vllm_eager') else 'compiled'}): vLLM KV tokens = what {fmt_bytes(v['kv_cache_bytes'])} "
                 f"of KV cache holds; max conc. = requests of {v['context']} tokens that fit in it at once; out tok/s "
                 f"= output tokens / s of {v['requests']} concurrent requests ({v['prompt_len']} prompt + "
                 f"{v['new_tokens']} output tokens each, greedy, median of {v['repeats']}); vLLM = HF: prompts whose "
@@ -265,7 +265,7 @@ def evaluate(models, data=None, *, options: EvalOptions | None = None, progress:
     if o.engine == "vllm":
         from uptrain.evaluation.serving import ServeSettings
 
-        serve = ServeSettings.from_options(o, max_model_len, context, dev)
+        serve = ServeSettings.from_options(o, max_model_len, context)
         settings["vllm"] = serve.to_dict()
     threads_before = torch.get_num_threads()
     rows, greedy = [], []

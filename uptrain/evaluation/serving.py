@@ -81,7 +81,7 @@ class ServeSettings:
     kv_cache_bytes: int = 1 << 30  # KV-cache memory per model (vLLM's kv_cache_memory_bytes)
     max_model_len: int = 1024
     dtype: str | None = None  # None: each job's (the dtype transformers loaded it in)
-    eager: bool | None = None  # None: eager on CPU, compiled (CUDA graphs) on GPUs
+    eager: bool | None = None  # None: eager on a CPU, compiled (CUDA graphs) on GPUs (the child decides)
     requests: int = 16  # concurrent requests of the throughput batch
     prompt_len: int = 128
     new_tokens: int = 32  # per request, and per greedy agreement prompt
@@ -90,12 +90,11 @@ class ServeSettings:
     seed: int = 0
 
     @classmethod
-    def from_options(cls, o, max_model_len: int, context: int, device) -> ServeSettings:
+    def from_options(cls, o, max_model_len: int, context: int) -> ServeSettings:
         """From EvalOptions (uptrain/evaluation/options.py)."""
-        eager = o.vllm_eager if o.vllm_eager is not None else getattr(device, "type", device) == "cpu"
         return cls(kv_cache_bytes=o.kv_cache_bytes(), max_model_len=max_model_len,
                    dtype=None if o.vllm_dtype in (None, "auto") and o.dtype == "auto" else (o.vllm_dtype or o.dtype),
-                   eager=eager, requests=o.vllm_requests, prompt_len=o.prompt_len, new_tokens=o.new_tokens,
+                   eager=o.vllm_eager, requests=o.vllm_requests, prompt_len=o.prompt_len, new_tokens=o.new_tokens,
                    repeats=o.repeats, context=context)
 
     def to_dict(self) -> dict:
@@ -131,7 +130,7 @@ def serve_in_vllm(jobs: list[ServeJob], settings: ServeSettings, progress=None) 
         max_concurrency      requests of settings.context tokens that fit in the cache at once
         output_tokens_per_s  output tokens / s for all prompts sent at once (median of settings.repeats)
         batch_wall_s, batch_cpu_s   wall and CPU seconds of that batch (medians; CPU: every thread of the engine)
-        load_s, device, dtype, vllm_version
+        load_s, device, dtype, eager, version
 
     progress: called with (job index, result) as each model finishes. A model vLLM fails on raises UptrainError
     with vLLM's message; its full log is kept and named."""

@@ -19,9 +19,11 @@ def measure(job: dict, s: dict, agreement_prompts: int) -> dict:
     from vllm.platforms import current_platform
 
     t0 = time.perf_counter()
+    # eager by default on a CPU, where compiling costs minutes; compiled (CUDA graphs) on GPUs
+    eager = bool(s["eager"]) if s["eager"] is not None else current_platform.is_cpu()
     llm = LLM(model=job["path"], revision=job["revision"], tokenizer=job["tokenizer"],
               trust_remote_code=job["trust_remote_code"], dtype=s["dtype"] or job["dtype"] or "auto",
-              enforce_eager=bool(s["eager"]) if s["eager"] is not None else current_platform.is_cpu(),
+              enforce_eager=eager,
               kv_cache_memory_bytes=s["kv_cache_bytes"], max_model_len=s["max_model_len"], seed=s["seed"])
     load_s = time.perf_counter() - t0
     try:
@@ -48,7 +50,7 @@ def measure(job: dict, s: dict, agreement_prompts: int) -> dict:
             "max_concurrency": blocks // -(-s["context"] // block_size),
             "output_tokens_per_s": statistics.median(rates), "requests": len(prompts),
             "batch_wall_s": statistics.median(walls), "batch_cpu_s": statistics.median(cpus),
-            "load_s": load_s, "device": current_platform.device_type,
+            "load_s": load_s, "device": current_platform.device_type, "eager": eager,
             "dtype": str(llm.llm_engine.vllm_config.model_config.dtype).replace("torch.", ""),
             "version": __version__,
         }

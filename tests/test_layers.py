@@ -9,7 +9,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1] / "uptrain"
 LAYERS = [
     # uptrain.modeling imports nothing of uptrain (its templates travel with checkpoints: see the test below),
     # so every layer may ask it which code is ours
-    ("base", ["uptrain.errors", "uptrain.version", "uptrain.modeling"]),
+    ("base", ["uptrain.errors", "uptrain.version", "uptrain.modeling", "uptrain.options"]),
     ("math, data and files", ["uptrain.pooling", "uptrain.merging", "uptrain.data", "uptrain.span_corruption", "uptrain.files"]),
     ("records and I/O", ["uptrain.record", "uptrain.hf", "uptrain.checkpoint", "uptrain.report"]),
     ("model knowledge", ["uptrain.arch"]),

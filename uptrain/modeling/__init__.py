@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-WRITTEN_FOR = "transformers 5.19 to 5.24 (tested with both)"
 
 
 @dataclass(frozen=True)

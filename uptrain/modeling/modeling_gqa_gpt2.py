@@ -16,7 +16,7 @@ Served by vLLM's Transformers backend (`LLM(folder, trust_remote_code=True)`), w
 through auto_map's `AutoModel` entry (GPT2GQAModel) and replaces the attention call with its own paged
 attention (it finds the call to `ALL_ATTENTION_FUNCTIONS` in `forward`'s source and reads `scaling=`).
 
-Written for transformers 5.19 to 5.24 (GPT2Attention's cache argument is `past_key_values` in 5.19, `cache`
+Written for transformers 5.19 to 5.25 (GPT2Attention's cache argument is `past_key_values` in 5.19, `cache`
 from 5.20).
 """
 from transformers.cache_utils import EncoderDecoderCache

@@ -18,7 +18,7 @@ through auto_map's `AutoModel` entry (GPTNeoXGQAModel), replaces the attention c
 attention (it finds the call to `ALL_ATTENTION_FUNCTIONS` in `forward`'s source and reads `scaling=`), and
 renames the checkpoint's `embed_out` by the conversion mapping registered below.
 
-Written for transformers 5.19 to 5.24 (the attention's `layer_past` / `position_embeddings` arguments of 5.x).
+Written for transformers 5.19 to 5.25 (the attention's `layer_past` / `position_embeddings` arguments of 5.x).
 """
 from torch import nn
 from transformers.conversion_mapping import WeightRenaming, register_checkpoint_conversion_mapping

@@ -18,7 +18,7 @@ Everything else is transformers' own T5 code: relative position bias (shared fro
 mT5, one per layer in umT5), no 1/sqrt(d) scaling, gated-gelu or relu feed-forward, tied or untied heads, the
 eager / SDPA attention implementations. With G = H these classes compute what transformers' T5 computes.
 
-Written for transformers 5.19 to 5.24 (T5Attention's cache argument is `past_key_values` in 5.19, `cache` from
+Written for transformers 5.19 to 5.25 (T5Attention's cache argument is `past_key_values` in 5.19, `cache` from
 5.20; `EncoderDecoderCache.is_updated` of 5.x).
 """
 import torch

@@ -25,6 +25,7 @@ from transformers.models.gpt2 import modeling_gpt2 as gpt2
 from transformers.pytorch_utils import Conv1D
 
 
+# Copied from uptrain.modeling.modeling_gqa_gpt_neox.repeat_kv
 def repeat_kv(x, n: int):
     """[batch, G, seq, d] → [batch, G·n, seq, d]: each KV head serves its n query heads (eager attention)."""
     if n == 1:

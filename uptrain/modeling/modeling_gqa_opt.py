@@ -20,6 +20,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS  # this name: vL
 from transformers.models.opt import modeling_opt as opt
 
 
+# Copied from uptrain.modeling.modeling_gqa_gpt_neox.repeat_kv
 def repeat_kv(x, n: int):
     """[batch, G, seq, d] → [batch, G·n, seq, d]: each KV head serves its n query heads (eager attention)."""
     if n == 1:
@@ -28,6 +29,7 @@ def repeat_kv(x, n: int):
     return x[:, :, None].expand(b, g, n, s, d).reshape(b, g * n, s, d)
 
 
+# Copied from uptrain.modeling.modeling_gqa_gpt2.the_cache
 def the_cache(cache, kwargs):
     """The layer's cache: transformers >= 5.20 passes it as `cache`, 5.19 as `past_key_values`."""
     return cache if cache is not None else kwargs.pop("past_key_values", None)

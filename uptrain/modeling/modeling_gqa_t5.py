@@ -31,6 +31,7 @@ from transformers.models.umt5 import modeling_umt5 as umt5
 GQA_ATTENTION = ("decoder", "all")
 
 
+# Copied from uptrain.modeling.modeling_gqa_gpt_neox.repeat_kv
 def repeat_kv(x, n: int):
     """[batch, G, seq, d] → [batch, G·n, seq, d]: each KV head serves its n query heads (eager attention)."""
     if n == 1:
@@ -39,6 +40,7 @@ def repeat_kv(x, n: int):
     return x[:, :, None].expand(b, g, n, s, d).reshape(b, g * n, s, d)
 
 
+# Copied from uptrain.modeling.modeling_gqa_gpt2.the_cache
 def the_cache(cache, kwargs):
     """The layer's cache: transformers >= 5.20 passes it as `cache`, 5.19 as `past_key_values`."""
     return cache if cache is not None else kwargs.pop("past_key_values", None)

@@ -40,7 +40,9 @@ _API = {
     "Recipe": "uptrain.training.recipe",
     "TrainResult": "uptrain.training",
     "TrainingPlan": "uptrain.training.plan",
+    "EvalOptions": "uptrain.evaluation",
     "EvalResult": "uptrain.evaluation",
+    "PushOptions": "uptrain.publishing",
     "PushResult": "uptrain.publishing",
     "DemoResult": "uptrain.miniature.report",
     "UptrainError": "uptrain.errors",
@@ -50,10 +52,10 @@ if TYPE_CHECKING:  # what IDEs and type checkers see; at run time the names load
     from uptrain.api import train
     from uptrain.conversion import CheckpointInfo, ConvertOptions, ConvertResult, convert, inspect
     from uptrain.errors import UptrainError
-    from uptrain.evaluation import EvalResult, evaluate
+    from uptrain.evaluation import EvalOptions, EvalResult, evaluate
     from uptrain.miniature import demo
     from uptrain.miniature.report import DemoResult
-    from uptrain.publishing import PushResult, push
+    from uptrain.publishing import PushOptions, PushResult, push
     from uptrain.training import TrainResult
     from uptrain.training.plan import TrainingPlan, plan
     from uptrain.training.recipe import Recipe

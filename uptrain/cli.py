@@ -216,29 +216,18 @@ def _run_demo(args) -> int:
 
 # ---------------------------------------------------------------- push
 def _add_push(sub):
+    from uptrain.publishing.options import PushOptions
+
     p = sub.add_parser("push", help="upload a converted/uptrained checkpoint to the Hub with a model card")
     p.add_argument("dir", help="checkpoint folder written by `uptrain convert` or `uptrain train`")
-    p.add_argument("--repo-id", required=True, metavar="NAME", help="Hub repo, e.g. me/llama-gqa8 (created if needed)")
-    p.add_argument("--private", action="store_true", help="create the repo private")
-    p.add_argument("--revision", default=None, metavar="BRANCH", help="push to this branch (created if needed)")
-    p.add_argument("--commit-message", default=None)
-    p.add_argument("--token", default=None, help="Hub token with write access (default: HF_TOKEN or the saved login)")
-    p.add_argument("--dry-run", action="store_true", help="print the files and the model card; upload nothing")
-    p.add_argument("--overwrite-card", action="store_true", help="replace a README.md you wrote with a generated card")
-    p.add_argument("--eval-json", default=None, metavar="FILE", help="results of `uptrain eval … --json` for the card")
-    p.add_argument("--base-model", default=None, metavar="ID",
-                   help="Hub id of the model this one derives from, for the card's base_model (e.g. "
-                        "meta-llama/Llama-2-7b-hf when the source was a local copy); wins over uptrain.json")
+    _add_option_flags(p, PushOptions)  # uptrain.push(...) takes the same fields
     return p
 
 
 def _run_push(args) -> int:
-    from uptrain.publishing import push
+    from uptrain.publishing import PushOptions, push
 
-    result = push(args.dir, repo_id=args.repo_id, private=args.private, revision=args.revision,
-                  commit_message=args.commit_message, token=args.token, dry_run=args.dry_run,
-                  overwrite_card=args.overwrite_card, eval_json=args.eval_json, base_model=args.base_model)
-    print(result.summary())
+    print(push(args.dir, options=_options_from(args, PushOptions)).summary())
     return 0
 
 

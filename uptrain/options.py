@@ -52,6 +52,8 @@ class SpokenOptions:
         value = getattr(self, name) if value is None else value
         style = getattr(self, "_style", "python")
         if style == "cli":
+            if isinstance(value, bool):  # a switch: --dry-run / --no-dry-run
+                return self.key(name) if value else "--no-" + name.replace("_", "-")
             return f"{self.key(name)} {value}"
         return f"{self.key(name)}={value!r}" if style == "python" else f"{self.key(name)}: {value}"
 

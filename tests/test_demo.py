@@ -225,3 +225,23 @@ def test_inference_cost_finding_follows_the_measured_speed(mqa_speed, says):
             {"kv_cache_bytes_per_token": 1024, "decode_tokens_per_s": mqa_speed}]
     text = _inference_cost(rows)
     assert "shrinks 8×" in text and f"{mqa_speed / 100:.2f}× as fast" in text and says in text
+
+
+def test_demo_options_speak_the_callers_words(tmp_path, capfd):
+    """One DemoOptions for the CLI and the API: the same mistake is a flag on the command line and a keyword in
+    Python, and nothing is written."""
+    from uptrain.cli import main
+    from uptrain.errors import UptrainError
+    from uptrain.miniature import demo
+
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "mine.txt").write_text("not a demo")
+    with pytest.raises(UptrainError, match=r"out='.*busy' is not empty and is not a demo folder; refusing"):
+        demo(out=str(tmp_path / "busy"), progress=False)
+    with pytest.raises(UptrainError, match="unknown demo option thread; did you mean threads"):
+        demo(out=str(tmp_path / "x"), thread=2)
+    with pytest.raises(UptrainError, match="alpha=0: a fraction"):
+        demo(out=str(tmp_path / "x"), alpha=0)
+    assert main(["demo", "--out", str(tmp_path / "busy"), "--overwrite"]) == 2
+    assert f"--out {tmp_path / 'busy'} is not empty and is not a demo folder" in capfd.readouterr().err
+    assert (tmp_path / "busy" / "mine.txt").is_file() and not (tmp_path / "x").exists()

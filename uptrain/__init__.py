@@ -44,6 +44,7 @@ _API = {
     "EvalResult": "uptrain.evaluation",
     "PushOptions": "uptrain.publishing",
     "PushResult": "uptrain.publishing",
+    "DemoOptions": "uptrain.miniature",
     "DemoResult": "uptrain.miniature.report",
     "UptrainError": "uptrain.errors",
 }
@@ -53,7 +54,7 @@ if TYPE_CHECKING:  # what IDEs and type checkers see; at run time the names load
     from uptrain.conversion import CheckpointInfo, ConvertOptions, ConvertResult, convert, inspect
     from uptrain.errors import UptrainError
     from uptrain.evaluation import EvalOptions, EvalResult, evaluate
-    from uptrain.miniature import demo
+    from uptrain.miniature import DemoOptions, demo
     from uptrain.miniature.report import DemoResult
     from uptrain.publishing import PushOptions, PushResult, push
     from uptrain.training import TrainResult

@@ -30,7 +30,8 @@ def _add_option_flags(p, options_class) -> None:
         if tp is bool or typing.get_args(tp) == (bool, type(None)):
             where.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=meta["help"])
             continue
-        kind = meta.get("parse") or next((t for t in (int, str) if t == tp or t in typing.get_args(tp)), str)
+        kind = meta.get("parse") or next((t for t in (int, float, str) if t == tp or t in typing.get_args(tp)),
+                                           str)
         where.add_argument(flag, *([meta["short"]] if meta.get("short") else []), type=kind, default=None,
                            required=meta.get("required", False), choices=meta.get("choices"),
                            metavar=meta.get("metavar"), help=meta["help"])
@@ -182,35 +183,23 @@ def _run_eval(args) -> int:
 
 # ---------------------------------------------------------------- demo
 def _add_demo(sub):
-    from uptrain.miniature.sizes import THREADS, took
+    from uptrain.miniature.options import DemoOptions
+    from uptrain.miniature.sizes import took
 
     p = sub.add_parser("demo", help=f"the GQA paper in miniature on Shakespeare, offline, on a CPU ({took('llama')})",
                        description="Pre-train a small MHA Llama on Shakespeare, convert it to GQA/MQA, uptrain each "
                                    "for α of the pre-training steps, evaluate, and write DIR/report.md with plots. "
                                    f"Measured: {took('llama')} (its wall time on a quiet machine); --quick "
                                    f"{took('llama', True)}; --arch t5 {took('t5')}, with --quick {took('t5', True)}.")
-    p.add_argument("--out", default="demo-out", help="output folder (report.md, results.json, plots, checkpoints)")
-    p.add_argument("--quick", action="store_true",
-                   help=f"a smaller model and fewer steps, a smoke run ({took('llama', True)})")
-    p.add_argument("--arch", choices=("llama", "t5"), default="llama",
-                   help="llama (next-token prediction) or t5: a T5.1.1 pre-trained with span corruption, its "
-                        "decoder's self- and cross-attention converted (the paper's own setting)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--alpha", type=float, default=0.05, help="uptraining steps as a fraction of pre-training")
-    p.add_argument("--overwrite", action="store_true", help="delete an earlier demo run in --out and start again")
-    p.add_argument("--resume", action="store_true", help="finish an interrupted run in --out, reusing its stages")
+    _add_option_flags(p, DemoOptions)  # uptrain.demo(...) takes the same fields
     p.add_argument("--no-progress", action="store_true", help="no progress bars (one line per stage only)")
-    p.add_argument("--threads", type=int, default=THREADS,
-                   help=f"torch CPU threads (default {THREADS}: on a busy machine more threads cost several times "
-                        "the CPU time; on a quiet one, 2 are faster)")
     return p
 
 
 def _run_demo(args) -> int:
-    from uptrain.miniature import demo
+    from uptrain.miniature import DemoOptions, demo
 
-    demo(out=args.out, quick=args.quick, seed=args.seed, alpha=args.alpha, overwrite=args.overwrite,
-         resume=args.resume, progress=not args.no_progress, arch=args.arch, threads=args.threads)
+    demo(options=_options_from(args, DemoOptions), progress=not args.no_progress)
     return 0
 
 

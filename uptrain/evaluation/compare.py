@@ -188,60 +188,19 @@ def evaluate(models, data=None, *, options: EvalOptions | None = None, progress:
     the models' max positions), stride to seq_len // 2, context (for the KV @ ctx column) to seq_len.
     engine "vllm" also serves every model in vLLM (uptrain/evaluation/serving.py) and adds its columns to the
     same rows. Every input is checked before any model is loaded."""
-    from tqdm.auto import tqdm
-
     from uptrain.data import DataSpec
 
     if options is not None and kwargs:
         raise UptrainError(f"evaluate() takes options= or keyword options, not both (got {', '.join(kwargs)})")
     o = (options or EvalOptions.from_kwargs("python", **kwargs)).check()
-    paths = [os.fspath(m) for m in ([models] if isinstance(models, (str, os.PathLike)) else models)]
-    if not paths:
-        raise UptrainError("no models to evaluate")
-    sources = [hf.resolve(p, what="model") for p in paths]
-    configs = [hf.load_config(s, causal=True, seq2seq=True) for s in sources]
-    kinds = {bool(getattr(c, "is_encoder_decoder", False)) for c in configs}
-    if len(kinds) > 1:
-        raise UptrainError("the models mix encoder-decoders and causal LMs: their losses are of different "
-                           "objectives (span corruption, next token) and not comparable; evaluate them separately")
-    seq2seq = kinds == {True}
-    if o.engine == "vllm":
-        from uptrain.evaluation.serving import check_servable
-
-        for path, cfg in zip(paths, configs):
-            check_servable(path, cfg, o.said("engine"))
-    max_pos = min((getattr(c.get_text_config(), "max_position_embeddings", None) or 10**9) for c in configs)
-    seq_len = o.seq_len or min(512 if seq2seq else 1024, max_pos)  # an encoder-decoder's: its input length
-    stride = o.stride or max(1, seq_len // 2)
-    context = o.context or seq_len
-    lengths = [(o.key("seq_len"), seq_len), (f"{o.key('prompt_len')} + {o.key('new_tokens')}",
-                                             o.prompt_len + o.new_tokens)]
-    if o.engine == "vllm":
-        max_model_len = o.vllm_max_model_len or max(context, o.prompt_len + o.new_tokens)
-        lengths += [(o.key("vllm_max_model_len") if o.vllm_max_model_len else
-                     f"vLLM's max_model_len (the largest of {o.key('context')} and {o.key('prompt_len')} + "
-                     f"{o.key('new_tokens')})", max_model_len)]
-        if max_model_len < o.prompt_len + o.new_tokens:
-            raise UptrainError(f"{o.said('vllm_max_model_len')} is shorter than {o.key('prompt_len')} + "
-                               f"{o.key('new_tokens')} = {o.prompt_len + o.new_tokens}")
-    for what, n in lengths:
-        if n > max_pos:
-            raise UptrainError(f"{what} = {n} exceeds the models' max_position_embeddings ({max_pos})")
-    sliding_windows(2, seq_len, stride)  # validates seq_len / stride now
-    names = _labels(paths, o.labels)
+    paths, sources, configs, seq2seq = _models(models, o)
+    seq_len, stride, context, max_model_len = _lengths(o, configs, seq2seq)
     spec = data if isinstance(data, DataSpec) else eval_data_spec(data or o.data, o.data_config, o.split,
                                                                   o.text_column)
+    names = _labels(paths, o.labels)
     toks, prints, notes = _tokenizers(sources, names, o.tokenizer, o.allow_different_tokenizers)
     dev = torch.device(o.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-
-    # Token ids once per distinct tokenizer: every model with that tokenizer scores exactly these ids.
-    streams = {}
-    for fp, tok in zip(prints, toks):
-        if fp not in streams and seq2seq:
-            streams[fp] = _span_corruption_data(spec, tok, o.eval_tokens, seq_len)
-        elif fp not in streams:
-            ids = eval_token_ids(spec, tok, o.eval_tokens + 1, o.key("eval_tokens"))
-            streams[fp] = (ids, _text_bytes(tok, ids, scored_ranges(sliding_windows(ids.numel(), seq_len, stride))))
+    streams = _held_out(spec, toks, prints, o, seq_len, stride, seq2seq)
     tasks = list(o.tasks or [])
     if tasks and seq2seq:
         raise UptrainError(f"{o.key('tasks')} runs lm-evaluation-harness on causal LMs; encoder-decoders are "
@@ -267,13 +226,87 @@ def evaluate(models, data=None, *, options: EvalOptions | None = None, progress:
 
         serve = ServeSettings.from_options(o, max_model_len, context)
         settings["vllm"] = serve.to_dict()
+    rows, greedy = _score(list(zip(sources, names, configs, toks, prints)), streams, settings, dev, o, tasks,
+                          serve, progress)
+    if serve is not None:  # after transformers let go of the models: vLLM gets the memory
+        from uptrain.evaluation.serving import add_serving_columns
+
+        add_serving_columns(rows, sources, [streams[fp][0] for fp in prints], greedy, serve, o.tokenizer,
+                            progress)
+    settings["eval_tokens"] = rows[0]["eval_tokens"]
+    _add_ratios(rows)
+    return EvalResult(rows, settings, notes + _row_notes(rows, have_lm_eval))
+
+
+# ---------------------------------------------------------------- inputs, checked before any model loads
+def _models(models, o: EvalOptions):
+    """(paths, sources, configs, whether they are encoder-decoders): every model found and of one kind, and
+    servable when the engine is vLLM."""
+    paths = [os.fspath(m) for m in ([models] if isinstance(models, (str, os.PathLike)) else models)]
+    if not paths:
+        raise UptrainError("no models to evaluate")
+    sources = [hf.resolve(p, what="model") for p in paths]
+    configs = [hf.load_config(s, causal=True, seq2seq=True) for s in sources]
+    kinds = {bool(getattr(c, "is_encoder_decoder", False)) for c in configs}
+    if len(kinds) > 1:
+        raise UptrainError("the models mix encoder-decoders and causal LMs: their losses are of different "
+                           "objectives (span corruption, next token) and not comparable; evaluate them separately")
+    if o.engine == "vllm":
+        from uptrain.evaluation.serving import check_servable
+
+        for path, cfg in zip(paths, configs):
+            check_servable(path, cfg, o.said("engine"))
+    return paths, sources, configs, kinds == {True}
+
+
+def _lengths(o: EvalOptions, configs, seq2seq: bool):
+    """(seq_len, stride, context, vLLM's max_model_len or None), each checked against the models' positions."""
+    max_pos = min((getattr(c.get_text_config(), "max_position_embeddings", None) or 10**9) for c in configs)
+    seq_len = o.seq_len or min(512 if seq2seq else 1024, max_pos)  # an encoder-decoder's: its input length
+    stride = o.stride or max(1, seq_len // 2)
+    context = o.context or seq_len
+    lengths = [(o.key("seq_len"), seq_len), (f"{o.key('prompt_len')} + {o.key('new_tokens')}",
+                                             o.prompt_len + o.new_tokens)]
+    max_model_len = None
+    if o.engine == "vllm":
+        max_model_len = o.vllm_max_model_len or max(context, o.prompt_len + o.new_tokens)
+        lengths += [(o.key("vllm_max_model_len") if o.vllm_max_model_len else
+                     f"vLLM's max_model_len (the largest of {o.key('context')} and {o.key('prompt_len')} + "
+                     f"{o.key('new_tokens')})", max_model_len)]
+        if max_model_len < o.prompt_len + o.new_tokens:
+            raise UptrainError(f"{o.said('vllm_max_model_len')} is shorter than {o.key('prompt_len')} + "
+                               f"{o.key('new_tokens')} = {o.prompt_len + o.new_tokens}")
+    for what, n in lengths:
+        if n > max_pos:
+            raise UptrainError(f"{what} = {n} exceeds the models' max_position_embeddings ({max_pos})")
+    sliding_windows(2, seq_len, stride)  # validates seq_len / stride now
+    return seq_len, stride, context, max_model_len
+
+
+def _held_out(spec, toks, prints, o: EvalOptions, seq_len: int, stride: int, seq2seq: bool) -> dict:
+    """Token ids once per distinct tokenizer (fingerprint → stream): every model with that tokenizer scores
+    exactly these ids."""
+    streams = {}
+    for fp, tok in zip(prints, toks):
+        if fp not in streams and seq2seq:
+            streams[fp] = _span_corruption_data(spec, tok, o.eval_tokens, seq_len)
+        elif fp not in streams:
+            ids = eval_token_ids(spec, tok, o.eval_tokens + 1, o.key("eval_tokens"))
+            streams[fp] = (ids, _text_bytes(tok, ids, scored_ranges(sliding_windows(ids.numel(), seq_len, stride))))
+    return streams
+
+
+# ---------------------------------------------------------------- the models, one at a time
+def _score(models, streams, settings, dev, o: EvalOptions, tasks, serve, progress):
+    """(rows, transformers' greedy tokens for the vLLM agreement column): one model in memory at a time."""
+    from tqdm.auto import tqdm
+
     threads_before = torch.get_num_threads()
     rows, greedy = [], []
     try:
         if o.threads:
             torch.set_num_threads(o.threads)
-        outer = tqdm(list(zip(sources, names, configs, toks, prints)), desc="models", unit="model",
-                     disable=not progress)
+        outer = tqdm(models, desc="models", unit="model", disable=not progress)
         for src, label, cfg, tok, fp in outer:
             outer.set_postfix_str(label)
             row, model = _evaluate_one(src, label, cfg, tok, fp, streams[fp], settings, dev, progress)
@@ -290,14 +323,7 @@ def evaluate(models, data=None, *, options: EvalOptions | None = None, progress:
                 torch.cuda.empty_cache()
     finally:
         torch.set_num_threads(threads_before)
-    if serve is not None:  # after transformers let go of the models: vLLM gets the memory
-        from uptrain.evaluation.serving import add_serving_columns
-
-        add_serving_columns(rows, sources, [streams[fp][0] for fp in prints], greedy, serve, o.tokenizer,
-                            progress)
-    settings["eval_tokens"] = rows[0]["eval_tokens"]
-    _add_ratios(rows)
-    return EvalResult(rows, settings, notes + _row_notes(rows, have_lm_eval))
+    return rows, greedy
 
 
 def _span_corruption_data(spec, tokenizer, eval_tokens: int, seq_len: int):

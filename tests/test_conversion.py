@@ -12,6 +12,7 @@ from uptrain.arch import SPECS
 from uptrain.checkpoint import TensorEntry
 from uptrain.conversion import plan_conversion
 from uptrain.errors import UptrainError
+from uptrain.evaluation.cost import output_cache
 from uptrain.pooling import pool_mean
 
 ARCHS = sorted(TINY_CONFIGS)
@@ -260,7 +261,7 @@ def _lossless(arch, tmp_path, groups, source_groups=None, **cfg):
 
 def _cache_bytes(model, ids) -> int:
     out = model.generate(ids, max_new_tokens=2, do_sample=False, return_dict_in_generate=True, pad_token_id=1)
-    return sum(t.numel() * t.element_size() for layer in out.cache.layers for t in (layer.keys, layer.values))
+    return sum(t.numel() * t.element_size() for layer in output_cache(out).layers for t in (layer.keys, layer.values))
 
 
 def test_cohere_per_head_k_norm_is_pooled_like_k(tmp_path):
@@ -275,9 +276,14 @@ def test_falcon_new_decoder_architecture_to_fewer_kv_heads(tmp_path):
     model, out, r = _lossless("falcon", tmp_path, 2, new_decoder_architecture=True, kv_heads=4, num_kv_heads=4)
     cfg = json.loads((tmp_path / "out" / "config.json").read_text())
     assert (cfg["num_kv_heads"], cfg["new_decoder_architecture"], r.kv_heads_before) == (2, True, 4)
-    # transformers' Falcon broadcasts K/V to all H heads before caching in this layout: no smaller cache
+    # transformers' Falcon up to 5.24 broadcasts K/V to all H heads before caching in this layout (no smaller
+    # cache); from 5.25 it caches num_kv_heads heads (vLLM always does: tests/test_serving.py)
+    import transformers
+    from packaging.version import Version
+
+    shrinks = Version(transformers.__version__) >= Version("5.25")
     ids = torch.randint(0, 512, (1, 6))
-    assert _cache_bytes(out, ids) == _cache_bytes(model, ids)
+    assert _cache_bytes(out, ids) == _cache_bytes(model, ids) // (2 if shrinks else 1)
 
 
 def test_falcon_mha_to_gqa_and_mqa(tmp_path):

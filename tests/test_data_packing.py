@@ -9,7 +9,7 @@ from tiny_models import save, tiny_model
 from uptrain.data import causal_lm_targets, pack_blocks
 from uptrain.errors import UptrainError
 from uptrain.training import train
-from uptrain.training.packing import check_document_masking
+from uptrain.training.document_masking import check_document_masking
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -15,8 +15,8 @@ ENV = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "out"
-    r = subprocess.run([sys.executable, "-m", "uptrain", "demo", "--quick", "--out", str(out), "--no-progress"],
-                       capture_output=True, text=True, env=ENV)
+    r = subprocess.run([sys.executable, "-m", "uptrain", "demo", "--quick", "--out", str(out), "--no-progress",
+                        "--threads", "1"], capture_output=True, text=True, env=ENV)
     assert r.returncode == 0, r.stderr[-3000:]
     return out, r
 
@@ -30,6 +30,13 @@ def test_report_json_and_plots_exist(demo_run):
     for png in out.glob("*.png"):
         assert png.stat().st_size > 10_000, png  # a real figure, not an empty canvas
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the time it took, wall and CPU, in the report, the JSON and the last line
+    results = json.loads((out / "results.json").read_text())
+    assert results["threads"] == 1 and 0 < results["cpu_time_s"] and 0 < results["wall_time_s"]
+    report = (out / "report.md").read_text()
+    assert f"Wall time {results['wall_time_s'] / 60:.1f} min, CPU time {results['cpu_time_s'] / 60:.1f} min on 1 " \
+           f"torch thread." in report
+    assert "min of CPU time on 1 torch thread)" in r.stdout
 
 
 def test_json_has_every_row_the_report_shows(demo_run):
@@ -101,13 +108,42 @@ def test_llama_record_names_the_objective(demo_run):
     assert read_record(mqa["uptrained_path"]).uptraining.objective == "causal-lm"
 
 
-def test_unknown_arch_is_refused_before_anything_runs(tmp_path):
+def test_unknown_arch_or_no_thread_is_refused_before_anything_runs(tmp_path, capfd):
+    from uptrain.cli import main
     from uptrain.errors import UptrainError
     from uptrain.miniature import demo
 
     with pytest.raises(UptrainError, match="llama, t5"):
         demo(out=str(tmp_path / "out"), arch="gpt2", progress=False)
+    assert main(["demo", "--out", str(tmp_path / "out"), "--threads", "0"]) == 2
+    assert "--threads 0" in capfd.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_the_help_states_the_measured_time(capsys):
+    from uptrain.cli import main
+    from uptrain.miniature.sizes import SECONDS, took
+
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert all(took(arch, quick) in out for arch, quick in SECONDS)
+    assert took("llama") == f"about {round(SECONDS['llama', False] / 60)} minutes on one CPU core"
+
+
+def test_beyond_the_paper_finding_says_what_its_ratio_means():
+    """Labelled perplexities: source 100, mean-pool 300, aligned 105 → log gaps 1.10 and 0.05 (0.04×)."""
+    from uptrain.miniature.findings import _beyond
+
+    rows = [{"model": "MHA", "ppl_step0": 100.0, "ppl_uptrained": 101.0},
+            {"model": "MQA", "ppl_step0": 300.0, "ppl_uptrained": 130.0},
+            {"model": "MQA mean-norm", "ppl_step0": 200.0, "ppl_uptrained": 120.0},
+            {"model": "MQA aligned", "ppl_step0": 105.0, "ppl_uptrained": 102.0}]
+    text = _beyond(rows, {x["model"]: x for x in rows}, "MQA")
+    assert "perplexity 300.0 (mean), 200.0 (mean-norm), 105.0 (aligned) against the source's 100.0" in text
+    assert "aligned starts 5.0% above the source where mean-pooling starts 200% above it" in text
+    assert "it loses 0.044× the log-perplexity mean-pooling loses (0.049 against 1.099 nats per token)" in text
+    assert "After uptraining 102.0 (aligned) vs 130.0 (mean)." in text and "target" not in text
 
 
 # ---------------------------------------------------------------- --arch t5
@@ -189,3 +225,23 @@ def test_inference_cost_finding_follows_the_measured_speed(mqa_speed, says):
             {"kv_cache_bytes_per_token": 1024, "decode_tokens_per_s": mqa_speed}]
     text = _inference_cost(rows)
     assert "shrinks 8×" in text and f"{mqa_speed / 100:.2f}× as fast" in text and says in text
+
+
+def test_demo_options_speak_the_callers_words(tmp_path, capfd):
+    """One DemoOptions for the CLI and the API: the same mistake is a flag on the command line and a keyword in
+    Python, and nothing is written."""
+    from uptrain.cli import main
+    from uptrain.errors import UptrainError
+    from uptrain.miniature import demo
+
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "mine.txt").write_text("not a demo")
+    with pytest.raises(UptrainError, match=r"out='.*busy' is not empty and is not a demo folder; refusing"):
+        demo(out=str(tmp_path / "busy"), progress=False)
+    with pytest.raises(UptrainError, match="unknown demo option thread; did you mean threads"):
+        demo(out=str(tmp_path / "x"), thread=2)
+    with pytest.raises(UptrainError, match="alpha=0: a fraction"):
+        demo(out=str(tmp_path / "x"), alpha=0)
+    assert main(["demo", "--out", str(tmp_path / "busy"), "--overwrite"]) == 2
+    assert f"--out {tmp_path / 'busy'} is not empty and is not a demo folder" in capfd.readouterr().err
+    assert (tmp_path / "busy" / "mine.txt").is_file() and not (tmp_path / "x").exists()

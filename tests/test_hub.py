@@ -20,7 +20,7 @@ from tiny_models import save, tiny_model
 from uptrain.errors import UptrainError
 from uptrain.publishing import push
 from uptrain.publishing import hub
-from uptrain.publishing.hub import DELETE_PATTERNS, HUB_TRIES, plan
+from uptrain.publishing.hub import DELETE_PATTERNS, HUB_TRIES, plan_upload
 from uptrain.publishing.model_card import front_matter
 from uptrain.report import fmt_bytes
 
@@ -45,7 +45,7 @@ def copy_of(folder, tmp_path):
 # ------------------------------------------------------------------------------------------- validation
 def test_allow_list_leaves_training_leftovers_out(folders):
     _, uptrained, _ = folders
-    p = plan(uptrained, "me/x")
+    p = plan_upload(uptrained, "me/x")
     assert p.files == UPLOADED
     assert dict(p.skipped) == {
         "checkpoint-10/": "training checkpoint", "checkpoints/": "training checkpoints",
@@ -87,24 +87,24 @@ def test_validation_catches_a_broken_folder(folders, tmp_path, damage, message):
     else:
         (d / "config.json").unlink()
     with pytest.raises(UptrainError, match=message):
-        plan(d, "me/x")
+        plan_upload(d, "me/x")
 
 
 def test_single_file_checkpoint(tmp_path, tokenizer):
     d = save(tiny_model(kv_heads=2), tmp_path / "m", tokenizer)
-    assert "model.safetensors" in plan(d, "me/x").files
+    assert "model.safetensors" in plan_upload(d, "me/x").files
 
 
 def test_a_card_the_user_wrote_is_kept_unless_asked(folders, tmp_path):
     d = copy_of(folders[1], tmp_path)
     mine = "---\nlicense: mit\n---\n# My model\n\n![curve](./plots/loss.png)\n"
     (d / "README.md").write_text(mine)
-    kept = plan(d, "me/x")
+    kept = plan_upload(d, "me/x")
     assert kept.card == mine and kept.card_origin == "kept" and "plots/loss.png" in kept.files
-    new = plan(d, "me/x", overwrite_card=True)
+    new = plan_upload(d, "me/x", overwrite_card=True)
     assert new.card_origin == "regenerated" and front_matter(new.card)["base_model"] == "acme/tiny-mha"
     (d / "README.md").write_text(new.card.replace("81.45", "1.00"))  # an old generated card: regenerated
-    again = plan(d, "me/x")
+    again = plan_upload(d, "me/x")
     assert again.card_origin == "generated" and again.card == new.card
 
 
@@ -162,7 +162,7 @@ def test_without_a_token_nothing_is_called(folders, monkeypatch):
     hub = FakeHub(monkeypatch)
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)  # no saved login either
-    with pytest.raises(UptrainError, match="no Hugging Face token: pass --token, set HF_TOKEN, or log in"):
+    with pytest.raises(UptrainError, match="no Hugging Face token: pass token, set HF_TOKEN, or log in"):
         push(folders[1], repo_id="me/x")
     assert hub.calls == []
 
@@ -299,7 +299,7 @@ def test_bad_repo_id(folders):
 
 def test_bad_base_model_is_refused_before_anything(folders, monkeypatch):
     hub = FakeHub(monkeypatch)
-    with pytest.raises(UptrainError, match=re.escape("--base-model '../llama' is not a Hub repo id")) as e:
+    with pytest.raises(UptrainError, match=re.escape("base_model '../llama' is not a Hub repo id")) as e:
         push(folders[0], repo_id="me/tiny", token=SECRET, base_model="../llama")
     assert hub.calls == [] and "\n" not in str(e.value)
 
@@ -315,9 +315,9 @@ def test_base_model_is_committed_in_the_card(folders, monkeypatch):
 def test_base_model_with_a_kept_user_card_says_so(folders, tmp_path):
     d = copy_of(folders[0], tmp_path)
     (d / "README.md").write_text("---\nlicense: mit\n---\n# My model\n")
-    p = plan(d, "me/x", base_model="meta-llama/Llama-2-7b-hf")
+    p = plan_upload(d, "me/x", base_model="meta-llama/Llama-2-7b-hf")
     assert p.card_origin == "kept" and "base_model" not in front_matter(p.card)
-    assert any("--base-model meta-llama/Llama-2-7b-hf is not used" in n for n in p.notes)
+    assert any("base_model meta-llama/Llama-2-7b-hf is not used" in n for n in p.notes)
 
 
 # ------------------------------------------------------------------------------------------- the real CLI
@@ -388,3 +388,19 @@ def test_cli_bad_folder_in_process(folders, tmp_path, capsys):
     out, err = capsys.readouterr()
     assert out == "" and len(err.strip().splitlines()) == 1
     assert "shards named in model.safetensors.index.json are missing: model-00001-of-00006" in err
+
+
+def test_push_options_speak_the_callers_words(folders):
+    """One PushOptions for the CLI and the API: an unknown keyword is refused with the nearest name, options= and
+    keywords together are refused, and the same mistake reads as a flag on the command line."""
+    with pytest.raises(UptrainError, match=re.escape("unknown push option dryrun; did you mean dry_run?")):
+        push(folders[0], repo_id="me/x", dryrun=True)
+    with pytest.raises(UptrainError, match="options= or keyword options, not both"):
+        push(folders[0], repo_id="me/x", options=hub.PushOptions(repo_id="me/x"))
+    with pytest.raises(UptrainError, match=re.escape("repo_id is required")):
+        push(folders[0], dry_run=True)
+    with pytest.raises(UptrainError, match=re.escape("eval_json /nonexistent.json: cannot read it")):
+        push(folders[0], repo_id="me/x", dry_run=True, eval_json="/nonexistent.json")
+    from uptrain.cli import main
+
+    assert main(["push", str(folders[0]), "--repo-id", "me/x", "--dry-run", "--eval-json", "/nonexistent.json"]) == 2

@@ -1,4 +1,4 @@
-"""The package's layers (README "How it works"): a module imports only from its own layer or below, so the
+"""The package's layers (CONTRIBUTING.md, "Layers"): a module imports only from its own layer or below, so the
 math never depends on I/O, I/O never on pipelines, pipelines never on publishing or the entry points."""
 import ast
 import pathlib
@@ -9,7 +9,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1] / "uptrain"
 LAYERS = [
     # uptrain.modeling imports nothing of uptrain (its templates travel with checkpoints: see the test below),
     # so every layer may ask it which code is ours
-    ("base", ["uptrain.errors", "uptrain.version", "uptrain.modeling"]),
+    ("base", ["uptrain.errors", "uptrain.version", "uptrain.modeling", "uptrain.options"]),
     ("math, data and files", ["uptrain.pooling", "uptrain.merging", "uptrain.data", "uptrain.span_corruption", "uptrain.files"]),
     ("records and I/O", ["uptrain.record", "uptrain.hf", "uptrain.checkpoint", "uptrain.report"]),
     ("model knowledge", ["uptrain.arch"]),
@@ -23,7 +23,7 @@ LAYERS = [
 def layer_of(module: str) -> int:
     best = max(((len(p), i) for i, (_, prefixes) in enumerate(LAYERS) for p in prefixes
                 if module == p or module.startswith(p + ".")), default=None)
-    assert best is not None, f"{module} is in no layer: add it to LAYERS and to the README's tree"
+    assert best is not None, f"{module} is in no layer: add it to LAYERS and to CONTRIBUTING.md's tree"
     return best[1]
 
 

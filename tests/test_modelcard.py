@@ -15,7 +15,7 @@ from uptrain.arch import attention_kind
 from uptrain.errors import UptrainError
 from uptrain.hf import is_hub_id
 from uptrain.publishing.card_facts import CardFacts, hub_source, is_hub_dataset
-from uptrain.publishing.hub import plan
+from uptrain.publishing.hub import plan_upload
 from uptrain.publishing.model_card import MARKER, card_data, front_matter, is_generated, render
 from uptrain.record import ConversionRecord, Record, UptrainingRecord, read_record, write_record
 
@@ -108,7 +108,7 @@ def table_rows(card, section):
 def test_card_of_a_converted_checkpoint(folders):
     converted, _, _ = folders
     rec = read_record(converted).conversion.to_dict()
-    card = plan(converted, "me/tiny-gqa2").card
+    card = plan_upload(converted, "me/tiny-gqa2").card
     meta = front_matter(card)
     # Local source: no base_model to link, but its licence is inherited from its card.
     assert meta == {"license": "apache-2.0", "library_name": "transformers", "pipeline_tag": "text-generation",
@@ -133,7 +133,7 @@ def test_card_of_a_converted_checkpoint(folders):
 
 def test_card_of_an_uptrained_checkpoint_with_eval_results(folders):
     converted, uptrained, eval_json = folders
-    card = plan(uptrained, "me/tiny-gqa2-uptrained", eval_json=eval_json).card
+    card = plan_upload(uptrained, "me/tiny-gqa2-uptrained", eval_json=eval_json).card
     meta = front_matter(card)
     assert meta["base_model"] == "acme/tiny-mha" and meta["base_model_relation"] == "finetune"
     assert meta["license"] == "mit"  # recorded in uptrain.json wins
@@ -161,10 +161,10 @@ def test_card_of_an_uptrained_checkpoint_with_eval_results(folders):
 
 def test_final_eval_alone_and_no_record(folders, tmp_path):
     _, uptrained, _ = folders
-    card = plan(uptrained, "me/x").card  # no --eval-json: training's final eval is what there is
+    card = plan_upload(uptrained, "me/x").card  # no --eval-json: training's final eval is what there is
     assert "Held-out perplexity during uptraining: 402.70 at step 0 → **81.45** at the end (loss 4.4000)" in card
     plain = save(tiny_model(kv_heads=4), tmp_path / "plain")  # never converted, no uptrain.json
-    p = plan(plain, "me/plain")
+    p = plan_upload(plain, "me/plain")
     meta = front_matter(p.card)
     assert "base_model" not in meta and "license" not in meta and meta["tags"][:1] == ["gqa"]
     assert "uses GQA-4 attention (8 query heads, 4 key/value heads)" in p.card
@@ -205,7 +205,7 @@ def test_metadata_and_helpers_pure():
 def test_front_matter_round_trips_through_huggingface_hub(folders):
     """The card is written in ModelCard's own form: parsing and re-serialising it changes nothing."""
     _, uptrained, eval_json = folders
-    card = plan(uptrained, "me/tiny-gqa2-uptrained", eval_json=eval_json).card
+    card = plan_upload(uptrained, "me/tiny-gqa2-uptrained", eval_json=eval_json).card
     parsed = ModelCard(card)
     assert str(parsed) == card
     data = parsed.data
@@ -221,7 +221,7 @@ def test_front_matter_round_trips_through_huggingface_hub(folders):
 
 def test_base_model_names_the_hub_model_of_a_local_source(folders):
     converted, uptrained, _ = folders
-    card = plan(converted, "me/llama-gqa2", base_model="meta-llama/Llama-2-7b-hf").card
+    card = plan_upload(converted, "me/llama-gqa2", base_model="meta-llama/Llama-2-7b-hf").card
     meta = ModelCard(card).data
     assert meta.base_model == "meta-llama/Llama-2-7b-hf" and meta.base_model_relation == "finetune"
     assert meta.license == "apache-2.0"  # still the recorded licence
@@ -229,7 +229,7 @@ def test_base_model_names_the_hub_model_of_a_local_source(folders):
     assert "the local checkpoint" not in card
     assert "uptrain convert src OUT --groups 2 --method mean`" in card  # what was really converted
     # It wins over what uptrain.json suggests.
-    assert front_matter(plan(uptrained, "me/x", base_model="acme/other").card)["base_model"] == "acme/other"
+    assert front_matter(plan_upload(uptrained, "me/x", base_model="acme/other").card)["base_model"] == "acme/other"
 
 
 def test_bad_eval_json_is_one_clear_error(folders, tmp_path):
@@ -237,6 +237,6 @@ def test_bad_eval_json_is_one_clear_error(folders, tmp_path):
     bad = tmp_path / "eval.json"
     bad.write_text(json.dumps({"ppl": 3}))
     with pytest.raises(UptrainError, match=re.escape("expected a list of model records")):
-        plan(uptrained, "me/x", eval_json=bad)
+        plan_upload(uptrained, "me/x", eval_json=bad)
     with pytest.raises(UptrainError, match="cannot read it"):
-        plan(uptrained, "me/x", eval_json=tmp_path / "missing.json")
+        plan_upload(uptrained, "me/x", eval_json=tmp_path / "missing.json")

@@ -1,4 +1,4 @@
-"""`uptrain plan`: the README's worked example checked by hand, a tiny recipe against its real model, and the
+"""`uptrain plan`: docs/training.md's worked example checked by hand, a tiny recipe against its real model, and the
 activation formula against what autograd really keeps."""
 import json
 import os

@@ -61,7 +61,8 @@ def test_a_leftover_quantization_config_trains_and_saves(models, tmp_path, capsy
     from transformers import AutoModelForCausalLM
 
     src = with_config(models["gqa"], tmp_path / "src", quantization_config={"quant_method": "gguf"})
-    with pytest.raises(ValueError, match="is quantized with gguf and is not serializable"):
+    # 5.24 says "quantized with gguf", 5.19 "quantized with QuantizationMethod.GGUF"
+    with pytest.raises(ValueError, match=r"(?i)is quantized with \S*gguf and is not serializable"):
         AutoModelForCausalLM.from_pretrained(src).save_pretrained(tmp_path / "plain")  # what the user hit
     assert quantization(Path(src)).leftover
 
@@ -327,7 +328,9 @@ def test_sigterm_to_a_two_rank_launch_stops_both_ranks_at_one_step(models, tmp_p
     (tmp_path / "f.yaml").write_text(yaml.safe_dump(recipe(models, tmp_path / "full", **LAUNCH_OVER)))
     status, err, logged = signalled_launch(tmp_path, tmp_path / "r.yaml", lambda p: os.killpg(p.pid, signal.SIGTERM))
     step = stopped_step(tmp_path, err, logged)
-    assert status == 1  # torch's agent re-raises the signal it got itself (the ranks exit 75)
+    # torch's agent re-raises the signal it got itself (the ranks exit 75): as an error (exit 1), or, in the agent
+    # of torch 2.13 under accelerate 1.16, as the shell's code for a SIGTERM death (128 + 15)
+    assert status in (1, 128 + signal.SIGTERM)
 
     rest = launch(tmp_path / "r.yaml", "resume=auto")
     assert f"resuming from {tmp_path / 'run' / 'checkpoints' / f'step_{step:08d}'} at step {step}" in rest.stdout

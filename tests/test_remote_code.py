@@ -7,11 +7,12 @@ import sys
 
 import pytest
 import torch
-from tiny_models import REMOTE_CODE, make_groups_equal, save, tiny_model
+from tiny_models import REMOTE_CODE, cache_kw, make_groups_equal, save, tiny_model
 
 import uptrain
 from uptrain.arch import SPECS, attention_shape
 from uptrain.errors import UptrainError
+from uptrain.evaluation.cost import output_cache
 from uptrain.modeling import TEMPLATES
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -43,7 +44,7 @@ def template_class(arch):
 def cache_bytes(model, x) -> int:
     """Bytes of the keys and values a real generate() leaves in its cache."""
     out = model.generate(x, max_new_tokens=4, do_sample=False, return_dict_in_generate=True, pad_token_id=1)
-    cache = out.get("cache") or out.get("past_key_values")
+    cache = output_cache(out)
     return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
 
 
@@ -136,8 +137,8 @@ def test_cache_holds_g_heads_and_cached_generation_is_uncached(arch, attn, conve
     x = ids(batch=1, length=6, seed=1)
     # a real cache after generate: H/G = 4 times fewer bytes than the MHA source's
     assert cache_bytes(model, x) == 4 * cache_bytes(gqa, x)
-    assert {tuple(layer.keys.shape) for layer in gqa.generate(
-        x, max_new_tokens=1, return_dict_in_generate=True, pad_token_id=1).cache.layers} == {(1, 2, 6, 8)}  # [batch, G, prompt, d]
+    assert {tuple(layer.keys.shape) for layer in output_cache(gqa.generate(
+        x, max_new_tokens=1, return_dict_in_generate=True, pad_token_id=1)).layers} == {(1, 2, 6, 8)}  # [batch, G, prompt, d]
     kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=1)
     assert torch.equal(gqa.generate(x, use_cache=True, **kw), gqa.generate(x, use_cache=False, **kw))
     # step by step with the cache = one forward over the whole sequence
@@ -145,10 +146,10 @@ def test_cache_holds_g_heads_and_cached_generation_is_uncached(arch, attn, conve
     with torch.no_grad():
         full = gqa(seq).logits
         first = gqa(seq[:, :6], use_cache=True)
-        cache, steps = first.cache, [first.logits]
+        cache, steps = output_cache(first), [first.logits]
         for t in range(6, 10):
-            step = gqa(seq[:, t: t + 1], cache=cache, use_cache=True)
-            cache = step.cache
+            step = gqa(seq[:, t: t + 1], **cache_kw(gqa, cache), use_cache=True)
+            cache = output_cache(step)
             steps.append(step.logits)
     assert (torch.cat(steps, dim=1) - full).abs().max().item() <= 1e-5
 

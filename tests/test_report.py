@@ -94,9 +94,9 @@ def test_writes_are_atomic(tmp_path):
     assert os.listdir(tmp_path) == ["r.json"]  # no temporary left behind
 
 
-def test_check_writable(tmp_path):
-    report.check_writable(tmp_path / "ok.json")
+def test_check_file_writable(tmp_path):
+    files.check_file_writable(tmp_path / "ok.json")
     with pytest.raises(UptrainError, match="does not exist"):
-        report.check_writable(tmp_path / "missing" / "x.png")
+        files.check_file_writable(tmp_path / "missing" / "x.png")
     with pytest.raises(UptrainError, match="is a folder"):
-        report.check_writable(tmp_path)
+        files.check_file_writable(tmp_path)

@@ -13,6 +13,7 @@ from tiny_models import TINY_SEQ2SEQ_CONFIGS, V, save, tiny_seq2seq_model
 import uptrain
 from uptrain.arch import SEQ2SEQ_SPECS, SPECS
 from uptrain.errors import UptrainError
+from uptrain.evaluation.cost import output_cache
 from uptrain.modeling import TEMPLATES
 from uptrain.modeling import modeling_gqa_t5 as gqa
 
@@ -151,7 +152,7 @@ def test_cached_generation_equals_uncached_and_caches_hold_g_heads(arch, sources
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
     # the caches of a real generate: G = 2 heads of d_kv 16 per layer, self over the generated tokens, cross
     # over the source
-    cache = cached.cache
+    cache = output_cache(cached)
     for layer in cache.self_attention_cache.layers:
         assert layer.keys.shape == layer.values.shape == (2, 2, 6, 16)
     for layer in cache.cross_attention_cache.layers:
@@ -162,7 +163,7 @@ def test_cached_generation_equals_uncached_and_caches_hold_g_heads(arch, sources
     info = uptrain.inspect(tmp_path / "out")
     assert info.kv_cache_bytes_per_token == self_per_token and info.cross_kv_cache_bytes_per_token == cross_per_token
     # the MHA source's cache, measured the same way, is H/G = 2× larger
-    mha = mha.generate(source, use_cache=True, **kw).cache
+    mha = output_cache(mha.generate(source, use_cache=True, **kw))
     assert cache_bytes(mha.self_attention_cache.layers) / (2 * 6) == 2 * self_per_token
     assert cache_bytes(mha.cross_attention_cache.layers) / (2 * 9) == 2 * cross_per_token
 
@@ -181,7 +182,8 @@ model = AutoModelForSeq2SeqLM.from_pretrained(sys.argv[1], trust_remote_code=Tru
 out = model.generate(torch.tensor(json.loads(sys.argv[2])), max_new_tokens=5, min_new_tokens=5, do_sample=False,
                      return_dict_in_generate=True)
 print(json.dumps({"class": type(model).__name__, "module": type(model).__module__, "tokens": out.sequences.tolist(),
-                  "heads": out.cache.cross_attention_cache.layers[0].keys.shape[1]}))
+                  # the cache is out.cache from transformers 5.20, out.past_key_values in 5.19
+                  "heads": (getattr(out, "cache", None) or out.past_key_values).cross_attention_cache.layers[0].keys.shape[1]}))
 """
 
 

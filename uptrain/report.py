@@ -6,7 +6,6 @@ needed), written atomically through uptrain/files.py.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -114,6 +113,16 @@ def eval_columns(rows: Sequence[dict]) -> list[Column]:
         col("decode_speedup", "speed-up", fmt_ratio),
         col("peak_memory_bytes", "peak mem", fmt_bytes),
     ]
+    if any(r.get("vllm_kv_cache_tokens") is not None for r in rows):  # uptrain eval --engine vllm
+        cols += [
+            col("vllm_kv_cache_tokens", "vLLM KV tokens", lambda x: f"{x:,}"),
+            col("vllm_kv_capacity_ratio", "KV tokens ×", fmt_ratio),
+            col("vllm_max_concurrency", "vLLM max conc."),
+            col("vllm_output_tokens_per_s", "vLLM out tok/s", lambda x: f"{x:,.1f}"),
+            col("vllm_speedup", "vLLM ×", fmt_ratio),
+            Column("vLLM = HF", lambda r: "—" if r.get("vllm_greedy_prompts") is None else
+                   f"{r['vllm_greedy_identical']}/{r['vllm_greedy_prompts']} ({r['vllm_greedy_agreement']:.2f})"),
+        ]
     for task, metric in _task_metrics(rows):
         cols.append(Column(f"{task} {metric}", _task_cell(task, metric)))
     return cols
@@ -137,18 +146,6 @@ def _task_cell(task, metric):
 
 def eval_markdown(rows: Sequence[dict]) -> str:
     return markdown_table(rows, eval_columns(rows))
-
-
-# ---------------------------------------------------------------- files
-def check_writable(path: str) -> None:
-    """Raise UptrainError now (before hours of work) if `path` cannot be written later."""
-    from uptrain.errors import UptrainError
-
-    folder = os.path.dirname(os.path.abspath(os.fspath(path)))
-    if not os.path.isdir(folder):
-        raise UptrainError(f"cannot write {path!r}: folder {folder!r} does not exist")
-    if os.path.isdir(path):
-        raise UptrainError(f"cannot write {path!r}: it is a folder")
 
 
 # ---------------------------------------------------------------- plots
@@ -175,6 +172,7 @@ _AXIS_LABELS = {
     "kv_cache_bytes_per_token": "KV-cache bytes per token",
     "decode_ms_per_token": "decode ms / token (batch)",
     "decode_tokens_per_s": "decode tokens / s",
+    "vllm_ms_per_output_token": "vLLM ms / output token (batch)",
 }
 
 

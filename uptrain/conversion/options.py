@@ -8,11 +8,11 @@ Light on purpose (no torch): recipes import it to validate before anything heavy
 from __future__ import annotations
 
 import dataclasses
-import difflib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 from uptrain.errors import UptrainError
+from uptrain.options import SpokenOptions, option
 
 POOLING_METHODS = ("mean", "first", "random", "mean-norm")  # uptrain/pooling.py
 METHODS = (*POOLING_METHODS, "aligned")  # aligned: uptrain/conversion/aligned.py
@@ -27,12 +27,15 @@ DEFAULT_DISTILL_STEPS = 20  # aligned's default end-to-end distillation steps (m
 def _opt(help: str, default=None, cli: bool = True, scope: str | None = None, **kw):
     """scope "aligned": read by method aligned only; "calibrated": by aligned and by any method with
     refine steps (they calibrate layer by layer); None: by every method."""
-    return field(default=default, metadata={"help": help, "cli": cli, "scope": scope, **kw})
+    return option(help, default, cli=cli, scope=scope, **kw)
 
 
 @dataclass
-class ConvertOptions:
-    groups: int = _opt("G: KV heads of the result (1 = MQA, the source's KV heads = unchanged)", 0)
+class ConvertOptions(SpokenOptions):
+    KIND = "conversion option"
+
+    groups: int = _opt("G: KV heads of the result (1 = MQA, the source's KV heads = unchanged)", 0, short="-g",
+                       required=True)
     method: str = _opt("mean (the paper, default) | first | random | mean-norm | aligned", "mean",
                        choices=METHODS)
     seed: int = _opt("seed of method random", 0)
@@ -68,45 +71,7 @@ class ConvertOptions:
     max_shard_size: str = _opt("largest output shard, e.g. 500MB, 5GB", "5GB")
     allow_pickle: bool = _opt("accept pytorch_model*.bin (loaded with weights_only=True)", False)
 
-    # -- the caller's words ----------------------------------------------------------------------
-    def spoken_as(self, style: str) -> ConvertOptions:
-        """"python" (keyword names), "cli" (flags) or a recipe section such as "model.convert"."""
-        self._style = style  # not a field: never recorded, never compared
-        return self
-
-    def key(self, name: str) -> str:
-        style = getattr(self, "_style", "python")
-        if style == "cli":
-            return "--" + name.replace("_", "-")
-        return name if style == "python" else f"{style}.{name}"
-
-    def said(self, name: str, value=None) -> str:
-        """`--method aligned` / `model.convert.method: aligned` / `method='aligned'`."""
-        value = getattr(self, name) if value is None else value
-        style = getattr(self, "_style", "python")
-        if style == "cli":
-            return f"{self.key(name)} {value}"
-        return f"{self.key(name)}={value!r}" if style == "python" else f"{self.key(name)}: {value}"
-
-    # -- construction and checks -----------------------------------------------------------------
-    @classmethod
-    def from_kwargs(cls, style: str = "python", **kw) -> ConvertOptions:
-        names = [f.name for f in dataclasses.fields(cls)]
-        unknown = [k for k in kw if k not in names]
-        if unknown:
-            probe = cls().spoken_as(style)
-            near = difflib.get_close_matches(unknown[0], names, n=1)
-            hint = f"; did you mean {probe.key(near[0])}?" if near else ""
-            raise UptrainError(f"unknown conversion option {probe.key(unknown[0])}{hint} (options: "
-                               f"{', '.join(probe.key(n) for n in names)})")
-        return cls(**{k: v for k, v in kw.items() if v is not None}).spoken_as(style)
-
-    def set_in(self, scope: str) -> list[str]:
-        """Options of `scope` set to something other than their default."""
-        defaults = ConvertOptions()
-        return [f.name for f in dataclasses.fields(self) if f.metadata["scope"] == scope
-                and getattr(self, f.name) != getattr(defaults, f.name)]
-
+    # -- checks (the caller's words: uptrain/options.py) --------------------------------------------
     @property
     def steps(self) -> int:
         """Refine steps in effect: the method's default when not given."""

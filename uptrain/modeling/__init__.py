@@ -3,11 +3,14 @@
 For architectures whose transformers class has no KV-head count (gpt_neox, gpt2, opt), the converter copies
 one template of this folder next to the weights and points config.json's `auto_map` at its model class:
 
-    OUT/config.json   "num_key_value_heads": G, "auto_map": {"AutoModelForCausalLM": "modeling_gqa_gpt2.GPT2GQALMHeadModel"}
+    OUT/config.json   "num_key_value_heads": G,
+                      "auto_map": {"AutoModel": "modeling_gqa_gpt2.GPT2GQAModel",
+                                   "AutoModelForCausalLM": "modeling_gqa_gpt2.GPT2GQALMHeadModel"}
     OUT/modeling_gqa_gpt2.py   (this folder's file, byte for byte)
 
 so that `AutoModelForCausalLM.from_pretrained(OUT, trust_remote_code=True)` loads it on a machine without
-uptrain. The templates import only torch and transformers (tests/test_layers.py checks it); this registry
+uptrain, and vLLM's Transformers backend serves it (it builds the `AutoModel` entry's base model and runs its
+attention through `ALL_ATTENTION_FUNCTIONS`; see uptrain/evaluation/serving.py). The templates import only torch and transformers (tests/test_layers.py checks it); this registry
 imports only the standard library, so that any layer of uptrain may ask it whether a folder's code is ours
 (uptrain/hf.py does before it passes trust_remote_code=True).
 """
@@ -17,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-WRITTEN_FOR = "transformers 5.x (written and tested with 5.24)"
 
 
 @dataclass(frozen=True)
@@ -25,6 +27,7 @@ class Template:
     file: str  # in this folder; copied under the same name next to the weights
     model_class: str  # its class for `auto_class`
     auto_class: str = "AutoModelForCausalLM"  # encoder-decoders (t5): AutoModelForSeq2SeqLM
+    base_class: str | None = None  # the base model (auto_map's AutoModel), which vLLM's Transformers backend builds
 
     @property
     def path(self) -> Path:
@@ -35,14 +38,15 @@ class Template:
         return Path(self.file).stem
 
     def auto_map(self) -> dict:
-        return {self.auto_class: f"{self.module}.{self.model_class}"}
+        base = {"AutoModel": f"{self.module}.{self.base_class}"} if self.base_class else {}
+        return {**base, self.auto_class: f"{self.module}.{self.model_class}"}
 
 
 # Keyed by the name arch.py's Form.remote_code uses (the source model_type).
 TEMPLATES = {
-    "gpt_neox": Template("modeling_gqa_gpt_neox.py", "GPTNeoXGQAForCausalLM"),
-    "gpt2": Template("modeling_gqa_gpt2.py", "GPT2GQALMHeadModel"),
-    "opt": Template("modeling_gqa_opt.py", "OPTGQAForCausalLM"),
+    "gpt_neox": Template("modeling_gqa_gpt_neox.py", "GPTNeoXGQAForCausalLM", base_class="GPTNeoXGQAModel"),
+    "gpt2": Template("modeling_gqa_gpt2.py", "GPT2GQALMHeadModel", base_class="GPT2GQAModel"),
+    "opt": Template("modeling_gqa_opt.py", "OPTGQAForCausalLM", base_class="OPTGQAModel"),
     # decoder self- and cross-attention (config.json's gqa_attention "all": encoder self-attention too)
     "t5": Template("modeling_gqa_t5.py", "T5GQAForConditionalGeneration", "AutoModelForSeq2SeqLM"),
     "mt5": Template("modeling_gqa_t5.py", "MT5GQAForConditionalGeneration", "AutoModelForSeq2SeqLM"),

@@ -13,9 +13,16 @@ With G = H that is GPT-NeoX's own layout, and this class computes what GPTNeoXFo
 The KV cache holds G heads. Everything else (partial rotary, parallel residual, eager / SDPA / flash
 attention) is transformers' GPT-NeoX code: only the projection's shape and the head split change.
 
-Written for transformers 5.24 (the attention's `layer_past` / `position_embeddings` arguments of 5.x).
+Served by vLLM's Transformers backend (`LLM(folder, trust_remote_code=True)`), which builds the base model
+through auto_map's `AutoModel` entry (GPTNeoXGQAModel), replaces the attention call with its own paged
+attention (it finds the call to `ALL_ATTENTION_FUNCTIONS` in `forward`'s source and reads `scaling=`), and
+renames the checkpoint's `embed_out` by the conversion mapping registered below.
+
+Written for transformers 5.19 to 5.25 (the attention's `layer_past` / `position_embeddings` arguments of 5.x).
 """
 from torch import nn
+from transformers.conversion_mapping import WeightRenaming, register_checkpoint_conversion_mapping
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS  # this name: vLLM looks for it in forward
 from transformers.models.gpt_neox import modeling_gpt_neox as neox
 
 
@@ -54,7 +61,7 @@ class GPTNeoXGQAAttention(neox.GPTNeoXAttention):
         if self.config._attn_implementation == "eager":  # GPT-NeoX's eager attention expects H heads
             key_states, value_states = repeat_kv(key_states, n), repeat_kv(value_states, n)
 
-        attention_interface = neox.ALL_ATTENTION_FUNCTIONS.get_interface(
+        attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, neox.eager_attention_forward)
         attn_output, attn_weights = attention_interface(
             self, query_states, key_states, value_states, attention_mask, scaling=self.scaling,
@@ -63,18 +70,38 @@ class GPTNeoXGQAAttention(neox.GPTNeoXAttention):
         return self.dense(attn_output), attn_weights
 
 
-class GPTNeoXGQAForCausalLM(neox.GPTNeoXForCausalLM):
-    """GPTNeoXForCausalLM whose attention layers keep `num_key_value_heads` KV heads."""
+def use_gqa_attention(model: neox.GPTNeoXModel) -> None:
+    """Give every layer of `model` attention with `num_key_value_heads` KV heads."""
+    for i, layer in enumerate(model.layers):
+        layer.attention = GPTNeoXGQAAttention(model.config, i)
+
+
+class GPTNeoXGQAModel(neox.GPTNeoXModel):
+    """GPTNeoXModel whose attention layers keep `num_key_value_heads` KV heads (auto_map's AutoModel: the base
+    model vLLM's Transformers backend builds)."""
+
+    _supports_attention_backend = True  # vLLM's Transformers backend: attention through ALL_ATTENTION_FUNCTIONS
 
     def __init__(self, config):
         super().__init__(config)
-        for i, layer in enumerate(self.gpt_neox.layers):
-            layer.attention = GPTNeoXGQAAttention(config, i)
+        use_gqa_attention(self)
         self.post_init()  # initialises the new attention modules only (the rest is marked initialised)
 
-    @classmethod
-    def from_pretrained(cls, *args, **kwargs):
-        # Pythia checkpoints name the output embedding embed_out; transformers renames it for its own
-        # GPTNeoXForCausalLM only, never for custom code
-        kwargs.setdefault("key_mapping", {r"^embed_out\.": "lm_head."})
-        return super().from_pretrained(*args, **kwargs)
+
+class GPTNeoXGQAForCausalLM(neox.GPTNeoXForCausalLM):
+    """GPTNeoXForCausalLM whose attention layers keep `num_key_value_heads` KV heads."""
+
+    _supports_attention_backend = True
+
+    def __init__(self, config):
+        super().__init__(config)
+        use_gqa_attention(self.gpt_neox)
+        self.post_init()  # initialises the new attention modules only (the rest is marked initialised)
+
+
+# Pythia checkpoints name the output embedding embed_out. transformers renames it for its own
+# GPTNeoXForCausalLM only; registered under this class's name, the renaming applies to it in from_pretrained
+# (and back in save_pretrained), and vLLM reads it for the checkpoint's `architectures`.
+register_checkpoint_conversion_mapping(
+    "GPTNeoXGQAForCausalLM", [WeightRenaming(source_patterns=r"^embed_out\.", target_patterns="lm_head.")],
+    overwrite=True)

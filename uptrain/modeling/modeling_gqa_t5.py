@@ -18,7 +18,8 @@ Everything else is transformers' own T5 code: relative position bias (shared fro
 mT5, one per layer in umT5), no 1/sqrt(d) scaling, gated-gelu or relu feed-forward, tied or untied heads, the
 eager / SDPA attention implementations. With G = H these classes compute what transformers' T5 computes.
 
-Written for transformers 5.24 (T5Attention's `cache` argument and `EncoderDecoderCache.is_updated` of 5.x).
+Written for transformers 5.19 to 5.25 (T5Attention's cache argument is `past_key_values` in 5.19, `cache` from
+5.20; `EncoderDecoderCache.is_updated` of 5.x).
 """
 import torch
 from torch import nn
@@ -30,12 +31,19 @@ from transformers.models.umt5 import modeling_umt5 as umt5
 GQA_ATTENTION = ("decoder", "all")
 
 
+# Copied from uptrain.modeling.modeling_gqa_gpt_neox.repeat_kv
 def repeat_kv(x, n: int):
     """[batch, G, seq, d] → [batch, G·n, seq, d]: each KV head serves its n query heads (eager attention)."""
     if n == 1:
         return x
     b, g, s, d = x.shape
     return x[:, :, None].expand(b, g, n, s, d).reshape(b, g * n, s, d)
+
+
+# Copied from uptrain.modeling.modeling_gqa_gpt2.the_cache
+def the_cache(cache, kwargs):
+    """The layer's cache: transformers >= 5.20 passes it as `cache`, 5.19 as `past_key_values`."""
+    return cache if cache is not None else kwargs.pop("past_key_values", None)
 
 
 class GroupedKV:
@@ -94,6 +102,7 @@ class T5StyleGQA(GroupedKV):
     _modeling = t5
 
     def forward(self, hidden_states, mask=None, key_value_states=None, position_bias=None, cache=None, **kwargs):
+        cache = the_cache(cache, kwargs)
         input_shape = hidden_states.shape[:-1]
         past_seen_tokens = self._past_seen(cache)
         is_cross = key_value_states is not None
@@ -128,6 +137,7 @@ class UMT5GQAAttention(GroupedKV, umt5.UMT5Attention):
     """umT5: every self-attention layer has its own relative position bias."""
 
     def forward(self, hidden_states, encoder_hidden_states=None, cache=None, attention_mask=None, **kwargs):
+        cache = the_cache(cache, kwargs)
         batch_size, seq_length = hidden_states.shape[:2]
         past_seen_tokens = self._past_seen(cache)
         is_cross = encoder_hidden_states is not None

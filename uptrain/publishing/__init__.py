@@ -3,10 +3,12 @@
     card_facts.py   what the card says, as plain data (uptrain.json, config, eval rows, licence)
     model_card.py   the card itself: ModelCardData front matter + sections, rendered from the facts
     hub.py          validation, the allow-list, the staged folder, one commit, Hub errors as one message
+    options.py      PushOptions: the flags of `uptrain push` = the arguments of `uptrain.push(...)`
 
 Only the entry layer (uptrain/api.py, uptrain/cli.py, uptrain/__init__.py) imports this package.
 Importing it stays cheap: torch and transformers load when a push runs, not before.
 """
 from uptrain.publishing.hub import PushResult, push
+from uptrain.publishing.options import PushOptions
 
-__all__ = ["PushResult", "push"]
+__all__ = ["PushOptions", "PushResult", "push"]

@@ -175,15 +175,16 @@ def same_path(a, b) -> bool:
 
 
 # ------------------------------------------------------------------------------------------- reading
-def read_eval_json(path) -> list[dict]:
-    """Rows written by `uptrain eval --json`: a list of model dicts (or {"models": [...]})."""
+def read_eval_json(path, what: str = "eval_json") -> list[dict]:
+    """Rows written by `uptrain eval --json`: a list of model dicts (or {"models": [...]}). `what`: how the caller
+    names the option (--eval-json, eval_json)."""
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
-        raise UptrainError(f"--eval-json {path}: cannot read it ({e}); write it with `uptrain eval … --json`") from e
+        raise UptrainError(f"{what} {path}: cannot read it ({e}); write it with `uptrain eval … --json`") from e
     rows = data.get("models") if isinstance(data, dict) else data
     if not isinstance(rows, list) or not all(isinstance(r, dict) and "path" in r for r in rows):
-        raise UptrainError(f"--eval-json {path}: expected a list of model records with keys "
+        raise UptrainError(f"{what} {path}: expected a list of model records with keys "
                            f"{', '.join(EVAL_COLUMNS)} (the output of `uptrain eval … --json`)")
     return rows
 

@@ -39,17 +39,19 @@ from pathlib import Path
 from uptrain.arch import SPECS, attention_kind, attention_shape
 from uptrain.checkpoint import read_safetensors_header
 from uptrain.errors import UptrainError
-from uptrain.hf import check_hub_id, hub_token
+from uptrain.hf import hub_token
 from uptrain.modeling import code_files
 from uptrain.publishing.card_facts import IMAGE_SUFFIXES, source_name
 from uptrain.publishing.model_card import is_generated, model_card
+from uptrain.publishing.options import PushOptions
 from uptrain.record import FILENAME as RECORD, Record, read_record, try_read_record
 from uptrain.report import fmt_bytes
+from uptrain.training.run_folder import RECIPE
 
 INDEX = "model.safetensors.index.json"
 # Besides these: the weights the index names, the tokenizer/generation/chat-template/licence files the
 # converter copies (checkpoint.COMPANION_FILES, one list for both), and the images the card shows.
-ALLOWED_FILES = frozenset({"config.json", INDEX, "uptrain.json", "recipe.yaml", "README.md"})
+ALLOWED_FILES = frozenset({"config.json", INDEX, RECORD, RECIPE, "README.md"})
 PLOTS_DIR = "plots"
 # Why a file is left out, for the listing (first match wins); anything else: "not in the allow-list".
 LEFTOVERS = (
@@ -151,7 +153,7 @@ def check_weights(folder: Path) -> tuple[list[str], dict]:
     return sorted(shards), tensors
 
 
-def load_config(folder: Path) -> dict:
+def checked_config_json(folder: Path) -> dict:
     """config.json as a dict, after checking transformers can load it (known model_type, valid fields)."""
     if not (folder / "config.json").is_file():
         raise UptrainError(f"{folder} has no config.json: not a Hugging Face checkpoint folder")
@@ -250,7 +252,9 @@ def select_files(folder: Path, weights: list[str], images: list[str]) -> tuple[l
 
 
 @dataclass
-class Plan:
+class Upload:
+    """What `uptrain push` would send: the files, those left out and why, the card."""
+
     files: list[str]
     skipped: list[tuple[str, str]]
     card: str
@@ -258,13 +262,16 @@ class Plan:
     notes: list[str]
 
 
-def plan(folder, repo_id: str, eval_json=None, overwrite_card: bool = False, base_model: str | None = None) -> Plan:
+def plan_upload(folder, repo_id: str, eval_json=None, overwrite_card: bool = False,
+                base_model: str | None = None, said: PushOptions | None = None) -> Upload:
     """Validate DIR, choose the files, write the card. Reads only; touches neither DIR nor the network.
-    base_model: the Hub model the card names as `base_model`, over what uptrain.json suggests."""
+    base_model: the Hub model the card names as `base_model`, over what uptrain.json suggests. said: the
+    caller's options, for the words of a note (--base-model or base_model)."""
+    said = said or PushOptions()
     folder = Path(folder)
     if not folder.is_dir():
         raise UptrainError(f"{folder} is not a folder")
-    config = load_config(folder)
+    config = checked_config_json(folder)
     weights, tensors = check_weights(folder)
     record = read_record(folder)
     check_kv_heads(config, record, tensors)
@@ -277,8 +284,8 @@ def plan(folder, repo_id: str, eval_json=None, overwrite_card: bool = False, bas
         files, skipped = select_files(folder, weights + code_files(config.get("auto_map")), images)
         card, origin = user_card, "kept"
         if base_model:
-            notes.append(f"--base-model {base_model} is not used: README.md is your own card, kept as it is "
-                         f"(set base_model in its front matter, or replace it with --overwrite-card)")
+            notes.append(f"{said.key('base_model')} {base_model} is not used: README.md is your own card, kept as it "
+                         f"is (set base_model in its front matter, or replace it with {said.said('overwrite_card', True)})")
     else:
         # the modeling file that config.json's auto_map names travels with the weights (trust_remote_code)
         files, skipped = select_files(folder, weights + code_files(config.get("auto_map")), _images(folder))
@@ -288,23 +295,25 @@ def plan(folder, repo_id: str, eval_json=None, overwrite_card: bool = False, bas
     _parse_json_files(folder, files)
     if not any(f.startswith("tokenizer") or f in ("vocab.json", "spiece.model") for f in files):
         notes.append("no tokenizer files: users will need the source model's tokenizer")
-    return Plan(files=files, skipped=skipped, card=card, card_origin=origin, notes=notes)
+    return Upload(files=files, skipped=skipped, card=card, card_origin=origin, notes=notes)
 
 
 # --------------------------------------------------------------------------------------- upload
-def resolve_token(token: str | None = None) -> str:
-    """--token, else HF_TOKEN, else the saved login (uptrain.hf.hub_token, which training checks too). Never
-    printed."""
+def resolve_token(token: str | None = None, key: str = "token") -> str:
+    """The token option, else HF_TOKEN, else the saved login (uptrain.hf.hub_token, which training checks too).
+    Never printed. key: how the caller names the option (--token, token)."""
     token = hub_token(token)
     if not token:
-        raise UptrainError("no Hugging Face token: pass --token, set HF_TOKEN, or log in once with "
-                           "`hf auth login` (the token needs write access). Nothing was created or uploaded")
+        raise UptrainError(f"no Hugging Face token: pass {key}, set HF_TOKEN, or log in once with "
+                           f"`hf auth login` (the token needs write access). Nothing was created or uploaded")
     return token
 
 
 @contextmanager
-def hub_errors(repo_id: str, revision: str | None, endpoint: str, token: str):
-    """Turn huggingface_hub's exceptions into one clear message each (with the token scrubbed out)."""
+def hub_errors(repo_id: str, revision: str | None, endpoint: str, token: str, said: PushOptions | None = None):
+    """Turn huggingface_hub's exceptions into one clear message each (with the token scrubbed out); said: the
+    caller's options, for the words of a remedy."""
+    said = said or PushOptions()
     from huggingface_hub import errors
 
     def fail(msg, e):
@@ -314,7 +323,7 @@ def hub_errors(repo_id: str, revision: str | None, endpoint: str, token: str):
     try:
         yield
     except errors.OfflineModeIsEnabled as e:
-        fail("HF_HUB_OFFLINE is set, so nothing can be uploaded: unset it (or use --dry-run)", e)
+        fail(f"HF_HUB_OFFLINE is set, so nothing can be uploaded: unset it (or use {said.said('dry_run', True)})", e)
     except errors.RevisionNotFoundError as e:
         fail(f"branch {revision!r} does not exist in {repo_id} and could not be created: {e.server_message or e}", e)
     except errors.RepositoryNotFoundError as e:
@@ -324,7 +333,7 @@ def hub_errors(repo_id: str, revision: str | None, endpoint: str, token: str):
         server = f" (the Hub says: {e.server_message})" if e.server_message else ""
         if status == 401:
             fail(f"the Hub rejected the token (401 Unauthorized): it is invalid or expired. Create a write token "
-                 f"at {endpoint}/settings/tokens and pass it with --token or HF_TOKEN{server}", e)
+                 f"at {endpoint}/settings/tokens and pass it with {said.key('token')} or HF_TOKEN{server}", e)
         if status == 403:
             fail(f"no write access to {repo_id} (403 Forbidden): the repo or the namespace {owner!r} belongs to "
                  f"someone else, or the token is read-only. Use a repo id under your own name or an organisation "
@@ -424,45 +433,50 @@ def _default_message(folder: Path, base_model: str | None = None) -> str:
     return f"Upload {what}" + (" (uptrained)" if rec.uptraining else "") + " with uptrain"
 
 
-def push(dir, repo_id, private=False, revision=None, commit_message=None, token=None, dry_run=False,
-         overwrite_card=False, eval_json=None, base_model=None) -> PushResult:
+def push(dir, repo_id: str | None = None, *, options: PushOptions | None = None, **kwargs) -> PushResult:
     """Validate DIR, write its model card, and upload the allow-listed files to `repo_id` in one commit.
-    base_model: the Hub model this one derives from (e.g. the Hub id of a local source copy), written as
-    the card's `base_model` instead of what uptrain.json suggests."""
-    check_hub_id(repo_id, "--repo-id")
-    if base_model is not None:
-        check_hub_id(base_model, "--base-model")
-    if not dry_run:  # cheap checks first: no token, no need to wait for the folder's validation
-        token = resolve_token(token)
+
+    Options are the fields of PushOptions (uptrain/publishing/options.py), given as keyword arguments
+    (`push(folder, "me/x", dry_run=True)`) or as one `options=` object, never both; they are the flags of
+    `uptrain push`. base_model: the Hub model this one derives from (e.g. the Hub id of a local source copy),
+    written as the card's `base_model` instead of what uptrain.json suggests."""
+    if options is not None and (kwargs or repo_id is not None):
+        raise UptrainError(f"push() takes options= or keyword options, not both "
+                           f"(got {', '.join(['repo_id'] * (repo_id is not None) + list(kwargs))})")
+    o = (options or PushOptions.from_kwargs("python", repo_id=repo_id, **kwargs)).check()
+    repo_id, private, revision, token = o.repo_id, o.private, o.revision, o.token
+    if not o.dry_run:  # cheap checks first: no token, no need to wait for the folder's validation
+        token = resolve_token(token, o.key("token"))
     folder = Path(dir)
-    p = plan(folder, repo_id, eval_json=eval_json, overwrite_card=overwrite_card, base_model=base_model)
+    p = plan_upload(folder, repo_id, eval_json=o.eval_json, overwrite_card=o.overwrite_card,
+                    base_model=o.base_model, said=o)
     sizes = [(f, len(p.card.encode()) if f == "README.md" else (folder / f).stat().st_size) for f in p.files]
     result = PushResult(repo_id=repo_id, files=sizes, skipped=p.skipped, card=p.card, card_origin=p.card_origin,
-                        private=private, revision=revision, dry_run=dry_run, notes=p.notes,
+                        private=private, revision=revision, dry_run=o.dry_run, notes=p.notes,
                         large=sum(n for _, n in sizes) > LARGE_FOLDER_BYTES)
     if result.large:
         result.notes.append(f"above {fmt_bytes(LARGE_FOLDER_BYTES)}: the weights go up first, the rest and the card "
                             f"in a final commit" + ("" if importlib.util.find_spec("hf_xet") else
                                                     "; install hf_xet (pip install hf_xet) for an upload that "
                                                     "resumes where it stopped instead of starting again"))
-    if dry_run:
+    if o.dry_run:
         from huggingface_hub import get_token
 
         if not (token or get_token()):
-            result.notes.append("no token found: a real push needs --token, HF_TOKEN or `hf auth login`")
+            result.notes.append(f"no token found: a real push needs {o.key('token')}, HF_TOKEN or `hf auth login`")
         return result
 
     from huggingface_hub import HfApi
 
     api = HfApi(token=token)  # endpoint: HF_ENDPOINT, read by huggingface_hub itself
-    message = commit_message or _default_message(folder, base_model)
-    with hub_errors(repo_id, revision, api.endpoint, token):
+    message = o.commit_message or _default_message(folder, o.base_model)
+    with hub_errors(repo_id, revision, api.endpoint, token, o):
         # private=None for a public push keeps an organisation's "private by default" policy.
         repo_url = with_retries(lambda: api.create_repo(repo_id, private=private or None, exist_ok=True,
                                                         repo_type="model"), "creating the repo")
         if private and not with_retries(lambda: api.repo_info(repo_id), "reading the repo").private:
-            raise UptrainError(f"{repo_id} already exists and is public; --private does not change an existing "
-                               f"repo. Make it private in its settings first, or drop --private")
+            raise UptrainError(f"{repo_id} already exists and is public; {o.key('private')} does not change an "
+                               f"existing repo. Make it private in its settings first, or drop {o.key('private')}")
         if revision and not revision.startswith("refs/"):
             with_retries(lambda: api.create_branch(repo_id, branch=revision, exist_ok=True), "creating the branch")
         with staged(folder, p.files, p.card) as tmp:

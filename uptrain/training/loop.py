@@ -149,7 +149,7 @@ class Loop:
         self.r, self.out, self.budget, self.acc = r, out, budget, accelerator
         self.main = accelerator.is_main_process
         self.show = show and self.main
-        self.metrics = None
+        self.metrics, self.stream, self.objective = None, None, None
         self.stop = stop or StopSignal()  # not entered: never set (train() enters one around the run)
 
     def say(self, msg: str) -> None:
@@ -160,104 +160,32 @@ class Loop:
         """train_blocks: token blocks [n, objective.block_len] (sample i → block: BlockStream), or this rank's
         stream (data_stream.StreamLoader); eval_blocks: objective.eval_set of the held-out blocks; objective:
         what the steps optimise (objectives.py: next-token prediction or span corruption)."""
-        import torch
-        from torch.utils.data import DataLoader
         from tqdm.auto import tqdm
 
-        from uptrain.training.data_stream import StreamLoader
-
         r, acc, total = self.r, self.acc, self.budget.steps
-        accum, o = r.train.grad_accum, r.optim
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        groups = [{"params": [p for p in trainable if p.ndim >= 2], "weight_decay": o.weight_decay},
-                  {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0}]  # norms, biases
-        optimizer = adamw([g for g in groups if g["params"]], o, fused=acc.distributed_type not in SHARDED)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: lr_factor(s, total, o.warmup_steps, o.schedule, o.final_lr_ratio))
-        self.stream = train_blocks if isinstance(train_blocks, StreamLoader) else None
-        if self.stream:  # each rank reads its own part: accelerate must neither shard it nor dispatch it
-            loader = self.stream
-            ds = getattr(acc.state, "deepspeed_plugin", None)
-            if ds is not None and ds.is_auto("train_micro_batch_size_per_gpu"):  # read from a prepared loader
-                ds.deepspeed_config["train_micro_batch_size_per_gpu"] = r.train.micro_batch_size
-            model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
-        else:
-            samples = total * accum * r.train.micro_batch_size * acc.num_processes
-            loader = DataLoader(objective.dataset(BlockStream(train_blocks, samples, r.train.seed, r.data.shuffle)),
-                                batch_size=r.train.micro_batch_size, shuffle=False,
-                                pin_memory=acc.device.type == "cuda")
-            model, optimizer, loader, scheduler = acc.prepare(model, optimizer, loader, scheduler)
-        if acc.gradient_accumulation_steps != accum:  # a DeepSpeed config may set its own
-            raise UptrainError(f"the accelerate config accumulates {acc.gradient_accumulation_steps} micro-batches, "
-                               f"the recipe's train.grad_accum {accum}; make them equal (or leave it 'auto')")
-        check_fits(acc, model, teacher, optimizer, r, objective)
         self.objective = objective
-
-        start, history, evals, resumed = 0, [], [], None
-        if mode == "resume":
-            ckpt, skipped = resumable_checkpoint(self.out)
-            if skipped:
-                self.say(passed_over(skipped, ckpt))
-                acc.wait_for_everyone()  # every rank has chosen before the main process renames
-                if self.main:
-                    set_aside(skipped)
-                acc.wait_for_everyone()
-            state = read_state(ckpt)
-            if state["processes"] != acc.num_processes:
-                raise UptrainError(f"the checkpoint {ckpt} was written by {state['processes']} process(es); resume "
-                                   f"with the same number (now {acc.num_processes}) to keep the data order")
-            acc.load_state(str(ckpt))
-            start, history, evals = state["step"], state["history"], state["eval_history"]
-            if self.stream:
-                self.stream.load_state_dict(read_data_state(ckpt, acc.process_index), str(ckpt))
-            else:
-                loader = acc.skip_first_batches(loader, start * accum)
-            resumed = start
-            self.say(f"resuming from {ckpt} at step {start}")
+        model, optimizer, scheduler, loader = self.setup(model, train_blocks, objective)
+        check_fits(acc, model, teacher, optimizer, r, objective)
+        start, history, evals, resumed, loader = self.resume(mode, loader)
         self.metrics = open_metrics(self.out, start) if self.main else None
         if r.log.trackers:
             acc.init_trackers(r.log.project, config=_flat(r.to_dict()))
         stop = min(total, r.budget.stop_at or total)
         bar = tqdm(total=total, initial=start, desc="uptrain", unit="step", disable=not self.show, dynamic_ncols=True)
-        ckpt_path, t_run, device = latest_checkpoint(self.out), time.time(), acc.device
+        ckpt_path, t_run = latest_checkpoint(self.out), time.time()
         try:
             if start == 0 and r.eval.at_start:
                 evals.append(self.evaluate(model, eval_blocks, 0, bar))
             model.train()
             batches = iter(loader)
             for step in range(start + 1, stop + 1):
-                window = [objective.batch(next(batches), device) for _ in range(accum)]  # (inputs, labels)
-                # Normalise by the target tokens (labels ≠ -100) of the whole window on all ranks (accelerate's
-                # recipe for autoregressive models): DDP averages gradients over ranks and accelerate's backward
-                # divides by the accumulation steps, hence the factor processes × accum.
-                n_local = sum((labels != -100).sum() for _, labels in window).float()
-                n_global = acc.reduce(n_local, "sum")
-                scale = acc.num_processes * accum / n_global
-                sums = torch.zeros(2, device=device)
-                for inputs, labels in window:
-                    with acc.accumulate(model):
-                        ce, kl = token_losses(model, teacher, inputs, labels, r.distill.temperature, acc.autocast)
-                        acc.backward((ce if kl is None else ce + r.distill.weight * kl) * scale)
-                        sums[0] += ce.detach()
-                        if kl is not None:
-                            sums[1] += kl.detach()
-                loss, kl_mean = (acc.reduce(sums, "sum") / n_global).tolist()
-                if not (math.isfinite(loss) and math.isfinite(kl_mean)):
-                    raise self.diverged(step, loss if not math.isfinite(loss) else kl_mean, ckpt_path)
-                rec = {"step": step, "loss": loss, "lr": scheduler.get_last_lr()[0]}
-                if o.grad_clip > 0:
-                    rec["grad_norm"] = float(acc.clip_grad_norm_(model.parameters(), o.grad_clip))
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                if teacher is not None:
-                    rec["kl"] = kl_mean
+                rec = self.step(model, teacher, batches, optimizer, scheduler, step, ckpt_path)
                 rec["tokens"] = step * self.budget.tokens_per_step
                 rec["tokens_per_s"] = (step - start) * self.budget.tokens_per_step / (time.time() - t_run)
                 history.append(rec)
                 self.record(rec, step)
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{rec['tokens_per_s']:,.0f}", refresh=False)
+                bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tokens_per_s']:,.0f}", refresh=False)
                 if r.eval.every and step % r.eval.every == 0 and step < total:
                     evals.append(self.evaluate(model, eval_blocks, step, bar))
                 if (r.checkpoint.every and step % r.checkpoint.every == 0) or step == stop < total:
@@ -278,6 +206,102 @@ class Loop:
                 self.metrics.close()
         return Steps(history, evals, final, resumed, stop, model)
 
+    # -- setup: optimiser, schedule, loader, accelerate's wrapping ------------------------------------
+    def setup(self, model, train_blocks, objective):
+        """(model, optimizer, scheduler, loader), prepared by accelerate."""
+        import torch
+        from torch.utils.data import DataLoader
+
+        from uptrain.training.data_stream import StreamLoader
+
+        r, acc, total = self.r, self.acc, self.budget.steps
+        o = r.optim
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        groups = [{"params": [p for p in trainable if p.ndim >= 2], "weight_decay": o.weight_decay},
+                  {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0}]  # norms, biases
+        optimizer = adamw([g for g in groups if g["params"]], o, fused=acc.distributed_type not in SHARDED)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: lr_factor(s, total, o.warmup_steps, o.schedule, o.final_lr_ratio))
+        self.stream = train_blocks if isinstance(train_blocks, StreamLoader) else None
+        if self.stream:  # each rank reads its own part: accelerate must neither shard it nor dispatch it
+            loader = self.stream
+            ds = getattr(acc.state, "deepspeed_plugin", None)
+            if ds is not None and ds.is_auto("train_micro_batch_size_per_gpu"):  # read from a prepared loader
+                ds.deepspeed_config["train_micro_batch_size_per_gpu"] = r.train.micro_batch_size
+            model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
+        else:
+            samples = total * r.train.grad_accum * r.train.micro_batch_size * acc.num_processes
+            loader = DataLoader(objective.dataset(BlockStream(train_blocks, samples, r.train.seed, r.data.shuffle)),
+                                batch_size=r.train.micro_batch_size, shuffle=False,
+                                pin_memory=acc.device.type == "cuda")
+            model, optimizer, loader, scheduler = acc.prepare(model, optimizer, loader, scheduler)
+        if acc.gradient_accumulation_steps != r.train.grad_accum:  # a DeepSpeed config may set its own
+            raise UptrainError(f"the accelerate config accumulates {acc.gradient_accumulation_steps} micro-batches, "
+                               f"the recipe's train.grad_accum {r.train.grad_accum}; make them equal (or leave it "
+                               f"'auto')")
+        return model, optimizer, scheduler, loader
+
+    def resume(self, mode: str, loader):
+        """(first step − 1, history, evals, step resumed from or None, loader): the state of the newest usable
+        checkpoint when mode is "resume", loaded into the prepared objects; a fresh start otherwise."""
+        acc = self.acc
+        if mode != "resume":
+            return 0, [], [], None, loader
+        ckpt, skipped = resumable_checkpoint(self.out)
+        if skipped:
+            self.say(passed_over(skipped, ckpt))
+            acc.wait_for_everyone()  # every rank has chosen before the main process renames
+            if self.main:
+                set_aside(skipped)
+            acc.wait_for_everyone()
+        state = read_state(ckpt)
+        if state["processes"] != acc.num_processes:
+            raise UptrainError(f"the checkpoint {ckpt} was written by {state['processes']} process(es); resume "
+                               f"with the same number (now {acc.num_processes}) to keep the data order")
+        acc.load_state(str(ckpt))
+        start = state["step"]
+        if self.stream:
+            self.stream.load_state_dict(read_data_state(ckpt, acc.process_index), str(ckpt))
+        else:
+            loader = acc.skip_first_batches(loader, start * self.r.train.grad_accum)
+        self.say(f"resuming from {ckpt} at step {start}")
+        return start, state["history"], state["eval_history"], start, loader
+
+    # -- one optimiser step ---------------------------------------------------------------------------
+    def step(self, model, teacher, batches, optimizer, scheduler, step: int, ckpt_path) -> dict:
+        """One optimiser step over an accumulation window of micro-batches; its record (loss, lr, …)."""
+        import torch
+
+        r, acc, device, accum = self.r, self.acc, self.acc.device, self.r.train.grad_accum
+        window = [self.objective.batch(next(batches), device) for _ in range(accum)]  # (inputs, labels)
+        # Normalise by the target tokens (labels ≠ -100) of the whole window on all ranks (accelerate's recipe for
+        # autoregressive models): DDP averages gradients over ranks and accelerate's backward divides by the
+        # accumulation steps, hence the factor processes × accum.
+        n_local = sum((labels != -100).sum() for _, labels in window).float()
+        n_global = acc.reduce(n_local, "sum")
+        scale = acc.num_processes * accum / n_global
+        sums = torch.zeros(2, device=device)
+        for inputs, labels in window:
+            with acc.accumulate(model):
+                ce, kl = token_losses(model, teacher, inputs, labels, r.distill.temperature, acc.autocast)
+                acc.backward((ce if kl is None else ce + r.distill.weight * kl) * scale)
+                sums[0] += ce.detach()
+                if kl is not None:
+                    sums[1] += kl.detach()
+        loss, kl_mean = (acc.reduce(sums, "sum") / n_global).tolist()
+        if not (math.isfinite(loss) and math.isfinite(kl_mean)):
+            raise self.diverged(step, loss if not math.isfinite(loss) else kl_mean, ckpt_path)
+        rec = {"step": step, "loss": loss, "lr": scheduler.get_last_lr()[0]}
+        if r.optim.grad_clip > 0:
+            rec["grad_norm"] = float(acc.clip_grad_norm_(model.parameters(), r.optim.grad_clip))
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if teacher is not None:
+            rec["kl"] = kl_mean
+        return rec
+
+    # -- checkpoints, stops ---------------------------------------------------------------------------
     def save(self, step: int, history: list[dict], evals: list[dict]) -> Path:
         """A checkpoint of the state after `step` (every process calls it)."""
         state = {"step": step, "total_steps": self.budget.steps, "processes": self.acc.num_processes,

@@ -126,7 +126,7 @@ def gpu_hours(flops: float, peak: float, mfu: float) -> float:
 
 # ------------------------------------------------------------------------------------------ the plan
 @dataclass
-class Plan:
+class TrainingPlan:
     recipe: str
     model: str
     model_type: str
@@ -199,7 +199,7 @@ class Plan:
 
 
 def plan(recipe, overrides: list[str] | None = None, *, accelerate_config: str | None = None,
-         processes: int | None = None, mfu: float = DEFAULT_MFU) -> Plan:
+         processes: int | None = None, mfu: float = DEFAULT_MFU) -> TrainingPlan:
     """The cost of a recipe. processes: GPUs (default: the accelerate config's num_processes × num_machines,
     else 1); accelerate_config: the launcher YAML (its distributed_type marks the strategy, its
     mixed_precision applies when the recipe leaves train.mixed_precision unset)."""
@@ -241,7 +241,7 @@ def plan(recipe, overrides: list[str] | None = None, *, accelerate_config: str |
     if shape["experts"]:
         notes.append(f"mixture of experts: N counts every expert; {shape['active']:,} parameters are active per "
                      f"token, so the FLOPs above overstate the work by {n / shape['active']:.1f}×")
-    return Plan(
+    return TrainingPlan(
         recipe=os.fspath(recipe) if isinstance(recipe, (str, os.PathLike)) else "(recipe)", model=r.model.path,
         model_type=shape["model_type"], layers=shape["layers"], heads=shape["heads"],
         kv_heads_before=shape["kv_heads_before"], kv_heads=shape["kv_heads"], parameters_before=shape["before"],

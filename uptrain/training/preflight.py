@@ -17,13 +17,12 @@ by G/K) and the recipe:
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from uptrain.checkpoint import CHECKPOINT_FILES, DTYPE_SIZES, check_free_space, quantization, weight_table
 from uptrain.errors import UptrainError
+from uptrain.files import check_folder_writable
 from uptrain.hf import Source, check_hub_id, check_hub_token, hub_token, local_folder
 from uptrain.record import try_read_record
 from uptrain.report import fmt_bytes, fmt_count
@@ -48,7 +47,7 @@ def preflight(r: Recipe, out: Path, mode: str, src: Source, spec, kv_heads: int,
     """Run every check; raises the first problem as an UptrainError. save_dtype: what the final model is saved
     in; distributed: accelerate's distributed type."""
     result = Preflight()
-    check_writable(out)
+    check_folder_writable(out)
     folder = local_folder(src, CHECKPOINT_FILES)[0]  # a Hub model: the download training needs anyway
     quant = quantization(folder)
     quant.check("model.path", src.name)
@@ -73,22 +72,6 @@ def preflight(r: Recipe, out: Path, mode: str, src: Source, spec, kv_heads: int,
         if unchecked:
             result.notes.append(f"push_to_hub: {unchecked}")
     return result
-
-
-def check_writable(out: Path) -> None:
-    """OUT, or the nearest folder above it that exists, takes a new file (a probe, created and removed)."""
-    probe = Path(out).absolute()
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    if not probe.is_dir():
-        raise UptrainError(f"out {str(out)!r} cannot be created: {probe} is a file, not a folder")
-    try:
-        fd, tmp = tempfile.mkstemp(dir=probe, prefix=".uptrain-write-probe-")
-        os.close(fd)
-        os.remove(tmp)
-    except OSError as e:
-        raise UptrainError(f"out {str(out)!r} cannot be written ({probe}: {e.strerror or e}); choose a folder you "
-                           f"can write to") from e
 
 
 @dataclass

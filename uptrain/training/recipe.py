@@ -25,13 +25,27 @@ from uptrain.data import DataSpec
 from uptrain.errors import UptrainError
 
 
+def key(help: str, default=dataclasses.MISSING, *, factory=None, required: bool = False):
+    """A recipe key: its default and the sentence that documents it. `uptrain train --help-recipe` and the table
+    in docs/training.md are generated from these (uptrain/training/recipe_keys.py), so a key is documented once."""
+    meta = {"help": help, "required": required}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
 @dataclass
 class ModelSection:
-    path: str = ""  # a checkpoint folder or Hub id (the converted model, or the source when `convert` is set)
-    revision: Optional[str] = None
-    # Convert `path` first (into OUT/step0), then uptrain the result: every option of `uptrain convert`.
-    convert: Optional[ConvertOptions] = None
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # weights as trained (mixed precision is separate)
+    """The model to uptrain, and how it is converted first."""
+
+    path: str = key("a checkpoint folder or Hub id: the converted model, or the source when `convert` is set", "",
+                    required=True)
+    revision: Optional[str] = key("Hub revision (branch, tag or commit) when `path` is a Hub id", None)
+    convert: Optional[ConvertOptions] = key(
+        "convert `path` first (into OUT/step0, reused on resume), then uptrain the result; its keys are the options "
+        "of `uptrain convert` (model.convert.* below)", None)
+    dtype: Literal["float32", "bfloat16", "float16"] = key(
+        "dtype the weights are trained in (mixed precision is train.mixed_precision)", "float32")
 
     def check(self, key):
         _require(bool(self.path), f"{key}.path", "is required: a checkpoint folder or Hub id")
@@ -39,19 +53,23 @@ class ModelSection:
 
 @dataclass
 class DataSection(DataSpec):
-    """DataSpec (source or a mixture of sources, split, eval files, streaming …) plus how text becomes
-    training blocks. Not streamed: tokenised once into a cache and shuffled per epoch. Streamed: every rank
-    reads its own part of the stream in order (uptrain/training/data_stream.py)."""
+    """The text: one corpus or a mixture (uptrain.data.DataSpec's keys), and how it becomes training blocks.
+    Not streamed, it is tokenised once into a cache and shuffled every epoch; streamed, every rank reads its own
+    part of the stream in order (uptrain/training/data_stream.py)."""
 
-    seq_len: int = 256
-    max_train_blocks: Optional[int] = None  # cap on training blocks (tokenising stops there); not for streams
-    shuffle: bool = True  # block order per epoch, from train.seed (a stream is read in its own order)
-    cache_dir: Optional[str] = None  # tokenised blocks on disk; None → $UPTRAIN_CACHE or ~/.cache/uptrain
-    cache: bool = True
-    # concat: documents back to back, attending to the ones before them in a block. document: position ids
-    # restart at each document, attention and loss stop at its boundary (data.causal_lm_targets).
-    packing: Literal["concat", "document"] = "concat"
-    workers: int = 1  # DataLoader processes that read and tokenise a stream per rank (0: the training process)
+    seq_len: int = key("tokens per training block (an encoder-decoder: encoder input tokens)", 256)
+    max_train_blocks: Optional[int] = key("cap on training blocks (tokenising stops there); not for streams", None)
+    shuffle: bool = key("shuffle the block order every epoch, from train.seed (a stream is read in its own order)",
+                        True)
+    cache_dir: Optional[str] = key("where tokenised blocks are kept; null: $UPTRAIN_CACHE or ~/.cache/uptrain", None)
+    cache: bool = key("keep tokenised blocks on disk, so a corpus is tokenised once for every run and process", True)
+    # (data.causal_lm_targets builds the targets of both)
+    packing: Literal["concat", "document"] = key(
+        "concat: documents back to back, each attending to the ones before it in its block | document: position "
+        "ids restart at each document, so attention and loss stop at its boundary (checked on the model before "
+        "step 1)", "concat")
+    workers: int = key("DataLoader processes that read and tokenise a stream on each rank (0: the training process)",
+                       1)
 
     def check(self, key):
         from uptrain.data import check_held_out, mixture_probabilities
@@ -80,14 +98,16 @@ class BudgetSection:
     """How many optimiser steps. Either α = `fraction` of the original pre-training (`pretrain_steps`
     or `pretrain_tokens`; the paper uses α = 0.05), or an explicit `max_steps` / `max_tokens`."""
 
-    fraction: Optional[float] = None
-    pretrain_steps: Optional[int] = None
-    pretrain_tokens: Optional[int] = None
-    max_steps: Optional[int] = None
-    max_tokens: Optional[int] = None
-    # End this invocation after this step (with a checkpoint) while the schedule follows the whole budget:
-    # for time-limited jobs; the next invocation with `resume: auto` continues.
-    stop_at: Optional[int] = None
+    fraction: Optional[float] = key("α: uptrain for this fraction of the original pre-training (the paper: 0.05); "
+                                    "needs pretrain_steps or pretrain_tokens", None)
+    pretrain_steps: Optional[int] = key("optimiser steps of the original pre-training (what α is a fraction of)", None)
+    pretrain_tokens: Optional[int] = key("tokens of the original pre-training (what α is a fraction of)", None)
+    max_steps: Optional[int] = key("optimiser steps, instead of fraction", None)
+    max_tokens: Optional[int] = key("training tokens, instead of fraction (whole steps, rounded down: never more)",
+                                    None)
+    stop_at: Optional[int] = key(
+        "end this invocation after this step, with a checkpoint, while the schedule follows the whole budget "
+        "(time-limited jobs: the next invocation with resume: auto continues)", None)
 
     def check(self, key):
         chosen = [k for k in ("fraction", "max_steps", "max_tokens") if getattr(self, k) is not None]
@@ -107,16 +127,21 @@ class BudgetSection:
 
 @dataclass
 class OptimSection:
-    lr: float = 1e-4
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = 1e-8
-    weight_decay: float = 0.1  # on matrices only; norms and biases are not decayed
-    grad_clip: float = 1.0  # max global grad norm; 0 = off
+    """AdamW and its learning-rate schedule."""
+
     # Uptraining should start near the lr pre-training ended at: re-warming to a high lr after a cosine
     # decay undoes the pre-training's annealing (measured here). `constant` + warmup_steps 0 does exactly that.
-    schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    warmup_steps: int = 0
-    final_lr_ratio: float = 0.1  # lr at the last step / lr, for cosine and linear
+    lr: float = key("peak learning rate; start near the lr pre-training ended at (re-warming a converted model to a "
+                    "high lr undoes the pre-training's annealing)", 1e-4)
+    betas: tuple[float, float] = key("AdamW's β1, β2", (0.9, 0.95))
+    eps: float = key("AdamW's ε", 1e-8)
+    weight_decay: float = key("AdamW's weight decay, on matrices only; norms and biases are not decayed", 0.1)
+    grad_clip: float = key("largest global gradient norm; 0 = no clipping", 1.0)
+    schedule: Literal["cosine", "linear", "constant"] = key(
+        "the lr after the warm-up: cosine or linear decay to lr × final_lr_ratio at the last step, or constant "
+        "(with warmup_steps 0: uptrain at the lr pre-training ended at)", "cosine")
+    warmup_steps: int = key("steps of linear warm-up from lr / warmup_steps to lr", 0)
+    final_lr_ratio: float = key("lr at the last step / lr, for cosine and linear", 0.1)
 
     def check(self, key):
         _require(self.lr > 0 and math.isfinite(self.lr), f"{key}.lr", "must be a positive number")
@@ -130,18 +155,23 @@ class OptimSection:
 
 @dataclass
 class TrainSection:
-    # What trains: everything (the paper), the attention blocks, or only the K/V projections (cheap).
-    params: Literal["all", "attention", "kv"] = "all"
-    micro_batch_size: int = 8  # blocks per forward pass per process
-    grad_accum: int = 1  # micro-batches per optimiser step; global batch = micro × accum × processes
-    mixed_precision: Optional[Literal["no", "bf16", "fp16"]] = None  # None: the accelerate launcher's setting
-    # Activation checkpointing: keep only each decoder layer's input and recompute the rest in the backward
-    # (transformers' checkpointing, use_reentrant=False); same numbers, ~1/3 more compute, far less memory.
-    gradient_checkpointing: bool = False
-    # dtype of the final model; None: the source checkpoint's (the float dtype most of its weights are stored
-    # in), so a bfloat16 source trained in float32 comes back as bfloat16, at its own size.
-    save_dtype: Optional[Literal["float32", "bfloat16", "float16"]] = None
-    seed: int = 0
+    """What trains, in what batches and precision."""
+
+    params: Literal["all", "attention", "kv"] = key(
+        "what trains: all (the paper) | attention (the attention blocks) | kv (only the K/V projections: cheap)",
+        "all")
+    micro_batch_size: int = key("blocks per forward pass per process", 8)
+    grad_accum: int = key("micro-batches per optimiser step; the global batch is micro_batch_size × grad_accum × "
+                          "processes, and the loss is normalised by the target tokens of the whole window", 1)
+    mixed_precision: Optional[Literal["no", "bf16", "fp16"]] = key("null: the accelerate launcher's setting", None)
+    # (transformers' checkpointing, use_reentrant=False)
+    gradient_checkpointing: bool = key(
+        "activation checkpointing: each decoder layer keeps only its input and recomputes the rest in the "
+        "backward; same numbers, about 1/3 more compute, far less memory", False)
+    save_dtype: Optional[Literal["float32", "bfloat16", "float16"]] = key(
+        "dtype of the final model; null: the source checkpoint's (the float dtype most of its weights are stored "
+        "in), so a bfloat16 source trained in float32 comes back as bfloat16, at its own size", None)
+    seed: int = key("seed of torch's random numbers, the block order and span corruption", 0)
 
     def check(self, key):
         _require(self.micro_batch_size >= 1, f"{key}.micro_batch_size", "must be at least 1")
@@ -153,9 +183,10 @@ class DistillSection:
     """loss = CE + weight · T² · KL(teacher ‖ student) at temperature T; the teacher (typically the source
     MHA model) is frozen in eval mode and never saved. Off while `teacher` is null."""
 
-    teacher: Optional[str] = None
-    weight: float = 1.0
-    temperature: float = 1.0
+    teacher: Optional[str] = key("checkpoint folder or Hub id of the teacher (typically the source MHA model); "
+                                 "null: no distillation", None)
+    weight: float = key("weight of the distillation term in the loss", 1.0)
+    temperature: float = key("T: softmax temperature of teacher and student in the KL term", 1.0)
 
     def check(self, key):
         _require(self.weight >= 0, f"{key}.weight", "must be >= 0")
@@ -164,10 +195,12 @@ class DistillSection:
 
 @dataclass
 class EvalSection:
-    every: int = 0  # steps between held-out evaluations; 0 = only at the start and the end
-    at_start: bool = True  # evaluate the model before the first step (step 0: right after conversion)
-    max_blocks: Optional[int] = 64
-    batch_size: int = 8
+    """Held-out evaluation during the run (held-out text: data.eval_split, data.eval_files or data.eval_fraction)."""
+
+    every: int = key("steps between held-out evaluations; 0 = only at the start and the end", 0)
+    at_start: bool = key("evaluate the model before the first step (step 0: right after conversion)", True)
+    max_blocks: Optional[int] = key("held-out blocks scored per evaluation (null: all of them)", 64)
+    batch_size: int = key("held-out blocks per forward pass", 8)
 
     def check(self, key):
         _require(self.every >= 0, f"{key}.every", "must be >= 0")
@@ -177,8 +210,10 @@ class EvalSection:
 
 @dataclass
 class CheckpointSection:
-    every: int = 0  # steps between `save_state` checkpoints; 0 = none (then a kill loses the run)
-    keep: int = 2  # newest checkpoints kept
+    """Checkpoints that `resume: auto` continues from (OUT/checkpoints/)."""
+
+    every: int = key("steps between checkpoints; 0 = none (then a kill loses the run)", 0)
+    keep: int = key("newest checkpoints kept", 2)
 
     def check(self, key):
         _require(self.every >= 0, f"{key}.every", "must be >= 0")
@@ -187,26 +222,33 @@ class CheckpointSection:
 
 @dataclass
 class LogSection:
-    progress: bool = True  # tqdm bar on the main process
-    trackers: list[str] = field(default_factory=list)  # accelerate trackers: tensorboard, wandb, …
-    project: str = "uptrain"
+    """Progress and experiment tracking (metrics.jsonl in OUT is always written)."""
+
+    progress: bool = key("tqdm bar on the main process", True)
+    trackers: list[str] = key("accelerate trackers: tensorboard, wandb, …", factory=list)
+    project: str = key("the trackers' project name", "uptrain")
 
 
 @dataclass
 class Recipe:
-    out: str = "runs/uptrain"
-    overwrite: bool = False  # replace an existing run in `out`
-    resume: Literal["never", "auto"] = "never"  # auto: continue from the newest checkpoint in `out`
-    model: ModelSection = field(default_factory=ModelSection)
-    data: DataSection = field(default_factory=DataSection)
-    budget: BudgetSection = field(default_factory=BudgetSection)
-    optim: OptimSection = field(default_factory=OptimSection)
-    train: TrainSection = field(default_factory=TrainSection)
-    distill: DistillSection = field(default_factory=DistillSection)
-    eval: EvalSection = field(default_factory=EvalSection)
-    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
-    log: LogSection = field(default_factory=LogSection)
-    push_to_hub: Optional[str] = None  # Hub repo id: upload the final model with `uptrain.push`
+    """An uptraining run: the top-level keys and one section per concern."""
+
+    out: str = key("the run's folder: the final model, uptrain.json, recipe.yaml, metrics.jsonl, checkpoints/ (and "
+                   "step0/ when the recipe converts)", "runs/uptrain")
+    overwrite: bool = key("replace an existing run in `out`", False)
+    resume: Literal["never", "auto"] = key(
+        "auto: continue from the newest complete checkpoint in `out` (same data order, RNG and schedule)", "never")
+    model: ModelSection = key("", factory=ModelSection)
+    data: DataSection = key("", factory=DataSection)
+    budget: BudgetSection = key("", factory=BudgetSection)
+    optim: OptimSection = key("", factory=OptimSection)
+    train: TrainSection = key("", factory=TrainSection)
+    distill: DistillSection = key("", factory=DistillSection)
+    eval: EvalSection = key("", factory=EvalSection)
+    checkpoint: CheckpointSection = key("", factory=CheckpointSection)
+    log: LogSection = key("", factory=LogSection)
+    push_to_hub: Optional[str] = key("Hub repo id: upload the final model with `uptrain push` after a finished run",
+                                     None)
 
     def check(self, key=""):
         _require(bool(self.out), "out", "is required: the run's output folder")

@@ -9,7 +9,7 @@ HF checkpoint with its uptraining record. The package, dependencies pointing one
                    (not quantized) model, push_to_hub's repo id and token
     preemption.py  SIGTERM / SIGINT → every rank stops after the same step with a checkpoint (exit 75)
     data_stream.py streamed data: each rank reads, tokenises and packs its own part; its exact position
-    packing.py     data.packing: document, checked on the model before step 1
+    document_masking.py  data.packing: document, checked on the model before step 1
     objectives.py  what the steps optimise: next-token prediction, or span corruption for an encoder-decoder
     loop.py        the optimiser steps, evaluation, checkpoints, resume
     train.py       this file: one run, start to end
@@ -122,13 +122,22 @@ class _Run:
             print(msg, flush=True)
 
     def execute(self, mode, t0, tokenizer, train_blocks, eval_blocks, teacher) -> TrainResult:
-        import torch
+        """torchtune's recipe shape: check and set up (model, data, teacher), train, save."""
+        src, cfg, spec, tokenizer, checked = self.check(mode, tokenizer, teacher)
+        objective, train_blocks, eval_blocks = self.setup_data(cfg, tokenizer, train_blocks, eval_blocks)
+        if self.main:
+            prepare(self.out, mode, self.r)
+        self.acc.wait_for_everyone()
+        model, path, n_train = self.setup_model(src, cfg, spec, checked)
+        teacher = self.setup_teacher(teacher)
+        self.announce(model, path, cfg, spec, n_train, teacher, train_blocks, eval_blocks, objective)
+        return self.train(mode, t0, model, teacher, train_blocks, eval_blocks, objective, tokenizer, path, n_train)
 
+    def check(self, mode, tokenizer, teacher):
+        """Everything that can fail on bad input, before OUT is touched: (source, config, spec, tokenizer,
+        preflight's findings)."""
         from uptrain.arch import check_groups, spec_for_config
-        from uptrain.hf import load_model, resolve
-        from uptrain.training.loop import Loop
-        from uptrain.training.setup import (check_teacher, checkpoint_dtype, enable_checkpointing, model_source,
-                                            model_tokenizer, strategy_text, trainable_mask)
+        from uptrain.training.setup import check_teacher, checkpoint_dtype, model_source, model_tokenizer
 
         r = self.r
         src, cfg = model_source(r.model.path, r.model.revision, "model.path")
@@ -146,21 +155,30 @@ class _Run:
             self.say(note)
         if mode == "restart" and resumable_checkpoint(self.out)[1]:
             self.say(passed_over(resumable_checkpoint(self.out)[1], None))
+        return src, cfg, spec, tokenizer, checked
+
+    def setup_data(self, cfg, tokenizer, train_blocks, eval_blocks):
+        """(objective, training blocks or stream, the objective's held-out set)."""
         from uptrain.training.objectives import objective_for
 
-        objective = objective_for(cfg, tokenizer, r.data, r.train.seed)  # span corruption for an encoder-decoder
+        objective = objective_for(cfg, tokenizer, self.r.data, self.r.train.seed)  # span corruption: enc-dec
         self.objective = OBJECTIVE_KEYS.get(objective.name, objective.name)
         train_blocks, eval_blocks = self.data(tokenizer, train_blocks, eval_blocks, objective.block_len)
-        eval_blocks = objective.eval_set(eval_blocks)
+        return objective, train_blocks, objective.eval_set(eval_blocks)
 
-        if self.main:
-            prepare(self.out, mode, r)
-        self.acc.wait_for_everyone()
+    def setup_model(self, src, cfg, spec, checked):
+        """(model with its trainable parameters marked, the folder it was loaded from, trainable count); the
+        recipe's conversion runs first when it has one."""
+        import torch
+
+        from uptrain.hf import load_model, resolve
+        from uptrain.training.setup import enable_checkpointing, trainable_mask
+
+        r = self.r
         if r.model.convert:
             src = resolve(self.convert(), what="the converted model")
         torch.manual_seed(r.train.seed)
         model = load_model(src, r.model.dtype, drop_quantization_config=checked.drop_quantization_config)
-        path = src.path
         mask = trainable_mask([n for n, _ in model.named_parameters()], spec, r.train.params)
         for n, p in model.named_parameters():
             p.requires_grad_(mask[n])
@@ -170,9 +188,16 @@ class _Run:
         if r.train.gradient_checkpointing:
             enable_checkpointing(model)
         if r.data.packing == "document":  # a model that would attend across documents fails here, before step 1
-            from uptrain.training.packing import check_document_masking
+            from uptrain.training.document_masking import check_document_masking
 
             self.on_main(lambda: check_document_masking(model, model.device))
+        return model, src.path, n_train
+
+    def setup_teacher(self, teacher):
+        """The distillation teacher, frozen on the device (None without one)."""
+        from uptrain.hf import load_model, resolve
+
+        r = self.r
         if teacher is None and r.distill.teacher:
             # Frozen: only its logits matter, so it takes the autocast precision (half the memory in bf16).
             half = {"bf16": "bfloat16", "fp16": "float16"}.get(str(self.acc.mixed_precision))
@@ -180,6 +205,12 @@ class _Run:
         if teacher is not None:
             teacher.eval().requires_grad_(False)
             teacher.to(self.acc.device)
+        return teacher
+
+    def announce(self, model, path, cfg, spec, n_train, teacher, train_blocks, eval_blocks, objective) -> None:
+        from uptrain.training.setup import strategy_text
+
+        r = self.r
         n_all = sum(p.numel() for p in model.parameters())
         self.say(f"uptrain train: {path} ({cfg.model_type}, {spec.layers(cfg)} layers, {spec.heads(cfg)} heads, "
                  f"{spec.kv_heads(model.config)} KV heads); training {r.train.params}: {n_train:,} of {n_all:,} "
@@ -190,6 +221,13 @@ class _Run:
                  f"{r.train.micro_batch_size} × accumulation {r.train.grad_accum}")
         self.say(f"strategy: {strategy_text(self.acc)}; the final model is saved in {self.save_dtype} ("
                  + ("train.save_dtype)" if r.train.save_dtype else "the dtype of the checkpoint it starts from)"))
+
+    def train(self, mode, t0, model, teacher, train_blocks, eval_blocks, objective, tokenizer, path,
+              n_train) -> TrainResult:
+        """The steps, then the final save of a finished run."""
+        from uptrain.training.loop import Loop
+
+        r = self.r
         # SIGTERM / SIGINT from here on: the loop stops every rank after the current optimiser step with a
         # checkpoint; one that comes after the last step lets the final save finish.
         with StopSignal() as stop:

@@ -1,8 +1,8 @@
-"""data.packing: document relies on the model's attention reading restarting position ids as document
-boundaries (uptrain.data.causal_lm_targets). transformers' own mask builders do (masking_utils
-`find_packed_sequence_indices` for eager / SDPA / flex, cu_seqlens for flash-attention) when no attention_mask
-is given; a model whose attention builds its mask otherwise would silently attend across documents. So it is
-checked on the model itself, before step 1."""
+"""Whether the model keeps packed documents apart. data.packing: document relies on the model's attention
+reading restarting position ids as document boundaries (uptrain.data.causal_lm_targets). transformers' own mask
+builders do (masking_utils `find_packed_sequence_indices` for eager / SDPA / flex, cu_seqlens for flash-attention)
+when no attention_mask is given; a model whose attention builds its mask otherwise would silently attend across
+documents. So it is checked on the model itself, before step 1."""
 from __future__ import annotations
 
 from uptrain.errors import UptrainError

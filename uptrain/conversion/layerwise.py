@@ -178,9 +178,12 @@ class Skeleton:
         """What the model's forward makes of `hidden` as the last decoder layer's output (final norm, head, any
         soft-capping): one forward with every decoder layer replaced by a stub, the first returning `hidden`.
         Gradients flow back to `hidden`."""
+        wrap = TUPLE_OUTPUT.get(type(self.layers[0]), False)  # Falcon's forward reads its layers' outputs[0]
+
         def stub(i):
             def forward(hidden_states, *args, **kwargs):
-                return hidden if i == 0 else hidden_states
+                out = hidden if i == 0 else hidden_states
+                return (out,) if wrap else out
             return forward
 
         for i, layer in enumerate(self.layers):
@@ -247,6 +250,9 @@ def watch_attention(attention: torch.nn.Module, on_call: Callable[[AttentionCall
         handle.remove()
 
 
+TUPLE_OUTPUT: dict[type, bool] = {}  # per decoder-layer class: whether it returns a tuple (seen by run_layer)
+
+
 @torch.no_grad()
 def run_layer(layer: torch.nn.Module, batch: Batch, i: int) -> torch.Tensor | None:
     """The layer's output for `batch` (None when a hook stopped it after the attention)."""
@@ -255,6 +261,7 @@ def run_layer(layer: torch.nn.Module, batch: Batch, i: int) -> torch.Tensor | No
         out = layer(batch.hidden, *args, **kwargs)
     except _Stop:
         return None
+    TUPLE_OUTPUT[type(layer)] = isinstance(out, tuple)
     return out[0] if isinstance(out, tuple) else out
 
 

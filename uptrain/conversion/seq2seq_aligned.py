@@ -23,12 +23,13 @@ calibration_seq_len tokens, their targets as decoder inputs) when the tokenizer 
 plain text blocks as encoder input and decoder target. Calibration options are the decoder-only ones
 (ConvertOptions: calibration, calibration_tokens, calibration_seq_len, calibration_batch_size, device).
 
-Refinement (--refine-steps N: default 50 for aligned, 0 for the pooling methods, as for decoder-only models;
+Refinement (--refine-steps N: default 200 for aligned, 0 for the pooling methods, as for decoder-only models;
 any method with steps calibrates): the same pass records every pooled attention's calls (input, arguments,
 output); each merged attention (aligned's closed form, or the pooling method's), built as the GQA class of
 uptrain/modeling/modeling_gqa_t5.py, is then fitted to the source attention's outputs on them
 (uptrain/conversion/refine.py: o refitted in closed form, then Adam on q, k, v, o; kept only if it beats the
-closed form on held-out batches). The relative position bias is never trained.
+closed form on held-out batches). The relative position bias is never trained. End-to-end distillation
+(--distill-steps) is decoder-only: refused here.
 
 Left as they are: the relative position bias (per query head, shared from layer 0 in T5 / mT5): query heads
 keep their order, which is why grouping is contiguous only. Not built: calibration on converted inputs.
@@ -59,6 +60,9 @@ def check_seq2seq(options, model_type: str) -> None:
         raise UptrainError(f"{options.said('grouping')} is not supported on {model_type}: it permutes query heads, "
                            f"and T5's relative position bias (one column per query head, shared by every "
                            f"layer) would no longer match them. Leave {options.key('grouping')} out (contiguous)")
+    if options.distill_steps:
+        raise UptrainError(f"{options.said('distill_steps')} is not supported on {model_type}: end-to-end "
+                           f"distillation runs on decoder-only models. Leave {options.key('distill_steps')} out")
     if (options.calibration_inputs or "source") != "source":
         raise UptrainError(f"{options.said('calibration_inputs')} is not supported on {model_type}: its "
                            f"calibration runs the source model once. Leave {options.key('calibration_inputs')} out")

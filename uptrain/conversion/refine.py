@@ -24,7 +24,7 @@ import time
 import torch
 
 DEFAULT_LR = 1.5e-2  # relative to each parameter's RMS, constant (measured on the 135M model: docs/calibration.md)
-DEFAULT_ANCHOR = 0.0  # weight of the pull towards the closed form (measured: docs/calibration.md)
+DEFAULT_ANCHOR = 0.0  # weight of the pull towards the closed form: off (not yet measured on a real model: docs/calibration.md)
 RIDGE = 1e-4  # o_proj refit: λ = RIDGE · mean diagonal of AᵀA (pulls badly determined directions to the merge)
 REFIT_OUTPUT = True  # refit o_proj in closed form before Adam (measured: docs/calibration.md)
 HOLD_OUT = 8  # from 8 batches on, every 8th is held out of the fit and judges it

@@ -28,13 +28,25 @@ def _add_convert(sub):
         if tp is bool:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=meta["help"])
             continue
-        kind = next((t for t in (int, str) if t == tp or t in typing.get_args(tp)), str)
+        kind = _cli_parser(meta["parse"]) if meta.get("parse") else next(
+            (t for t in (int, str) if t == tp or t in typing.get_args(tp)), str)
         p.add_argument(flag, *(["-g"] if f.name == "groups" else []), type=kind, default=None,
-                       required=f.name == "groups", choices=meta.get("choices"), help=meta["help"])
+                       choices=meta.get("choices"), help=meta["help"])
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.add_argument("--revision", default=None, help="Hub revision when SRC is a repo id")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     return p
+
+
+def _cli_parser(parse):
+    """An option's own parser (ConvertOptions field metadata) as an argparse type: its reason in the message."""
+    def kind(text: str):
+        try:
+            return parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    kind.__name__ = parse.__name__
+    return kind
 
 
 def _run_convert(args) -> int:

@@ -25,6 +25,7 @@ class Template:
     file: str  # in this folder; copied under the same name next to the weights
     model_class: str  # its class for `auto_class`
     auto_class: str = "AutoModelForCausalLM"  # encoder-decoders (t5): AutoModelForSeq2SeqLM
+    config_class: str | None = None  # its own configuration class (AutoConfig), when the file defines one
 
     @property
     def path(self) -> Path:
@@ -35,7 +36,8 @@ class Template:
         return Path(self.file).stem
 
     def auto_map(self) -> dict:
-        return {self.auto_class: f"{self.module}.{self.model_class}"}
+        own = {"AutoConfig": f"{self.module}.{self.config_class}"} if self.config_class else {}
+        return {**own, self.auto_class: f"{self.module}.{self.model_class}"}
 
 
 # Keyed by the name arch.py's Form.remote_code uses (the source model_type).
@@ -47,6 +49,8 @@ TEMPLATES = {
     "t5": Template("modeling_gqa_t5.py", "T5GQAForConditionalGeneration", "AutoModelForSeq2SeqLM"),
     "mt5": Template("modeling_gqa_t5.py", "MT5GQAForConditionalGeneration", "AutoModelForSeq2SeqLM"),
     "umt5": Template("modeling_gqa_t5.py", "UMT5GQAForConditionalGeneration", "AutoModelForSeq2SeqLM"),
+    # per-layer KV heads of the Llama family (arch.py's "per-layer" forms): the nemotron-nas / DeciLM config
+    "nemotron-nas": Template("modeling_decilm.py", "DeciLMForCausalLM", config_class="DeciLMConfig"),
 }
 
 

@@ -124,7 +124,7 @@ class _Run:
     def execute(self, mode, t0, tokenizer, train_blocks, eval_blocks, teacher) -> TrainResult:
         import torch
 
-        from uptrain.arch import check_groups, spec_for_config
+        from uptrain.arch import kv_heads_text, spec_for_config
         from uptrain.hf import load_model, resolve
         from uptrain.training.loop import Loop
         from uptrain.training.setup import (check_teacher, checkpoint_dtype, enable_checkpointing, model_source,
@@ -134,7 +134,7 @@ class _Run:
         src, cfg = model_source(r.model.path, r.model.revision, "model.path")
         spec = spec_for_config(cfg)
         if r.model.convert:
-            check_groups(r.model.convert.groups, spec.kv_heads(cfg), r.model.convert.key("groups"))
+            r.model.convert.check_source(spec, cfg)
         tokenizer = tokenizer or model_tokenizer(src)
         if teacher is not None or r.distill.teacher:
             check_teacher(r, cfg, tokenizer, teacher)
@@ -182,7 +182,7 @@ class _Run:
             teacher.to(self.acc.device)
         n_all = sum(p.numel() for p in model.parameters())
         self.say(f"uptrain train: {path} ({cfg.model_type}, {spec.layers(cfg)} layers, {spec.heads(cfg)} heads, "
-                 f"{spec.kv_heads(model.config)} KV heads); training {r.train.params}: {n_train:,} of {n_all:,} "
+                 f"{kv_heads_text(spec_for_config(model.config).kv_heads(model.config))} KV heads); training {r.train.params}: {n_train:,} of {n_all:,} "
                  f"parameters"
                  + (f"; distilling from {r.distill.teacher or 'the given teacher'}" if teacher is not None else ""))
         self.say(self.data_text(train_blocks, eval_blocks) + f"; objective: {objective.name}")

@@ -216,6 +216,11 @@ class CalibratedMethod:
                       disable=not ctx.progress):
             prefix = engine.prefix(i)
             src = engine.read(i)
+            if ctx.layer_groups and ctx.at(i).groups == ctx.kv_heads:  # a layer that keeps its heads: copied as it
+                with engine.layer(i, src) as layer:                    # is (plan.py); only its outputs are needed
+                    for b in batches:
+                        b.hidden = run_layer(layer, b, i)
+                continue
             moment = SecondMoment() if self.aligned else None
             calls = []
 

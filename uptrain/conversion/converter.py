@@ -157,8 +157,10 @@ def convert(src: str, out: str, groups: int | None = None, *, options: ConvertOp
         if spec.blocks:  # a layerwise method rewrites q / o of every block: list only the pooled units
             pooled = set(spec.units(config))
             layers = [s for s in layers if (s["block"], s["layer"]) in pooled]
-        if per_layer:
-            layers = [{"layer": s["layer"], "kv_heads": g[s["layer"]], **s} for s in layers]
+        if per_layer:  # every layer with its G_l; one that kept the source's heads was copied: no error
+            seen = {s["layer"]: s for s in layers}
+            layers = [{"layer": i, "kv_heads": g_l, **seen.get(i, {"k_rel_error": 0.0, "v_rel_error": 0.0})}
+                      for i, g_l in enumerate(g)]
         new_config, template = result_config(spec, config, g)
         if template is not None:  # the Hub's trust_remote_code convention: the code beside the weights
             shutil.copyfile(template.path, tmp / template.file)

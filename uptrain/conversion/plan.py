@@ -58,9 +58,9 @@ def plan_conversion(spec: AttentionSpec, config: dict, entries: dict, groups, to
             shape = spec.stored_shape(suffix, shape, spec.rows(suffix, config, kv_heads=g)[-1][2], config, form)
         elif read.transposed != write.transposed:
             shape = shape[::-1]
-        if kind == "kv" or (in_layer and suffix in touched):
+        if (kind == "kv" or (in_layer and suffix in touched)) and not (per_layer and g == kv):
             action = "merge"
-        else:
+        else:  # (a layer of a per-layer result that keeps the source's heads is copied, whatever the method)
             action = "copy" if read == write else "restore"
         plan[name] = Step(action, layer, suffix, e.dtype, shape, read, write)
         if in_layer:

@@ -301,3 +301,35 @@ def test_train_converts_to_per_layer_heads_and_learns(tmp_path, tokenizer):
     assert json.loads((out / "uptrain.json").read_text())["conversion"]["groups"] == [4, 1]
     heads, _ = cache_heads(load(out), ids(batch=1, length=5))
     assert heads == [4, 1]
+
+
+@pytest.mark.parametrize("config", (pytest.param("cpu.yaml", marks=pytest.mark.slow), "fsdp.yaml"))  # ~30 s each
+def test_two_ranks_train_a_per_layer_model_as_one_process_does(config, converted, tmp_path):
+    """`accelerate launch` with 2 gloo ranks (DDP, and FSDP2 sharding the per-layer k/v projections too) × 4
+    blocks = one process × 4 blocks × accumulation 2: the same losses and final weights, and the final model is
+    the per-layer checkpoint with its code."""
+    import yaml
+    from launching import launch
+
+    from uptrain.training import train
+
+    _, _, out, _ = converted
+
+    def recipe(run, **train_over):
+        return {"out": str(run), "model": {"path": str(out)},
+                "data": {"max_documents": 2, "seq_len": 32, "max_train_blocks": 64, "cache_dir": str(tmp_path / "c")},
+                "budget": {"max_steps": 2}, "optim": {"lr": 3e-3},
+                "train": {"micro_batch_size": 4, **train_over}, "eval": {"max_blocks": 4, "at_start": False},
+                "checkpoint": {"every": 0}, "log": {"progress": False}}
+
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe(tmp_path / "two")))
+    launch(tmp_path / "r.yaml", config=config, flags=("--num_processes", "2", "--mixed_precision", "no"), timeout=300)
+    one = train(recipe(tmp_path / "one", grad_accum=2))
+    got = [json.loads(x)["loss"] for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()
+           if "loss" in json.loads(x)]
+    assert len(got) == 2 and max(abs(a - b) for a, b in zip(got, one.losses)) < 1e-4
+    two, ref = load_file(tmp_path / "two" / "model.safetensors"), load_file(tmp_path / "one" / "model.safetensors")
+    assert max((two[k] - ref[k]).abs().max().item() for k in ref) < 1e-4
+    assert [two[f"model.layers.{i}.self_attn.v_proj.weight"].shape[0] for i in range(4)] == [8 * g for g in GROUPS]
+    assert (tmp_path / "two" / TEMPLATE.file).read_bytes() == TEMPLATE.path.read_bytes()
+    assert json.loads((tmp_path / "two" / "uptrain.json").read_text())["uptraining"]["processes"] == 2

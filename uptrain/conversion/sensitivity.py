@@ -58,8 +58,9 @@ def _head(engine):
 
 
 @torch.no_grad()
-def measure_losses(ctx, options, candidates: list[int] | None = None) -> tuple[list[dict[int, float]], dict]:
-    """(losses[l][G] for every layer and candidate G, plus G = K at 0; the record: data, tokens, seconds)."""
+def measure_losses(ctx, options) -> tuple[list[dict[int, float]], dict]:
+    """(losses[l][G] for every layer and every G < K the source can be converted to, plus G = K at 0; the record:
+    data, tokens, seconds)."""
     from tqdm.auto import tqdm
 
     from uptrain.checkpoint import DTYPES
@@ -72,14 +73,14 @@ def measure_losses(ctx, options, candidates: list[int] | None = None) -> tuple[l
     t0 = time.time()
     o, spec, config = options, ctx.spec, ctx.config
     kv = ctx.kv_heads
-    candidates = [g for g in (candidates or spec.valid_groups(config)) if g != kv]
+    candidates = [g for g in spec.valid_groups(config) if g != kv]
     tokens = o.allocation_tokens or min(DEFAULT_ALLOCATION_TOKENS, o.calibration_tokens or DEFAULT_ALLOCATION_TOKENS)
     device = pick_device(o.device)
     blocks, record = calibration_data(ctx.src_dir, config, o.calibration, tokens, o.calibration_seq_len)
     engine = LayerByLayer(ctx.src_dir, spec, config, ctx.source, device)
     batches = engine.embed(blocks, o.calibration_batch_size or DEFAULT_BATCH_SIZE)
     skeletons = {g: Skeleton(ctx.src_dir, spec, device, *converted_model(spec, config, g)) for g in candidates}
-    method = CalibratedMethod(o)  # its closed form: the conversion's pooling method, or aligned
+    method = CalibratedMethod(o)  # the conversion's closed form (a pooling method, or aligned) and refine steps
     attention = engine.skeleton.attention_name
     o_name = spec.o[len(attention) + 1:]  # o_proj, relative to the attention module
     streams: dict[tuple[int, int], list[torch.Tensor]] = {}  # (layer, G) → hidden states per batch

@@ -184,7 +184,7 @@ def _conversion(facts: CardFacts) -> str:
     if conv.grouping:
         text.append(GROUPINGS.get(conv.grouping, f"Grouping: {conv.grouping}."))
     if before and after:
-        text.append(f"The KV cache is **{before / after:g}× smaller** ({100 * (1 - after / before):.1f}% less "
+        text.append(f"The KV cache is **{before / after:.3g}× smaller** ({100 * (1 - after / before):.1f}% less "
                     f"memory per token, in {conv.dtype or 'the checkpoint dtype'}).")
     text.append(_table(["", "source", "this model"], rows))
     if per_layer:

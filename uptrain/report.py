@@ -78,6 +78,9 @@ def _conversion_cell(row: dict) -> str:
     if not conv:
         return "—"
     parts = [str(conv.get("method", "?"))]
+    budget = (conv.get("options") or {}).get("kv_budget")
+    if budget is not None:  # per-layer KV heads chosen for a KV budget
+        parts.append(f"budget {budget:g}")
     if conv.get("grouping") not in (None, "contiguous"):
         parts.append(conv["grouping"])
     up = row.get("uptraining") or {}
@@ -86,11 +89,16 @@ def _conversion_cell(row: dict) -> str:
     return " ".join(parts)
 
 
+def _heads(kv) -> str:
+    """KV heads as `uptrain convert --groups` takes them: 4, or 8,2,1,4 per layer."""
+    return ",".join(map(str, kv)) if isinstance(kv, (list, tuple)) else str(kv)
+
+
 def eval_columns(rows: Sequence[dict]) -> list[Column]:
     """The columns of the `uptrain eval` table; bits/byte only when present, one column per task metric."""
     cols = [
         col("label", "model", str, "left"),
-        Column("H/KV", lambda r: f"{r.get('num_attention_heads')}/{r.get('num_key_value_heads')}"),
+        Column("H/KV", lambda r: f"{r.get('num_attention_heads')}/{_heads(r.get('num_key_value_heads'))}"),
         Column("conversion", _conversion_cell, "left"),
         col("params", "params", fmt_count),
         col("perplexity", "ppl"),

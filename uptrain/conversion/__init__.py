@@ -9,6 +9,9 @@
     converter.py    convert(): resolve, plan, write, record (a module name unlike the function's, so an
                     import of the module never shadows it)
     inspection.py   inspect(): what a checkpoint is and what converting it would buy
+    sensitivity.py  --kv-budget: every layer's loss at every G (KL of the output, one layer converted)
+    allocation.py   --kv-budget: the G_l of least summed loss under the budget (an exact knapsack; pure)
+    per_layer.py    the model of a per-layer result (nemotron-nas), for calibrating and refining it
 
 Names are imported lazily so that recipes can import ConvertOptions without torch.
 """

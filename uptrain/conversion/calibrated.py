@@ -76,7 +76,7 @@ def engine_form(spec, config: dict, groups: int):
     (GPT-2 → MQA is written as gpt_bigcode, whose layers take other arguments: GPT-2's GQA class with one KV
     head computes the same). None when there is neither."""
     form = spec.form(config, groups)
-    if form is not None and not form.model_type:
+    if form is not None and (not form.model_type or form.per_layer):  # per-layer: Llama's module names
         return form
     return next((f for f in spec.forms if f.remote_code and not f.model_type
                  and f.applies(config, spec.heads(config), groups)), None)
@@ -90,6 +90,10 @@ def converted_model(spec, config: dict, groups: int) -> tuple[dict, type | None]
     from uptrain.modeling import TEMPLATES
 
     form = engine_form(spec, config, groups)
+    if form.per_layer:  # G_l per layer: the template's model, configured as the result will be
+        from uptrain.conversion.per_layer import per_layer_model_class
+
+        return {}, per_layer_model_class(spec, config, groups)
     changes = form.config if form.config else {spec.kv_heads_field: G}
     overrides = {k: groups if v == G else v for k, v in changes.items() if k not in ("model_type", "architectures")}
     if form.remote_code is None:
@@ -98,11 +102,13 @@ def converted_model(spec, config: dict, groups: int) -> tuple[dict, type | None]
     return overrides, getattr(importlib.import_module(f"uptrain.modeling.{template.module}"), template.model_class)
 
 
-def check_calibratable(spec, config: dict, options) -> None:
-    """Refuse, in the caller's words, sources whose converted layers the engine cannot build."""
-    if engine_form(spec, config, options.groups) is None:
+def check_calibratable(spec, config: dict, options, groups=None) -> None:
+    """Refuse, in the caller's words, sources whose converted layers the engine cannot build. `groups`: the G (or
+    tuple G_l) converted to, when not options.groups (a KV budget's)."""
+    groups = options.groups if groups is None else groups
+    if engine_form(spec, config, groups) is None:
         raise UptrainError(f"{options.said('method')} with calibration cannot build the converted "
-                           f"{config.get('model_type')} layers for {options.key('groups')} {options.groups} (no form "
+                           f"{config.get('model_type')} layers for {options.key('groups')} {groups} (no form "
                            f"of it keeps the source's module names). Use a data-free {options.key('method')} "
                            f"(mean, mean-norm) without {options.key('refine_steps')}")
 
@@ -171,13 +177,13 @@ class CalibratedMethod:
         o = self.options
         if self.aligned:
             check_supported(ctx.spec, ctx.config, options=o)
-        check_calibratable(ctx.spec, ctx.config, o)
+        check_calibratable(ctx.spec, ctx.config, o, ctx.layer_groups or ctx.groups)
         self.aligned_layers, self.refined_layers = [], []
         record = {"grouping": self.grouping}
         if self.aligned:
             record["aligned"] = {"weighted": o.weighted, "layers": self.aligned_layers}
         record["refine"] = {"steps": self.steps, "lr": DEFAULT_LR, "layers": self.refined_layers}
-        if ctx.groups == ctx.kv_heads:  # nothing to merge, nothing to calibrate: `merge` takes the closed form
+        if ctx.unchanged:  # nothing to merge, nothing to calibrate: `merge` takes the closed form
             return record
         t0 = time.time()
         device = pick_device(o.device)
@@ -186,7 +192,7 @@ class CalibratedMethod:
         calibration.update(inputs=self.inputs, device=device.type)
         self.scratch = Scratch(getattr(ctx, "out_dir", None))
         try:
-            overrides, model_class = converted_model(ctx.spec, ctx.config, ctx.groups)
+            overrides, model_class = converted_model(ctx.spec, ctx.config, ctx.layer_groups or ctx.groups)
             engine = LayerByLayer(ctx.src_dir, ctx.spec, ctx.config, ctx.source, device, ctx.groups, overrides,
                                   model_class)
             batches = engine.embed(blocks, o.calibration_batch_size or DEFAULT_BATCH_SIZE)
@@ -211,6 +217,11 @@ class CalibratedMethod:
                       disable=not ctx.progress):
             prefix = engine.prefix(i)
             src = engine.read(i)
+            if ctx.layer_groups and ctx.at(i).groups == ctx.kv_heads:  # a layer that keeps its heads: copied as it
+                with engine.layer(i, src) as layer:                    # is (plan.py); only its outputs are needed
+                    for b in batches:
+                        b.hidden = run_layer(layer, b, i)
+                continue
             moment = SecondMoment() if self.aligned else None
             calls = []
 
@@ -227,10 +238,11 @@ class CalibratedMethod:
                     if out is not None:
                         b.hidden = out
             here = [s for s in suffixes if prefix + s in src]
-            layouts = Layouts(spec, ctx.config, ctx.groups, {s: tuple(src[prefix + s].shape) for s in here})
+            at = ctx.at(i)  # this layer's G (G_l of a per-layer result)
+            layouts = Layouts(spec, ctx.config, at.groups, {s: tuple(src[prefix + s].shape) for s in here})
             # the merges see canonical rows, as the writer's `merge` does; the skeletons load their own layout
             mine = layouts.canonical({s: src[prefix + s] for s in here})
-            new = self.closed_form(i, mine, moment.result() if moment is not None else None, ctx)
+            new = self.closed_form(i, mine, moment.result() if moment is not None else None, at)
             dtypes = {s: DTYPES[ctx.source.entries[engine.stored[prefix + s]].dtype] for s in new}
             # What the written checkpoint will hold: the converted stream and the refinement start from it.
             new = {s: t.to(dtypes[s]).float() for s, t in new.items()}

@@ -7,6 +7,7 @@ calibration and refinement of uptrain/conversion/calibrated.py) and `merge(layer
 """
 from __future__ import annotations
 
+import dataclasses
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,11 +34,27 @@ class ConvertContext:
     source: object  # SafetensorsSource | PickleSource
     heads: int
     kv_heads: int
-    groups: int
+    groups: int | None  # G; None when the layers differ (layer_groups): a merge sees `at(layer)`'s
     head_dim: int
     seed: int = 0
     progress: bool = True
     out_dir: Path | None = None  # where the result goes (a calibrated method parks per-layer tensors beside it)
+    layer_groups: tuple[int, ...] | None = None  # G_l, when the result has per-layer KV heads
+
+    def at(self, layer) -> ConvertContext:
+        """The context of one layer: its own G (a per-layer result's G_l; the one G otherwise)."""
+        if self.layer_groups is None:
+            return self
+        return dataclasses.replace(self, groups=self.layer_groups[layer], layer_groups=None)
+
+    @property
+    def unchanged(self) -> bool:
+        """Every layer keeps the source's KV heads: nothing to merge."""
+        return self.layer_groups is None and self.groups == self.kv_heads
+
+    @property
+    def groups_text(self) -> str:
+        return ",".join(map(str, self.layer_groups)) if self.layer_groups else str(self.groups)
 
 
 class PoolMethod:

@@ -159,16 +159,18 @@ def write_converted(folder: Path, plan: dict, source, merger, ctx, max_shard_siz
             import torch
 
             members = plan[name].members
-            pooled = merger.merge(layer, {suffix: torch.cat([source.read(m).float() for m in members])}, ctx)[suffix]
-            rows = pooled.shape[0] // ctx.groups
+            here = ctx.at(layer)
+            pooled = merger.merge(layer, {suffix: torch.cat([source.read(m).float() for m in members])}, here)[suffix]
+            rows = pooled.shape[0] // here.groups
             for n in families[members]:
                 cache[n] = pooled[plan[n].part * rows: (plan[n].part + 1) * rows].clone()
         if name not in cache:
             names = layer_names[layer] if merger.layerwise else [name]
             # methods see the canonical form (arch.Storage); the result's storage is restored below
             inputs = {plan[n][2]: plan[n].read.canonical(read_float(n)) for n in names}
-            outputs = merger.merge(layer, inputs, ctx)
-            stats.setdefault(layer, {"block": layer[0], "layer": layer[1]} if isinstance(layer, tuple) else {"layer": layer}).update(merger.stats(layer, inputs, outputs, ctx))
+            here = ctx.at(layer)  # its own G_l when the result has per-layer KV heads
+            outputs = merger.merge(layer, inputs, here)
+            stats.setdefault(layer, {"block": layer[0], "layer": layer[1]} if isinstance(layer, tuple) else {"layer": layer}).update(merger.stats(layer, inputs, outputs, here))
             for n in names:
                 out = plan[n].write.stored(outputs[plan[n][2]], plan[n].shape)
                 # an output sharing memory with an input in the scratch buffers would be overwritten by
@@ -194,7 +196,7 @@ def write_converted(folder: Path, plan: dict, source, merger, ctx, max_shard_siz
     direct = hasattr(os, "pwrite")
     places: dict[str, tuple[int, int, int]] = {}  # merged tensor → (fd, absolute offset, bytes)
     files: dict[str, object] = {}
-    bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"convert → {ctx.groups} KV heads", disable=not progress)
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"convert → {ctx.groups_text} KV heads", disable=not progress)
     ahead = None
 
     def write_shard_file(f, fname: str, names: list[str], last: bool) -> int:

@@ -22,7 +22,7 @@ from uptrain.checkpoint import CHECKPOINT_FILES, check_free_space, check_output,
     fingerprint, kv_dtype, open_source, quantization, read_config
 from uptrain.conversion.methods import ConvertContext, make_method
 from uptrain.conversion.options import ConvertOptions
-from uptrain.conversion.plan import plan_conversion, result_config
+from uptrain.conversion.plan import foreign_auto_map, foreign_auto_map_note, plan_conversion, result_config
 from uptrain.conversion.writer import write_converted
 from uptrain.errors import UptrainError
 from uptrain.files import AtomicFolder
@@ -164,6 +164,9 @@ def convert(src: str, out: str, groups: int | None = None, *, options: ConvertOp
         new_config, template = result_config(spec, config, g)
         if template is not None:  # the Hub's trust_remote_code convention: the code beside the weights
             shutil.copyfile(template.path, tmp / template.file)
+        dropped = foreign_auto_map(config)
+        if dropped is not None:  # the source's own code: never run, never copied, so never pointed at
+            print(foreign_auto_map_note(str(src), dropped, template), file=sys.stderr, flush=True)
         if quant.leftover:  # plain float weights: a quantizer would make the model unsaveable
             new_config.pop("quantization_config", None)
             print(quant.note("source", str(src)), file=sys.stderr, flush=True)
@@ -187,6 +190,7 @@ def convert(src: str, out: str, groups: int | None = None, *, options: ConvertOp
             dtype=str(config.get("torch_dtype") or config.get("dtype") or ""),
             created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             calibration=method_record.get("calibration"), layers=layers, allocation=allocation,
+            dropped_auto_map=dropped,
             options=options.recorded(),
             **card_licence(src_dir),
             extra={k: v for k, v in method_record.items() if k not in ("calibration", "grouping")})

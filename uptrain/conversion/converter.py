@@ -145,7 +145,7 @@ def convert(src: str, out: str, groups: int | None = None, *, options: ConvertOp
     per_layer = isinstance(g, tuple)
     ctx = dataclasses.replace(ctx, groups=None if per_layer else g, layer_groups=g if per_layer else None)
     plan = plan_conversion(spec, config, source.entries, g, touched, options.key("groups"))
-    planned = sum(math.prod(shape) * dtype_size(dtype) for _, _, _, dtype, shape, *_ in plan.values())
+    planned = sum(math.prod(step.shape) * dtype_size(step.dtype) for step in plan.values())
     check_free_space(out_dir, planned, f"the converted model ({len(plan)} tensors, {fmt_bytes(planned)})",
                      "free space or choose an OUT on a larger disk")
     method_record = merger.prepare(ctx)  # e.g. a calibration pass; before any output exists

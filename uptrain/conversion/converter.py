@@ -1,9 +1,9 @@
 """`uptrain convert`: for every tensor of the source either copy its bytes or merge its KV heads, streamed
 shard by shard into a new checkpoint with G KV heads.
 
-    SRC → hf.resolve → config.json → spec = arch.SPECS[model_type] → plan.py (copy | merge per tensor)
-        → methods.py (prepare: e.g. calibration) → writer.py (shards, index) → config, companions,
-        uptrain.json (record.py) → atomic rename into OUT
+    SRC → hf.resolve → config.json → spec = arch.SPECS[model_type] → tensor_plan.py (copy | merge per tensor)
+        → methods.py (prepare: e.g. calibration) → writer.py (shards, index) → config (result_config.py),
+        companions, uptrain.json (record.py) → atomic rename into OUT
 """
 from __future__ import annotations
 
@@ -22,7 +22,8 @@ from uptrain.checkpoint import CHECKPOINT_FILES, check_free_space, check_output,
     fingerprint, kv_dtype, open_source, quantization, read_config
 from uptrain.conversion.methods import ConvertContext, make_method
 from uptrain.conversion.options import ConvertOptions
-from uptrain.conversion.plan import foreign_auto_map, foreign_auto_map_note, plan_conversion, result_config
+from uptrain.conversion.result_config import foreign_auto_map, foreign_auto_map_note, result_config
+from uptrain.conversion.tensor_plan import plan_conversion
 from uptrain.conversion.writer import write_converted
 from uptrain.errors import UptrainError
 from uptrain.files import AtomicFolder
@@ -54,8 +55,6 @@ class ConvertResult:
     allocation: dict | None = None  # --kv-budget: the measured losses and the chosen G_l (sensitivity.py)
 
     def summary(self) -> str:
-        from uptrain.report import fmt_bytes
-
         saving = 1 - self.kv_cache_bytes_per_token_after / self.kv_cache_bytes_per_token_before
         k = max((s["k_rel_error"] for s in self.layers), default=0.0)
         v = max((s["v_rel_error"] for s in self.layers), default=0.0)
@@ -82,8 +81,6 @@ class ConvertResult:
         a = self.allocation
         if not a:
             return ""
-        from uptrain.report import fmt_bytes
-
         before, after = self.kv_cache_bytes_per_token_before, self.kv_cache_bytes_per_token_after
         gs = sorted({int(g) for x in a["losses"] for g in x if g != "layer"})
         lines = [f"KV budget {a['kv_budget']:g} of the source's {fmt_bytes(before)} per token: "

@@ -174,7 +174,8 @@ class _Merging:
     def __init__(self, plan: dict, source, merger, ctx, places: dict | None):
         self.plan, self.source, self.merger, self.ctx, self.places = plan, source, merger, ctx, places
         self.layer_names: dict = {}  # layer → its merged tensors (a layerwise method merges them together)
-        self.families: dict[tuple[str, ...], list[str]] = {}  # plan.Step.members → the result tensors of that family
+        # tensor_plan.Step.members → the result tensors of that family
+        self.families: dict[tuple[str, ...], list[str]] = {}
         for n, step in plan.items():
             if step.action == "merge":
                 self.layer_names.setdefault(step.layer, []).append(n)
@@ -190,7 +191,7 @@ class _Merging:
 
         step = self.plan[name]
         if name not in self.cache:
-            if step.action == "restore":  # stored otherwise by the result (plan.Step): no method involved
+            if step.action == "restore":  # stored otherwise by the result (tensor_plan.Step): no method involved
                 self.cache[name] = step.write.stored(step.read.canonical(self.source.read(name)), step.shape)
             elif step.members:  # one tensor per KV head: pooled as their concatenation
                 self._merge_family(step)

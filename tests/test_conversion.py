@@ -166,9 +166,9 @@ def test_plan_llama2_70b_on_meta_device():
     entries = {n: TensorEntry(n, "x", "BF16", tuple(t.shape), 0, 0) for n, t in model.state_dict().items()}
     plan = plan_conversion(SPECS["llama"], cfg.to_dict(), entries, groups=1)
     k = plan["model.layers.79.self_attn.k_proj.weight"]
-    assert k[0] == "merge" and k[4] == (128, 8192)
-    assert plan["model.layers.0.self_attn.q_proj.weight"][0] == "copy"
-    merged = [n for n, p in plan.items() if p[0] == "merge"]
+    assert k.action == "merge" and k.shape == (128, 8192)
+    assert plan["model.layers.0.self_attn.q_proj.weight"].action == "copy"
+    merged = [n for n, p in plan.items() if p.action == "merge"]
     assert len(merged) == 160
     # the pooling itself runs on meta tensors too
     assert pool_mean(torch.empty(1024, 8192, device="meta"), 1, 128).shape == (128, 8192)

@@ -65,6 +65,8 @@ class ConversionRecord(_Section):
     # --kv-budget: the budget, every layer's measured loss at every G, the chosen G_l and the predicted loss
     allocation: Optional[dict] = None
     options: dict = field(default_factory=dict)  # every ConvertOptions field, as used
+    # the source's own auto_map (modeling code uptrain neither runs nor copies), left out of the result's config
+    dropped_auto_map: Optional[dict] = None
     license: Optional[str] = None  # the source card's licence: a derivative carries it
     license_name: Optional[str] = None
     license_link: Optional[str] = None
@@ -72,7 +74,7 @@ class ConversionRecord(_Section):
 
     def to_dict(self) -> dict:
         d = super().to_dict()
-        for k in ("license", "license_name", "license_link", "allocation"):  # only when there is one
+        for k in ("license", "license_name", "license_link", "allocation", "dropped_auto_map"):  # only when there is one
             if d.get(k) is None:
                 d.pop(k)
         return d

@@ -1,9 +1,9 @@
 """`uptrain convert`: for every tensor of the source either copy its bytes or merge its KV heads, streamed
 shard by shard into a new checkpoint with G KV heads.
 
-    SRC → hf.resolve → config.json → spec = arch.SPECS[model_type] → plan.py (copy | merge per tensor)
-        → methods.py (prepare: e.g. calibration) → writer.py (shards, index) → config, companions,
-        uptrain.json (record.py) → atomic rename into OUT
+    SRC → hf.resolve → config.json → spec = arch.SPECS[model_type] → tensor_plan.py (copy | merge per tensor)
+        → methods.py (prepare: e.g. calibration) → writer.py (shards, index) → config (result_config.py),
+        companions, uptrain.json (record.py) → atomic rename into OUT
 """
 from __future__ import annotations
 
@@ -22,7 +22,8 @@ from uptrain.checkpoint import CHECKPOINT_FILES, check_free_space, check_output,
     fingerprint, kv_dtype, open_source, quantization, read_config
 from uptrain.conversion.methods import ConvertContext, make_method
 from uptrain.conversion.options import ConvertOptions
-from uptrain.conversion.plan import plan_conversion, result_config
+from uptrain.conversion.result_config import foreign_auto_map, foreign_auto_map_note, result_config
+from uptrain.conversion.tensor_plan import plan_conversion
 from uptrain.conversion.writer import write_converted
 from uptrain.errors import UptrainError
 from uptrain.files import AtomicFolder
@@ -54,8 +55,6 @@ class ConvertResult:
     allocation: dict | None = None  # --kv-budget: the measured losses and the chosen G_l (sensitivity.py)
 
     def summary(self) -> str:
-        from uptrain.report import fmt_bytes
-
         saving = 1 - self.kv_cache_bytes_per_token_after / self.kv_cache_bytes_per_token_before
         k = max((s["k_rel_error"] for s in self.layers), default=0.0)
         v = max((s["v_rel_error"] for s in self.layers), default=0.0)
@@ -82,8 +81,6 @@ class ConvertResult:
         a = self.allocation
         if not a:
             return ""
-        from uptrain.report import fmt_bytes
-
         before, after = self.kv_cache_bytes_per_token_before, self.kv_cache_bytes_per_token_after
         gs = sorted({int(g) for x in a["losses"] for g in x if g != "layer"})
         lines = [f"KV budget {a['kv_budget']:g} of the source's {fmt_bytes(before)} per token: "
@@ -145,7 +142,7 @@ def convert(src: str, out: str, groups: int | None = None, *, options: ConvertOp
     per_layer = isinstance(g, tuple)
     ctx = dataclasses.replace(ctx, groups=None if per_layer else g, layer_groups=g if per_layer else None)
     plan = plan_conversion(spec, config, source.entries, g, touched, options.key("groups"))
-    planned = sum(math.prod(shape) * dtype_size(dtype) for _, _, _, dtype, shape, *_ in plan.values())
+    planned = sum(math.prod(step.shape) * dtype_size(step.dtype) for step in plan.values())
     check_free_space(out_dir, planned, f"the converted model ({len(plan)} tensors, {fmt_bytes(planned)})",
                      "free space or choose an OUT on a larger disk")
     method_record = merger.prepare(ctx)  # e.g. a calibration pass; before any output exists
@@ -164,6 +161,9 @@ def convert(src: str, out: str, groups: int | None = None, *, options: ConvertOp
         new_config, template = result_config(spec, config, g)
         if template is not None:  # the Hub's trust_remote_code convention: the code beside the weights
             shutil.copyfile(template.path, tmp / template.file)
+        dropped = foreign_auto_map(config)
+        if dropped is not None:  # the source's own code: never run, never copied, so never pointed at
+            print(foreign_auto_map_note(str(src), dropped, template), file=sys.stderr, flush=True)
         if quant.leftover:  # plain float weights: a quantizer would make the model unsaveable
             new_config.pop("quantization_config", None)
             print(quant.note("source", str(src)), file=sys.stderr, flush=True)
@@ -187,6 +187,7 @@ def convert(src: str, out: str, groups: int | None = None, *, options: ConvertOp
             dtype=str(config.get("torch_dtype") or config.get("dtype") or ""),
             created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             calibration=method_record.get("calibration"), layers=layers, allocation=allocation,
+            dropped_auto_map=dropped,
             options=options.recorded(),
             **card_licence(src_dir),
             extra={k: v for k, v in method_record.items() if k not in ("calibration", "grouping")})

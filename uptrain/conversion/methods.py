@@ -19,11 +19,6 @@ from uptrain.conversion.options import ConvertOptions
 if TYPE_CHECKING:
     import torch
 
-# The pooling methods (uptrain.pooling.POOLERS, which tests keep equal to this): named here so that
-# choosing a method does not import torch; the converter imports it on a helper thread while it copies.
-POOL_METHODS = ("mean", "first", "random", "mean-norm")
-
-
 @dataclass
 class ConvertContext:
     """Everything a merge method may need about the conversion at hand."""
@@ -90,7 +85,7 @@ class PoolMethod:
 
     def stats(self, layer: int, src: dict[str, torch.Tensor], out: dict[str, torch.Tensor], ctx) -> dict:
         """Relative change of the K and V projection weights (0 when the heads of each group were equal)."""
-        from uptrain.pooling import relative_error
+        from uptrain.pooling import pooling_error
 
         stats = {}
         for suffix, t in src.items():
@@ -99,8 +94,8 @@ class PoolMethod:
             src_rows, out_rows = ctx.spec.rows(suffix, ctx.config), ctx.spec.rows(suffix, ctx.config, ctx.groups)
             for (role, a, b), (_, c, e) in zip(src_rows, out_rows):
                 if role in ("k", "v"):
-                    stats[f"{role}_rel_error"] = relative_error(t[a:b], out[suffix][c:e], ctx.groups, ctx.head_dim,
-                                                                is_mean=self.name == "mean")
+                    stats[f"{role}_rel_error"] = pooling_error(t[a:b], out[suffix][c:e], ctx.groups, ctx.head_dim,
+                                                               is_mean=self.name == "mean")
         return stats
 
 

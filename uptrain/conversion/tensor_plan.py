@@ -1,5 +1,6 @@
-"""The conversion plan: for every tensor of the source, copy its bytes or merge it, and its output shape.
-Shape logic only, so a 70B header is planned without memory (tests do it on the meta device)."""
+"""The conversion's tensor plan: for every tensor of the source, copy its bytes or merge it, and its output shape
+(the result's config.json: result_config.py). Shape logic only, so a 70B header is planned without memory (tests
+do it on the meta device)."""
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -79,21 +80,3 @@ def plan_conversion(spec: AttentionSpec, config: dict, entries: dict, groups, to
             raise UptrainError(f"layer {layer} has no {', '.join(missing)}; the checkpoint does not match the "
                                f"{config.get('model_type')} attention spec (incomplete or not this architecture)")
     return plan
-
-
-def result_config(spec: AttentionSpec, config: dict, groups):
-    """(config.json of the result, the uptrain.modeling Template that must travel with it or None when the
-    result is native). A source that was itself converted to remote code loses its auto_map when the result
-    is native (GPT-2 GQA-2 → MQA is a gpt_bigcode checkpoint)."""
-    from uptrain.modeling import TEMPLATES, code_files
-
-    form = spec.form(config, groups)
-    out = spec.result_config(config, groups)
-    ours = {t.file for t in TEMPLATES.values()}
-    if code_files(out.get("auto_map")) and set(code_files(out.get("auto_map"))) <= ours:
-        del out["auto_map"]
-    template = TEMPLATES[form.remote_code] if form.remote_code else None
-    if template is not None:
-        out["auto_map"] = template.auto_map()
-        out["architectures"] = [template.model_class]  # what save_pretrained of the loaded model writes too
-    return out, template

@@ -10,7 +10,7 @@ one template of this folder next to the weights and points config.json's `auto_m
 
 so that `AutoModelForCausalLM.from_pretrained(OUT, trust_remote_code=True)` loads it on a machine without
 uptrain, and vLLM's Transformers backend serves it (it builds the `AutoModel` entry's base model and runs its
-attention through `ALL_ATTENTION_FUNCTIONS`; see uptrain/evaluation/serving.py). The templates import only torch and transformers (tests/test_layers.py checks it); this registry
+attention through `ALL_ATTENTION_FUNCTIONS`; see uptrain/evaluation/serving.py). The templates import only torch and transformers (tests/test_import_layers.py checks it); this registry
 imports only the standard library, so that any layer of uptrain may ask it whether a folder's code is ours
 (uptrain/hf.py does before it passes trust_remote_code=True).
 """

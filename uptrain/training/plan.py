@@ -6,7 +6,7 @@ is read, so a 70B recipe plans in seconds on a laptop.
     p = plan("recipes/llama2-7b-gqa8.yaml", accelerate_config="recipes/accelerate/fsdp.yaml")
     print(p.to_text()); p.to_dict()
 
-The formulas (each a small function below, tested by hand in tests/test_plan.py):
+The formulas (each a small function below, tested by hand in tests/training/test_plan.py):
 - FLOPs = (4·N + 2·N_train) · tokens: forward 2N, backward 2N for the activation gradients plus 2N_train
   for the weight gradients; 6·N·tokens when every parameter trains. Attention scores are left out (as in
   Kaplan et al.'s C = 6ND); activation checkpointing re-runs the forward (8·N on the hardware), which
@@ -23,7 +23,7 @@ The formulas (each a small function below, tested by hand in tests/test_plan.py)
   layer's input stays (the residual stream, in the weights' dtype: float32 weights under autocast keep a
   float32 residual), plus one layer recomputed in the backward. The loss adds 10·s·b·V bytes in 16-bit (the
   logits, their float32 copy and the float32 log-softmax the backward needs; 8·s·b·V in float32). Measured
-  against the tensors autograd saves (tests/test_plan.py), this is within a few per cent in float32 and up to
+  against the tensors autograd saves (tests/training/test_plan.py), this is within a few per cent in float32 and up to
   ~30% above in bf16, the difference being transient logits.
 - DDP with 16-bit autocast over float32 weights also holds a 16-bit copy of every weight during the forward
   (autocast's cast cache); FSDP / ZeRO-3 hold two gathered units (a decoder layer or the embedding) instead.

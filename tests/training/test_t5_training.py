@@ -20,7 +20,7 @@ from uptrain.span_corruption import SpanCorruption, add_sentinel_tokens
 from uptrain.training import train
 from uptrain.training.loop import BlockStream
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from repo_paths import REPO
 SEQ_LEN = 32  # encoder input; T5's rule: raw blocks of 34 tokens, 8 target tokens
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -277,7 +277,7 @@ def test_falcon_new_decoder_architecture_to_fewer_kv_heads(tmp_path):
     cfg = json.loads((tmp_path / "out" / "config.json").read_text())
     assert (cfg["num_kv_heads"], cfg["new_decoder_architecture"], r.kv_heads_before) == (2, True, 4)
     # transformers' Falcon up to 5.24 broadcasts K/V to all H heads before caching in this layout (no smaller
-    # cache); from 5.25 it caches num_kv_heads heads (vLLM always does: tests/test_serving.py)
+    # cache); from 5.25 it caches num_kv_heads heads (vLLM always does: tests/evaluation/test_serving.py)
     import transformers
     from packaging.version import Version
 

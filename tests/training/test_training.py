@@ -20,7 +20,7 @@ from uptrain.training.loop import BlockStream
 from uptrain.training.run_folder import latest_checkpoint
 from uptrain.training.setup import trainable_mask
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from repo_paths import REPO
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -3,7 +3,9 @@ math never depends on I/O, I/O never on pipelines, pipelines never on publishing
 import ast
 import pathlib
 
-ROOT = pathlib.Path(__file__).resolve().parents[1] / "uptrain"
+from repo_paths import REPO_PATH
+
+ROOT = REPO_PATH / "uptrain"
 
 # Bottom to top. A module belongs to the layer of the longest listed prefix of its dotted name.
 LAYERS = [

@@ -1,18 +1,18 @@
 """`uptrain eval … --engine vllm` end to end through the real console script: the vLLM columns join the same
-rows, table, JSON and plot. Slow tier (one vLLM child serves the five models, one with per-layer KV heads); skipped without vLLM unless
-UPTRAIN_REQUIRE_VLLM=1 (CI)."""
+rows, table, JSON and plot. Slow tier (one vLLM child serves the five models, one with per-layer KV heads);
+skipped without vLLM unless UPTRAIN_REQUIRE_VLLM=1 (CI)."""
 import json
 import os
 import subprocess
 import sys
 
 import pytest
+from repo_paths import REPO as ROOT
 from serving_models import HEADS, require_vllm, save_servable
 
 import uptrain
 
 pytestmark = pytest.mark.slow
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KV_CACHE = 64 << 20
 
 

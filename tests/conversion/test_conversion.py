@@ -203,7 +203,7 @@ def test_plan_shards_matches_huggingface_hub():
 def test_merge_error_on_helper_thread_reaches_the_caller(tmp_path, monkeypatch):
     """A failure while merging (here: the method raises) stops the conversion with that error, leaves no
     output, and does not hang."""
-    from uptrain.conversion.methods import PoolMethod
+    from uptrain.conversion.pool_method import PoolMethod
 
     model = tiny_model("llama", seed=4)
     src = save(model, tmp_path / "src")

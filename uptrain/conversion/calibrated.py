@@ -34,7 +34,7 @@ import torch
 from uptrain.conversion.aligned import attention_suffixes, check_supported, merge_aligned
 from uptrain.conversion.calibration import DEFAULT_BATCH_SIZE, SecondMoment, calibration_data
 from uptrain.conversion.layerwise import LayerByLayer, pick_device, run_layer, watch_attention
-from uptrain.conversion.methods import PoolMethod
+from uptrain.conversion.pool_method import PoolMethod
 from uptrain.conversion.refine import DEFAULT_LR, refine
 from uptrain.errors import UptrainError
 

@@ -20,7 +20,8 @@ from pathlib import Path
 from uptrain.arch import kv_cache_bytes_per_token, kv_heads_text, spec_for_config
 from uptrain.checkpoint import CHECKPOINT_FILES, check_free_space, check_output, copy_companions, dtype_size, \
     fingerprint, kv_dtype, open_source, quantization, read_config
-from uptrain.conversion.methods import ConvertContext, make_method
+from uptrain.conversion.context import ConvertContext
+from uptrain.conversion.methods import make_method
 from uptrain.conversion.options import ConvertOptions
 from uptrain.conversion.result_config import foreign_auto_map, foreign_auto_map_note, result_config
 from uptrain.conversion.tensor_plan import plan_conversion
@@ -128,7 +129,7 @@ def convert(src: str, out: str, groups: int | None = None, *, options: ConvertOp
     heads, kv, d, n_layers = spec.heads(config), spec.kv_heads(config), spec.head_dim(config), spec.layers(config)
     options.check_source(spec, config)  # the KV heads asked for fit the source (a budget: at least one per layer)
     check_output(src_dir, out_dir, overwrite)
-    merger = seq2seq_method(options) if spec.blocks and options.calibrated else make_method(options)
+    merger = make_method(options, spec)
     source = open_source(src_dir, allow_pickle=options.allow_pickle)
     touched = tuple(merger.touched(spec)) if merger.layerwise else ()
     ctx = ConvertContext(spec, config, src_dir, source, heads, kv, None, d, options.seed, progress, out_dir)
@@ -195,14 +196,6 @@ def convert(src: str, out: str, groups: int | None = None, *, options: ConvertOp
         write_record(tmp, Record(conversion=conversion, source_record=previous.to_dict() if previous else None))
     result.seconds = time.time() - t0
     return result
-
-
-def seq2seq_method(options: ConvertOptions):
-    """The calibrated method of an encoder-decoder (aligned, or any method with refine steps), calibrated on
-    the whole source model rather than layer by layer."""
-    from uptrain.conversion.seq2seq_aligned import Seq2SeqCalibrated
-
-    return Seq2SeqCalibrated(options)
 
 
 def pooled_spec(config: dict, options: ConvertOptions, src: str):

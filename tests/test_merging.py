@@ -1,7 +1,7 @@
 """`--method aligned`: exact where the heads of a group are related by maps the method can fold
 (per-frequency complex scalars for RoPE keys — on the rotated rows only under partial rotary —, invertible
 maps for values), where mean-pooling is not; similarity grouping finds a planted grouping after the heads
-were shuffled; refusals are clear and point to mean-norm with refinement (tests/test_refine.py)."""
+were shuffled; refusals are clear and point to mean-norm with refinement (tests/conversion/test_refine.py)."""
 import json
 import math
 import os
@@ -19,7 +19,7 @@ from uptrain.errors import UptrainError
 from uptrain.merging import head_gram, merge_attention, merge_pca, partition
 from uptrain.pooling import pool_mean, pool_mean_norm, split_groups
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from repo_paths import REPO as ROOT
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matrices: a second thread only spins on a busy machine
 
 
@@ -339,7 +339,7 @@ ONE_THREAD = dict(os.environ, OMP_NUM_THREADS="1")
 
 def test_similarity_grouping_through_the_cli(tmp_path, tokenizer, capfd):
     """The CLI's main() in-process (argv parsing, exit status, the progress bar); the fresh-interpreter CLI runs
-    in the refusal test below and in tests/test_cli_convert.py."""
+    in the refusal test below and in tests/conversion/test_cli_convert.py."""
     from uptrain.cli import main
 
     model = plant(tiny_model("llama"), 2)

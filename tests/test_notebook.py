@@ -4,7 +4,9 @@ import os
 import nbformat
 from nbclient import NotebookClient
 
-NOTEBOOK = os.path.join(os.path.dirname(__file__), "..", "notebooks", "quickstart.ipynb")
+from repo_paths import REPO
+
+NOTEBOOK = os.path.join(REPO, "notebooks", "quickstart.ipynb")
 
 
 def test_quickstart_notebook_executes(tmp_path, monkeypatch):

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from uptrain.pooling import (expand_groups, pool_first, pool_mean, pool_mean_norm, pool_random, pool_rows,
-                             relative_error, split_groups)
+                             pooling_error, split_groups)
 
 
 def labelled(heads: int, head_dim: int, cols: int = 3) -> torch.Tensor:
@@ -75,12 +75,12 @@ def test_fused_qkv_pools_only_k_and_v():
     assert out[(H + G) * d + d + 1, 0].item() == 20000 + 251  # v group 1 row 1: heads 2, 3 → (201 + 301) / 2
 
 
-def test_relative_error_zero_for_equal_heads():
+def test_pooling_error_zero_for_equal_heads():
     head = torch.randn(2, 4)
     w = head.repeat(4, 1)  # 4 equal heads of 2 rows
-    assert relative_error(w, pool_mean(w, 1, 2), 1, 2) == 0.0
+    assert pooling_error(w, pool_mean(w, 1, 2), 1, 2) == 0.0
     w2 = torch.randn(8, 4)
-    assert relative_error(w2, pool_mean(w2, 1, 2), 1, 2) > 0.1
+    assert pooling_error(w2, pool_mean(w2, 1, 2), 1, 2) > 0.1
     assert torch.equal(expand_groups(pool_mean(w, 1, 2), 1, 4, 2), w)
 
 
@@ -89,7 +89,7 @@ def test_bad_row_count_is_an_error():
         split_groups(torch.zeros(10, 2), 4, 2)
 
 
-def _relative_error_f64(source, pooled, groups, head_dim):
+def _pooling_error_f64(source, pooled, groups, head_dim):
     """The definition, evaluated in float64 with the expanded copy."""
     src = source.double()
     n = src.shape[0] // head_dim // groups
@@ -98,21 +98,21 @@ def _relative_error_f64(source, pooled, groups, head_dim):
 
 @pytest.mark.parametrize("pool", [pool_mean, pool_first, pool_mean_norm, pool_random])
 @pytest.mark.parametrize("kv, groups, cols", [(8, 4, 3), (8, 1, 5), (4, 2, 1), (8, 8, 3), (6, 3, 4)])
-def test_relative_error_matches_its_definition(pool, kv, groups, cols):
+def test_pooling_error_matches_its_definition(pool, kv, groups, cols):
     """The closed form (no expanded copy) equals ‖W − repeat(P)‖ / ‖W‖ on labelled and random tensors,
     including 1-D ones, to float32 accuracy."""
     d = 4
     for w in (labelled(kv, d, cols), torch.randn(kv * d, cols, generator=torch.Generator().manual_seed(kv + cols))):
         for t in (w, w[:, 0]):
             p = pool(t, groups, d, generator=torch.Generator().manual_seed(0))
-            want = _relative_error_f64(t, p, groups, d)
-            assert relative_error(t, p, groups, d) == pytest.approx(want, rel=1e-5, abs=1e-7)
+            want = _pooling_error_f64(t, p, groups, d)
+            assert pooling_error(t, p, groups, d) == pytest.approx(want, rel=1e-5, abs=1e-7)
             if pool is pool_mean:
-                assert relative_error(t, p, groups, d, is_mean=True) == pytest.approx(want, rel=1e-5, abs=1e-7)
+                assert pooling_error(t, p, groups, d, is_mean=True) == pytest.approx(want, rel=1e-5, abs=1e-7)
 
 
 @pytest.mark.parametrize("eps", [0.0, 1e-6, 1e-3, 0.05, 0.3])
-def test_relative_error_nearly_equal_heads(eps):
+def test_pooling_error_nearly_equal_heads(eps):
     """Where the closed form would cancel (heads nearly equal), the direct evaluation takes over: still
     accurate, and exactly 0 for equal heads."""
     g = torch.Generator().manual_seed(1)
@@ -120,29 +120,30 @@ def test_relative_error_nearly_equal_heads(eps):
     w = base + eps * torch.randn(128, 32, generator=g)
     p = pool_mean(w, 2, 16)
     for is_mean in (False, True):
-        got = relative_error(w, p, 2, 16, is_mean=is_mean)
+        got = pooling_error(w, p, 2, 16, is_mean=is_mean)
         if eps == 0:
             assert got == 0.0
         else:
-            assert got == pytest.approx(_relative_error_f64(w, p, 2, 16), rel=1e-5)
+            assert got == pytest.approx(_pooling_error_f64(w, p, 2, 16), rel=1e-5)
 
 
-def test_relative_error_large_tensor_accurate():
+def test_pooling_error_large_tensor_accurate():
     """A 4096² weight: the statistic stays within 1e-6 of float64 (one float32 norm over 16M values
     drifted by ~1e-4)."""
     w = torch.randn(4096, 1024, generator=torch.Generator().manual_seed(2))
     p = pool_mean(w, 8, 128)
-    want = _relative_error_f64(w, p, 8, 128)
-    assert relative_error(w, p, 8, 128) == pytest.approx(want, rel=1e-6)
-    assert relative_error(w, p, 8, 128, is_mean=True) == pytest.approx(want, rel=1e-6)
+    want = _pooling_error_f64(w, p, 8, 128)
+    assert pooling_error(w, p, 8, 128) == pytest.approx(want, rel=1e-6)
+    assert pooling_error(w, p, 8, 128, is_mean=True) == pytest.approx(want, rel=1e-6)
 
 
 def test_pool_method_names_match_poolers():
-    """The converter names the pooling methods without importing torch; the names must stay in step."""
-    from uptrain.conversion.methods import POOL_METHODS
+    """The options name the pooling methods without importing torch (uptrain.conversion.options, their one list);
+    the pooling functions must be registered under exactly those names."""
+    from uptrain.conversion.options import POOLING_METHODS
     from uptrain.pooling import POOLERS
 
-    assert set(POOL_METHODS) == set(POOLERS)
+    assert set(POOLING_METHODS) == set(POOLERS)
 
 
 @pytest.mark.parametrize("pool", [pool_mean, pool_first, pool_mean_norm, pool_random])

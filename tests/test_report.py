@@ -1,10 +1,12 @@
-"""uptrain.report: number formats, markdown tables, the eval table, PNG plots; uptrain.files: atomic writes."""
+"""uptrain.report: number formats, markdown tables; uptrain.evaluation.table: the eval table; uptrain.plots: PNG
+plots; uptrain.files: atomic writes."""
 import json
 import os
 
 import pytest
 
-from uptrain import files, report
+from uptrain import files, plots, report
+from uptrain.evaluation.table import eval_markdown
 from uptrain.errors import UptrainError
 
 ROWS = [
@@ -50,7 +52,7 @@ def test_markdown_table_exact():
 
 
 def test_eval_markdown_has_conversion_ratios_and_tasks():
-    lines = report.eval_markdown(ROWS).splitlines()
+    lines = eval_markdown(ROWS).splitlines()
     assert len(lines) == 4
     header = [c.strip() for c in lines[0].strip("|").split("|")]
     gqa = dict(zip(header, (c.strip() for c in lines[3].strip("|").split("|"))))
@@ -62,8 +64,8 @@ def test_eval_markdown_has_conversion_ratios_and_tasks():
 
 
 def test_quality_vs_cost_plot(tmp_path):
-    path = report.plot_quality_vs_cost(ROWS + [{"label": "no-speed", "perplexity": 90.0,
-                                                "kv_cache_bytes_per_token": 2048}], tmp_path / "q.png")
+    path = plots.plot_quality_vs_cost(ROWS + [{"label": "no-speed", "perplexity": 90.0,
+                                               "kv_cache_bytes_per_token": 2048}], tmp_path / "q.png")
     px = png_pixels(path)
     assert px.shape[1] > 2 * px.shape[0] > 600  # two panels side by side
     assert px[..., :3].std() > 0.05  # not a blank canvas
@@ -71,10 +73,10 @@ def test_quality_vs_cost_plot(tmp_path):
 
 
 def test_line_and_bar_plots(tmp_path):
-    lines = report.plot_lines({"GQA-2": ([0, 10, 20], [5.0, 4.5, 4.2]), "MQA": ([0, 10, 20], [5.5, 4.8, 4.4])},
-                              tmp_path / "l.png", "step", "held-out loss", title="uptraining", logy=True)
-    bars = report.plot_bars(["mean", "first", "random"], {"step 0": [90, 120, 150], "uptrained": [82, 85, 88]},
-                            tmp_path / "b.png", "perplexity", errors={"uptrained": [1, 2, 3]}, baseline=80)
+    lines = plots.plot_lines({"GQA-2": ([0, 10, 20], [5.0, 4.5, 4.2]), "MQA": ([0, 10, 20], [5.5, 4.8, 4.4])},
+                             tmp_path / "l.png", "step", "held-out loss", title="uptraining", logy=True)
+    bars = plots.plot_bars(["mean", "first", "random"], {"step 0": [90, 120, 150], "uptrained": [82, 85, 88]},
+                           tmp_path / "b.png", "perplexity", errors={"uptrained": [1, 2, 3]}, baseline=80)
     for p in (lines, bars):
         assert png_pixels(p)[..., :3].std() > 0.05
 

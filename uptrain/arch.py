@@ -24,9 +24,17 @@ What the result is for a given G is data as well (`Form`): a native config chang
 gpt_bigcode's multi_query), a native *other* architecture (GPT-2 with G = 1 is a gpt_bigcode checkpoint),
 or, where no transformers class can hold G KV heads, a modeling file that travels with the checkpoint
 (remote code: uptrain/modeling/, loaded with trust_remote_code=True).
+
+Per-layer KV heads (G_l: a tuple with one G per layer, not all equal; a uniform list is one G) are one more
+form: for the Llama family the nemotron-nas / DeciLM config that vLLM and llama.cpp read,
+
+    block_configs[l].attention.n_heads_in_group = H / G_l       (layer l keeps G_l KV heads)
+
+and the KV cache of such a model holds Σ_l G_l heads per token (`kv_cache_bytes_per_token`).
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass, field
 
@@ -116,13 +124,15 @@ def per_kv_head_order(heads: int, kv_heads: int, head_dim: int) -> tuple[int, ..
 class Form:
     """One way to write a result with G KV heads; a spec's first form that applies is used.
 
-    groups: for which G — "any", "H" (MHA kept: the source unchanged) or "1" (MQA).
+    groups: for which G — "any", "H" (MHA kept: the source unchanged), "1" (MQA) or "per-layer" (a tuple
+        G_l whose values differ; every other form takes one G).
     requires: source config values the form needs (a missing key counts as False / None).
     config: config.json changes; the value G stands for the result's KV-head count, None removes a key.
     remote_code: the template in uptrain/modeling/ the result needs (no transformers class holds G KV
         heads of this architecture); None: native, loads with plain transformers.
     untransposed: per-layer suffixes the source stores transposed (spec.transposed) and this form does not
         (GPT-2's Conv1D weights in a gpt_bigcode checkpoint, which uses nn.Linear).
+    per_layer: how config.json holds G_l (a "per-layer" form): "block_configs" (nemotron-nas / DeciLM).
     """
 
     groups: str = "any"
@@ -130,11 +140,19 @@ class Form:
     config: dict = field(default_factory=dict)
     remote_code: str | None = None
     untransposed: tuple[str, ...] = ()
+    per_layer: str | None = None
 
-    def applies(self, cfg, heads: int, groups: int) -> bool:
+    def applies(self, cfg, heads: int, groups) -> bool:
+        if (self.groups == "per-layer") != isinstance(groups, tuple):
+            return False
         if self.groups == "H" and groups != heads or self.groups == "1" and groups != 1:
             return False
-        return all((_get(cfg, k, None) or False) == v for k, v in self.requires.items())
+        return not self.unmet(cfg)
+
+    def unmet(self, cfg) -> list[str]:
+        """The source config values this form needs and does not have, as "key: wanted (has value)"."""
+        return [f"{k}: {v} (has {_get(cfg, k, None)})" for k, v in self.requires.items()
+                if (_get(cfg, k, None) or False) != v]
 
     @property
     def native(self) -> bool:
@@ -202,6 +220,8 @@ class AttentionSpec:
         and per-layer tensors outside attention (feed-forward, norms) are matched by global_patterns.
     global_patterns: regular expressions for whole tensor names copied unchanged.
     head_dim_field: the config field holding head_dim when it is set explicitly (T5: d_kv).
+    per_layer: the config holds KV heads per layer (a result written in a per-layer form, read back):
+        "block_configs" (nemotron-nas / DeciLM: H / n_heads_in_group, none where attention is a no_op).
     """
 
     kv: dict[str, Layout]
@@ -228,6 +248,7 @@ class AttentionSpec:
     blocks: tuple[Block, ...] = ()
     global_patterns: tuple[str, ...] = ()
     head_dim_field: str = "head_dim"
+    per_layer: str | None = None
     notes: str = ""
     _patterns: dict = field(default=None, compare=False, repr=False)
 
@@ -235,13 +256,25 @@ class AttentionSpec:
     def heads(self, cfg) -> int:
         return _get(cfg, self.heads_field)
 
-    def kv_heads(self, cfg) -> int:
+    def kv_heads(self, cfg) -> int | tuple[int, ...]:
+        """K: the KV heads of every layer; a tuple G_l when a per-layer checkpoint's layers differ."""
+        if self.per_layer:
+            heads = self.layer_kv_heads(cfg)
+            return heads[0] if len(set(heads)) == 1 else heads
         if self.gqa_field and _get(cfg, self.gqa_field, None):
             return _get(cfg, self.kv_heads_field)
         if self.mqa_field and _get(cfg, self.mqa_field, None):
             return 1
         # MHA configs often omit the KV-head count (None / missing means "= heads").
         return (_get(cfg, self.kv_heads_field, None) if self.kv_heads_field else None) or self.heads(cfg)
+
+    def layer_kv_heads(self, cfg) -> tuple[int, ...]:
+        """KV heads of each layer holding a KV cache: G_l of a per-layer checkpoint, else K for every layer."""
+        if self.per_layer == "block_configs":
+            return tuple(0 if _get(_get(b, "attention"), "no_op", False)
+                         else self.heads(cfg) // _get(_get(b, "attention"), "n_heads_in_group")
+                         for b in _get(cfg, "block_configs"))
+        return (self.kv_heads(cfg),) * self.layers(cfg)
 
     def layers(self, cfg) -> int:
         """Layers holding a KV cache (an encoder-decoder's decoder layers)."""
@@ -290,23 +323,41 @@ class AttentionSpec:
             flat=self.flat + tuple(c for x in on for c in x.flat), extras=())
 
     # -- the result ------------------------------------------------------------------------------
-    def form(self, cfg, groups: int) -> Form | None:
-        """How a result with `groups` KV heads is written; None when no form can hold it."""
+    def form(self, cfg, groups) -> Form | None:
+        """How a result with `groups` KV heads (one G, or a tuple G_l per layer) is written; None when no form
+        can hold it."""
         forms = self.forms or (Form(config={self.kv_heads_field: G}),)
         return next((f for f in forms if f.applies(cfg, self.heads(cfg), groups)), None)
+
+    def per_layer_refusal(self, cfg) -> str | None:
+        """Why this source cannot get per-layer KV heads (None when it can), for the caller's message."""
+        forms = [f for f in self.forms if f.groups == "per-layer"]
+        if not forms:
+            return (f"no per-layer form is known for {model_type(cfg)} checkpoints (per-layer KV heads are written "
+                    f"in the nemotron-nas form, which holds the Llama family: "
+                    f"{', '.join(k for k, s in SPECS.items() if any(f.groups == 'per-layer' for f in s.forms))})")
+        unmet = [u for f in forms for u in f.unmet(cfg)]
+        if unmet:
+            return (f"the nemotron-nas form cannot hold this {model_type(cfg)} checkpoint: it needs "
+                    f"{'; '.join(unmet)}")
+        return None
 
     def valid_groups(self, cfg) -> list[int]:
         """G values this source can be converted to: divisors of its KV heads that some form can hold."""
         return [g for g in valid_groups(self.kv_heads(cfg)) if self.form(cfg, g) is not None]
 
-    def result_config(self, cfg: dict, groups: int) -> dict:
+    def result_config(self, cfg: dict, groups) -> dict:
         """config.json of the result (remote code's auto_map is added by the converter, which knows the file)."""
         out = dict(cfg)
-        for k, v in self.form(cfg, groups).config.items():
+        form = self.form(cfg, groups)
+        for k, v in form.config.items():
             if v is None:
                 out.pop(k, None)
             else:
                 out[k] = groups if v == G else v
+        if form.per_layer == "block_configs":
+            out["block_configs"] = block_configs(self.heads(cfg), groups, _get(cfg, self.hidden_field),
+                                                 _get(cfg, "intermediate_size"))
         return out
 
     def storage(self, suffix: str, cfg, kv_heads: int | None = None, form: Form | None = None) -> Storage:
@@ -418,10 +469,29 @@ def _remote_code_forms(template: str) -> tuple[Form, ...]:
     """G = H: the source as it is (native); otherwise num_key_value_heads = G plus uptrain/modeling's file."""
     return Form(groups="H"), Form(config={"num_key_value_heads": G}, remote_code=template)
 
+
+def _deci_form(requires: dict | None = None, config: dict | None = None) -> Form:
+    """Per-layer KV heads of a Llama-family source: the nemotron-nas / DeciLM config (block_configs) and
+    uptrain/modeling's file, whose model is transformers' Llama with per-layer k/v widths. `requires`: what the
+    form cannot express must be off (a sliding window); `config`: the source's other differences from Llama."""
+    return Form(groups="per-layer", requires=requires or {}, remote_code="nemotron-nas", per_layer="block_configs",
+                config={"model_type": "nemotron-nas", "architectures": ["DeciLMForCausalLM"],
+                        "num_key_value_heads": None, **(config or {})})
+
+
+def _llama_family(deci: Form) -> AttentionSpec:
+    return dataclasses.replace(_LLAMA, forms=(Form(config={"num_key_value_heads": G}), deci))
+
+
 SPECS: dict[str, AttentionSpec] = {
-    "llama": _LLAMA,
-    "mistral": _LLAMA,
-    "qwen2": _LLAMA,  # q/k/v biases are in _SEPARATE_KV / _LLAMA_LAYER
+    "llama": _llama_family(_deci_form()),
+    "mistral": _llama_family(_deci_form(requires={"sliding_window": False}, config={"sliding_window": None})),
+    # q/k/v biases are in _SEPARATE_KV / _LLAMA_LAYER; o_proj has none: nemotron-nas says so with qkv_bias (the
+    # field vLLM's DeciLM reads for q/k/v, attention_bias for o_proj)
+    "qwen2": _llama_family(_deci_form(
+        requires={"use_sliding_window": False}, config={
+            "qkv_bias": True, "attention_bias": False, "use_sliding_window": None, "sliding_window": None,
+            "max_window_layers": None, "layer_types": None})),
     # q_norm / k_norm: RMSNorm over head_dim, one weight shared by all heads → shape independent of K.
     "qwen3": AttentionSpec(kv=_SEPARATE_KV, copy=_LLAMA_LAYER + ("self_attn.q_norm.weight", "self_attn.k_norm.weight")),
     "gemma": _LLAMA,  # explicit head_dim handled by head_dim()
@@ -605,6 +675,33 @@ def _t5(model_type: str) -> AttentionSpec:
 # A table of its own: SPECS is the causal table (tests keep it equal to their causal tiny models).
 SEQ2SEQ_SPECS: dict[str, AttentionSpec] = {"t5": _t5("t5"), "mt5": _t5("mt5"), "umt5": _t5("umt5")}
 
+# Results with per-layer KV heads, read back (inspect, eval, train, push): Llama-named tensors, G_l from the
+# config. Not conversion sources (ConvertOptions.check_source refuses them: convert their source instead).
+PER_LAYER_SPECS: dict[str, AttentionSpec] = {
+    "nemotron-nas": dataclasses.replace(_LLAMA, per_layer="block_configs", kv_heads_field=None, forms=()),
+}
+
+
+def block_configs(heads: int, groups: tuple[int, ...], hidden: int, intermediate: int) -> list[dict]:
+    """nemotron-nas' per-layer blocks for KV heads G_l and an unchanged MLP: what vLLM's DeciLM reads
+    (attention.no_op, n_heads_in_group = H / G_l; ffn.no_op, then ffn_mult when present, else
+    intermediate_size). ffn_mult (Nemotron's own field, which llama.cpp's converter reads) is written only where
+    DeciLM's rule turns it back into exactly this intermediate size."""
+    ffn = {"no_op": False, "replace_with_linear": False}
+    mult = 3 * intermediate / (2 * hidden)
+    if ffn_mult_to_intermediate_size(mult, hidden) == intermediate:
+        ffn["ffn_mult"] = mult
+    ffn["intermediate_size"] = intermediate
+    return [{"attention": {"no_op": False, "replace_with_linear": False, "n_heads_in_group": heads // g},
+             "ffn": dict(ffn)} for g in groups]
+
+
+def ffn_mult_to_intermediate_size(ffn_mult: float, hidden: int) -> int:
+    """DeciLM's rule (vLLM's nemotron_nas.py, Nemotron's modeling file): int(2/3 · mult · hidden), rounded up to a
+    multiple of 256."""
+    size = int(2 * ffn_mult * hidden / 3)
+    return size if size % 256 == 0 else size + 256 - size % 256
+
 
 def _get(cfg, key, *default):
     if isinstance(cfg, dict):
@@ -633,7 +730,7 @@ def _is_encoder(mt: str) -> bool:
 
 def spec_for_config(cfg) -> AttentionSpec:
     mt = model_type(cfg)
-    spec = SPECS.get(mt) or SEQ2SEQ_SPECS.get(mt)
+    spec = SPECS.get(mt) or SEQ2SEQ_SPECS.get(mt) or PER_LAYER_SPECS.get(mt)
     if spec is not None:
         spec = spec.for_config(cfg)  # with the tensors of the config's optional features (Extra)
     if spec is None and _is_encoder(mt):
@@ -656,7 +753,7 @@ _GENERIC = AttentionSpec(kv={}, copy=())
 class AttentionShape:
     layers: int
     heads: int  # H
-    kv_heads: int  # K (or G after a conversion)
+    kv_heads: int | tuple[int, ...]  # K (or G after a conversion); a tuple G_l when the layers differ
     head_dim: int
 
     @property
@@ -667,9 +764,10 @@ class AttentionShape:
         return kv_cache_bytes_per_token(self.layers, self.kv_heads, self.head_dim, bytes_per_value)
 
     def to_dict(self) -> dict:
-        """The field names of an evaluation row and of config.json."""
+        """The field names of an evaluation row and of config.json (per-layer KV heads as a list)."""
+        kv = list(self.kv_heads) if isinstance(self.kv_heads, tuple) else self.kv_heads
         return {"num_layers": self.layers, "num_attention_heads": self.heads,
-                "num_key_value_heads": self.kv_heads, "head_dim": self.head_dim}
+                "num_key_value_heads": kv, "head_dim": self.head_dim}
 
 
 def attention_shape(cfg) -> AttentionShape:
@@ -678,19 +776,34 @@ def attention_shape(cfg) -> AttentionShape:
     if hasattr(cfg, "get_text_config"):
         cfg = cfg.get_text_config()
     mt = _get(cfg, "model_type", None)
-    spec = SPECS.get(mt) or SEQ2SEQ_SPECS.get(mt) or _GENERIC
+    spec = SPECS.get(mt) or SEQ2SEQ_SPECS.get(mt) or PER_LAYER_SPECS.get(mt) or _GENERIC
     return AttentionShape(spec.layers(cfg), spec.heads(cfg), spec.kv_heads(cfg), spec.head_dim(cfg))
 
 
 def attention_kind(heads, kv_heads) -> str:
-    """"MHA" (K = H), "MQA" (K = 1) or "GQA-K"; "?" when either count is unknown."""
+    """"MHA" (K = H), "MQA" (K = 1), "GQA-K", or "per-layer GQA" for KV heads that differ between layers (a
+    list G_l); "?" when either count is unknown."""
+    if isinstance(kv_heads, (list, tuple)):
+        if len(set(kv_heads)) != 1:
+            return "per-layer GQA" if heads else "?"
+        kv_heads = kv_heads[0]
     if not heads or not kv_heads:
         return "?"
     return "MHA" if kv_heads == heads else "MQA" if kv_heads == 1 else f"GQA-{kv_heads}"
 
 
-def kv_cache_bytes_per_token(layers: int, kv_heads: int, head_dim: int, bytes_per_value: int) -> int:
-    """K and V, every layer, one token: layers × 2 × KV heads × head_dim × bytes."""
+def kv_heads_text(kv_heads) -> str:
+    """"4", or a per-layer list as "8,2,1,4" (how --groups takes it)."""
+    return ",".join(map(str, kv_heads)) if isinstance(kv_heads, (list, tuple)) else str(kv_heads)
+
+
+def kv_cache_bytes_per_token(layers: int, kv_heads, head_dim: int, bytes_per_value: int) -> int:
+    """K and V, every layer, one token: 2 × head_dim × bytes × the KV heads summed over layers (layers × K, or
+    Σ_l G_l when `kv_heads` is a list with one count per layer)."""
+    if isinstance(kv_heads, (list, tuple)):
+        if len(kv_heads) != layers:
+            raise ValueError(f"{len(kv_heads)} per-layer KV-head counts for {layers} layers")
+        return 2 * sum(kv_heads) * head_dim * bytes_per_value
     return layers * 2 * kv_heads * head_dim * bytes_per_value
 
 
@@ -699,8 +812,20 @@ def valid_groups(kv_heads: int) -> list[int]:
     return [g for g in range(1, kv_heads + 1) if kv_heads % g == 0]
 
 
-def check_groups(groups: int, kv_heads: int, key: str = "groups") -> None:
-    """`key` is how the caller spells the option: --groups, model.convert.groups, groups."""
+def check_groups(groups, kv_heads: int, key: str = "groups", layers: int | None = None) -> None:
+    """`key` is how the caller spells the option: --groups, model.convert.groups, groups. `groups`: one G, or a
+    list with one G per layer (`layers` of them)."""
+    if isinstance(groups, (list, tuple)):
+        said = kv_heads_text(groups)
+        if layers is not None and len(groups) != layers:
+            raise UptrainError(f"{key} {said}: {len(groups)} values for a model with {layers} layers; give one G "
+                               f"for every layer, or a single G")
+        for layer, g in enumerate(groups):
+            try:
+                check_groups(g, kv_heads, key)
+            except UptrainError as e:
+                raise UptrainError(f"{key} {said}: layer {layer}'s {e.args[0][len(key) + 1:]}") from None
+        return
     if groups < 1 or groups > kv_heads or kv_heads % groups:
         why = "larger than the" if groups > kv_heads else "does not divide the"
         if groups < 1:

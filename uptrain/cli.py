@@ -30,8 +30,8 @@ def _add_option_flags(p, options_class) -> None:
         if tp is bool or typing.get_args(tp) == (bool, type(None)):
             where.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=meta["help"])
             continue
-        kind = meta.get("parse") or next((t for t in (int, float, str) if t == tp or t in typing.get_args(tp)),
-                                           str)
+        kind = _cli_parser(meta["parse"]) if meta.get("parse") else next(
+            (t for t in (int, float, str) if t == tp or t in typing.get_args(tp)), str)
         where.add_argument(flag, *([meta["short"]] if meta.get("short") else []), type=kind, default=None,
                            required=meta.get("required", False), choices=meta.get("choices"),
                            metavar=meta.get("metavar"), help=meta["help"])
@@ -58,11 +58,22 @@ def _add_convert(sub):
     return p
 
 
+def _cli_parser(parse):
+    """An option's own parser (ConvertOptions field metadata) as an argparse type: its reason in the message."""
+    def kind(text: str):
+        try:
+            return parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    kind.__name__ = parse.__name__
+    return kind
+
+
 def _run_convert(args) -> int:
     from uptrain.conversion import ConvertOptions, convert
 
-    result = convert(args.src, args.out, options=_options_from(args, ConvertOptions), overwrite=args.overwrite, revision=args.revision,
-                     progress=not args.quiet)
+    result = convert(args.src, args.out, options=_options_from(args, ConvertOptions), overwrite=args.overwrite,
+                     revision=args.revision, progress=not args.quiet)
     print(result.summary())
     return 0
 

@@ -141,8 +141,9 @@ def load_config(source: Source, causal: bool = False, seq2seq: bool = False):
         raise UptrainError(f"{source.what} {source.name!r} has no config.json: not a Hugging Face model folder")
     from transformers import AutoConfig
 
-    try:
-        cfg = AutoConfig.from_pretrained(source.path, revision=source.revision)
+    try:  # uptrain's own configuration code (a per-layer nemotron-nas result) is trusted, no one else's
+        cfg = AutoConfig.from_pretrained(source.path, revision=source.revision,
+                                         trust_remote_code=carries_uptrain_code(source))
     except Exception as e:  # offline, unknown repo, bad JSON: one message
         raise UptrainError(f"could not read the config of {source.what} {source.name!r}: {type(e).__name__}: "
                            f"{_first_line(e)}") from e
@@ -161,7 +162,7 @@ def load_config(source: Source, causal: bool = False, seq2seq: bool = False):
             classes = {c for v in S2S.values() for c in ((v,) if isinstance(v, str) else v)}
             remote = (getattr(cfg, "auto_map", None) or {}).get("AutoModelForSeq2SeqLM")
             classes |= {remote.rsplit(".", 1)[-1]} if isinstance(remote, str) else set()
-        if cfg.model_type not in CAUSAL or (archs and not set(archs) & classes):
+        if (cfg.model_type not in CAUSAL and not isinstance(remote, str)) or (archs and not set(archs) & classes):
             raise UptrainError(f"{source.what} {source.name!r} is not a causal language model (model_type "
                                f"{cfg.model_type!r}, architectures {archs}); an AutoModelForCausalLM checkpoint "
                                f"is needed")
@@ -175,7 +176,9 @@ def load_tokenizer(source: Source, why: str):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(source.path, revision=source.revision)
+        # AutoTokenizer reads the config too: uptrain's own configuration code (nemotron-nas) is trusted
+        return AutoTokenizer.from_pretrained(source.path, revision=source.revision,
+                                             trust_remote_code=carries_uptrain_code(source))
     except Exception as e:
         raise UptrainError(f"no usable tokenizer in {source.what} {source.name!r} ({type(e).__name__}): {why}") from e
 

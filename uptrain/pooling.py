@@ -93,10 +93,11 @@ def _sum_products(a: torch.Tensor, b: torch.Tensor) -> float:
 CLOSED_FORM_MIN = 1e-2  # below this squared relative error the closed form loses digits: compute it directly
 
 
-def relative_error(source: torch.Tensor, pooled: torch.Tensor, groups: int, head_dim: int, *,
-                   is_mean: bool = False) -> float:
+def pooling_error(source: torch.Tensor, pooled: torch.Tensor, groups: int, head_dim: int, *,
+                  is_mean: bool = False) -> float:
     """‖W − repeat(pooled)‖ / ‖W‖: how much of the group's heads the merged head does not represent
-    (0 when the heads of each group were already equal).
+    (0 when the heads of each group were already equal). A weight's error, recorded per layer as k_rel_error /
+    v_rel_error (refine.relative_error is another measure: of the attention's outputs on calibration data).
 
     Computed without the expanded copy: with S_g the sum of group g's n heads,
     ‖W − repeat(P)‖² = ‖W‖² − 2⟨S, P⟩ + n‖P‖² (for mean pooling P = S/n, so ‖W‖² − n‖P‖²), sums

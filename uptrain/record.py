@@ -49,11 +49,11 @@ class ConversionRecord(_Section):
     model_type: str = ""
     method: str = ""
     grouping: str = "contiguous"
-    groups: int = 0
+    groups: int | list = 0  # G, or G_l per layer (a per-layer result: nemotron-nas)
     seed: int = 0
     num_attention_heads: int = 0
     kv_heads_before: int = 0
-    kv_heads_after: int = 0
+    kv_heads_after: int | list = 0  # as groups
     head_dim: int = 0
     num_layers: int = 0
     kv_cache_bytes_per_token_before: int = 0
@@ -62,7 +62,11 @@ class ConversionRecord(_Section):
     created: str = ""
     calibration: Optional[dict] = None  # method aligned: which data, how many tokens
     layers: list = field(default_factory=list)  # per-layer statistics: {"layer", "k_rel_error", "v_rel_error"}
+    # --kv-budget: the budget, every layer's measured loss at every G, the chosen G_l and the predicted loss
+    allocation: Optional[dict] = None
     options: dict = field(default_factory=dict)  # every ConvertOptions field, as used
+    # the source's own auto_map (modeling code uptrain neither runs nor copies), left out of the result's config
+    dropped_auto_map: Optional[dict] = None
     license: Optional[str] = None  # the source card's licence: a derivative carries it
     license_name: Optional[str] = None
     license_link: Optional[str] = None
@@ -70,7 +74,7 @@ class ConversionRecord(_Section):
 
     def to_dict(self) -> dict:
         d = super().to_dict()
-        for k in ("license", "license_name", "license_link"):  # only when the source card had one
+        for k in ("license", "license_name", "license_link", "allocation", "dropped_auto_map"):  # only when there is one
             if d.get(k) is None:
                 d.pop(k)
         return d

@@ -36,7 +36,7 @@ from uptrain.conversion.calibration import DEFAULT_BATCH_SIZE, SecondMoment, cal
 from uptrain.conversion import distill as distillation
 from uptrain.conversion.distill import Distillation, teacher
 from uptrain.conversion.layerwise import Batch, LayerByLayer, pick_device, run_layer, watch_attention
-from uptrain.conversion.methods import PoolMethod
+from uptrain.conversion.pool_method import PoolMethod
 from uptrain.conversion.refine import DEFAULT_LR, REFIT_OUTPUT, refine, relative_error
 from uptrain.errors import UptrainError
 
@@ -89,7 +89,7 @@ def engine_form(spec, config: dict, groups: int):
     (GPT-2 → MQA is written as gpt_bigcode, whose layers take other arguments: GPT-2's GQA class with one KV
     head computes the same). None when there is neither."""
     form = spec.form(config, groups)
-    if form is not None and not form.model_type:
+    if form is not None and (not form.model_type or form.per_layer):  # per-layer: Llama's module names
         return form
     return next((f for f in spec.forms if f.remote_code and not f.model_type
                  and f.applies(config, spec.heads(config), groups)), None)
@@ -103,6 +103,10 @@ def converted_model(spec, config: dict, groups: int) -> tuple[dict, type | None]
     from uptrain.modeling import TEMPLATES
 
     form = engine_form(spec, config, groups)
+    if form.per_layer:  # G_l per layer: the template's model, configured as the result will be
+        from uptrain.conversion.per_layer import per_layer_model_class
+
+        return {}, per_layer_model_class(spec, config, groups)
     changes = form.config if form.config else {spec.kv_heads_field: G}
     overrides = {k: groups if v == G else v for k, v in changes.items() if k not in ("model_type", "architectures")}
     if form.remote_code is None:
@@ -111,11 +115,13 @@ def converted_model(spec, config: dict, groups: int) -> tuple[dict, type | None]
     return overrides, getattr(importlib.import_module(f"uptrain.modeling.{template.module}"), template.model_class)
 
 
-def check_calibratable(spec, config: dict, options) -> None:
-    """Refuse, in the caller's words, sources whose converted layers the engine cannot build."""
-    if engine_form(spec, config, options.groups) is None:
+def check_calibratable(spec, config: dict, options, groups=None) -> None:
+    """Refuse, in the caller's words, sources whose converted layers the engine cannot build. `groups`: the G (or
+    tuple G_l) converted to, when not options.groups (a KV budget's)."""
+    groups = options.groups if groups is None else groups
+    if engine_form(spec, config, groups) is None:
         raise UptrainError(f"{options.said('method')} with calibration cannot build the converted "
-                           f"{config.get('model_type')} layers for {options.key('groups')} {options.groups} (no form "
+                           f"{config.get('model_type')} layers for {options.key('groups')} {groups} (no form "
                            f"of it keeps the source's module names). Use a data-free {options.key('method')} "
                            f"(mean, mean-norm) without {options.key('refine_steps')}")
 
@@ -206,13 +212,13 @@ class CalibratedMethod:
         o = self.options
         if self.aligned:
             check_supported(ctx.spec, ctx.config, options=o)
-        check_calibratable(ctx.spec, ctx.config, o)
+        check_calibratable(ctx.spec, ctx.config, o, ctx.layer_groups or ctx.groups)
         self.aligned_layers, self.refined_layers = [], []
         record = {"grouping": self.grouping}
         if self.aligned:
             record["aligned"] = {"weighted": o.weighted, "layers": self.aligned_layers}
         record["refine"] = {"steps": self.steps, "lr": DEFAULT_LR, "layers": self.refined_layers}
-        if ctx.groups == ctx.kv_heads:  # nothing to merge, nothing to calibrate: `merge` takes the closed form
+        if ctx.unchanged:  # nothing to merge, nothing to calibrate: `merge` takes the closed form
             return record
         t0 = time.time()
         device = pick_device(o.device)
@@ -221,7 +227,7 @@ class CalibratedMethod:
         calibration.update(inputs=self.inputs, device=device.type)
         self.scratch = Scratch(getattr(ctx, "out_dir", None))
         try:
-            overrides, model_class = converted_model(ctx.spec, ctx.config, ctx.groups)
+            overrides, model_class = converted_model(ctx.spec, ctx.config, ctx.layer_groups or ctx.groups)
             engine = LayerByLayer(ctx.src_dir, ctx.spec, ctx.config, ctx.source, device, ctx.groups, overrides,
                                   model_class)
             size = o.calibration_batch_size or DEFAULT_BATCH_SIZE
@@ -253,6 +259,11 @@ class CalibratedMethod:
                       disable=not ctx.progress):
             prefix = engine.prefix(i)
             src = engine.read(i)
+            if ctx.layer_groups and ctx.at(i).groups == ctx.kv_heads:  # a layer that keeps its heads: copied as it
+                with engine.layer(i, src) as layer:                    # is (plan.py); only its outputs are needed
+                    for b in batches:
+                        b.hidden = run_layer(layer, b, i)
+                continue
             moment = SecondMoment() if self.aligned else None
             calls = []
 
@@ -269,7 +280,8 @@ class CalibratedMethod:
                     if out is not None:
                         b.hidden = out
             here = [s for s in suffixes if prefix + s in src]
-            layouts = Layouts(spec, ctx.config, ctx.groups, {s: tuple(src[prefix + s].shape) for s in here})
+            at = ctx.at(i)  # this layer's G (G_l of a per-layer result)
+            layouts = Layouts(spec, ctx.config, at.groups, {s: tuple(src[prefix + s].shape) for s in here})
             # the merges see canonical rows, as the writer's `merge` does; the skeletons load their own layout
             mine = layouts.canonical({s: src[prefix + s] for s in here})
             dtypes = {s: DTYPES[ctx.source.entries[engine.stored[prefix + s]].dtype] for s in here}
@@ -281,12 +293,12 @@ class CalibratedMethod:
                 return {s: t.to(dtypes[s]).float() for s, t in new.items()}
 
             c = moment.result() if moment is not None else None
-            new, info = self.closed_form(i, mine, c, ctx, static)
+            new, info = self.closed_form(i, mine, c, at, static)
             new = rounded(new)
             if static:
                 # Merging the slow pairs as unrotated is the better start on pre-trained models, but only
                 # approximately commutes with RoPE: where the per-pair merge is better (e.g. exact), it is kept.
-                plain, plain_info = self.closed_form(i, mine, c, ctx, 0)
+                plain, plain_info = self.closed_form(i, mine, c, at, 0)
                 plain = rounded(plain)
                 errors = [attention_error(engine, i, converted_layer(src, t), calls, attn_name) for t in (new, plain)]
                 if not errors[0] < errors[1]:
@@ -339,6 +351,8 @@ class CalibratedMethod:
         scratch = self.scratch
 
         def tensors(i):
+            if i not in self.layouts:  # a layer that keeps its heads (per-layer G): the source's, never moved
+                return engine.read(i)
             prefix, key = engine.prefix(i), (f"d{i}" if scratch.has(f"d{i}") else i)
             return {**engine.read(i), **{prefix + s: t for s, t in self.layouts[i].converted(scratch.get(key)).items()}}
 
@@ -347,7 +361,7 @@ class CalibratedMethod:
             scratch.put(f"d{i}", {s: layouts.from_converted(s, new[prefix + s].cpu()) for s in self.dtypes[i]})
 
         state = Distillation(engine, ids, [Batch(h, b.calls) for h, b in zip(first, batches)], targets, tensors, put,
-                             list(attention_suffixes(ctx.spec)), scratch)
+                             list(attention_suffixes(ctx.spec)), scratch, moving=set(self.layouts))
         bar = tqdm(total=self.distill_steps, desc="distil", unit="step", disable=not ctx.progress)
         try:
             result = distillation.distill(state, self.distill_steps, distillation.DEFAULT_DISTILL_LR,

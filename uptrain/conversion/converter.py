@@ -1,12 +1,13 @@
 """`uptrain convert`: for every tensor of the source either copy its bytes or merge its KV heads, streamed
 shard by shard into a new checkpoint with G KV heads.
 
-    SRC → hf.resolve → config.json → spec = arch.SPECS[model_type] → plan.py (copy | merge per tensor)
-        → methods.py (prepare: e.g. calibration) → writer.py (shards, index) → config, companions,
-        uptrain.json (record.py) → atomic rename into OUT
+    SRC → hf.resolve → config.json → spec = arch.SPECS[model_type] → tensor_plan.py (copy | merge per tensor)
+        → methods.py (prepare: e.g. calibration) → writer.py (shards, index) → config (result_config.py),
+        companions, uptrain.json (record.py) → atomic rename into OUT
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import json
 import math
@@ -16,12 +17,14 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from uptrain.arch import check_groups, kv_cache_bytes_per_token, spec_for_config
+from uptrain.arch import kv_cache_bytes_per_token, kv_heads_text, spec_for_config
 from uptrain.checkpoint import CHECKPOINT_FILES, check_free_space, check_output, copy_companions, dtype_size, \
     fingerprint, kv_dtype, open_source, quantization, read_config
-from uptrain.conversion.methods import ConvertContext, make_method
+from uptrain.conversion.context import ConvertContext
+from uptrain.conversion.methods import make_method
 from uptrain.conversion.options import ConvertOptions
-from uptrain.conversion.plan import plan_conversion, result_config
+from uptrain.conversion.result_config import foreign_auto_map, foreign_auto_map_note, result_config
+from uptrain.conversion.tensor_plan import plan_conversion
 from uptrain.conversion.writer import write_converted
 from uptrain.errors import UptrainError
 from uptrain.files import AtomicFolder
@@ -36,10 +39,10 @@ class ConvertResult:
     source: str
     model_type: str
     method: str
-    groups: int
+    groups: int | list[int]  # one G, or G_l per layer
     heads: int
     kv_heads_before: int
-    kv_heads_after: int
+    kv_heads_after: int | list[int]
     head_dim: int
     num_layers: int
     bytes_written: int
@@ -50,23 +53,50 @@ class ConvertResult:
     layers: list[dict]
     written_as: str = ""  # the result's model_type (gpt2 → MQA: gpt_bigcode)
     remote_code: str | None = None  # the modeling file the result needs (trust_remote_code=True), if any
+    allocation: dict | None = None  # --kv-budget: the measured losses and the chosen G_l (sensitivity.py)
 
     def summary(self) -> str:
-        from uptrain.report import fmt_bytes
-
         saving = 1 - self.kv_cache_bytes_per_token_after / self.kv_cache_bytes_per_token_before
         k = max((s["k_rel_error"] for s in self.layers), default=0.0)
         v = max((s["v_rel_error"] for s in self.layers), default=0.0)
-        return (f"Converted {self.source} ({self.model_type}, {self.num_layers} layers, {self.heads} query heads) "
-                f"from {self.kv_heads_before} to {self.kv_heads_after} KV heads with method {self.method!r}: "
+        after = (f"{kv_heads_text(self.kv_heads_after)} KV heads per layer" if isinstance(self.kv_heads_after, list)
+                 else f"{self.kv_heads_after} KV heads")
+        return (self.allocation_text() +
+                f"Converted {self.source} ({self.model_type}, {self.num_layers} layers, {self.heads} query heads) "
+                f"from {self.kv_heads_before} to {after} with method {self.method!r}: "
                 f"KV cache {fmt_bytes(self.kv_cache_bytes_per_token_before)} → "
                 f"{fmt_bytes(self.kv_cache_bytes_per_token_after)} per token ({saving:.0%} smaller). Largest "
                 f"relative change of a layer's K / V weights: {k:.3f} / {v:.3f}. Wrote "
                 f"{fmt_bytes(self.bytes_written)} in {self.shards} shard(s) to {self.out} in {self.seconds:.1f} s."
-                + (f" Written as a native {self.written_as} checkpoint." if self.written_as != self.model_type else "")
-                + (f" No transformers class holds {self.kv_heads_after} KV heads of a {self.model_type}: the "
+                + (f" Written as a native {self.written_as} checkpoint." if self.written_as != self.model_type
+                   and not self.remote_code else "")
+                + (f" Written in the {self.written_as} form (block_configs), which vLLM serves natively; the "
+                   f"folder carries {self.remote_code} for transformers: load it with trust_remote_code=True."
+                   if self.remote_code and isinstance(self.kv_heads_after, list) else
+                   f" No transformers class holds {self.kv_heads_after} KV heads of a {self.model_type}: the "
                    f"folder carries {self.remote_code}, load it with trust_remote_code=True."
                    if self.remote_code else ""))
+
+    def allocation_text(self) -> str:
+        """--kv-budget: the chosen G_l, every layer's measured loss at every G, the budget asked and used."""
+        a = self.allocation
+        if not a:
+            return ""
+        before, after = self.kv_cache_bytes_per_token_before, self.kv_cache_bytes_per_token_after
+        gs = sorted({int(g) for x in a["losses"] for g in x if g != "layer"})
+        lines = [f"KV budget {a['kv_budget']:g} of the source's {fmt_bytes(before)} per token: "
+                 f"{fmt_bytes(a['kv_budget'] * before)} ({a['budget_heads']} of {a['source_heads']} KV heads over "
+                 f"the layers); the chosen G_l use {fmt_bytes(after)} ({a['heads']} KV heads, "
+                 f"{after / before:.4g} of the source's).",
+                 f"Loss: KL of the next-token distribution from the source's when only that layer is converted "
+                 f"(nats per token, {a['measured']['tokens']:,} calibration tokens, {a['measured']['seconds']:.0f} s). "
+                 f"Predicted (summed): chosen {a['predicted_loss']:.4g}"
+                 + "".join(f"; uniform G = {g}: {v:.4g}" for g, v in a["uniform_loss"].items()) + ".",
+                 "  layer   G_l   " + "".join(f"{'G = ' + str(g):>11}" for g in gs)]
+        for x, g_l in zip(a["losses"], a["groups"]):
+            lines.append(f"  {x['layer']:>5}   {g_l:>3}   " + "".join(
+                f"{x[str(g)]:>10.4g}{'*' if g == g_l else ' '}" for g in gs))
+        return "\n".join(lines) + "\n"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -97,50 +127,68 @@ def convert(src: str, out: str, groups: int | None = None, *, options: ConvertOp
     quant.check("source", str(src))  # refused before anything is written: "dequantize first"
     spec = pooled_spec(config, options, str(src))
     heads, kv, d, n_layers = spec.heads(config), spec.kv_heads(config), spec.head_dim(config), spec.layers(config)
-    g = options.groups
-    check_groups(g, kv, options.key("groups"))
+    options.check_source(spec, config)  # the KV heads asked for fit the source (a budget: at least one per layer)
     check_output(src_dir, out_dir, overwrite)
-    merger = seq2seq_method(options) if spec.blocks and options.calibrated else make_method(options)
+    merger = make_method(options, spec)
     source = open_source(src_dir, allow_pickle=options.allow_pickle)
     touched = tuple(merger.touched(spec)) if merger.layerwise else ()
+    ctx = ConvertContext(spec, config, src_dir, source, heads, kv, None, d, options.seed, progress, out_dir)
+    allocation = None
+    if options.kv_budget is not None:  # measure every layer at every G, then the knapsack: before any output
+        from uptrain.conversion.sensitivity import choose_groups
+
+        g, allocation = choose_groups(ctx, options)
+    else:
+        g = options.resolved_groups()  # a uniform list is one G: written exactly as --groups G writes it
+    per_layer = isinstance(g, tuple)
+    ctx = dataclasses.replace(ctx, groups=None if per_layer else g, layer_groups=g if per_layer else None)
     plan = plan_conversion(spec, config, source.entries, g, touched, options.key("groups"))
-    planned = sum(math.prod(shape) * dtype_size(dtype) for _, _, _, dtype, shape, *_ in plan.values())
+    planned = sum(math.prod(step.shape) * dtype_size(step.dtype) for step in plan.values())
     check_free_space(out_dir, planned, f"the converted model ({len(plan)} tensors, {fmt_bytes(planned)})",
                      "free space or choose an OUT on a larger disk")
-    ctx = ConvertContext(spec, config, src_dir, source, heads, kv, g, d, options.seed, progress, out_dir)
     method_record = merger.prepare(ctx)  # e.g. a calibration pass; before any output exists
     value_bytes = dtype_size(kv_dtype(source.entries))
+    after = list(g) if per_layer else g
 
     with AtomicFolder(out_dir) as tmp:
         written, n_shards, layers = write_converted(tmp, plan, source, merger, ctx, options.max_shard_size, progress)
         if spec.blocks:  # a layerwise method rewrites q / o of every block: list only the pooled units
             pooled = set(spec.units(config))
             layers = [s for s in layers if (s["block"], s["layer"]) in pooled]
+        if per_layer:  # every layer with its G_l; one that kept the source's heads was copied: no error
+            seen = {s["layer"]: s for s in layers}
+            layers = [{"layer": i, "kv_heads": g_l, **seen.get(i, {"k_rel_error": 0.0, "v_rel_error": 0.0})}
+                      for i, g_l in enumerate(g)]
         new_config, template = result_config(spec, config, g)
         if template is not None:  # the Hub's trust_remote_code convention: the code beside the weights
             shutil.copyfile(template.path, tmp / template.file)
+        dropped = foreign_auto_map(config)
+        if dropped is not None:  # the source's own code: never run, never copied, so never pointed at
+            print(foreign_auto_map_note(str(src), dropped, template), file=sys.stderr, flush=True)
         if quant.leftover:  # plain float weights: a quantizer would make the model unsaveable
             new_config.pop("quantization_config", None)
             print(quant.note("source", str(src)), file=sys.stderr, flush=True)
         (tmp / "config.json").write_text(json.dumps(new_config, indent=2) + "\n")
         copy_companions(src_dir, tmp)
         result = ConvertResult(
-            out=str(out_dir), source=str(src), model_type=config["model_type"], method=options.method, groups=g,
-            heads=heads, kv_heads_before=kv, kv_heads_after=g, head_dim=d, num_layers=n_layers,
+            out=str(out_dir), source=str(src), model_type=config["model_type"], method=options.method, groups=after,
+            heads=heads, kv_heads_before=kv, kv_heads_after=after, head_dim=d, num_layers=n_layers,
             bytes_written=written, shards=n_shards, seconds=0.0,
             kv_cache_bytes_per_token_before=kv_cache_bytes_per_token(n_layers, kv, d, value_bytes),
-            kv_cache_bytes_per_token_after=kv_cache_bytes_per_token(n_layers, g, d, value_bytes),
-            layers=layers, written_as=new_config["model_type"], remote_code=template and template.file)
+            kv_cache_bytes_per_token_after=kv_cache_bytes_per_token(n_layers, after, d, value_bytes),
+            layers=layers, written_as=new_config["model_type"], remote_code=template and template.file,
+            allocation=allocation)
         conversion = ConversionRecord(
             source=str(src), source_revision=rev or source_ref.revision, source_hub_id=source_ref.hub_id,
             source_fingerprint=fingerprint(src_dir, source), model_type=config["model_type"],
-            method=options.method, grouping=method_record.get("grouping", "contiguous"), groups=g,
-            seed=options.seed, num_attention_heads=heads, kv_heads_before=kv, kv_heads_after=g, head_dim=d,
+            method=options.method, grouping=method_record.get("grouping", "contiguous"), groups=after,
+            seed=options.seed, num_attention_heads=heads, kv_heads_before=kv, kv_heads_after=after, head_dim=d,
             num_layers=n_layers, kv_cache_bytes_per_token_before=result.kv_cache_bytes_per_token_before,
             kv_cache_bytes_per_token_after=result.kv_cache_bytes_per_token_after,
             dtype=str(config.get("torch_dtype") or config.get("dtype") or ""),
             created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            calibration=method_record.get("calibration"), layers=layers,
+            calibration=method_record.get("calibration"), layers=layers, allocation=allocation,
+            dropped_auto_map=dropped,
             options=options.recorded(),
             **card_licence(src_dir),
             extra={k: v for k, v in method_record.items() if k not in ("calibration", "grouping")})
@@ -148,14 +196,6 @@ def convert(src: str, out: str, groups: int | None = None, *, options: ConvertOp
         write_record(tmp, Record(conversion=conversion, source_record=previous.to_dict() if previous else None))
     result.seconds = time.time() - t0
     return result
-
-
-def seq2seq_method(options: ConvertOptions):
-    """The calibrated method of an encoder-decoder (aligned, or any method with refine steps), calibrated on
-    the whole source model rather than layer by layer."""
-    from uptrain.conversion.seq2seq_aligned import Seq2SeqCalibrated
-
-    return Seq2SeqCalibrated(options)
 
 
 def pooled_spec(config: dict, options: ConvertOptions, src: str):

@@ -63,9 +63,11 @@ class Distillation:
     layer's full tensors by name, float32; `put(i, attention)`: the attention tensors back, by name)."""
 
     def __init__(self, engine, ids: list[torch.Tensor], batches: list[Batch], targets: list[tuple], tensors, put,
-                 attention: list[str], store):
+                 attention: list[str], store, moving: set[int] | None = None):
         self.engine, self.ids, self.batches, self.targets = engine, ids, batches, targets
         self.tensors, self.put, self.attention, self.store = tensors, put, attention, store
+        # the layers whose attention moves (all by default; a per-layer result's layers that keep their heads don't)
+        self.moving = set(range(engine.layers)) if moving is None else moving
 
     def forward(self, b: int) -> list[torch.Tensor]:
         """The hidden states entering each layer and leaving the last, for batch b (no gradients)."""
@@ -94,7 +96,7 @@ class Distillation:
             tensors = self.tensors(i)
             with e.layer(i, tensors, converted=True) as layer:
                 params = {n: p for n, p in layer.named_parameters(prefix=e.prefix(i).rstrip("."))
-                          if n in self.attention_of(i)}
+                          if n in self.attention_of(i)} if i in self.moving else {}
                 x = hs[i].detach().requires_grad_(True)
                 with torch.enable_grad():
                     for p in params.values():
@@ -104,7 +106,8 @@ class Distillation:
                     out = out[0] if isinstance(out, tuple) else out
                     out.backward(g)
                 g = x.grad
-                self.put(i, self._adam(i, {n: (p.detach(), p.grad) for n, p in params.items()}, lr, t))
+                if params:
+                    self.put(i, self._adam(i, {n: (p.detach(), p.grad) for n, p in params.items()}, lr, t))
         return kl
 
     def attention_of(self, i: int) -> set[str]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-from uptrain.arch import attention_kind, kv_cache_bytes_per_token, spec_for_config
+from uptrain.arch import attention_kind, kv_cache_bytes_per_token, kv_heads_text, spec_for_config
 from uptrain.checkpoint import CHECKPOINT_FILES, DTYPES, dtype_size, kv_dtype, open_source, read_config
 from uptrain.hf import local_folder, resolve
 from uptrain.modeling import code_files
@@ -17,7 +17,7 @@ class CheckpointInfo:
     model_type: str
     layers: int
     heads: int
-    kv_heads: int
+    kv_heads: int | list[int]  # a list G_l when the checkpoint's layers differ (nemotron-nas)
     head_dim: int
     params: int
     dtype: str
@@ -26,6 +26,8 @@ class CheckpointInfo:
     cross_kv_cache_bytes_per_token: int | None = None  # encoder-decoders: cross-attention, per source token
     gqa_attention: str | None = None  # encoder-decoders converted by uptrain: which attention shares KV heads
     code: list[str] | None = None  # modeling files config.json's auto_map names: it loads with trust_remote_code
+    per_layer: str | None = None  # where a per-layer checkpoint's config holds G_l ("block_configs")
+    per_layer_result: str | None = None  # how a per-layer conversion of this source is written (None: refused)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -47,6 +49,16 @@ class CheckpointInfo:
         ]
         if self.code:
             lines.insert(2, f"  code              {', '.join(self.code)} (load with trust_remote_code=True)")
+        if self.per_layer:  # per-layer KV heads: one line per layer instead of the table of G (not a source)
+            lines[lines.index(f"  KV heads          {self.kv_heads}")] = (
+                f"  KV heads          {kv_heads_text(self.kv_heads)} (per layer, {self.per_layer}; "
+                f"{sum(self.kv_heads)} in all)")
+            lines[-2:] = ["", "  layer   KV heads   query heads per KV head   KV cache bytes/token"]
+            per = self.kv_cache_bytes_per_token // sum(self.kv_heads) if sum(self.kv_heads) else 0
+            lines += [f"  {i:>5}   {g:>8}   {(self.heads // g if g else '—'):>23}   {g * per:>20,}"
+                      for i, g in enumerate(self.kv_heads)]
+            lines.append("  (a per-layer result: uptrain converts its source, not this checkpoint)")
+            return "\n".join(lines)
         if self.cross_kv_cache_bytes_per_token is not None:  # an encoder-decoder: two caches, two units
             lines[-3:] = [
                 f"  KV cache          decoder self-attention {self.kv_cache_bytes_per_token:,} bytes per generated "
@@ -66,7 +78,15 @@ class CheckpointInfo:
                 continue
             lines.append(f"  {o['groups']:>10}   {b:>20,}   {fmt_bytes(b * 4096):>14}   {o['saving']:>6.1%}   "
                          f"{o['result']}")
+        if self.per_layer_result:
+            lines += ["", f"  per layer: --groups with one G per layer (e.g. {kv_heads_text(self._example())}), or "
+                          f"--kv-budget F (the fraction of the KV cache to keep: G_l chosen from calibration); "
+                          f"written as {self.per_layer_result}"]
         return "\n".join(lines)
+
+    def _example(self) -> list[int]:
+        gs = [o["groups"] for o in self.options]
+        return [gs[(len(gs) - 1 - i) % len(gs)] for i in range(self.layers)]
 
 
 def inspect(src: str, revision: str | None = None, allow_pickle: bool = True) -> CheckpointInfo:
@@ -83,6 +103,10 @@ def inspect(src: str, revision: str | None = None, allow_pickle: bool = True) ->
     layers, heads, kv, d = spec.layers(cfg), spec.heads(cfg), spec.kv_heads(cfg), spec.head_dim(cfg)
     base = kv_cache_bytes_per_token(layers, kv, d, nbytes)
     options = []
+    if spec.per_layer:  # a per-layer result (nemotron-nas): its heads, no conversion options
+        return CheckpointInfo(str(src), cfg["model_type"], layers, heads, list(spec.layer_kv_heads(cfg)), d, params,
+                              str(DTYPES[dtype]).replace("torch.", ""), base, [],
+                              code=code_files(cfg.get("auto_map")) or None, per_layer=spec.per_layer)
     for g in spec.valid_groups(cfg):  # the G some form of the architecture can hold (gpt_bigcode: 1 or H)
         b = kv_cache_bytes_per_token(layers, g, d, nbytes)
         options.append({"groups": g, "kv_cache_bytes_per_token": b, "saving": 1 - b / base,
@@ -93,9 +117,12 @@ def inspect(src: str, revision: str | None = None, allow_pickle: bool = True) ->
         cross = kv_cache_bytes_per_token(cross_b, kv, d, nbytes)
         for o in options:
             o["cross_kv_cache_bytes_per_token"] = kv_cache_bytes_per_token(cross_b, o["groups"], d, nbytes)
+    form = next((f for f in spec.forms if f.groups == "per-layer"), None)
+    per_layer = None if spec.blocks or spec.per_layer_refusal(cfg) else (
+        f"{form.config['model_type']} (remote code, trust_remote_code=True; vLLM serves it natively)")
     return CheckpointInfo(str(src), cfg["model_type"], layers, heads, kv, d, params, str(DTYPES[dtype]).replace(
         "torch.", ""), base, options, cross, cfg.get("gqa_attention") if cross is not None else None,
-        code_files(cfg.get("auto_map")) or None)
+        code_files(cfg.get("auto_map")) or None, per_layer_result=per_layer)
 
 
 def result_kind(spec, cfg, groups: int) -> str:

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Optional
+from fractions import Fraction
+from typing import Optional, Union
 
 from uptrain.errors import UptrainError
 from uptrain.options import SpokenOptions, option
@@ -22,11 +23,41 @@ CALIBRATION_INPUTS = ("source", "converted")
 DEFAULT_CALIBRATION_TOKENS = 32768
 DEFAULT_REFINE_STEPS = 200  # aligned's default (measured: docs/calibration.md); pooling methods refine only when asked
 DEFAULT_DISTILL_STEPS = 20  # aligned's default end-to-end distillation steps (measured: docs/calibration.md)
+DEFAULT_ALLOCATION_TOKENS = 2048  # --kv-budget: each layer at each G runs through every later layer (~L²·#G/2 layer passes)
+
+
+def parse_groups(value):
+    """One G (2, "2") or one per layer ("8,2,1,4", [8, 2, 1, 4]) → an int or a list of ints."""
+    if isinstance(value, str):
+        parts = [p.strip() for p in value.split(",")]
+        try:
+            numbers = [int(p) for p in parts]
+        except ValueError:
+            raise ValueError(f"{value!r} is not a number of KV heads or a comma-separated list of them "
+                             f"(e.g. 2, or 8,2,1,4: one per layer)") from None
+        return numbers[0] if len(numbers) == 1 else numbers
+    if isinstance(value, (list, tuple)):
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in value) or not value:
+            raise ValueError(f"{list(value)!r} is not a list of KV-head counts (whole numbers, one per layer)")
+        return list(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{value!r} is not a number of KV heads")
+    return value
+
+
+def parse_fraction(value) -> float:
+    """0.25, "0.25" or "1/4" → 0.25."""
+    try:
+        return float(Fraction(str(value).strip())) if not isinstance(value, bool) else float("nan")
+    except (ValueError, ZeroDivisionError):
+        raise ValueError(f"{value!r} is not a fraction (e.g. 0.25 or 1/4)") from None
 
 
 def _opt(help: str, default=None, cli: bool = True, scope: str | None = None, **kw):
     """scope "aligned": read by method aligned only; "calibrated": by aligned and by any method with
-    refine steps (they calibrate layer by layer); None: by every method."""
+    refine steps (they calibrate layer by layer) and by a KV budget (it measures the layers on calibration
+    text); "budget": by a KV budget only; None: by every method. `parse`: how a CLI string or a recipe value
+    becomes the field's value (raises ValueError with the reason)."""
     return option(help, default, cli=cli, scope=scope, **kw)
 
 
@@ -34,8 +65,16 @@ def _opt(help: str, default=None, cli: bool = True, scope: str | None = None, **
 class ConvertOptions(SpokenOptions):
     KIND = "conversion option"
 
-    groups: int = _opt("G: KV heads of the result (1 = MQA, the source's KV heads = unchanged)", 0, short="-g",
-                       required=True)
+    groups: Union[int, list[int]] = _opt(
+        "G: KV heads of the result (1 = MQA, the source's KV heads = unchanged), or one per layer, e.g. 8,2,1,4 "
+        "(Llama family: written in the nemotron-nas form vLLM serves)", 0, short="-g", parse=parse_groups)
+    kv_budget: Optional[float] = _opt(
+        "instead of --groups: the fraction of the source's KV-cache bytes to keep (0.25 or 1/4 keeps the bytes of "
+        "G = K/4); each layer's KV heads are chosen from calibration to lose the least (Llama family)",
+        parse=parse_fraction)
+    allocation_tokens: Optional[int] = _opt(
+        f"--kv-budget: calibration tokens the per-layer losses are measured on (default "
+        f"{DEFAULT_ALLOCATION_TOKENS}; every layer at every G runs through the layers after it)", scope="budget")
     method: str = _opt("mean (the paper, default) | first | random | mean-norm | aligned", "mean",
                        choices=METHODS)
     seed: int = _opt("seed of method random", 0)
@@ -91,12 +130,50 @@ class ConvertOptions(SpokenOptions):
         """Whether the conversion runs calibration text through the source, layer by layer."""
         return self.method == "aligned" or self.steps > 0 or self.distill > 0
 
+    @property
+    def reads_calibration(self) -> bool:
+        """Whether anything reads calibration text: a calibrated method, or a KV budget's per-layer losses."""
+        return self.calibrated or self.kv_budget is not None
+
+    @property
+    def per_layer(self) -> bool:
+        """Whether the result may get different KV heads per layer (a budget, or a list that is not uniform)."""
+        return self.kv_budget is not None or isinstance(self.groups, list) and len(set(self.groups)) > 1
+
+    def resolved_groups(self):
+        """--groups as the converter takes it: one G, or a tuple G_l whose values differ (a uniform list is the
+        one G it repeats: written exactly as --groups G writes it)."""
+        if isinstance(self.groups, list):
+            return self.groups[0] if len(set(self.groups)) == 1 else tuple(self.groups)
+        return self.groups
+
     def check(self, section: str | None = None) -> ConvertOptions:
         """Value checks that need no checkpoint (the KV-head count is checked by the converter). `section`:
         the recipe section these options were read from (recipes validate every section this way)."""
         if section is not None:
             self.spoken_as(section)
-        if not isinstance(self.groups, int) or self.groups < 1:
+        for name in ("groups", "kv_budget"):  # the Python API hands values over unparsed
+            value = getattr(self, name)
+            if value is not None and (name != "groups" or value != 0):
+                try:
+                    setattr(self, name, parse_groups(value) if name == "groups" else parse_fraction(value))
+                except ValueError as e:
+                    raise UptrainError(f"{self.key(name)}: {e}") from None
+        if self.kv_budget is not None:
+            if self.groups:
+                raise UptrainError(f"give either {self.key('groups')} or {self.key('kv_budget')}, not both: "
+                                   f"{self.key('kv_budget')} chooses the KV heads of every layer")
+            if not 0 < self.kv_budget <= 1:
+                raise UptrainError(f"{self.said('kv_budget')}: must be a fraction of the source's KV-cache bytes "
+                                   f"in (0, 1], e.g. 0.25 or 1/4")
+        elif isinstance(self.groups, list):
+            if any(g < 1 for g in self.groups):
+                raise UptrainError(f"{self.key('groups')} {','.join(map(str, self.groups))}: every layer's G must "
+                                   f"be at least 1 (the KV heads of the result)")
+        elif self.groups == 0:
+            raise UptrainError(f"give {self.key('groups')} G (the KV heads of the result; one per layer, e.g. "
+                               f"8,2,1,4) or {self.key('kv_budget')} F (the fraction of the KV cache to keep)")
+        elif not isinstance(self.groups, int) or self.groups < 1:
             raise UptrainError(f"{self.said('groups')}: must be at least 1 (the KV heads of the result)")
         if self.method not in METHODS:
             raise UptrainError(f"unknown {self.said('method')}; choose one of {', '.join(METHODS)}")
@@ -117,12 +194,42 @@ class ConvertOptions(SpokenOptions):
             raise UptrainError(f"{self.said('method')} takes no "
                                f"{', '.join(self.key(n) for n in self.set_in('aligned'))}; those options belong to "
                                f"{self.said('method', 'aligned')}")
-        if not self.calibrated and self.set_in("calibrated"):
+        if not self.reads_calibration and self.set_in("calibrated"):
             raise UptrainError(f"{self.said('method')} without {self.key('refine_steps')} reads no calibration "
                                f"data, so it takes no {', '.join(self.key(n) for n in self.set_in('calibrated'))}; "
-                               f"those options belong to {self.said('method', 'aligned')} or to "
-                               f"{self.said('refine_steps', DEFAULT_REFINE_STEPS)}")
+                               f"those options belong to {self.said('method', 'aligned')}, to "
+                               f"{self.said('refine_steps', DEFAULT_REFINE_STEPS)} or to {self.key('kv_budget')}")
+        if self.kv_budget is None and self.set_in("budget"):
+            raise UptrainError(f"{', '.join(self.key(n) for n in self.set_in('budget'))} belongs to "
+                               f"{self.key('kv_budget')}, which is not given")
+        if self.allocation_tokens is not None and self.allocation_tokens < 1:
+            raise UptrainError(f"{self.said('allocation_tokens')}: must be positive")
         return self
+
+    def check_source(self, spec, config) -> None:
+        """Checks against the source's attention spec and config (arch.py; no weights read): the KV heads given
+        divide the source's, a per-layer result has a form, a budget leaves every layer at least one KV head."""
+        from uptrain.arch import check_groups, kv_heads_text
+
+        kv = spec.kv_heads(config)
+        if spec.per_layer:
+            raise UptrainError(f"this checkpoint already has per-layer KV heads ({spec.per_layer}: "
+                               f"{kv_heads_text(kv)}); uptrain converts MHA and GQA checkpoints: convert its source "
+                               f"with the {self.key('groups')} or {self.key('kv_budget')} you want")
+        layers = spec.layers(config)
+        if self.kv_budget is None:
+            check_groups(self.groups, kv, self.key("groups"), layers)
+        if self.per_layer:
+            why = spec.per_layer_refusal(config) if not spec.blocks else (
+                "per-layer KV heads are written for decoder-only Llama-family models only")
+            if why:
+                asked = self.said("kv_budget") if self.kv_budget is not None else \
+                    f"{self.key('groups')} {kv_heads_text(self.groups)}"
+                raise UptrainError(f"{asked}: {why}; use one {self.key('groups')} G for every layer")
+        if self.kv_budget is not None:
+            from uptrain.conversion.allocation import budget_heads
+
+            budget_heads(self.kv_budget, [kv] * layers, self.said("kv_budget"))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -130,4 +237,5 @@ class ConvertOptions(SpokenOptions):
     def recorded(self) -> dict:
         """The options as uptrain.json keeps them (JSON values only: a DataSpec given to the Python API as
         calibration is described by the conversion record's calibration entry instead)."""
-        return {k: v for k, v in self.to_dict().items() if isinstance(v, (int, float, str, bool, type(None)))}
+        return {k: v for k, v in self.to_dict().items() if isinstance(v, (int, float, str, bool, type(None)))
+                or isinstance(v, list) and all(isinstance(x, int) for x in v)}

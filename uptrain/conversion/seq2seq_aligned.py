@@ -220,7 +220,7 @@ class Seq2SeqCalibrated:
         G KV heads, its record). watch: its _Watch (aligned); cached: a decoder block."""
         spec, (block, i) = ctx.spec, unit
         if not self.aligned:  # the pooling method, as the streaming path merges it (the same seeds)
-            from uptrain.conversion.methods import PoolMethod
+            from uptrain.conversion.pool_method import PoolMethod
 
             kv = {s: w[s] for s in spec.kv}
             return {**w, **PoolMethod(self.name).merge(unit, kv, ctx)}, {"block": block, "layer": i}
@@ -313,7 +313,7 @@ class Seq2SeqCalibrated:
         if unit not in ctx.spec.units(ctx.config):
             return {}
         if not self.aligned:
-            from uptrain.conversion.methods import PoolMethod
+            from uptrain.conversion.pool_method import PoolMethod
 
             out = PoolMethod(self.name).stats(unit, inputs, outputs, ctx)
         else:

@@ -15,7 +15,6 @@ import os
 import queue
 import threading
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 from uptrain.checkpoint import SAFE_INDEX, plan_shards, shard_header, tensor_bytes, write_all
@@ -120,126 +119,27 @@ class _Scratch:
 
 
 def write_converted(folder: Path, plan: dict, source, merger, ctx, max_shard_size, progress: bool = True):
-    """Write the weights of `plan` into `folder`. Returns (bytes written, number of shards, per-layer stats)."""
+    """Write the weights of `plan` into `folder`. Returns (bytes written, number of shards, per-layer stats).
+
+    Every shard's header is known up front: all shard files are opened (and their headers written) before the
+    first byte is copied, so that the helper thread can write the merged tensors into any of them."""
     from tqdm.auto import tqdm
 
-    out_tensors = {n: (p[3], p[4]) for n, p in plan.items()}
+    out_tensors = {n: (step.dtype, step.shape) for n, step in plan.items()}
     shards, total = plan_shards(out_tensors, max_shard_size)
-    layer_names: dict[int, list[str]] = {}
-    families: dict[tuple[str, ...], list[str]] = {}  # plan.Step.members → the result tensors of that family
-    for n, (action, layer, *_rest) in plan.items():
-        if action == "merge":
-            layer_names.setdefault(layer, []).append(n)
-        if plan[n].members:
-            families.setdefault(plan[n].members, []).append(n)
-    cache: dict[str, torch.Tensor] = {}
-    stats: dict[int, dict] = {}
-    scratch = _Scratch() if not merger.layerwise and getattr(source, "reads_into", False) else None
-
-    def read_float(n: str) -> torch.Tensor:
-        import torch
-
-        if scratch is None:
-            return source.read(n).float()
-        e = source.entries[n]
-        raw = source.read(n, out=scratch.get("raw", e.nbytes, torch.uint8))
-        if raw.dtype == torch.float32:  # as .float() would: the same memory (outputs are checked below)
-            return raw
-        return scratch.get("f32", raw.numel(), torch.float32).view(raw.shape).copy_(raw)
-
-    def merged(name: str):
-        """The output bytes of a merged tensor (runs on the helper thread)."""
-        from uptrain.checkpoint import DTYPES
-
-        action, layer, suffix, dt, shape, *_ = plan[name]
-        if action == "restore":  # stored otherwise by the result (plan.Step): no method involved
-            step = plan[name]
-            cache[name] = step.write.stored(step.read.canonical(source.read(name)), shape)
-        if plan[name].members and name not in cache:  # one tensor per KV head: pooled as their concatenation
-            import torch
-
-            members = plan[name].members
-            pooled = merger.merge(layer, {suffix: torch.cat([source.read(m).float() for m in members])}, ctx)[suffix]
-            rows = pooled.shape[0] // ctx.groups
-            for n in families[members]:
-                cache[n] = pooled[plan[n].part * rows: (plan[n].part + 1) * rows].clone()
-        if name not in cache:
-            names = layer_names[layer] if merger.layerwise else [name]
-            # methods see the canonical form (arch.Storage); the result's storage is restored below
-            inputs = {plan[n][2]: plan[n].read.canonical(read_float(n)) for n in names}
-            outputs = merger.merge(layer, inputs, ctx)
-            stats.setdefault(layer, {"block": layer[0], "layer": layer[1]} if isinstance(layer, tuple) else {"layer": layer}).update(merger.stats(layer, inputs, outputs, ctx))
-            for n in names:
-                out = plan[n].write.stored(outputs[plan[n][2]], plan[n].shape)
-                # an output sharing memory with an input in the scratch buffers would be overwritten by
-                # the next read: keep a copy
-                cache[n] = out.clone() if scratch is not None and scratch.holds(out) else out
-            del inputs, outputs
-        t = cache.pop(name).to(DTYPES[dt])
-        if tuple(t.shape) != shape:
-            raise RuntimeError(f"method {merger.name} produced {tuple(t.shape)} for {name}, planned {shape}")
-        data = tensor_bytes(t)
-        if not direct:
-            return data
-        # Written here, at its offset, not by the writer: its thread's time is the conversion's time.
-        fd, start, nbytes = places[name]
-        if data.nbytes != nbytes:  # a bug guard: a wrong size must never produce a silently bad file
-            raise RuntimeError(f"{name}: wrote {data.nbytes} bytes, planned {nbytes}")
-        pwrite_all(fd, data, start)
-        return WRITTEN
-
-    # Every shard's header is known up front: all shard files are opened (and their headers written) before
-    # the first byte is copied, so that the helper can write the merged tensors into any of them.
     headers = {fname: shard_header(names, out_tensors) for fname, names in shards.items()}
-    direct = hasattr(os, "pwrite")
-    places: dict[str, tuple[int, int, int]] = {}  # merged tensor → (fd, absolute offset, bytes)
     files: dict[str, object] = {}
-    bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"convert → {ctx.groups} KV heads", disable=not progress)
-    ahead = None
-
-    def write_shard_file(f, fname: str, names: list[str], last: bool) -> int:
-        """One shard, header known up front. Each tensor goes to its own offset, so the writer need not
-        wait for a merge: it copies the unchanged tensors in order while the helper writes each merged one
-        (or hands it over to be written) as soon as it has it; the writer waits for a merge at the latest
-        at the end of the shard."""
-        prefix, header, size = headers[fname]
-        pending = [n for n in names if plan[n][0] != "copy"]  # the helper's order
-
-        def put(name: str, data) -> None:
-            a, b = header[name]["data_offsets"]
-            if data is not WRITTEN:
-                f.seek(len(prefix) + a)
-                if data is None:
-                    source.copy_bytes(name, f)
-                else:
-                    write_all(f, data)
-                if f.tell() != len(prefix) + b:  # a bug guard: a wrong shape must never produce a silently bad file
-                    raise RuntimeError(f"{name}: wrote {f.tell() - len(prefix) - a} bytes, planned {b - a}")
-            bar.update(b - a)
-
-        for name in names:
-            if plan[name][0] == "copy":
-                put(name, None)
-            while pending and ahead.ready():
-                put(pending[0], ahead.take(pending[0]))
-                pending.pop(0)
-        for name in pending:
-            put(name, ahead.take(name, last_copy_done=last))
-        return size
-
-    written = 0
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"convert → {ctx.groups_text} KV heads",
+               disable=not progress)
+    ahead, written = None, 0
     try:
-        for fname, names in shards.items():
-            f = files[fname] = open(folder / fname, "wb", buffering=0)
-            prefix, header, _ = headers[fname]
-            write_all(f, prefix)
-            for n in names:
-                if plan[n][0] != "copy":
-                    a, b = header[n]["data_offsets"]
-                    places[n] = (f.fileno(), len(prefix) + a, b - a)
-        ahead = _MergeAhead([n for names in shards.values() for n in names if plan[n][0] != "copy"], merged)
+        places = _open_shards(folder, shards, headers, plan, files)
+        merging = _Merging(plan, source, merger, ctx, places if hasattr(os, "pwrite") else None)
+        ahead = _MergeAhead([n for names in shards.values() for n in names if plan[n].action != "copy"],
+                            merging.output)
         for i, (fname, names) in enumerate(shards.items()):
-            written += write_shard_file(files[fname], fname, names, last=i == len(shards) - 1)
+            written += _write_shard(files[fname], headers[fname], names, plan, source, ahead, bar,
+                                    last=i == len(shards) - 1)
     finally:
         if ahead is not None:
             ahead.close()
@@ -247,7 +147,140 @@ def write_converted(folder: Path, plan: dict, source, merger, ctx, max_shard_siz
             f.close()
         bar.close()
     if len(shards) > 1:
-        index = {"metadata": {"total_size": written},
-                 "weight_map": {n: f for f, names in shards.items() for n in names}}
-        (folder / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n")
-    return written, len(shards), [stats[k] for k in sorted(stats)]
+        _write_index(folder, shards, written)
+    return written, len(shards), merging.layer_stats()
+
+
+def _open_shards(folder: Path, shards: dict, headers: dict, plan: dict, files: dict) -> dict[str, tuple[int, int, int]]:
+    """Open every shard file into `files` (the caller closes them) and write its header. Returns where each
+    tensor that is not copied goes: name → (fd, absolute offset, bytes)."""
+    places = {}
+    for fname, names in shards.items():
+        f = files[fname] = open(folder / fname, "wb", buffering=0)
+        prefix, header, _ = headers[fname]
+        write_all(f, prefix)
+        for n in names:
+            if plan[n].action != "copy":
+                a, b = header[n]["data_offsets"]
+                places[n] = (f.fileno(), len(prefix) + a, b - a)
+    return places
+
+
+class _Merging:
+    """The helper thread's work: the output bytes of every tensor that is not copied, merged through the method
+    (in canonical form, arch.Storage) or restored to the result's storage. With `places` (os.pwrite), it writes
+    them at their offsets itself: its thread's time is the conversion's time."""
+
+    def __init__(self, plan: dict, source, merger, ctx, places: dict | None):
+        self.plan, self.source, self.merger, self.ctx, self.places = plan, source, merger, ctx, places
+        self.layer_names: dict = {}  # layer → its merged tensors (a layerwise method merges them together)
+        # tensor_plan.Step.members → the result tensors of that family
+        self.families: dict[tuple[str, ...], list[str]] = {}
+        for n, step in plan.items():
+            if step.action == "merge":
+                self.layer_names.setdefault(step.layer, []).append(n)
+            if step.members:
+                self.families.setdefault(step.members, []).append(n)
+        self.cache: dict[str, torch.Tensor] = {}  # outputs merged together with an earlier tensor, not yet taken
+        self.stats: dict = {}
+        self.scratch = _Scratch() if not merger.layerwise and getattr(source, "reads_into", False) else None
+
+    def output(self, name: str):
+        """The output bytes of `name` (or WRITTEN, once written at its place)."""
+        from uptrain.checkpoint import DTYPES
+
+        step = self.plan[name]
+        if name not in self.cache:
+            if step.action == "restore":  # stored otherwise by the result (tensor_plan.Step): no method involved
+                self.cache[name] = step.write.stored(step.read.canonical(self.source.read(name)), step.shape)
+            elif step.members:  # one tensor per KV head: pooled as their concatenation
+                self._merge_family(step)
+            else:
+                self._merge_layer(name, step.layer)
+        t = self.cache.pop(name).to(DTYPES[step.dtype])
+        if tuple(t.shape) != step.shape:
+            raise RuntimeError(f"method {self.merger.name} produced {tuple(t.shape)} for {name}, planned {step.shape}")
+        data = tensor_bytes(t)
+        if self.places is None:
+            return data
+        fd, start, nbytes = self.places[name]
+        if data.nbytes != nbytes:  # a bug guard: a wrong size must never produce a silently bad file
+            raise RuntimeError(f"{name}: wrote {data.nbytes} bytes, planned {nbytes}")
+        pwrite_all(fd, data, start)
+        return WRITTEN
+
+    def _merge_family(self, step) -> None:
+        import torch
+
+        here = self.ctx.at(step.layer)
+        cat = torch.cat([self.source.read(m).float() for m in step.members])
+        pooled = self.merger.merge(step.layer, {step.suffix: cat}, here)[step.suffix]
+        rows = pooled.shape[0] // here.groups
+        for n in self.families[step.members]:
+            part = self.plan[n].part
+            self.cache[n] = pooled[part * rows: (part + 1) * rows].clone()
+
+    def _merge_layer(self, name: str, layer) -> None:
+        names = self.layer_names[layer] if self.merger.layerwise else [name]
+        # methods see the canonical form (arch.Storage); the result's storage is restored below
+        inputs = {self.plan[n].suffix: self.plan[n].read.canonical(self._read_float(n)) for n in names}
+        here = self.ctx.at(layer)  # its own G_l when the result has per-layer KV heads
+        outputs = self.merger.merge(layer, inputs, here)
+        at = {"block": layer[0], "layer": layer[1]} if isinstance(layer, tuple) else {"layer": layer}
+        self.stats.setdefault(layer, at).update(self.merger.stats(layer, inputs, outputs, here))
+        for n in names:
+            step = self.plan[n]
+            out = step.write.stored(outputs[step.suffix], step.shape)
+            # an output sharing memory with an input in the scratch buffers would be overwritten by the next
+            # read: keep a copy
+            self.cache[n] = out.clone() if self.scratch is not None and self.scratch.holds(out) else out
+
+    def _read_float(self, n: str) -> torch.Tensor:
+        import torch
+
+        if self.scratch is None:
+            return self.source.read(n).float()
+        e = self.source.entries[n]
+        raw = self.source.read(n, out=self.scratch.get("raw", e.nbytes, torch.uint8))
+        if raw.dtype == torch.float32:  # as .float() would: the same memory (outputs are checked in output())
+            return raw
+        return self.scratch.get("f32", raw.numel(), torch.float32).view(raw.shape).copy_(raw)
+
+    def layer_stats(self) -> list[dict]:
+        return [self.stats[k] for k in sorted(self.stats)]
+
+
+def _write_shard(f, shard: tuple, names: list[str], plan: dict, source, ahead: _MergeAhead, bar, last: bool) -> int:
+    """One shard, header known up front. Each tensor goes to its own offset, so the writer need not wait for a
+    merge: it copies the unchanged tensors in order while the helper writes each merged one (or hands it over to
+    be written) as soon as it has it; the writer waits for a merge at the latest at the end of the shard."""
+    prefix, header, size = shard
+    pending = [n for n in names if plan[n].action != "copy"]  # the helper's order
+
+    def put(name: str, data) -> None:
+        a, b = header[name]["data_offsets"]
+        if data is not WRITTEN:
+            f.seek(len(prefix) + a)
+            if data is None:
+                source.copy_bytes(name, f)
+            else:
+                write_all(f, data)
+            if f.tell() != len(prefix) + b:  # a bug guard: a wrong shape must never produce a silently bad file
+                raise RuntimeError(f"{name}: wrote {f.tell() - len(prefix) - a} bytes, planned {b - a}")
+        bar.update(b - a)
+
+    for name in names:
+        if plan[name].action == "copy":
+            put(name, None)
+        while pending and ahead.ready():
+            put(pending[0], ahead.take(pending[0]))
+            pending.pop(0)
+    for name in pending:
+        put(name, ahead.take(name, last_copy_done=last))
+    return size
+
+
+def _write_index(folder: Path, shards: dict, total_size: int) -> None:
+    index = {"metadata": {"total_size": total_size},
+             "weight_map": {n: f for f, names in shards.items() for n in names}}
+    (folder / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n")

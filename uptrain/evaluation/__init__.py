@@ -7,6 +7,7 @@
     serving.py   the vLLM adapter: serve folders in a child process (vllm_child.py), KV capacity, tokens/s,
                  greedy tokens; `--engine vllm`
     compare.py   evaluate(): inputs checked, one row per model, EvalResult (markdown, JSON, plot)
+    table.py     the columns of the `uptrain eval` table (number formats: uptrain/report.py; plots: uptrain/plots.py)
 
 Names are imported lazily, so `from uptrain.evaluation.quality import perplexity` (the training loop)
 never loads transformers, tqdm or the report code.

@@ -147,7 +147,7 @@ class EvalResult:
                 f"{v['new_tokens']} greedy tokens equal transformers' (mean fraction before the first difference). ")
 
     def to_markdown(self) -> str:
-        from uptrain.report import eval_markdown
+        from uptrain.evaluation.table import eval_markdown
 
         parts = [eval_markdown(self.rows), "", self.settings_text()]
         parts += [f"- {n}" for n in self.notes]
@@ -165,7 +165,7 @@ class EvalResult:
         return atomic_write(path, text if text.endswith("\n") else text + "\n")
 
     def plot(self, path: str, quality: str | None = None) -> str:
-        from uptrain.report import plot_quality_vs_cost
+        from uptrain.plots import plot_quality_vs_cost
 
         if quality is None:  # perplexities of different tokenizers are not comparable; bits/byte are
             quality = "bits_per_byte" if self.settings.get("tokenizers_differ") else "perplexity"

@@ -137,7 +137,9 @@ def serve_in_vllm(jobs: list[ServeJob], settings: ServeSettings, progress=None) 
     from transformers import AutoConfig
 
     for job in jobs:
-        check_servable(job.label or job.path, AutoConfig.from_pretrained(job.path, revision=job.revision))
+        # trust_remote_code only where the job trusts it: uptrain's own configuration class (nemotron-nas)
+        config = AutoConfig.from_pretrained(job.path, revision=job.revision, trust_remote_code=job.trust_remote_code)
+        check_servable(job.label or job.path, config)
     work = tempfile.mkdtemp(prefix="uptrain-vllm-")
     request, results, log = (os.path.join(work, n) for n in ("request.json", "results.jsonl", "vllm.log"))
     with open(request, "w") as f:

@@ -3,7 +3,7 @@
 Pre-train a small MHA Llama on Shakespeare (the stand-in for "the original pre-training"), convert it to
 GQA-4, GQA-2 and MQA, uptrain each for α of the pre-training steps, evaluate everything on held-out plays
 and write a report with the paper's Table 1 / Figures 3-5 shapes. Built only from the public pieces:
-`uptrain.data`, `uptrain.convert`, `uptrain.train`, `uptrain.evaluate`, `uptrain.report`.
+`uptrain.data`, `uptrain.convert`, `uptrain.train`, `uptrain.evaluate`, `uptrain.report`, `uptrain.plots`.
 
     options.py   DemoOptions: the flags of `uptrain demo` = the arguments of `uptrain.demo(...)`
     sizes.py     DemoSize (FULL, QUICK), the variants compared, the α sweep

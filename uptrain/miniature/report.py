@@ -47,7 +47,7 @@ def write_outputs(run, vs, pre: dict, uptrained: dict, sweep: dict, ev: dict, t0
 
 
 def plots(out_dir: Path, rows, pre, uptrained, sweep, n, vs) -> list[str]:
-    from uptrain.report import plot_bars, plot_lines, plot_quality_vs_cost
+    from uptrain.plots import plot_bars, plot_lines, plot_quality_vs_cost
 
     paths = []
     main = [dict(x, label=x["model"], perplexity=x["ppl_uptrained"]) for x in rows if x["role"] == "main"]

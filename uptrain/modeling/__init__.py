@@ -10,7 +10,7 @@ one template of this folder next to the weights and points config.json's `auto_m
 
 so that `AutoModelForCausalLM.from_pretrained(OUT, trust_remote_code=True)` loads it on a machine without
 uptrain, and vLLM's Transformers backend serves it (it builds the `AutoModel` entry's base model and runs its
-attention through `ALL_ATTENTION_FUNCTIONS`; see uptrain/evaluation/serving.py). The templates import only torch and transformers (tests/test_layers.py checks it); this registry
+attention through `ALL_ATTENTION_FUNCTIONS`; see uptrain/evaluation/serving.py). The templates import only torch and transformers (tests/test_import_layers.py checks it); this registry
 imports only the standard library, so that any layer of uptrain may ask it whether a folder's code is ours
 (uptrain/hf.py does before it passes trust_remote_code=True).
 """
@@ -28,6 +28,7 @@ class Template:
     model_class: str  # its class for `auto_class`
     auto_class: str = "AutoModelForCausalLM"  # encoder-decoders (t5): AutoModelForSeq2SeqLM
     base_class: str | None = None  # the base model (auto_map's AutoModel), which vLLM's Transformers backend builds
+    config_class: str | None = None  # its own configuration class (AutoConfig), when the file defines one
 
     @property
     def path(self) -> Path:
@@ -38,8 +39,9 @@ class Template:
         return Path(self.file).stem
 
     def auto_map(self) -> dict:
+        own = {"AutoConfig": f"{self.module}.{self.config_class}"} if self.config_class else {}
         base = {"AutoModel": f"{self.module}.{self.base_class}"} if self.base_class else {}
-        return {**base, self.auto_class: f"{self.module}.{self.model_class}"}
+        return {**own, **base, self.auto_class: f"{self.module}.{self.model_class}"}
 
 
 # Keyed by the name arch.py's Form.remote_code uses (the source model_type).
@@ -51,6 +53,8 @@ TEMPLATES = {
     "t5": Template("modeling_gqa_t5.py", "T5GQAForConditionalGeneration", "AutoModelForSeq2SeqLM"),
     "mt5": Template("modeling_gqa_t5.py", "MT5GQAForConditionalGeneration", "AutoModelForSeq2SeqLM"),
     "umt5": Template("modeling_gqa_t5.py", "UMT5GQAForConditionalGeneration", "AutoModelForSeq2SeqLM"),
+    # per-layer KV heads of the Llama family (arch.py's "per-layer" forms): the nemotron-nas / DeciLM config
+    "nemotron-nas": Template("modeling_decilm.py", "DeciLMForCausalLM", config_class="DeciLMConfig"),
 }
 
 

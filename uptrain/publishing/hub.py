@@ -36,7 +36,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from uptrain.arch import SPECS, attention_kind, attention_shape
+from uptrain.arch import PER_LAYER_SPECS, SPECS, attention_kind, attention_shape, kv_heads_text
 from uptrain.checkpoint import read_safetensors_header
 from uptrain.errors import UptrainError
 from uptrain.hf import hub_token
@@ -160,7 +160,10 @@ def checked_config_json(folder: Path) -> dict:
     try:
         from transformers import AutoConfig
 
-        AutoConfig.from_pretrained(str(folder))
+        from uptrain.hf import carries_uptrain_code, resolve
+
+        # uptrain's own configuration code (a per-layer nemotron-nas result) runs; no one else's
+        AutoConfig.from_pretrained(str(folder), trust_remote_code=carries_uptrain_code(resolve(str(folder))))
         return json.loads((folder / "config.json").read_text(encoding="utf-8"))
     except (ValueError, KeyError, OSError, TypeError) as e:
         raise UptrainError(f"{folder}/config.json does not load with transformers: {e}") from e
@@ -174,26 +177,38 @@ def _kv_heads(config: dict) -> int | None:
 
 
 def check_kv_heads(config: dict, record: Record | None, tensors: dict) -> None:
-    """The KV-head count must agree between config.json, uptrain.json and the K/V weight shapes."""
-    spec = SPECS.get(config.get("model_type"))
+    """The KV-head count must agree between config.json, uptrain.json and the K/V weight shapes (per layer for a
+    per-layer checkpoint)."""
+    mt = config.get("model_type")
+    spec = SPECS.get(mt) or PER_LAYER_SPECS.get(mt)
     spec = spec.for_config(config) if spec is not None else None  # with its optional tensors (arch.Extra)
     kv = _kv_heads(config)
     after = record.conversion.kv_heads_after if record and record.conversion else None
-    if after and kv is not None and after != kv:
-        raise UptrainError(f"config.json has {kv} KV heads but uptrain.json records a conversion to {after}: "
-                           f"the folder mixes two models")
+    if after and kv is not None and _same(after) != _same(kv):
+        raise UptrainError(f"config.json has {kv_heads_text(kv)} KV heads but uptrain.json records a conversion to "
+                           f"{kv_heads_text(after)}: the folder mixes two models")
     if spec is None:
         return
+    per_layer = spec.layer_kv_heads(config)
     for name, entry in tensors.items():
         try:
-            kind, _, suffix = spec.classify(name)
+            kind, layer, suffix = spec.classify(name)
         except UptrainError:  # the converter is strict about unknown tensors; publishing need not be
             continue
         if kind == "kv" and "{}" not in suffix:  # (a one-tensor-per-head family has head_dim rows per tensor)
-            rows, have = spec.rows(suffix, config)[-1][2], spec.kv_rows_in(suffix, tuple(entry["shape"]))
+            g = per_layer[layer] if isinstance(layer, int) and layer < len(per_layer) else None
+            rows = spec.rows(suffix, config, kv_heads=g if spec.per_layer else None)[-1][2]
+            have = spec.kv_rows_in(suffix, tuple(entry["shape"]))
             if have != rows:  # kv_rows_in: GPT-2's Conv1D holds its heads along dim 1
-                raise UptrainError(f"{name} has {have} rows but config.json's {kv} KV heads × "
-                                   f"head_dim {spec.head_dim(config)} need {rows}: weights and config disagree")
+                raise UptrainError(f"{name} has {have} rows but config.json's {g if spec.per_layer else kv} KV heads "
+                                   f"× head_dim {spec.head_dim(config)} need {rows}: weights and config disagree")
+
+
+def _same(kv):
+    """KV heads as one comparable value: a per-layer list whose layers agree is its one count."""
+    if isinstance(kv, (list, tuple)):
+        return kv[0] if len(set(kv)) == 1 else tuple(kv)
+    return kv
 
 
 def _parse_json_files(folder: Path, names: list[str]) -> None:

@@ -10,7 +10,7 @@ from pathlib import PurePosixPath
 
 import yaml
 
-from uptrain.arch import attention_kind
+from uptrain.arch import attention_kind, kv_heads_text
 from uptrain.publishing.card_facts import CardFacts, gather, is_hub_dataset, source_name
 from uptrain.report import Column, col, fmt_bytes, fmt_count, fmt_ratio, markdown_table
 
@@ -110,15 +110,16 @@ def _intro(facts: CardFacts) -> str:
     h, g = facts.heads, facts.kv_heads
     kind = attention_kind(h, g)
     hub = facts.source_hub_id
+    sharing = (f"{h} query heads sharing {g} key/value heads" if not isinstance(g, tuple) else
+               f"{h} query heads sharing {kv_heads_text(g)} key/value heads in its {len(g)} layers")
     if conv:
         src = _hub_link(hub) if hub else f"the local checkpoint `{source_name(conv)}`"
-        what = (f"This model is a grouped-query-attention ({kind}: {h} query heads sharing {g} key/value heads) "
-                f"version of {src}, converted")
+        what = (f"This model is a grouped-query-attention ({kind}: {sharing}) version of {src}, converted")
         what += " and then uptrained" if upt else ""
         what += (" with uptrain, following Ainslie et al. (2023), *GQA: Training Generalized Multi-Query "
                  "Transformer Models from Multi-Head Checkpoints*.")
     else:
-        what = (f"This model uses {kind} attention ({h} query heads, {g} key/value heads)"
+        what = (f"This model uses {kind} attention ({h} query heads, {kv_heads_text(g)} key/value heads)"
                 + (f", derived from {_hub_link(hub)}" if hub else "")
                 + (" and was trained with uptrain." if upt else "."))
     if conv and not upt:
@@ -128,6 +129,33 @@ def _intro(facts: CardFacts) -> str:
     return f"# {name}\n\n{MARKER}\n\n{what}"
 
 
+def _per_layer(conv, heads: int | None, groups: list[int]) -> str:
+    """Per-layer KV heads: a row per layer (its KV heads and, for a KV budget, the measured loss of its choice)."""
+    a = conv.allocation or {}
+    losses = {x.get("layer"): x for x in a.get("losses") or [] if isinstance(x, dict)}
+    per_head = (conv.kv_cache_bytes_per_token_after or 0) // max(sum(groups), 1)
+    header = ["layer", "KV heads", "query heads per KV head", "KV cache / token"]
+    if losses:
+        header.append("measured loss at its KV heads")
+    rows = []
+    for i, g in enumerate(groups):
+        row = [str(i), str(g), str(heads // g) if heads and g else "—", fmt_bytes(g * per_head)]
+        if losses:
+            row.append(_num(losses.get(i, {}).get(str(g)), "{:.4g}"))
+        rows.append(row)
+    text = ("Per-layer key/value heads, written in the nemotron-nas (DeciLM) form: config.json's "
+            "`block_configs[l].attention.n_heads_in_group` is H / G_l.")
+    if a:
+        used = a.get("heads")
+        text += (f" Chosen by `--kv-budget {a.get('kv_budget'):g}`: at most {a.get('budget_heads')} of the source's "
+                 f"{a.get('source_heads')} key/value heads over the layers ({used} used), the choice with the least "
+                 f"summed loss (the KL divergence of the next-token distribution from the source's when only that "
+                 f"layer is converted, in nats per token on calibration text): predicted "
+                 f"{a.get('predicted_loss', float('nan')):.4g}"
+                 + "".join(f", uniform G = {x}: {v:.4g}" for x, v in (a.get("uniform_loss") or {}).items()) + ".")
+    return text + "\n\n" + _table(header, rows)
+
+
 def _conversion(facts: CardFacts) -> str:
     conv = facts.conversion
     if not conv:
@@ -135,26 +163,32 @@ def _conversion(facts: CardFacts) -> str:
     h, k, g = conv.num_attention_heads or None, conv.kv_heads_before or None, conv.kv_heads_after or None
     before, after = conv.kv_cache_bytes_per_token_before or None, conv.kv_cache_bytes_per_token_after or None
     ctx = facts.context
+    per_layer = isinstance(g, list)
     rows = [
         ["query heads H", str(h), str(h)],
-        ["key/value heads", str(k), str(g)],
-        ["query heads per KV head", _num(h and k and h / k, "{:g}"), _num(h and g and h / g, "{:g}")],
+        ["key/value heads", str(k), kv_heads_text(g) + (" (per layer)" if per_layer else "")],
+        ["query heads per KV head", _num(h and k and h / k, "{:g}"),
+         ",".join(str(h // x) for x in g) if per_layer and h else _num(h and g and h / g, "{:g}")],
         ["head_dim", str(conv.head_dim or None), str(conv.head_dim or None)],
         ["KV cache per token", fmt_bytes(before), fmt_bytes(after)],
     ]
     if ctx and before and after:
         rows.append([f"KV cache per {ctx:,}-token sequence", fmt_bytes(before * ctx), fmt_bytes(after * ctx)])
     method = conv.method or "?"
-    text = [f"## Conversion\n\nThe {conv.num_layers or '?'} attention layers went from {k} to {g} key/value "
-            f"heads ({attention_kind(h, k)} → {attention_kind(h, g)}). Method `{method}`: "
+    went = (f"{k} to {kv_heads_text(g)} key/value heads per layer" if per_layer
+            else f"{k} to {g} key/value heads")
+    text = [f"## Conversion\n\nThe {conv.num_layers or '?'} attention layers went from {went} "
+            f"({attention_kind(h, k)} → {attention_kind(h, g)}). Method `{method}`: "
             f"{METHODS.get(method, 'see the uptrain documentation')}"
             + (f" (seed {conv.seed})" if method == "random" else "") + "."]
     if conv.grouping:
         text.append(GROUPINGS.get(conv.grouping, f"Grouping: {conv.grouping}."))
     if before and after:
-        text.append(f"The KV cache is **{before / after:g}× smaller** ({100 * (1 - after / before):.1f}% less "
+        text.append(f"The KV cache is **{before / after:.3g}× smaller** ({100 * (1 - after / before):.1f}% less "
                     f"memory per token, in {conv.dtype or 'the checkpoint dtype'}).")
     text.append(_table(["", "source", "this model"], rows))
+    if per_layer:
+        text.append(_per_layer(conv, h, g))
     errs = [(x.get("k_rel_error"), x.get("v_rel_error")) for x in conv.layers if isinstance(x, dict)]
     errs = [e for e in errs if None not in e]
     if errs:
@@ -167,7 +201,9 @@ def _conversion(facts: CardFacts) -> str:
         if isinstance(cal, dict):
             cal = ", ".join(f"{a} = {b}" for a, b in cal.items() if not isinstance(b, (dict, list)))
         text.append(f"Calibration: {cal}.")
-    text.append(f"Reproduce: `uptrain convert {source_name(conv)} OUT --groups {g} --method {method}"
+    budget = (conv.allocation or {}).get("kv_budget")
+    asked = f"--kv-budget {budget:g}" if budget is not None else f"--groups {kv_heads_text(g)}"
+    text.append(f"Reproduce: `uptrain convert {source_name(conv)} OUT {asked} --method {method}"
                 + (f" --seed {conv.seed}" if method == "random" else "")
                 + (f" --revision {conv.source_revision}" if conv.source_revision else "") + "`")
     return "\n\n".join(text)
@@ -271,13 +307,19 @@ def _usage(facts: CardFacts) -> str:
     tok_repo = repo if facts.has_tokenizer else facts.source_hub_id or "SOURCE_MODEL"
     trust = ", trust_remote_code=True" if facts.code_files else ""
     code = (f"from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
-            f"tokenizer = AutoTokenizer.from_pretrained(\"{tok_repo}\")\n"
+            f"tokenizer = AutoTokenizer.from_pretrained(\"{tok_repo}\"{trust if tok_repo == repo else ''})\n"
             f"model = AutoModelForCausalLM.from_pretrained(\"{repo}\", dtype=\"auto\"{trust})\n"
             f"inputs = tokenizer(\"To be, or not to be\", return_tensors=\"pt\")\n"
             f"print(tokenizer.decode(model.generate(**inputs, max_new_tokens=40)[0]))")
     note = ("" if facts.has_tokenizer
             else "\n\nThis repository has no tokenizer files: use the source model's tokenizer.")
-    if facts.code_files:
+    if facts.code_files and isinstance(facts.kv_heads, tuple):
+        what = (f"Per-layer key/value heads ({kv_heads_text(facts.kv_heads)}) in the nemotron-nas (DeciLM) form: "
+                f"vLLM serves it natively (`vllm serve {repo} --trust-remote-code`), llama.cpp's converter reads the "
+                f"same config, and `transformers` loads it with the code this repository carries "
+                f"({', '.join(f'`{f}`' for f in facts.code_files)}, named by config.json's `auto_map`; it imports "
+                f"only torch and transformers): pass `trust_remote_code=True` to the model and the tokenizer.")
+    elif facts.code_files:
         what = (f"No `transformers` class holds {facts.kv_heads} key/value heads of a {facts.model_type} model, so "
                 f"this repository carries its attention code ({', '.join(f'`{f}`' for f in facts.code_files)}, "
                 f"named by config.json's `auto_map`; it imports only torch and transformers): load it with "

@@ -6,7 +6,7 @@ is read, so a 70B recipe plans in seconds on a laptop.
     p = plan("recipes/llama2-7b-gqa8.yaml", accelerate_config="recipes/accelerate/fsdp.yaml")
     print(p.to_text()); p.to_dict()
 
-The formulas (each a small function below, tested by hand in tests/test_plan.py):
+The formulas (each a small function below, tested by hand in tests/training/test_plan.py):
 - FLOPs = (4·N + 2·N_train) · tokens: forward 2N, backward 2N for the activation gradients plus 2N_train
   for the weight gradients; 6·N·tokens when every parameter trains. Attention scores are left out (as in
   Kaplan et al.'s C = 6ND); activation checkpointing re-runs the forward (8·N on the hardware), which
@@ -23,7 +23,7 @@ The formulas (each a small function below, tested by hand in tests/test_plan.py)
   layer's input stays (the residual stream, in the weights' dtype: float32 weights under autocast keep a
   float32 residual), plus one layer recomputed in the backward. The loss adds 10·s·b·V bytes in 16-bit (the
   logits, their float32 copy and the float32 log-softmax the backward needs; 8·s·b·V in float32). Measured
-  against the tensors autograd saves (tests/test_plan.py), this is within a few per cent in float32 and up to
+  against the tensors autograd saves (tests/training/test_plan.py), this is within a few per cent in float32 and up to
   ~30% above in bf16, the difference being transient logits.
 - DDP with 16-bit autocast over float32 weights also holds a 16-bit copy of every weight during the forward
   (autocast's cast cache); FSDP / ZeRO-3 hold two gathered units (a decoder layer or the embedding) instead.
@@ -275,8 +275,8 @@ def model_shape(r: Recipe) -> dict:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from uptrain.arch import check_groups, spec_for_config
-    from uptrain.hf import load_config, resolve
+    from uptrain.arch import kv_heads_text, spec_for_config
+    from uptrain.hf import carries_uptrain_code, load_config, resolve
     from uptrain.training.setup import trainable_mask
 
     src = resolve(r.model.path, r.model.revision, what="model.path")
@@ -286,18 +286,36 @@ def model_shape(r: Recipe) -> dict:
         raise UptrainError(f"uptrain plan estimates decoder-only models; {cfg.model_type} is an encoder-decoder, "
                            f"which it does not model yet (uptrain train runs it; see the recipe's header for sizing)")
     kv_before = spec.kv_heads(cfg)
-    before = None
+    before, model_class, scale_kv, kv_after = None, None, None, None
     if r.model.convert:
-        check_groups(r.model.convert.groups, kv_before, r.model.convert.key("groups"))
+        o = r.model.convert
+        o.check_source(spec, cfg)
         before = _meta_parameters(cfg)
-        cfg = AutoConfig.for_model(**spec.result_config(cfg.to_dict(), r.model.convert.groups))
+        groups = o.resolved_groups() if o.kv_budget is None else None
+        if groups is None:  # a KV budget: G_l are chosen at conversion; at most that fraction of the K/V weights
+            scale_kv, kv_after = o.kv_budget, f"per-layer ({o.said('kv_budget')})"
+        elif isinstance(groups, tuple):  # per-layer KV heads: uptrain/modeling's nemotron-nas model
+            from uptrain.conversion.per_layer import per_layer_model_class
+
+            model_class, kv_after = per_layer_model_class(spec, cfg.to_dict(), groups), kv_heads_text(groups)
+        else:
+            cfg = AutoConfig.for_model(**spec.result_config(cfg.to_dict(), groups))
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(cfg)
+        model = model_class._from_config(cfg) if model_class else AutoModelForCausalLM.from_config(
+            cfg, trust_remote_code=carries_uptrain_code(src) and not r.model.convert)  # its own code: ours
     named = dict(model.named_parameters())
     mask = trainable_mask(named, spec, r.train.params)
-    n = sum(p.numel() for p in named.values())
+    count = {name: int(p.numel() * scale_kv) if scale_kv is not None and _is_kv(spec, name) else p.numel()
+             for name, p in named.items()}
+    n = sum(count.values())
     text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
     hidden, kv = getattr(text, spec.hidden_field), spec.kv_heads(text)
+    if model_class is not None:  # the widest layer sizes the activations
+        kv = max(groups)
+    if isinstance(kv, tuple):  # a per-layer checkpoint
+        kv_after, kv = kv_after or kv_heads_text(kv), max(kv)
+    if isinstance(kv_before, tuple):
+        kv_before = kv_heads_text(kv_before)
     # Mixtures of experts: k of E experts per token, each of width moe_intermediate_size when set.
     k = getattr(text, "num_experts_per_tok", None)
     n_experts = getattr(text, "num_local_experts", None) or getattr(text, "num_experts", None) or 1
@@ -308,8 +326,8 @@ def model_shape(r: Recipe) -> dict:
     units += [m.weight.numel() for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None]
     return {
         "model_type": cfg.model_type, "layers": spec.layers(text), "heads": spec.heads(text),
-        "kv_heads_before": kv_before, "kv_heads": kv, "before": before or n, "parameters": n,
-        "trainable": sum(named[name].numel() for name, t in mask.items() if t),
+        "kv_heads_before": kv_before, "kv_heads": kv_after or kv, "before": before or n, "parameters": n,
+        "trainable": sum(count[name] for name, t in mask.items() if t),
         "hidden": hidden, "vocab": text.vocab_size, "largest_unit": max(units),
         "widths": {"hidden": hidden, "kv_width": kv * spec.head_dim(text),
                    "intermediate": (getattr(text, "moe_intermediate_size", None) if k else None)
@@ -317,6 +335,13 @@ def model_shape(r: Recipe) -> dict:
                    "shared_intermediate": getattr(text, "shared_expert_intermediate_size", 0) or 0},
         "experts": experts, "active": n - experts + experts * (k or n_experts) // n_experts,
     }
+
+
+def _is_kv(spec, name: str) -> bool:
+    try:
+        return spec.classify(name)[0] == "kv"
+    except UptrainError:
+        return False
 
 
 def _meta_parameters(cfg) -> int:

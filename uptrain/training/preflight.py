@@ -91,13 +91,16 @@ def disk_estimate(r: Recipe, out: Path, mode: str, table: dict, spec, kv_heads: 
     """The bytes a run writes into OUT at its peak (the module docstring says how)."""
     from uptrain.training.setup import trainable_mask
 
-    groups = r.model.convert.groups if r.model.convert else kv_heads
+    convert = r.model.convert
     count, stored = {}, 0  # parameters per tensor after the conversion; bytes of step0 in the source dtypes
     for name, (dtype, shape) in table.items():
         n = math.prod(shape)
         try:
-            if spec.classify(name)[0] == "kv":
-                n = n * groups // kv_heads
+            kind, layer, _ = spec.classify(name)
+            if kind == "kv" and convert:  # a KV budget keeps at most that fraction of the K/V weights
+                n = (math.floor(n * convert.kv_budget) if convert.kv_budget is not None
+                     else n * convert.resolved_groups()[layer] // kv_heads if convert.per_layer
+                     else n * convert.resolved_groups() // kv_heads)
         except UptrainError:
             pass  # a tensor the attention spec does not classify is copied as it is
         count[name] = n

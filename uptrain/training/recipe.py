@@ -329,7 +329,18 @@ def from_dict(cls, raw, key: str = ""):
             hint = f"; did you mean {_join(key, near[0])}?" if near else f"; valid keys: {', '.join(fields)}"
             raise UptrainError(f"unknown key {_join(key, name)!r} in the recipe{hint}")
     hints = typing.get_type_hints(cls)
-    return cls(**{name: _coerce(hints[name], value, _join(key, name)) for name, value in raw.items()})
+    return cls(**{name: _parse(fields[name], value, _join(key, name)) if fields[name].metadata.get("parse")
+                  else _coerce(hints[name], value, _join(key, name)) for name, value in raw.items()})
+
+
+def _parse(f, value, key: str):
+    """A field with its own parser (ConvertOptions' groups: one G or a list; kv_budget: 0.25 or "1/4")."""
+    if value is None:
+        return None
+    try:
+        return f.metadata["parse"](value)
+    except ValueError as e:
+        raise UptrainError(f"{key}: {e}") from None
 
 
 def validate(obj, key: str = ""):

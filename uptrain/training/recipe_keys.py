@@ -101,8 +101,8 @@ def _type_text(tp, f) -> str:
         return " | ".join(choices)
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin in (Union, types.UnionType):
-        inner = [a for a in args if a is not type(None)]
-        return _type_text(inner[0], f) + " or null"
+        inner = [_type_text(a, f) for a in args if a is not type(None)]
+        return " or ".join(inner + (["null"] if type(None) in args else []))
     if origin is Literal:
         return " | ".join(str(a) for a in args)
     if origin is tuple:
@@ -115,8 +115,10 @@ def _type_text(tp, f) -> str:
 
 
 def _default_text(f, cls) -> str:
-    if f.metadata.get("required") or (cls is ConvertOptions and f.name == "groups"):  # as the CLI's --groups
+    if f.metadata.get("required"):
         return "required"
+    if cls is ConvertOptions and f.name == "groups":  # as the CLI's --groups
+        return "required unless kv_budget"
     value = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
     if value is None:
         return "null"
@@ -129,4 +131,4 @@ def _default_text(f, cls) -> str:
 
 def _cell(text: str, code: bool = False) -> str:
     text = text.replace("|", "\\|")  # a table cell (GitHub reads \| as | in code spans too)
-    return f"`{text}`" if code and text != "required" else text
+    return f"`{text}`" if code and not text.startswith("required") else text

@@ -136,14 +136,14 @@ class _Run:
     def check(self, mode, tokenizer, teacher):
         """Everything that can fail on bad input, before OUT is touched: (source, config, spec, tokenizer,
         preflight's findings)."""
-        from uptrain.arch import check_groups, spec_for_config
+        from uptrain.arch import spec_for_config
         from uptrain.training.setup import check_teacher, checkpoint_dtype, model_source, model_tokenizer
 
         r = self.r
         src, cfg = model_source(r.model.path, r.model.revision, "model.path")
         spec = spec_for_config(cfg)
         if r.model.convert:
-            check_groups(r.model.convert.groups, spec.kv_heads(cfg), r.model.convert.key("groups"))
+            r.model.convert.check_source(spec, cfg)
         tokenizer = tokenizer or model_tokenizer(src)
         if teacher is not None or r.distill.teacher:
             check_teacher(r, cfg, tokenizer, teacher)
@@ -208,13 +208,14 @@ class _Run:
         return teacher
 
     def announce(self, model, path, cfg, spec, n_train, teacher, train_blocks, eval_blocks, objective) -> None:
+        from uptrain.arch import kv_heads_text, spec_for_config
         from uptrain.training.setup import strategy_text
 
         r = self.r
         n_all = sum(p.numel() for p in model.parameters())
         self.say(f"uptrain train: {path} ({cfg.model_type}, {spec.layers(cfg)} layers, {spec.heads(cfg)} heads, "
-                 f"{spec.kv_heads(model.config)} KV heads); training {r.train.params}: {n_train:,} of {n_all:,} "
-                 f"parameters"
+                 f"{kv_heads_text(spec_for_config(model.config).kv_heads(model.config))} KV heads); training "
+                 f"{r.train.params}: {n_train:,} of {n_all:,} parameters"
                  + (f"; distilling from {r.distill.teacher or 'the given teacher'}" if teacher is not None else ""))
         self.say(self.data_text(train_blocks, eval_blocks) + f"; objective: {objective.name}")
         self.say(f"budget: {self.budget.text}; {self.acc.num_processes} process(es) × micro-batch "

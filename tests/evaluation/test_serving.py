@@ -22,10 +22,15 @@ WITH_SOURCE = ("llama", *REMOTE_CODE, "falcon")
 CASES = [(arch, arch, 1, {}) for arch in TINY_CONFIGS]
 CASES += [(arch, arch, g, {}) for arch in WITH_SOURCE for g in (2, HEADS)]
 CASES += [("falcon-rw", "falcon", 1, {"parallel_attn": False, "alibi": True})]  # falcon-rw-1b's sequential block
+# per-layer KV heads (--groups G_0,…): the nemotron-nas form, which vLLM serves natively (DeciLMForCausalLM) with
+# uptrain's configuration class; qwen2 for its q/k/v biases
+PER_LAYER = (4, 2, 1, 2)
+CASES += [(f"{arch}-per-layer", arch, PER_LAYER, {"layers": len(PER_LAYER)}) for arch in ("llama", "qwen2")]
 
 
 def case_id(case):
-    return f"{case[0]}-G{case[2]}"
+    g = case[2]
+    return f"{case[0]}-G{','.join(map(str, g)) if isinstance(g, tuple) else g}"
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +47,7 @@ def served(tmp_path_factory, tokenizer, heldout_text):
             sources[name] = save_servable(arch, root / name / "src", tokenizer, **over)
         folder = sources[name] if g == HEADS else str(root / name / f"g{g}")
         if g != HEADS:
-            uptrain.convert(sources[name], folder, groups=g, progress=False)
+            uptrain.convert(sources[name], folder, groups=list(g) if isinstance(g, tuple) else g, progress=False)
         src = hf.resolve(folder)
         refs.append(transformers_greedy(hf.load_model(src, "float32").eval(), prompts, NEW_TOKENS, tokenizer))
         jobs.append(ServeJob(folder, prompts, trust_remote_code=hf.carries_uptrain_code(src), dtype="float32",
@@ -59,8 +64,9 @@ def test_every_result_serves_with_transformers_greedy_tokens(case, served):
     assert res["greedy"] == ref
     name, arch, g, _ = case
     # below G = H, gpt_neox / gpt2 / opt travel with uptrain's modeling file (vLLM's Transformers backend runs
-    # it); GPT-2 at G = 1 is a native gpt_bigcode checkpoint
-    assert job.trust_remote_code == (arch in REMOTE_CODE and g < HEADS and (arch, g) != ("gpt2", 1))
+    # it); GPT-2 at G = 1 is a native gpt_bigcode checkpoint; a per-layer result carries its configuration class
+    per_layer = isinstance(g, tuple)
+    assert job.trust_remote_code == (per_layer or arch in REMOTE_CODE and g < HEADS and (arch, g) != ("gpt2", 1))
 
 
 @pytest.mark.parametrize("arch", WITH_SOURCE)
@@ -70,3 +76,15 @@ def test_kv_capacity_is_h_over_g_times_the_sources(arch, served):
     assert tokens[2] == (HEADS // 2) * tokens[HEADS] and tokens[1] == HEADS * tokens[HEADS]
     conc = {g: served[f"{arch}-G{g}"][1]["max_concurrency"] for g in (HEADS, 2, 1)}
     assert conc[1] == HEADS * conc[HEADS] > 0  # requests of 256 tokens that fit at once
+
+
+@pytest.mark.parametrize("arch", ("llama", "qwen2"))
+def test_kv_capacity_of_per_layer_heads_is_what_their_sum_predicts(arch, served):
+    """vLLM allocates each layer's own KV heads: 2 (K and V) × Σ G_l × head_dim × 4 bytes a token in float32."""
+    from uptrain.arch import attention_shape
+
+    _, res, job = served[f"{arch}-per-layer-G{','.join(map(str, PER_LAYER))}"]
+    per_token = attention_shape(hf.load_config(hf.resolve(job.path))).kv_cache_bytes_per_token(4)
+    assert per_token == 2 * sum(PER_LAYER) * 32 * 4  # head_dim 32
+    size = res["block_size"]
+    assert res["kv_cache_tokens"] == (64 << 20) // (per_token * size) * size > 0

@@ -11,6 +11,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from small_recipes import small_recipe
 from tiny_models import save, tiny_model
 from uptrain.errors import UptrainError
 from uptrain.training import train
@@ -27,14 +28,7 @@ def model(tmp_path_factory, tokenizer):
 
 
 def recipe(model, out, **over):
-    r = {"out": str(out), "model": {"path": model["path"]},
-         "data": {"max_documents": 2, "seq_len": 32, "max_train_blocks": 128, "cache_dir": model["cache"]},
-         "budget": {"max_steps": 4}, "optim": {"lr": 3e-3},
-         "train": {"micro_batch_size": 4, "grad_accum": 1}, "eval": {"max_blocks": 8, "at_start": False},
-         "checkpoint": {"every": 2, "keep": 2}, "log": {"progress": False}}
-    for k, v in over.items():
-        r[k] = {**r[k], **v} if isinstance(v, dict) and k in r else v
-    return r
+    return small_recipe(model["path"], out, model["cache"], **{"checkpoint": {"every": 2, "keep": 2}, **over})
 
 
 def launch(config: str, recipe_file, *overrides, processes: int = 2) -> subprocess.CompletedProcess:

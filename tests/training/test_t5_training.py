@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from launching import launch
+from small_recipes import small_recipe
 from tiny_models import save, tiny_seq2seq_model
 from uptrain.errors import UptrainError
 from uptrain.evaluation.quality import corrupt_blocks, seq2seq_loss
@@ -19,7 +20,7 @@ from uptrain.span_corruption import SpanCorruption, add_sentinel_tokens
 from uptrain.training import train
 from uptrain.training.loop import BlockStream
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from repo_paths import REPO
 SEQ_LEN = 32  # encoder input; T5's rule: raw blocks of 34 tokens, 8 target tokens
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -38,14 +39,7 @@ def models(tmp_path_factory, t5tok):
 
 
 def recipe(models, out, **sections):
-    r = {"out": str(out), "model": {"path": models["mha"]},
-         "data": {"max_documents": 2, "seq_len": SEQ_LEN, "max_train_blocks": 128, "cache_dir": models["cache"]},
-         "budget": {"max_steps": 4}, "optim": {"lr": 3e-3},
-         "train": {"micro_batch_size": 4, "grad_accum": 1}, "eval": {"max_blocks": 8, "at_start": False},
-         "log": {"progress": False}}
-    for k, v in sections.items():
-        r[k] = {**r[k], **v} if isinstance(v, dict) and k in r else v
-    return r
+    return small_recipe(models["mha"], out, models["cache"], seq_len=SEQ_LEN, **sections)
 
 
 def blocks(models, t5tok, part, n):

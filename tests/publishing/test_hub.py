@@ -14,6 +14,7 @@ import huggingface_hub
 import pytest
 from huggingface_hub import errors as hf_errors
 from huggingface_hub.utils import filter_repo_objects
+from hub_errors import http_error
 from test_modelcard import folders  # noqa: F401  (the same converted + uptrained fixture folders)
 from tiny_models import save, tiny_model
 
@@ -24,7 +25,7 @@ from uptrain.publishing.hub import DELETE_PATTERNS, HUB_TRIES, plan_upload
 from uptrain.publishing.model_card import front_matter
 from uptrain.report import fmt_bytes
 
-ROOT = Path(__file__).resolve().parents[1]
+from repo_paths import REPO_PATH as ROOT
 SECRET = "hf_testSECRETtoken123"
 SHARDS = [f"model-0000{i}-of-00006.safetensors" for i in range(1, 7)]
 UPLOADED = sorted(["README.md", "chat_template.jinja", "config.json", "generation_config.json", *SHARDS,
@@ -208,21 +209,15 @@ def test_private_push_refuses_an_existing_public_repo(folders, monkeypatch):
     assert "upload_folder" not in hub.names()
 
 
-def _http_error(cls, status, server_message=None):
-    http = importlib.import_module(hf_errors.Response.__module__.split(".")[0])  # httpx2 (or httpx)
-    resp = http.Response(status, request=http.Request("POST", "https://huggingface.co/api/repos/create"))
-    return cls(f"{status} error", response=resp, server_message=server_message)
-
-
 @pytest.mark.parametrize("method, make, message", [
-    ("create_repo", lambda: _http_error(hf_errors.HfHubHTTPError, 401, f"bad token {SECRET}"),
+    ("create_repo", lambda: http_error(hf_errors.HfHubHTTPError, 401, f"bad token {SECRET}"),
      "the Hub rejected the token (401 Unauthorized)"),
-    ("create_repo", lambda: _http_error(hf_errors.HfHubHTTPError, 403, "You don't have the rights"),
+    ("create_repo", lambda: http_error(hf_errors.HfHubHTTPError, 403, "You don't have the rights"),
      "no write access to acme/tiny (403 Forbidden): the repo or the namespace 'acme' belongs to someone else"),
-    ("upload_folder", lambda: _http_error(hf_errors.HfHubHTTPError, 503), "server error (503)"),
-    ("create_branch", lambda: _http_error(hf_errors.RevisionNotFoundError, 404, "no such ref"),
+    ("upload_folder", lambda: http_error(hf_errors.HfHubHTTPError, 503), "server error (503)"),
+    ("create_branch", lambda: http_error(hf_errors.RevisionNotFoundError, 404, "no such ref"),
      "branch 'gqa2' does not exist in acme/tiny and could not be created"),
-    ("upload_folder", lambda: _http_error(hf_errors.RepositoryNotFoundError, 404), "acme/tiny was not found on"),
+    ("upload_folder", lambda: http_error(hf_errors.RepositoryNotFoundError, 404), "acme/tiny was not found on"),
     ("create_repo", lambda: importlib.import_module(hf_errors.Response.__module__.split(".")[0]).ConnectError("down"),
      "cannot reach"),
     ("create_repo", lambda: hf_errors.OfflineModeIsEnabled("offline"), "HF_HUB_OFFLINE is set"),
@@ -241,10 +236,10 @@ def _connect_error():
 def test_transient_hub_errors_are_retried_with_backoff(folders, monkeypatch, capsys):
     """5xx, a dropped connection and 429 (with Retry-After) each cost one retry; the upload then goes through.
     With hf_xet, upload_folder called again resumes: committed files are skipped, uploaded chunks deduplicated."""
-    limited = _http_error(hf_errors.HfHubHTTPError, 429)
+    limited = http_error(hf_errors.HfHubHTTPError, 429)
     limited.response.headers["Retry-After"] = "7"
-    hub_ = FakeHub(monkeypatch, fail={"create_repo": [_http_error(hf_errors.HfHubHTTPError, 502)],
-                                      "upload_folder": [_http_error(hf_errors.HfHubHTTPError, 503), _connect_error(),
+    hub_ = FakeHub(monkeypatch, fail={"create_repo": [http_error(hf_errors.HfHubHTTPError, 502)],
+                                      "upload_folder": [http_error(hf_errors.HfHubHTTPError, 503), _connect_error(),
                                                         limited]})
     result = push(folders[0], repo_id="me/tiny", token=SECRET)
     assert hub_.names() == ["create_repo"] * 2 + ["upload_folder"] * 4
@@ -258,7 +253,7 @@ def test_transient_hub_errors_are_retried_with_backoff(folders, monkeypatch, cap
 
 
 def test_retries_stop_after_hub_tries(folders, monkeypatch):
-    hub_ = FakeHub(monkeypatch, fail={"upload_folder": _http_error(hf_errors.HfHubHTTPError, 500)})
+    hub_ = FakeHub(monkeypatch, fail={"upload_folder": http_error(hf_errors.HfHubHTTPError, 500)})
     with pytest.raises(UptrainError, match=re.escape(f"the Hub had a server error (500) after {HUB_TRIES} tries — try "
                                                      f"again later: a rerun resumes the upload")):
         push(folders[0], repo_id="me/tiny", token=SECRET)
@@ -267,7 +262,7 @@ def test_retries_stop_after_hub_tries(folders, monkeypatch):
 
 @pytest.mark.parametrize("status", [400, 401, 403, 404, 409, 422])
 def test_client_errors_are_never_retried(folders, monkeypatch, status):
-    hub_ = FakeHub(monkeypatch, fail={"create_repo": _http_error(hf_errors.HfHubHTTPError, status)})
+    hub_ = FakeHub(monkeypatch, fail={"create_repo": http_error(hf_errors.HfHubHTTPError, status)})
     with pytest.raises(UptrainError):
         push(folders[0], repo_id="me/tiny", token=SECRET)
     assert hub_.names() == ["create_repo"] and hub_.waits == []

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from launching import launch
+from small_recipes import small_recipe
 from tiny_models import save, tiny_config, tiny_model
 from uptrain.errors import UptrainError
 from uptrain.training import train
@@ -19,7 +20,7 @@ from uptrain.training.loop import BlockStream
 from uptrain.training.run_folder import latest_checkpoint
 from uptrain.training.setup import trainable_mask
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from repo_paths import REPO
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -34,14 +35,7 @@ def models(tmp_path_factory, tokenizer):
 
 
 def recipe(models, out, **sections):
-    r = {"out": str(out), "model": {"path": models["gqa"]},
-         "data": {"max_documents": 2, "seq_len": 32, "max_train_blocks": 128, "cache_dir": models["cache"]},
-         "budget": {"max_steps": 4}, "optim": {"lr": 3e-3},
-         "train": {"micro_batch_size": 4, "grad_accum": 2}, "eval": {"max_blocks": 8, "at_start": False},
-         "log": {"progress": False}}
-    for k, v in sections.items():
-        r[k] = {**r[k], **v} if isinstance(v, dict) and k in r else v
-    return r
+    return small_recipe(models["gqa"], out, models["cache"], grad_accum=2, **sections)
 
 
 @pytest.fixture(scope="module")

@@ -3,15 +3,20 @@ math never depends on I/O, I/O never on pipelines, pipelines never on publishing
 import ast
 import pathlib
 
-ROOT = pathlib.Path(__file__).resolve().parents[1] / "uptrain"
+from repo_paths import REPO_PATH
+
+ROOT = REPO_PATH / "uptrain"
 
 # Bottom to top. A module belongs to the layer of the longest listed prefix of its dotted name.
 LAYERS = [
     # uptrain.modeling imports nothing of uptrain (its templates travel with checkpoints: see the test below),
     # so every layer may ask it which code is ours
     ("base", ["uptrain.errors", "uptrain.version", "uptrain.modeling", "uptrain.options"]),
-    ("math, data and files", ["uptrain.pooling", "uptrain.merging", "uptrain.data", "uptrain.span_corruption", "uptrain.files"]),
-    ("records and I/O", ["uptrain.record", "uptrain.hf", "uptrain.checkpoint", "uptrain.report"]),
+    # pure functions and text (files: the atomic-write primitive everything writes through)
+    ("math, formats and files", ["uptrain.pooling", "uptrain.merging", "uptrain.span_corruption", "uptrain.report",
+                                 "uptrain.files"]),
+    # what reads or writes checkpoints, records, data sets (datasets / the Hub / local files) and images
+    ("records, data and I/O", ["uptrain.record", "uptrain.hf", "uptrain.checkpoint", "uptrain.data", "uptrain.plots"]),
     ("model knowledge", ["uptrain.arch"]),
     ("conversion and evaluation", ["uptrain.conversion", "uptrain.evaluation"]),
     ("training (converts, then evaluates while it trains)", ["uptrain.training"]),
@@ -70,6 +75,36 @@ def test_no_module_imports_from_a_layer_above_it():
              for line in upward_imports(module_name(path), path.read_text(encoding="utf-8"),
                                         path.name == "__init__.py")]
     assert not wrong, "\n".join(wrong)
+
+
+# What reading or writing looks like in source: libraries that load or save, and the calls that open files.
+IO_MODULES = {"datasets", "huggingface_hub", "safetensors", "matplotlib", "pathlib", "shutil", "glob", "os"}
+IO_CALLS = {"open", "read_text", "write_text", "read_bytes", "write_bytes", "savefig", "load_dataset", "save", "load"}
+
+
+def io_in(source: str) -> list[str]:
+    """The I/O libraries `source` imports and the file-opening calls it makes."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                 [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+        found += [f"import {n}" for n in names if n.split(".")[0] in IO_MODULES]
+        if isinstance(node, ast.Call):
+            f = node.func
+            name = f.id if isinstance(f, ast.Name) else f.attr if isinstance(f, ast.Attribute) else None
+            if name in IO_CALLS:
+                found.append(f"{name}() on line {node.lineno}")
+    return found
+
+
+def test_the_pure_layer_reads_and_writes_nothing():
+    """Below the records-and-I/O layer, only uptrain.files touches the disk (the atomic writes everything goes
+    through): math and formats neither read nor write, so they are tested with tensors and strings alone."""
+    pure = [p for p in LAYERS[1][1] if p != "uptrain.files"]
+    found = {m: io_in((ROOT / f"{m.split('.', 1)[1]}.py").read_text(encoding="utf-8")) for m in pure}
+    assert not {m: f for m, f in found.items() if f}, found
+    assert io_in("import datasets\nopen('x')\n") == ["import datasets", "open() on line 2"]  # the check can fail
+    assert io_in((ROOT / "data.py").read_text(encoding="utf-8"))  # why uptrain.data is in the I/O layer
 
 
 def test_the_checker_sees_a_violation():

@@ -145,3 +145,31 @@ def test_pickle_refused_unless_allowed(tmp_path):
 def test_hub_id_offline_is_a_clear_error(tmp_path):
     expect_error(run("convert", "some-org/some-model", tmp_path / "o", "--groups", "2"),
                  "not a local folder and could not be downloaded")
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_a_sources_own_auto_map_is_dropped_with_a_note(arch, tmp_path):
+    """A source whose config.json names its own modeling code: uptrain neither runs nor copies that code, so the
+    result's config.json must not point at it (a native result has no auto_map; a remote-code one names only
+    uptrain's template), it loads with trust_remote_code=True, and the note says what was dropped."""
+    from transformers import AutoModelForCausalLM
+
+    from uptrain.modeling import TEMPLATES
+
+    src = tmp_path / "src"
+    save(tiny_model(arch, layers=1), src)
+    cfg = json.loads((src / "config.json").read_text())
+    own = {"AutoConfig": "configuration_custom.CustomConfig", "AutoModelForCausalLM": "modeling_custom.CustomLM"}
+    (src / "config.json").write_text(json.dumps({**cfg, "auto_map": own}))
+    (src / "modeling_custom.py").write_text("raise RuntimeError('the source code was run')\n")
+    r = run("convert", src, tmp_path / "out", "--groups", "2", "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert "names its own modeling code (configuration_custom.py, modeling_custom.py" in r.stderr
+    out_cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert out_cfg.get("auto_map") == (TEMPLATES[arch].auto_map() if arch in TEMPLATES else None)
+    assert not (tmp_path / "out" / "modeling_custom.py").exists()
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out", trust_remote_code=True)
+    assert type(model).__name__ == (TEMPLATES[arch].model_class if arch in TEMPLATES else "LlamaForCausalLM")
+    assert model.config.num_key_value_heads == 2
+    record = json.loads((tmp_path / "out" / "uptrain.json").read_text())
+    assert record["conversion"]["dropped_auto_map"] == own

@@ -10,7 +10,9 @@ import yaml
 from uptrain.training.recipe import load_recipe
 from uptrain.training.budget import resolve_budget
 
-ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes")
+from repo_paths import REPO
+
+ROOT = os.path.join(REPO, "recipes")
 ALL = sorted(os.path.relpath(p, os.path.dirname(ROOT)) for p in glob.glob(os.path.join(ROOT, "**", "*.yaml"),
                                                                           recursive=True))
 LAUNCHER = [p for p in ALL if p.startswith(os.path.join("recipes", "accelerate") + os.sep)]

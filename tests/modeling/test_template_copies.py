@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
-FOLDER = Path(__file__).resolve().parents[1] / "uptrain" / "modeling"
+from repo_paths import REPO_PATH
+
+FOLDER = REPO_PATH / "uptrain" / "modeling"
 MARK = re.compile(r"^# Copied from uptrain\.modeling\.(\w+)\.(\w+)\s*$")
 
 

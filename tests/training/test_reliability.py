@@ -2,7 +2,7 @@
 saved, a writable OUT, a Hub repo and token), a signal stops every rank after the current step with a
 checkpoint, a half-written checkpoint is never resumed from, and a failed final save keeps the trained state.
 Every run is a real one on a tiny model; "exact" means weights within 1e-6 of an uninterrupted run.
-(Transient Hub errors on push: tests/test_hub.py.)"""
+(Transient Hub errors on push: tests/publishing/test_hub.py.)"""
 import errno
 import json
 import os
@@ -198,13 +198,13 @@ def _whoami(monkeypatch, answer):
 
 def test_push_to_hub_needs_a_valid_repo_and_a_token_before_step_1(models, tmp_path, monkeypatch, capsys):
     import huggingface_hub
-    from test_hub import _http_error
+    from hub_errors import http_error
 
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
     cases = [("a/b/c", None, "push_to_hub 'a/b/c' is not a Hub repo id"),
              ("me/x", None, "push_to_hub: me/x needs a Hugging Face token with write access, and none was found"),
-             ("me/x", _http_error(huggingface_hub.errors.HfHubHTTPError, 401),
+             ("me/x", http_error(huggingface_hub.errors.HfHubHTTPError, 401),
               "push_to_hub: the Hub rejected the Hugging Face token (401): it is invalid or expired"),
              ("me/x", {"auth": {"accessToken": {"role": "read"}}}, "push_to_hub: the Hugging Face token is read-only")]
     for repo, whoami, message in cases:

@@ -109,7 +109,7 @@ def test_equal_heads_stay_lossless(method, tmp_path, tokenizer, heldout_ids):
 
 def test_converted_inputs_through_the_cli(tmp_path, tokenizer, heldout_ids, capfd):
     """The CLI's main() in-process (argv parsing, exit status, the progress bar), one thread as above; a fresh
-    interpreter would add seconds of imports that tests/test_cli_convert.py already pays for `uptrain convert`."""
+    interpreter would add seconds of imports that tests/conversion/test_cli_convert.py already pays for `uptrain convert`."""
     from uptrain.cli import main
 
     model = plant_general(tiny_model("llama"), 2)

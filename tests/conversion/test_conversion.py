@@ -166,9 +166,9 @@ def test_plan_llama2_70b_on_meta_device():
     entries = {n: TensorEntry(n, "x", "BF16", tuple(t.shape), 0, 0) for n, t in model.state_dict().items()}
     plan = plan_conversion(SPECS["llama"], cfg.to_dict(), entries, groups=1)
     k = plan["model.layers.79.self_attn.k_proj.weight"]
-    assert k[0] == "merge" and k[4] == (128, 8192)
-    assert plan["model.layers.0.self_attn.q_proj.weight"][0] == "copy"
-    merged = [n for n, p in plan.items() if p[0] == "merge"]
+    assert k.action == "merge" and k.shape == (128, 8192)
+    assert plan["model.layers.0.self_attn.q_proj.weight"].action == "copy"
+    merged = [n for n, p in plan.items() if p.action == "merge"]
     assert len(merged) == 160
     # the pooling itself runs on meta tensors too
     assert pool_mean(torch.empty(1024, 8192, device="meta"), 1, 128).shape == (128, 8192)
@@ -203,7 +203,7 @@ def test_plan_shards_matches_huggingface_hub():
 def test_merge_error_on_helper_thread_reaches_the_caller(tmp_path, monkeypatch):
     """A failure while merging (here: the method raises) stops the conversion with that error, leaves no
     output, and does not hang."""
-    from uptrain.conversion.methods import PoolMethod
+    from uptrain.conversion.pool_method import PoolMethod
 
     model = tiny_model("llama", seed=4)
     src = save(model, tmp_path / "src")
@@ -277,7 +277,7 @@ def test_falcon_new_decoder_architecture_to_fewer_kv_heads(tmp_path):
     cfg = json.loads((tmp_path / "out" / "config.json").read_text())
     assert (cfg["num_kv_heads"], cfg["new_decoder_architecture"], r.kv_heads_before) == (2, True, 4)
     # transformers' Falcon up to 5.24 broadcasts K/V to all H heads before caching in this layout (no smaller
-    # cache); from 5.25 it caches num_kv_heads heads (vLLM always does: tests/test_serving.py)
+    # cache); from 5.25 it caches num_kv_heads heads (vLLM always does: tests/evaluation/test_serving.py)
     import transformers
     from packaging.version import Version
 

@@ -1,10 +1,11 @@
-"""The conversion plan: for every tensor of the source, copy its bytes or merge it, and its output shape.
-Shape logic only, so a 70B header is planned without memory (tests do it on the meta device)."""
+"""The conversion's tensor plan: for every tensor of the source, copy its bytes or merge it, and its output shape
+(the result's config.json: result_config.py). Shape logic only, so a 70B header is planned without memory (tests
+do it on the meta device)."""
 from __future__ import annotations
 
 from typing import NamedTuple
 
-from uptrain.arch import AttentionSpec, Storage, check_groups
+from uptrain.arch import AttentionSpec, Storage, check_groups, kv_heads_text
 from uptrain.errors import UptrainError
 
 
@@ -24,13 +25,17 @@ class Step(NamedTuple):
     part: int | None = None  # … and which result head this one is
 
 
-def plan_conversion(spec: AttentionSpec, config: dict, entries: dict, groups: int, touched: tuple[str, ...] = (),
+def plan_conversion(spec: AttentionSpec, config: dict, entries: dict, groups, touched: tuple[str, ...] = (),
                     groups_key: str = "groups") -> dict[str, Step]:
     """name → Step. "merge" for tensors the method rewrites (every KV tensor, plus the per-layer suffixes in
-    `touched`), "copy" for the rest unless the result stores them differently."""
+    `touched`), "copy" for the rest unless the result stores them differently. `groups`: one G, or a tuple G_l
+    (per-layer KV heads: each tensor takes its layer's)."""
     heads, kv, d = spec.heads(config), spec.kv_heads(config), spec.head_dim(config)
-    check_groups(groups, kv, groups_key)
+    per_layer = isinstance(groups, tuple)
+    check_groups(groups, kv, groups_key, spec.layers(config) if per_layer else None)
     form = spec.form(config, groups)
+    if form is None and per_layer:
+        raise UptrainError(f"{groups_key} {kv_heads_text(groups)}: {spec.per_layer_refusal(config)}")
     if form is None:
         raise UptrainError(f"{groups_key} {groups}: no {config.get('model_type')} checkpoint can hold {groups} KV "
                            f"heads of {heads} query heads (see its forms in uptrain/arch.py); valid values: "
@@ -42,30 +47,31 @@ def plan_conversion(spec: AttentionSpec, config: dict, entries: dict, groups: in
         if kind == "kv" and "{}" in suffix:  # one tensor per KV head: planned below, once all are known
             families.setdefault((layer, suffix), {})[spec.head_of(name, suffix)] = (name, e)
             continue
-        per_layer = layer is not None
-        read = spec.storage(suffix, config) if per_layer else Storage()
-        write = spec.storage(suffix, config, groups, form) if per_layer else Storage()
+        in_layer = layer is not None
+        g = groups[layer] if per_layer and in_layer else groups
+        read = spec.storage(suffix, config) if in_layer else Storage()
+        write = spec.storage(suffix, config, g, form) if in_layer else Storage()
         if kind == "kv":
             rows, want = spec.kv_rows_in(suffix, shape), spec.rows(suffix, config)[-1][2]
             if rows != want:
                 raise UptrainError(f"{name} has {rows} rows but {heads} heads / {kv} KV heads × head_dim {d} "
                                    f"imply {want}; config.json and the weights disagree")
-            shape = spec.stored_shape(suffix, shape, spec.rows(suffix, config, kv_heads=groups)[-1][2], config, form)
+            shape = spec.stored_shape(suffix, shape, spec.rows(suffix, config, kv_heads=g)[-1][2], config, form)
         elif read.transposed != write.transposed:
             shape = shape[::-1]
-        if kind == "kv" or (per_layer and suffix in touched):
+        if (kind == "kv" or (in_layer and suffix in touched)) and not (per_layer and g == kv):
             action = "merge"
-        else:
+        else:  # (a layer of a per-layer result that keeps the source's heads is copied, whatever the method)
             action = "copy" if read == write else "restore"
         plan[name] = Step(action, layer, suffix, e.dtype, shape, read, write)
-        if per_layer:
+        if in_layer:
             seen.setdefault(layer, set()).add(suffix)
     for (layer, suffix), heads_of in families.items():
         if sorted(heads_of) != list(range(kv)):
             raise UptrainError(f"layer {layer} has {suffix.replace('{}', '*')} for heads {sorted(heads_of)}, but "
                                f"config.json has {kv} KV heads; config.json and the weights disagree")
         members = tuple(heads_of[h][0] for h in range(kv))
-        for j in range(groups):  # result head j keeps the name of source head j; heads G … K-1 are gone
+        for j in range(groups[layer] if per_layer else groups):  # result head j keeps source head j's name
             name, e = heads_of[j]
             plan[name] = Step("merge", layer, suffix, e.dtype, tuple(e.shape), members=members, part=j)
     for layer in spec.units(config):
@@ -74,21 +80,3 @@ def plan_conversion(spec: AttentionSpec, config: dict, entries: dict, groups: in
             raise UptrainError(f"layer {layer} has no {', '.join(missing)}; the checkpoint does not match the "
                                f"{config.get('model_type')} attention spec (incomplete or not this architecture)")
     return plan
-
-
-def result_config(spec: AttentionSpec, config: dict, groups: int):
-    """(config.json of the result, the uptrain.modeling Template that must travel with it or None when the
-    result is native). A source that was itself converted to remote code loses its auto_map when the result
-    is native (GPT-2 GQA-2 → MQA is a gpt_bigcode checkpoint)."""
-    from uptrain.modeling import TEMPLATES, code_files
-
-    form = spec.form(config, groups)
-    out = spec.result_config(config, groups)
-    ours = {t.file for t in TEMPLATES.values()}
-    if code_files(out.get("auto_map")) and set(code_files(out.get("auto_map"))) <= ours:
-        del out["auto_map"]
-    template = TEMPLATES[form.remote_code] if form.remote_code else None
-    if template is not None:
-        out["auto_map"] = template.auto_map()
-        out["architectures"] = [template.model_class]  # what save_pretrained of the loaded model writes too
-    return out, template

@@ -12,7 +12,7 @@ from uptrain.cli import main
 from uptrain.errors import UptrainError
 from uptrain.training.plan import activation_bytes, layer_bytes, plan, read_launcher, state_bytes
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from repo_paths import REPO
 LLAMA2_7B = os.path.join(REPO, "tests", "data", "llama-2-7b-hf")  # Llama-2-7b-hf's config.json, no weights
 GiB = 2**30
 

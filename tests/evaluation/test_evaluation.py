@@ -14,7 +14,7 @@ from uptrain.data import DataSpec
 from uptrain.arch import attention_shape
 from uptrain.evaluation import decode_speed, eval_token_ids, evaluate, perplexity, sliding_perplexity, sliding_windows
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from repo_paths import REPO as ROOT
 FAST = ["--seq-len", "64", "--stride", "32", "--prompt-len", "8", "--new-tokens", "4", "--repeats", "1",
         "--threads", "1", "-q"]
 

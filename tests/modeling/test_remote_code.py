@@ -84,8 +84,10 @@ def test_storage_with_labelled_rows():
 
 
 def test_every_remote_code_form_names_a_template():
-    named = {f.remote_code for s in SPECS.values() for f in s.forms if f.remote_code}
+    named = {f.remote_code for s in SPECS.values() for f in s.forms if f.remote_code and f.groups != "per-layer"}
     assert named == set(REMOTE_CODE) and named <= set(TEMPLATES)
+    per_layer = {f.remote_code for s in SPECS.values() for f in s.forms if f.groups == "per-layer"}
+    assert per_layer == {"nemotron-nas"} <= set(TEMPLATES)  # per-layer KV heads: tests/conversion/test_per_layer.py
     for arch in REMOTE_CODE:
         assert TEMPLATES[arch].path.is_file()
 

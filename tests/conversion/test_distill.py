@@ -130,3 +130,18 @@ def test_one_layer_or_the_head_at_a_time(tmp_path, tokenizer, monkeypatch):
     kv = model.config.num_key_value_heads
     converted = one_layer - 2 * model.model.layers[0].self_attn.k_proj.weight.numel() * (kv - 2) // kv  # → 2 KV heads
     assert max(peaks) == top + converted
+
+
+def test_a_layer_that_keeps_its_heads_is_never_distilled(tmp_path, tokenizer, trained):
+    """Per-layer G: the layer kept at the source's 8 KV heads is run (the gradient passes through it) but never
+    moved; the merged layers around it are distilled."""
+    from safetensors.torch import load_file
+
+    src = save(trained, tmp_path / "src", tokenizer=tokenizer)
+    uptrain.convert(src, tmp_path / "out", groups=[1, 8], method="aligned", refine_steps=0, distill_steps=30,
+                    progress=False, **HELD)
+    d = record(tmp_path / "out")["distill"]
+    assert d["steps"] == 30 and d["after"] < d["before"] and "undone" not in d
+    source, out = load_file(tmp_path / "src" / "model.safetensors"), load_file(tmp_path / "out" / "model.safetensors")
+    kept = [n for n in out if n.startswith("model.layers.1.")]
+    assert kept and all(torch.equal(out[n], source[n]) for n in kept)

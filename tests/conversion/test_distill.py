@@ -3,7 +3,7 @@ lowers the converted model's distance to the source on text it never saw, leaves
 holds one decoder layer (or the model's head) at a time."""
 import pytest
 import torch
-from test_refine import CAL, heldout_ids, plant_general, record, rel_error  # noqa: F401 (a fixture)
+from test_refine import CAL, heldout_ids, materialised, plant_general, record, rel_error  # noqa: F401 (a fixture)
 from tiny_models import make_groups_equal, save, tiny_model
 
 import uptrain
@@ -107,24 +107,11 @@ def test_an_exact_merge_is_not_distilled(tmp_path, tokenizer, heldout_ids):  # n
 
 def test_one_layer_or_the_head_at_a_time(tmp_path, tokenizer, monkeypatch):
     """While distilling, the engine holds the non-layer tensors with the head, and one decoder layer."""
-    from uptrain.conversion.layerwise import Skeleton
-
     model = plant_general(tiny_model("llama", layers=4), 2)
     src = save(model, tmp_path / "src", tokenizer=tokenizer)
     one_layer = sum(p.numel() for p in model.model.layers[0].parameters())
     top = sum(p.numel() for n, p in model.named_parameters() if ".layers." not in n)  # tied head counted once
-    peaks, skeletons, load, init = [], [], Skeleton.load, Skeleton.__init__
-
-    def spy_init(self, *a, **kw):
-        init(self, *a, **kw)
-        skeletons.append(self)
-
-    def spy_load(self, tensors):
-        load(self, tensors)
-        peaks.append(sum(s.loaded() for s in skeletons))
-
-    monkeypatch.setattr(Skeleton, "__init__", spy_init)
-    monkeypatch.setattr(Skeleton, "load", spy_load)
+    peaks = materialised(monkeypatch)
     uptrain.convert(src, tmp_path / "out", groups=2, method="aligned", refine_steps=0, distill_steps=3,
                     progress=False, **CAL)
     kv = model.config.num_key_value_heads

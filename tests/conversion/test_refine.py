@@ -127,14 +127,11 @@ def test_converted_inputs_through_the_cli(tmp_path, tokenizer, heldout_ids, capf
     assert not [f for f in tmp_path.iterdir() if f.name.startswith(".uptrain-calibrated")]  # scratch removed
 
 
-def test_one_layer_at_a_time(tmp_path, tokenizer, monkeypatch):
-    """The engine never materialises more than one decoder layer (or the embeddings) of either model."""
+def materialised(monkeypatch) -> list[int]:
+    """After every load of a layer-wise skeleton: the parameter elements materialised in all skeletons (the source
+    and the converted model) together, appended to the list returned."""
     from uptrain.conversion.layerwise import Skeleton
 
-    model = plant_general(tiny_model("llama", layers=6), 2)
-    src = save(model, tmp_path / "src", tokenizer=tokenizer)
-    one_layer = sum(p.numel() for p in model.model.layers[0].parameters())
-    embeddings = model.model.embed_tokens.weight.numel() + model.model.norm.weight.numel()
     peaks, skeletons, load, init = [], [], Skeleton.load, Skeleton.__init__
 
     def spy_init(self, *a, **kw):
@@ -143,10 +140,20 @@ def test_one_layer_at_a_time(tmp_path, tokenizer, monkeypatch):
 
     def spy_load(self, tensors):
         load(self, tensors)
-        peaks.append(sum(s.loaded() for s in skeletons))  # both models: the source and the converted one
+        peaks.append(sum(s.loaded() for s in skeletons))
 
     monkeypatch.setattr(Skeleton, "__init__", spy_init)
     monkeypatch.setattr(Skeleton, "load", spy_load)
+    return peaks
+
+
+def test_one_layer_at_a_time(tmp_path, tokenizer, monkeypatch):
+    """The engine never materialises more than one decoder layer (or the embeddings) of either model."""
+    model = plant_general(tiny_model("llama", layers=6), 2)
+    src = save(model, tmp_path / "src", tokenizer=tokenizer)
+    one_layer = sum(p.numel() for p in model.model.layers[0].parameters())
+    embeddings = model.model.embed_tokens.weight.numel() + model.model.norm.weight.numel()
+    peaks = materialised(monkeypatch)
     uptrain.convert(src, tmp_path / "out", groups=2, method="aligned", refine_steps=5, distill_steps=0,
                     calibration_inputs="converted", progress=False, **CAL)
     conv = json.loads((tmp_path / "out" / "uptrain.json").read_text())["conversion"]
@@ -180,12 +187,10 @@ def test_missing_cuda_is_a_clear_error(tmp_path, tokenizer):
     assert not (tmp_path / "out").exists()
 
 
-def test_refine_fits_a_module_in_place():
-    """refine() on a bare module: it lowers the error to the targets and undoes a fit that got worse."""
-    from uptrain.conversion.refine import refine, refit_output, relative_error
-
-    gen = torch.Generator().manual_seed(0)
-    target, student = torch.nn.Linear(16, 8), torch.nn.Linear(16, 8)
+def linear_calls(seed: int) -> list:
+    """Four calls of 32 inputs whose targets a random nn.Linear(16, 8) gave: what refine fits a module to."""
+    gen = torch.Generator().manual_seed(seed)
+    target = torch.nn.Linear(16, 8)
 
     class Call:
         def __init__(self, x):
@@ -194,7 +199,14 @@ def test_refine_fits_a_module_in_place():
         def __call__(self, module):
             return module(self.x)
 
-    calls = [Call(torch.randn(32, 16, generator=gen)) for _ in range(4)]
+    return [Call(torch.randn(32, 16, generator=gen)) for _ in range(4)]
+
+
+def test_refine_fits_a_module_in_place():
+    """refine() on a bare module: it lowers the error to the targets and undoes a fit that got worse."""
+    from uptrain.conversion.refine import refine, refit_output, relative_error
+
+    calls, student = linear_calls(0), torch.nn.Linear(16, 8)
     w = student.weight.detach().clone()
     wild = refine(student, calls, steps=5, lr=30.0)  # a wild step size makes it worse: undone
     assert wild["after"] == wild["before"] == pytest.approx(relative_error(student, calls))
@@ -210,17 +222,7 @@ def test_anchor_pulls_the_fit_towards_its_start():
     to its start and fits less; a huge anchor barely moves; without one the fit goes furthest."""
     from uptrain.conversion.refine import refine
 
-    gen = torch.Generator().manual_seed(1)
-    target = torch.nn.Linear(16, 8)
-
-    class Call:
-        def __init__(self, x):
-            self.x, self.y = x, target(x).detach()
-
-        def __call__(self, module):
-            return module(self.x)
-
-    calls = [Call(torch.randn(32, 16, generator=gen)) for _ in range(4)]
+    calls = linear_calls(1)
     moved, fits = [], []
     for anchor in (0.0, 1.0, 1e4):
         torch.manual_seed(0)

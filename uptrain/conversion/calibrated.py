@@ -168,6 +168,18 @@ def attention_error(engine: LayerByLayer, layer: int, tensors: dict[str, torch.T
         return relative_error(attn, calls)
 
 
+def opening_record(grouping: str, aligned: bool, weighted: bool, steps: int, aligned_layers: list,
+                   refined_layers: list) -> dict:
+    """The start of what a calibrated method records in uptrain.json's conversion section, shared by the
+    decoder-only method here and the encoder-decoder one (seq2seq_aligned.py): the grouping, aligned's per-layer
+    list, refinement's steps, rate and per-layer list (the lists fill as the layers are done)."""
+    record = {"grouping": grouping}
+    if aligned:
+        record["aligned"] = {"weighted": weighted, "layers": aligned_layers}
+    record["refine"] = {"steps": steps, "lr": DEFAULT_LR, "layers": refined_layers}
+    return record
+
+
 class CalibratedMethod:
     """A closed-form merge (aligned or a pooling method) + optional refinement, calibrated layer by layer."""
 
@@ -214,10 +226,8 @@ class CalibratedMethod:
             check_supported(ctx.spec, ctx.config, options=o)
         check_calibratable(ctx.spec, ctx.config, o, ctx.layer_groups or ctx.groups)
         self.aligned_layers, self.refined_layers = [], []
-        record = {"grouping": self.grouping}
-        if self.aligned:
-            record["aligned"] = {"weighted": o.weighted, "layers": self.aligned_layers}
-        record["refine"] = {"steps": self.steps, "lr": DEFAULT_LR, "layers": self.refined_layers}
+        record = opening_record(self.grouping, self.aligned, o.weighted, self.steps, self.aligned_layers,
+                                self.refined_layers)
         if ctx.unchanged:  # nothing to merge, nothing to calibrate: `merge` takes the closed form
             return record
         t0 = time.time()

@@ -234,17 +234,13 @@ class Seq2SeqCalibrated:
 
     def prepare(self, ctx) -> dict:
         from uptrain.checkpoint import DTYPES
-        from uptrain.conversion.calibrated import Scratch
+        from uptrain.conversion.calibrated import Scratch, opening_record
         from uptrain.conversion.layerwise import pick_device, watch_attention
-        from uptrain.conversion.refine import DEFAULT_LR
         from uptrain.hf import load_model, resolve
 
         o, spec = self.options, ctx.spec
         self.units, self.refined = [], []
-        record = {"grouping": "contiguous"}
-        if self.aligned:
-            record["aligned"] = {"weighted": o.weighted, "layers": self.units}
-        record["refine"] = {"steps": o.steps, "lr": DEFAULT_LR, "layers": self.refined}
+        record = opening_record("contiguous", self.aligned, o.weighted, o.steps, self.units, self.refined)
         if ctx.groups == ctx.kv_heads:  # nothing to merge, nothing to calibrate: `merge` takes the closed form
             return record
         t0 = time.time()

@@ -37,7 +37,7 @@ from uptrain.conversion import distill as distillation
 from uptrain.conversion.distill import Distillation, teacher
 from uptrain.conversion.layerwise import Batch, LayerByLayer, pick_device, run_layer, watch_attention
 from uptrain.conversion.pool_method import PoolMethod
-from uptrain.conversion.refine import DEFAULT_LR, REFIT_OUTPUT, refine, relative_error
+from uptrain.conversion.refine import DEFAULT_LR, refine_attention, relative_error
 from uptrain.errors import UptrainError
 
 DEFAULT_INPUTS = "source"
@@ -319,10 +319,7 @@ class CalibratedMethod:
                 self.aligned_layers.append(info)
             if refine_on:
                 with engine.layer(i, converted_layer(src, new), converted=True, only=attn_name) as attn:
-                    o_proj = attn.get_submodule(o_name)
-                    # the closed-form refit of o_proj solves for an nn.Linear (GPT-2's Conv1D: Adam alone)
-                    fit = refine(attn, calls, self.steps, o_proj=o_proj if isinstance(o_proj, torch.nn.Linear)
-                                 and REFIT_OUTPUT else None, seed=i)
+                    fit = refine_attention(attn, o_name, calls, self.steps, seed=i)
                     params = {f"{attn_name}.{n}": p for n, p in attn.named_parameters()}
                     missing = [s for s in new if s not in params]
                     if missing:

@@ -30,7 +30,7 @@ import time
 import torch
 
 from uptrain.conversion.layerwise import Batch, run_layer
-from uptrain.conversion.refine import HOLD_OUT
+from uptrain.conversion.refine import held_out, rms_scale
 
 TOP_K = 64  # teacher probabilities kept per position (the rest as one bucket)
 EXACT_KL = 1e-6  # a held-out KL below this (nats per token) is float32 rounding: the merge is exact
@@ -124,8 +124,7 @@ class Distillation:
             m.mul_(betas[0]).add_(gr, alpha=1 - betas[0])
             v.mul_(betas[1]).addcmul_(gr, gr, value=1 - betas[1])
             moments.update({"m:" + n: m, "v:" + n: v})
-            scale = max(float(p.square().mean().sqrt()), 1e-3)
-            step = lr * scale * math.sqrt(1 - betas[1] ** t) / (1 - betas[0] ** t)
+            step = lr * rms_scale(p) * math.sqrt(1 - betas[1] ** t) / (1 - betas[0] ** t)
             out[n] = p - step * m / (v.sqrt() + eps)
         self.store.put(key, moments)
         return out
@@ -141,7 +140,7 @@ def distill(state: Distillation, steps: int, lr: float = DEFAULT_DISTILL_LR, see
     (the caller then keeps the layer-wise tensors)."""
     t0 = time.time()
     n = len(state.batches)
-    held = list(range(HOLD_OUT - 1, n, HOLD_OUT)) if n >= HOLD_OUT else []
+    held = held_out(n)
     fit = [b for b in range(n) if b not in held] or list(range(n))
     judge = held or fit
     with state.engine.top(converted=True) as logits_of:

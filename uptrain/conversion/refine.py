@@ -32,6 +32,17 @@ EXACT = 1e-10  # a start with less (squared) relative error is exact already, up
 
 
 @torch.no_grad()
+def held_out(n: int) -> list[int]:
+    """Which of n batches judge a fit instead of feeding it: every HOLD_OUT-th, once there are HOLD_OUT of them
+    (refinement here, distillation in distill.py)."""
+    return list(range(HOLD_OUT - 1, n, HOLD_OUT)) if n >= HOLD_OUT else []
+
+
+def rms_scale(p: torch.Tensor) -> float:
+    """A tensor's RMS (at least 1e-3): steps are relative to it, as projections and norm weights differ by 100×."""
+    return max(float(p.detach().float().square().mean().sqrt()), 1e-3)
+
+
 def _sums(module, calls) -> list[tuple[float, float]]:
     """Per call (‖attn(X) − Y‖², ‖Y‖²), float64 sums."""
     return [(float((c(module) - c.y).double().square().sum()), float(c.y.double().square().sum())) for c in calls]
@@ -107,7 +118,7 @@ def refine(module, calls, steps: int, lr: float = DEFAULT_LR, o_proj: torch.nn.L
     t0 = time.time()
     start = {n: p.detach().clone() for n, p in module.named_parameters()}
     # With enough batches, every HOLD_OUT-th is kept out of the fit and decides whether the fit is kept.
-    held = set(range(HOLD_OUT - 1, len(calls), HOLD_OUT)) if len(calls) >= HOLD_OUT else set()
+    held = set(held_out(len(calls)))
     fit = [c for i, c in enumerate(calls) if i not in held]
     equations = None
     if o_proj is not None and steps > 0 and calls:  # o_proj's equations and the fit batches' error: one pass
@@ -124,7 +135,7 @@ def refine(module, calls, steps: int, lr: float = DEFAULT_LR, o_proj: torch.nn.L
         _solve_output(o_proj, *equations)
     names = [n for n, _ in module.named_parameters() if train is None or train(n)]
     params = [dict(module.named_parameters())[n] for n in names]
-    scale = [max(float(p.detach().float().square().mean().sqrt()), 1e-3) for p in params]
+    scale = [rms_scale(p) for p in params]
     opt = torch.optim.Adam([{"params": [p], "lr": lr * s} for p, s in zip(params, scale)], betas=(0.9, 0.99))
     # the pull towards the start: relative to each tensor's size, so that q, k, v, o and norms weigh alike
     anchors = [(start[n], 1.0 / max(float(start[n].double().square().sum()), 1e-30)) for n in names] if anchor else []
@@ -159,3 +170,12 @@ def refine(module, calls, steps: int, lr: float = DEFAULT_LR, o_proj: torch.nn.L
         result["after"] = before
         result["undone"] = True
     return {**result, "seconds": round(time.time() - t0, 3)}
+
+
+def refine_attention(attn, o_name: str, calls, steps: int, seed: int = 0) -> dict:
+    """refine() on a layer's attention module, as a calibrated conversion runs it (and a KV budget's measure, which
+    must refine as the conversion will): its output projection `o_name` refitted in closed form first where it is
+    an nn.Linear and REFIT_OUTPUT says so (GPT-2's Conv1D: Adam alone)."""
+    o_proj = attn.get_submodule(o_name)
+    return refine(attn, calls, steps, o_proj=o_proj if isinstance(o_proj, torch.nn.Linear) and REFIT_OUTPUT else None,
+                  seed=seed)

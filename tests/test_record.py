@@ -41,3 +41,34 @@ def test_missing_corrupt_and_newer_records(tmp_path):
     (tmp_path / "uptrain.json").write_text(json.dumps({"schema": SCHEMA + 1}))
     with pytest.raises(UptrainError, match="newer than this uptrain reads"):
         read_record(tmp_path)
+
+
+def strict_json(text: str):
+    """json.loads as RFC 8259 reads it: NaN, Infinity and -Infinity are not JSON."""
+    def refuse(name):
+        raise ValueError(f"{name} is not JSON")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_a_diverged_run_is_written_as_strict_json_with_its_non_finite_values_named(tmp_path):
+    import torch
+
+    conv = ConversionRecord(source="s", extra={"distill": {"before": 0.5, "after": float("nan"),
+                                                           "train_kl": [0.4, float("inf")]}})
+    up = UptrainingRecord(steps=3, first_loss=2.0, last_loss=torch.tensor(float("nan")),
+                          final_eval={"perplexity": float("-inf")})
+    write_record(tmp_path, Record(conversion=conv, uptraining=up))
+    raw = strict_json((tmp_path / "uptrain.json").read_text())
+    assert raw["conversion"]["distill"] == {"before": 0.5, "after": None, "train_kl": [0.4, None]}
+    assert raw["uptraining"]["last_loss"] is None and raw["uptraining"]["final_eval"] == {"perplexity": None}
+    assert raw["uptraining"]["first_loss"] == 2.0
+    assert raw["non_finite"] == ["conversion.distill.after", "conversion.distill.train_kl[1]",
+                                 "uptraining.final_eval.perplexity", "uptraining.last_loss"]
+    back = read_record(tmp_path)  # read and written again: still strict, the list kept
+    write_record(tmp_path, back)
+    assert strict_json((tmp_path / "uptrain.json").read_text())["non_finite"] == raw["non_finite"]
+
+
+def test_strict_json_refuses_nan():
+    with pytest.raises(ValueError, match="NaN is not JSON"):
+        strict_json('{"after": NaN}')

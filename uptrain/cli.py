@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 
 from uptrain.errors import UptrainError
 
@@ -254,6 +255,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A library's warning as its message alone: Python's default shows the source line that raised it, code
+    that means nothing to the user of a command."""
+    print(f"warning: {message} ({category.__name__})", file=file or sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -264,7 +271,9 @@ def main(argv: list[str] | None = None) -> int:
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
-        return COMMANDS[args.command][1](args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _one_line_warning
+            return COMMANDS[args.command][1](args)
     except UptrainError as e:
         # 2 for bad input; an error that carries its own status (training preempted: 75) keeps it.
         status = getattr(e, "exit_status", 2)

@@ -37,9 +37,11 @@ def atomic_write(path, content: str | bytes | Callable[[str], None]) -> str:
     return path
 
 
-def write_json(path, obj, indent: int | None = 2) -> str:
-    """JSON with numpy / torch scalars as numbers and anything else unknown as its str()."""
-    return atomic_write(path, json.dumps(obj, indent=indent, default=_json_default) + "\n")
+def write_json(path, obj, indent: int | None = 2, strict: bool = False) -> str:
+    """JSON with numpy / torch scalars as numbers and anything else unknown as its str(). strict: RFC 8259 JSON,
+    a ValueError (before anything is written) on a NaN or an infinity, which Python writes as bare NaN / Infinity
+    and strict parsers (browsers, jq, the Hub's viewers) reject."""
+    return atomic_write(path, json.dumps(obj, indent=indent, default=_json_default, allow_nan=not strict) + "\n")
 
 
 def _json_default(x):

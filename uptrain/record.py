@@ -8,11 +8,16 @@
 Unknown keys (a method's own section such as "aligned", fields of a newer uptrain) are kept in `extra`
 and written back as they were, so reading and rewriting a record never loses anything. Files written
 before the schema field existed read as schema 1.
+
+The file is strict JSON (RFC 8259): a NaN or an infinity (a diverged loss) is written as null and its place
+listed under "non_finite" ("uptraining.last_loss", "conversion.distill.train_kl[3]"), so that jq, browsers and
+the Hub's viewers read every record.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -187,6 +192,24 @@ def try_read_record(folder) -> Record | None:
 
 
 def write_record(folder, record: Record) -> Path:
-    """Write FOLDER/uptrain.json atomically, stamped with this uptrain's version."""
+    """Write FOLDER/uptrain.json atomically, stamped with this uptrain's version, as strict JSON."""
     record.uptrain_version, record.schema = __version__, SCHEMA
-    return Path(write_json(Path(folder) / FILENAME, record.to_dict()))
+    found: list[str] = []
+    d = _finite(record.to_dict(), "", found)
+    if found:
+        d["non_finite"] = sorted(set(d.get("non_finite", [])) | set(found))
+    return Path(write_json(Path(folder) / FILENAME, d, strict=True))
+
+
+def _finite(x, where: str, found: list[str]):
+    """x with every NaN / infinity (numpy and torch scalars included) replaced by None, its place added to `found`."""
+    if hasattr(x, "item"):  # numpy / torch scalars
+        x = x.item()
+    if isinstance(x, float) and not math.isfinite(x):
+        found.append(where)
+        return None
+    if isinstance(x, dict):
+        return {k: _finite(v, f"{where}.{k}" if where else str(k), found) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v, f"{where}[{i}]", found) for i, v in enumerate(x)]
+    return x

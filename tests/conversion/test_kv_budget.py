@@ -8,7 +8,7 @@ from test_cli_convert import run
 from tiny_models import save, tiny_model
 
 import uptrain
-from uptrain.conversion.allocation import allocate
+from uptrain.conversion.allocation import TIE, allocate
 from uptrain.errors import UptrainError
 from uptrain.training.recipe import load_recipe
 
@@ -48,7 +48,8 @@ def test_lossless_layers_get_the_fewest_heads_the_rest_goes_where_it_helps(half)
     out, stdout, record = half
     a = record["allocation"]
     losses = [{int(g): v for g, v in x.items() if g != "layer"} for x in a["losses"]]
-    assert losses[0][1] < 1e-6 and losses[1][2] < 1e-6  # nothing lost where the heads were equal
+    # nothing lost where the heads were equal: float rounding, below the tolerance that makes it a tie on any CPU
+    assert max(losses[0].values()) < TIE and max(losses[1][g] for g in (2, 4, 8)) < TIE
     assert min(losses[2][1], losses[3][1], losses[1][1]) > 1e-4  # something lost where they were not
     assert all(x[8] == 0 for x in losses)
     # 16 heads: 1 + 2 for the lossless layers, the 13 left cannot keep both others at 8: one gets 8, one 4 or less

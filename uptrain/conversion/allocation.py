@@ -7,8 +7,10 @@ sensitivity.py: how far the model's next-token distribution moves when only that
 allocation minimises the summed loss under the budget — a multiple-choice knapsack (one item per layer, its
 weight G, its cost the loss), solved exactly by dynamic programming over the heads used (L · B states).
 
-Sums are exact (fractions.Fraction of the float losses), so ties are real ties, broken by fewer heads, then by
-the smaller tuple (G_0, G_1, …): an allocation does not depend on the order floats were added in.
+Sums are exact (fractions.Fraction of the float losses), so an allocation does not depend on the order floats
+were added in. Allocations whose summed loss is within TIE of the least are ties, broken by fewer heads, then by
+the smaller tuple (G_0, G_1, …): a layer that loses nothing measures a loss of float rounding (~1e-8 nats, which
+differs between CPUs), and a head bought for less than TIE is not worth its cache.
 """
 from __future__ import annotations
 
@@ -18,6 +20,8 @@ from fractions import Fraction
 from typing import Mapping, Sequence
 
 from uptrain.errors import UptrainError
+
+TIE = 1e-6  # nats per token: summed predicted losses this close are equal (the KL's float rounding is far below)
 
 
 @dataclass(frozen=True)
@@ -46,8 +50,8 @@ def budget_heads(fraction: float, kv_heads: Sequence[int], said: str = "kv_budge
 
 
 def allocate(losses: Sequence[Mapping[int, float]], budget: int) -> Allocation:
-    """The G_l (one key of each losses[l]) with Σ G_l ≤ budget and the least Σ losses[l][G_l]; among equal
-    losses the fewest heads, then the smallest tuple. Raises when no choice fits the budget."""
+    """The G_l (one key of each losses[l]) with Σ G_l ≤ budget and the least Σ losses[l][G_l]; among sums within
+    TIE of the least, the fewest heads, then the smallest tuple. Raises when no choice fits the budget."""
     if not losses:
         raise ValueError("no layers to allocate KV heads to")
     if any(not layer for layer in losses):
@@ -56,17 +60,18 @@ def allocate(losses: Sequence[Mapping[int, float]], budget: int) -> Allocation:
     if least > budget:
         raise UptrainError(f"a budget of {budget} KV heads is below the {least} that the fewest KV heads of every "
                            f"layer need")
-    # best[used] = (exact summed loss, G_0 … G_l) over the layers so far, using `used` heads
-    best: dict[int, tuple[Fraction, tuple[int, ...]]] = {0: (Fraction(0), ())}
-    for layer in losses:
-        nxt: dict[int, tuple[Fraction, tuple[int, ...]]] = {}
-        for used, (loss, chosen) in best.items():
-            for g, cost in layer.items():
-                if used + g > budget:
-                    continue
-                cand = (loss + Fraction(cost), chosen + (g,))
-                if used + g not in nxt or cand < nxt[used + g]:
-                    nxt[used + g] = cand
-        best = nxt
-    used, (loss, chosen) = min(best.items(), key=lambda kv: (kv[1][0], kv[0], kv[1][1]))
-    return Allocation(chosen, float(loss), used, budget)
+    # least_after[l][h]: the least exact summed loss of layers l, l+1, … using exactly h heads (absent: impossible)
+    least_after: list[dict[int, Fraction]] = [{} for _ in losses] + [{0: Fraction(0)}]
+    for i in reversed(range(len(losses))):
+        for h, rest in least_after[i + 1].items():
+            for g, cost in losses[i].items():
+                if h + g <= budget and (h + g not in least_after[i] or rest + Fraction(cost) < least_after[i][h + g]):
+                    least_after[i][h + g] = rest + Fraction(cost)
+    bound = min(least_after[0].values()) + Fraction(TIE)
+    heads = min(h for h, loss in least_after[0].items() if loss <= bound)
+    chosen, left, spent = [], heads, Fraction(0)
+    for i, layer in enumerate(losses):  # each G_l as small as a completion within the bound allows
+        g = min(g for g in layer if left - g in least_after[i + 1]
+                and spent + Fraction(layer[g]) + least_after[i + 1][left - g] <= bound)
+        chosen, left, spent = chosen + [g], left - g, spent + Fraction(layer[g])
+    return Allocation(tuple(chosen), float(spent), heads, budget)

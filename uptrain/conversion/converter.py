@@ -73,8 +73,8 @@ class ConvertResult:
                 + (f" Written in the {self.written_as} form (block_configs), which vLLM serves natively; the "
                    f"folder carries {self.remote_code} for transformers: load it with trust_remote_code=True."
                    if self.remote_code and isinstance(self.kv_heads_after, list) else
-                   f" No transformers class holds {self.kv_heads_after} KV heads of a {self.model_type}: the "
-                   f"folder carries {self.remote_code}, load it with trust_remote_code=True."
+                   f" No transformers class for model_type {self.model_type} holds {self.kv_heads_after} KV "
+                   f"heads: the folder carries {self.remote_code}, load it with trust_remote_code=True."
                    if self.remote_code else ""))
 
     def allocation_text(self) -> str:

@@ -43,6 +43,7 @@ def rms_scale(p: torch.Tensor) -> float:
     return max(float(p.detach().float().square().mean().sqrt()), 1e-3)
 
 
+@torch.no_grad()  # a measurement: without it a module whose parameters require grad warns on float()
 def _sums(module, calls) -> list[tuple[float, float]]:
     """Per call (‖attn(X) − Y‖², ‖Y‖²), float64 sums."""
     return [(float((c(module) - c.y).double().square().sum()), float(c.y.double().square().sum())) for c in calls]

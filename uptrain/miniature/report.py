@@ -38,12 +38,31 @@ def write_outputs(run, vs, pre: dict, uptrained: dict, sweep: dict, ev: dict, t0
                             "pretrain_steps": n, "eval": ev["settings"], "arch": run.arch.name},
                "rows": rows, "alpha_sweep": sweep_points(sweep, n), "findings": found,
                "pretrain": {"final_eval": pre["final_eval"], "eval_history": pre["eval_history"]},
-               "eval_rows": ev["rows"], "wall_time_s": wall, "cpu_time_s": cpu, "threads": threads}
+               "eval_rows": ev["rows"], "wall_time_s": wall, "cpu_time_s": cpu, "threads": threads,
+               "machine": machine()}
     results_path = write_json(str(run.out / "results.json"), results)
     report_path = atomic_write(str(run.out / "report.md"),
                                report_md(rows, found, paths, size, n, steps, alpha, ev["settings"], wall, run.out,
                                          run.arch.title, lengths, cpu, threads))
     return DemoResult(str(run.out), report_path, results_path, paths, rows, wall, found, cpu, threads)
+
+
+def machine() -> dict:
+    """Where a run's times were measured: the CPU, its cores, the load when the run ended, the library versions."""
+    import platform
+
+    import torch
+    import transformers
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    return {"cpu": cpu, "cores": os.cpu_count(), "load_average_1min": load, "python": platform.python_version(),
+            "torch": torch.__version__, "transformers": transformers.__version__}
 
 
 def plots(out_dir: Path, rows, pre, uptrained, sweep, n, vs) -> list[str]:

@@ -281,6 +281,42 @@ def test_the_recipe_keys_table_in_training_md_is_up_to_date():
         "`uptrain train --help-recipe markdown`")
 
 
+def generated_block(doc: str, start: str, end: str) -> str:
+    """The text of `doc` from the line `start` to the line `end`, both included."""
+    text = read(doc)
+    assert start in text and end in text, f"{doc} has no block between {start!r} and {end!r}"
+    return text[text.index(start):text.index(end) + len(end)] + "\n"
+
+
+def options_tables():
+    from uptrain.conversion.options import ConvertOptions
+    from uptrain.evaluation.options import EvalOptions
+
+    return [("docs/convert.md", ConvertOptions, "convert"), ("docs/evaluate.md", EvalOptions, "eval")]
+
+
+@pytest.mark.parametrize("doc, cls, command", options_tables(), ids=["convert", "eval"])
+def test_the_options_tables_are_generated_from_the_options_dataclasses(doc, cls, command):
+    """Every flag, its default and its sentence as the code defines them (uptrain/options.py: options_markdown)."""
+    from uptrain.options import markers, options_markdown
+
+    assert generated_block(doc, *markers(command)) == options_markdown(cls, command), (
+        f"{doc}'s table of `uptrain {command}` options is stale: replace the block between its two markers with "
+        f"the output of python -c \"from uptrain.options import options_markdown; from {cls.__module__} import "
+        f"{cls.__name__}; print(options_markdown({cls.__name__}, '{command}'), end='')\"")
+
+
+def test_a_planted_drift_in_a_default_fails_the_options_check(monkeypatch):
+    import dataclasses
+
+    from uptrain.conversion.options import ConvertOptions
+
+    drifted = dataclasses.make_dataclass("ConvertOptions", [("max_shard_size", str, dataclasses.field(
+        default="2GB", metadata=dataclasses.fields(ConvertOptions)[-2].metadata))], bases=(ConvertOptions,))
+    with pytest.raises(AssertionError, match="table of `uptrain convert` options is stale"):
+        test_the_options_tables_are_generated_from_the_options_dataclasses("docs/convert.md", drifted, "convert")
+
+
 def test_the_plan_example_prints_what_training_md_shows(capsys, monkeypatch):
     from uptrain.cli import main
 

@@ -19,7 +19,7 @@ def option(help: str, default=None, cli: bool = True, scope: str | None = None, 
     """A field with its help text. scope: which part of the command reads it (ConvertOptions: "aligned" /
     "calibrated"; EvalOptions: "vllm"), so that setting it elsewhere can be refused. Other keys are for the CLI:
     choices, metavar, group (the --help section), short (e.g. "-g"), required, parse (str → value, e.g.
-    comma_list)."""
+    comma_list); for the docs' options table, shown (what the table says instead of a sentinel default)."""
     if isinstance(default, (list, dict, set)):
         return field(default_factory=lambda: type(default)(default), metadata={"help": help, "cli": cli,
                                                                                 "scope": scope, **kw})
@@ -76,3 +76,38 @@ class SpokenOptions:
         defaults = type(self)()
         return [f.name for f in dataclasses.fields(self) if f.metadata.get("scope") == scope
                 and getattr(self, f.name) != getattr(defaults, f.name)]
+
+
+def markers(command: str) -> tuple[str, str]:
+    """The comments that enclose `uptrain COMMAND`'s generated options table in the docs."""
+    return (f"<!-- uptrain {command} options: generated from the options dataclass by options_markdown(); "
+            f"do not edit by hand -->", f"<!-- end of uptrain {command} options -->")
+
+
+def options_markdown(cls, command: str) -> str:
+    """`uptrain COMMAND`'s flags built from `cls` (ConvertOptions, EvalOptions) as a markdown table: flag,
+    default, help, in the order and --help sections of the CLI. A default of None (—) is decided by other options
+    (the method, the model): its help says how; metadata "shown" replaces a sentinel default in the table.
+    tests/test_docs.py checks that the docs hold this table."""
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    start, end = markers(command)
+    lines, section = [start, ""], object()
+    for f in dataclasses.fields(cls):
+        meta = f.metadata
+        if not meta.get("cli", True):
+            continue
+        switch = hints[f.name] is bool or typing.get_args(hints[f.name]) == (bool, type(None))
+        if meta.get("group") != section:
+            section = meta.get("group")
+            lines += ([""] if len(lines) > 2 else []) + ([f"**{section}**", ""] if section else [])
+            lines += ["| flag | default | what it does |", "|---|---|---|"]
+        value = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        default = meta.get("shown") or ("—" if value in (None, []) else ("on" if value else "off") if switch
+                                         else f"`{value}`")
+        flag = "--" + f.name.replace("_", "-") + (f", {meta['short']}" if meta.get("short") else "")
+        if switch:
+            flag += f" / --no-{f.name.replace('_', '-')}"
+        lines.append(f"| `{flag}` | {default} | {' '.join(meta['help'].split()).replace('|', chr(92) + '|')} |")
+    return "\n".join(lines + ["", end]) + "\n"

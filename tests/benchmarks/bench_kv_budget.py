@@ -12,7 +12,7 @@ demo       The demo's model (uptrain/miniature's FULL size: 4 layers, 8 heads, h
            calibration settings and uptrained α·N = 16 steps at the rate pre-training ended at (the demo's
            stages.train_run). Held-out loss at step 0 and after; the share of uniform's step-0 log-perplexity gap
            to the source that the chosen allocation closes, and whether it beats uniform after uptraining.
-real       SmolLM2-135M (/work/real): its 9-KV-head MHA expansion at budget 2/9 (no uniform G has those bytes:
+real       SmolLM2-135M (--model-dir: what tests/benchmarks/build_real_model.py built): its 9-KV-head MHA expansion at budget 2/9 (no uniform G has those bytes:
            G = 2 does not divide 9), or the model as shipped (3 KV heads) at budget 0.5. The chosen allocation
            against the same G values evenly spaced over the depth and randomly placed (three seeds): the same
            bytes, only where the heads go differs. Step 0 only: perplexity on 8,192 tokens of Hamlet (a play the
@@ -43,7 +43,8 @@ from fractions import Fraction
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-REAL = {"mha": ("/work/real/smollm2-135m-mha", "2/9"), "shipped": ("/work/real/smollm2-135m", "1/2")}
+# folders of tests/benchmarks/build_real_model.py DIR (--model-dir DIR), and the budget each is measured at
+REAL = {"mha": ("smollm2-135m-mha", "2/9"), "shipped": ("smollm2-135m", "1/2")}
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -273,7 +274,8 @@ def real(args) -> None:
 
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    src, budget = REAL[args.source]
+    name, budget = REAL[args.source]
+    src = str(Path(args.model_dir) / name)
     done_path = work / f"real-{args.source}.json"
     done = json.loads(done_path.read_text()) if done_path.is_file() else {}
 
@@ -347,6 +349,7 @@ def main() -> None:
     e.add_argument("--method", default="mean")
     r = sub.add_parser("real")
     r.add_argument("--source", choices=sorted(REAL), default="mha")
+    r.add_argument("--model-dir", default="real", help="the folder tests/benchmarks/build_real_model.py DIR built")
     r.add_argument("--methods", nargs="+", default=["mean", "aligned"])
     r.add_argument("--random-seeds", type=int, default=3)
     r.add_argument("--calibration-tokens", type=int, default=2048, help="aligned's (refinement is the default 50)")

@@ -3,7 +3,7 @@
     python tests/benchmarks/bench_real_model.py DIR [--only step0 regulariser mha sweep uptrain] [--workdir W]
            [--variants SUBSTRING …] [--threads 1] [--tokens 16384 65536 262144] [--uptrain-steps 50]
 
-DIR: the folder `shared/real_model/build.py DIR` builds (smollm2-135m: 30 layers, 9 query / 3 KV heads;
+DIR: the folder `python tests/benchmarks/build_real_model.py DIR` builds (smollm2-135m: 30 layers, 9 query / 3 KV heads;
 smollm2-135m-mha: its exact 9-KV-head expansion). Every conversion runs `uptrain convert` in a fresh
 interpreter: wall time, CPU time (user + system) and peak RSS from wait4. Every model is scored on held-out
 text of two kinds, each against the source on the same tokens: Hamlet (8,192 tokens in 1,024-token windows;
@@ -283,7 +283,7 @@ class Bench:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("model_dir", help="the folder shared/real_model/build.py built (smollm2-135m, smollm2-135m-mha)")
+    ap.add_argument("model_dir", help="the folder tests/benchmarks/build_real_model.py built (smollm2-135m, smollm2-135m-mha)")
     ap.add_argument("--only", nargs="+", choices=("step0", "regulariser", "mha", "sweep", "uptrain"),
                     default=["step0", "regulariser", "mha", "sweep", "uptrain"])
     ap.add_argument("--workdir", default="/tmp/bench-real-model", help="converted models and results.json")

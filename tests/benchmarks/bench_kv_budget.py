@@ -8,7 +8,8 @@
 demo       The demo's model (uptrain/miniature's FULL size: 4 layers, 8 heads, hidden 256, pre-trained 320 steps by
            the demo's own stages, kept in --workdir/demo, which `uptrain demo --out DIR/demo --resume` can finish)
            at budgets 1/2, 1/4, 1/8 of MHA's KV bytes: uniform G = 4, 2, 1 against the allocation --kv-budget
-           chooses, for mean and for aligned + refinement (the default 50 steps), each converted with the demo's
+           chooses, for mean and for aligned (its refinement and distillation: the converter's defaults, or
+           --refine-steps / --distill-steps), each converted with the demo's
            calibration settings and uptrained α·N = 16 steps at the rate pre-training ended at (the demo's
            stages.train_run). Held-out loss at step 0 and after; the share of uniform's step-0 log-perplexity gap
            to the source that the chosen allocation closes, and whether it beats uniform after uptraining.
@@ -110,6 +111,10 @@ def demo_run(work: Path):
     return run, pre
 
 
+# aligned's --refine-steps / --distill-steps / --calibration when given (else the converter's defaults)
+ALIGNED: dict = {}
+
+
 def demo_convert(run, mha: str, name: str, method: str, **kw) -> dict:
     """One conversion into WORK/demo/kv/NAME (kept in the run's state): its groups and allocation."""
     import uptrain
@@ -117,7 +122,7 @@ def demo_convert(run, mha: str, name: str, method: str, **kw) -> dict:
     unit = f"kv-budget:convert:{name}"
     done = run.state.get(unit)
     if done is None:
-        opts = {"calibration_tokens": run.size.calibration_tokens} if method == "aligned" else {}
+        opts = {"calibration_tokens": run.size.calibration_tokens, **ALIGNED} if method == "aligned" else {}
         if method == "aligned" or "kv_budget" in kw:  # the demo's calibration blocks: its sequence length
             opts["calibration_seq_len"] = run.size.seq_len
         t0 = time.time()
@@ -295,8 +300,9 @@ def real(args) -> None:
     k = 9 if args.source == "mha" else 3
     uniform = [g for g in (1, 3, 9) if k % g == 0 and g < k]
     for method in args.methods:
-        flags = ("--method", method) + (("--calibration-tokens", str(args.calibration_tokens))
-                                        if method == "aligned" else ())
+        aligned = ("--calibration-tokens", str(args.calibration_tokens),
+                   *[w for k, v in ALIGNED.items() for w in ("--" + k.replace("_", "-"), str(v))])
+        flags = ("--method", method) + (aligned if method == "aligned" else ())
         chosen = convert(f"{method}-chosen", "--kv-budget", budget, *flags)
         groups = chosen["groups"]
         variants = {"chosen": chosen["out"], "evenly spaced": convert(
@@ -352,11 +358,18 @@ def main() -> None:
     r.add_argument("--model-dir", default="real", help="the folder tests/benchmarks/build_real_model.py DIR built")
     r.add_argument("--methods", nargs="+", default=["mean", "aligned"])
     r.add_argument("--random-seeds", type=int, default=3)
-    r.add_argument("--calibration-tokens", type=int, default=2048, help="aligned's (refinement is the default 50)")
+    r.add_argument("--calibration-tokens", type=int, default=2048, help="aligned's")
+    for p in (d, r):
+        p.add_argument("--refine-steps", type=int, default=None, help="aligned's (default: the converter's)")
+        p.add_argument("--distill-steps", type=int, default=None, help="aligned's (default: the converter's)")
+        p.add_argument("--calibration", default=None, help="aligned's calibration text (default: the converter's)")
     for p in (d, s, e, r):
         p.add_argument("--workdir", default="/tmp/bench-kv-budget")
         p.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
+    for key in ("refine_steps", "distill_steps", "calibration"):
+        if getattr(args, key, None) is not None:
+            ALIGNED[key] = getattr(args, key)
     os.environ["TQDM_DISABLE"] = "1"
     if args.threads:
         import torch

@@ -250,8 +250,10 @@ def test_every_benchmark_command_names_a_script_and_its_flags(line):
     with open(path, encoding="utf-8") as f:
         source = f.read()
     known = set(re.findall(r"add_argument\(\s*\"(--[a-z0-9-]+)\"", source))
-    choices = set(re.findall(r"choices=\(([^)]*)\)", source))
-    positional = {c.strip().strip("\"'") for group in choices for c in group.split(",")}
+    # the first positional argument's choices, or the subcommands: what the first plain word must be
+    first = re.search(r"add_argument\(\s*\"[a-z_]+\",\s*choices=\(([^)]*)\)", source)
+    positional = {c.strip().strip("\"'") for c in first.group(1).split(",")} if first else set()
+    positional |= set(re.findall(r"add_parser\(\s*\"([a-z]+)\"", source))
     flags = [w for w in words[words.index(script) + 1:] if w.startswith("--")]
     assert set(flags) <= known, f"{script} has no {sorted(set(flags) - known)}"
     words_after = [w for w in words[words.index(script) + 1:] if not w.startswith("-")]

@@ -103,6 +103,32 @@ def test_the_checker_sees_a_broken_link(tmp_path, monkeypatch):
         test_every_relative_link_and_anchor_resolves("a.md")
 
 
+# ------------------------------------------------------------------------------------------ what the pages speak of
+# User pages say what the product does and what was measured; how the work went belongs in CHANGELOG.md.
+HISTORY = re.compile(r"\bthe session\b|\bwas lent\b|\bthe issue(?:'s)?(?!\w)|\bissue \d+|\bthe bar\b|"
+                     r"\bgoals? (?:is |are )?not met\b|\bran out of time\b|\btime there was\b|"
+                     r"\bbefore this (?:fix|version|change)\b|\bprototype|\bthe then default\b|"
+                     r"\bwhen this was written\b|\bearlier runs?\b|\bof that commit\b", re.I)
+
+
+def history_in(doc: str) -> list[str]:
+    return [f"{doc}:{n}: {m.group(0)!r}" for n, line in enumerate(read(doc).splitlines(), 1)
+            for m in HISTORY.finditer(line)]
+
+
+@pytest.mark.parametrize("doc", DOCS)
+def test_user_pages_do_not_tell_how_they_were_made(doc):
+    assert not history_in(doc), "history belongs in CHANGELOG.md: " + "; ".join(history_in(doc))
+
+
+def test_the_history_check_sees_a_session_story(tmp_path, monkeypatch):
+    (tmp_path / "a.md").write_text("Measured on 2 cores.\nNot scored: the session ran out of time.\n"
+                                   "The issue's bar of 1.2× is not reached. Before this fix it crashed.\n")
+    monkeypatch.setattr(sys.modules[__name__], "REPO", str(tmp_path))
+    assert [h.split(": ", 1)[1] for h in history_in("a.md")] == [
+        "'the session'", "'ran out of time'", "\"The issue's\"", "'the bar'", "'Before this fix'"]
+
+
 # ------------------------------------------------------------------------------------------ commands
 def commands(doc: str) -> list[tuple[str, bool]]:
     """(command line, marked as needing the Hub / GPUs) of every shell line the doc shows: lines of bash blocks

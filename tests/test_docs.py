@@ -126,7 +126,7 @@ def test_the_history_check_sees_a_session_story(tmp_path, monkeypatch):
                                    "The issue's bar of 1.2× is not reached. Before this fix it crashed.\n")
     monkeypatch.setattr(sys.modules[__name__], "REPO", str(tmp_path))
     assert [h.split(": ", 1)[1] for h in history_in("a.md")] == [
-        "'the session'", "'ran out of time'", "\"The issue's\"", "'the bar'", "'Before this fix'"]
+        "'the session'", "'ran out of time'", "\"The issue's\"", "'Before this fix'"]
 
 
 # ------------------------------------------------------------------------------------------ commands

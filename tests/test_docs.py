@@ -339,10 +339,45 @@ def test_a_planted_drift_in_a_default_fails_the_options_check(monkeypatch):
 
     from uptrain.conversion.options import ConvertOptions
 
+    field = next(f for f in dataclasses.fields(ConvertOptions) if f.name == "max_shard_size")
     drifted = dataclasses.make_dataclass("ConvertOptions", [("max_shard_size", str, dataclasses.field(
-        default="2GB", metadata=dataclasses.fields(ConvertOptions)[-2].metadata))], bases=(ConvertOptions,))
+        default="2GB", metadata=field.metadata))], bases=(ConvertOptions,))
     with pytest.raises(AssertionError, match="table of `uptrain convert` options is stale"):
         test_the_options_tables_are_generated_from_the_options_dataclasses("docs/convert.md", drifted, "convert")
+
+
+def demo_pages_agree_with(results: dict) -> None:
+    """README.md and docs/demo.md hold what published() writes from `results` (a demo run's results.json)."""
+    from uptrain.miniature.report import PUBLISHED, published, published_markers
+
+    for doc, page in (("README.md", "readme"), ("docs/demo.md", "demo")):
+        assert generated_block(doc, *published_markers(page)) == published(results, page), (
+            f"{doc}'s demo figures are not those of {PUBLISHED}: replace the block between its markers with the "
+            f"output of python -c \"import json; from uptrain.miniature.report import published; "
+            f"print(published(json.load(open('{PUBLISHED}')), '{page}'), end='')\"")
+
+
+def test_the_demo_figures_are_those_of_the_committed_run():
+    """The README's demo table, demo.md's table and findings, and the time the docs and `uptrain demo --help`
+    give for a run come from the results.json of the run whose plot the pages show."""
+    from uptrain.miniature.report import PUBLISHED
+    from uptrain.miniature.sizes import SECONDS
+
+    results = json.loads(read(PUBLISHED))
+    demo_pages_agree_with(results)
+    folder = os.path.dirname(os.path.join(REPO, PUBLISHED))
+    assert os.path.isfile(os.path.join(folder, "quality_vs_cost.png"))
+    assert "docs/demo-run/quality_vs_cost.png" in read("README.md")
+    assert results["threads"] == 1 and abs(SECONDS[("llama", False)] - results["cpu_time_s"]) < 30
+
+
+def test_a_planted_drift_in_the_demo_figures_fails():
+    from uptrain.miniature.report import PUBLISHED
+
+    results = json.loads(read(PUBLISHED))
+    results["rows"][0]["ppl_step0"] *= 1.01
+    with pytest.raises(AssertionError, match="demo figures are not those of"):
+        demo_pages_agree_with(results)
 
 
 def test_the_plan_example_prints_what_training_md_shows(capsys, monkeypatch):

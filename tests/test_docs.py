@@ -129,6 +129,53 @@ def test_the_history_check_sees_a_session_story(tmp_path, monkeypatch):
         "'the session'", "'ran out of time'", "\"The issue's\"", "'Before this fix'"]
 
 
+# ------------------------------------------------------------------------------------------ troubleshooting
+def normalised(message: str, folder: str) -> str:
+    """An error line with what differs between machines made alike: the exception a library raised, paths, sizes."""
+    message = message.replace(folder, "/models")
+    message = re.sub(r"\((\w+Error): .*?\)\. ", "(ERROR). ", message)
+    message = re.sub(r"(?<![\w'])/[\w./-]+", "PATH", message)
+    return re.sub(r"\d[\d.,]*( ?[KMG]i?B| B)?", "N", message)
+
+
+def test_the_troubleshooting_messages_are_the_ones_uptrain_prints(tmp_path, monkeypatch, tokenizer):
+    """Every error line docs/troubleshooting.md quotes is what the CLI prints for that mistake (paths, sizes and
+    the Hub library's own exception aside)."""
+    import shutil
+
+    from tiny_models import save, tiny_model
+
+    from uptrain.cli import main
+
+    def said(*argv) -> str:
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            assert main([str(a) for a in argv]) == 2
+        return normalised(err.getvalue().strip().splitlines()[-1], str(tmp_path))
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    save(tiny_model("llama", layers=1), tmp_path / "my-llama")
+    save(tiny_model("qwen3", layers=1), tmp_path / "qwen3", tokenizer=tokenizer)
+    printed = {said("convert", "meta-llama/Llama-2-7b-hf", "out", "--groups", "8"),
+               said("convert", tmp_path / "my-llama", "out", "--groups", "2", "--method", "aligned"),
+               said("eval", "my-llama"),
+               said("convert", "qwen3", "out", "--groups", "2", "--method", "aligned"),
+               said("convert", "my-llama", "out", "--groups", "3")}
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
+    printed.add(said("convert", "my-llama", "out", "--groups", "2"))
+    from uptrain.evaluation.serving import vllm_available
+
+    if not vllm_available():
+        printed.add(said("eval", "qwen3", "--engine", "vllm"))
+    shown = [line for _, body in code_blocks(read("docs/troubleshooting.md")) for line in body.splitlines()
+             if ": error: " in line]
+    assert len(shown) >= 7
+    missing = [line for line in shown if normalised(line, str(tmp_path)) not in printed
+               and not (vllm_available() and "needs vLLM" in line)]
+    assert not missing, f"docs/troubleshooting.md quotes messages uptrain does not print: {missing}"
+
+
 # ------------------------------------------------------------------------------------------ commands
 def commands(doc: str) -> list[tuple[str, bool]]:
     """(command line, marked as needing the Hub / GPUs) of every shell line the doc shows: lines of bash blocks

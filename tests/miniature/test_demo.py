@@ -37,6 +37,18 @@ def test_report_json_and_plots_exist(demo_run):
     assert f"Wall time {results['wall_time_s'] / 60:.1f} min, CPU time {results['cpu_time_s'] / 60:.1f} min on 1 " \
            f"torch thread." in report
     assert "min of CPU time on 1 torch thread)" in r.stdout
+    # where it ran, which the README's generated demo figures quote (uptrain.miniature.report.published)
+    import os
+
+    import torch
+
+    from uptrain.miniature.report import published
+
+    assert results["machine"]["cores"] == os.cpu_count() and results["machine"]["torch"] == torch.__version__
+    readme = published(results, "readme")
+    assert "| MHA " in readme and "| MQA aligned " in readme and "| MQA first " not in readme
+    assert f"{results['cpu_time_s'] / 60:.1f} min of CPU on 1 torch thread" in readme
+    assert all(f in published(results, "demo") for f in results["findings"])
 
 
 def test_json_has_every_row_the_report_shows(demo_run):

@@ -137,8 +137,7 @@ class Distillation:
 def distill(state: Distillation, steps: int, lr: float = DEFAULT_DISTILL_LR, seed: int = 0, progress=None) -> dict:
     """`steps` Adam steps of every layer's attention on the calibration batches (every HOLD_OUT-th held out);
     returns {"before", "after" (held-out KL), "steps", "seconds"} and "undone" when the held-out KL did not fall
-    (the caller then keeps the layer-wise tensors); "diverged" when it became NaN or infinite ("after" is then
-    None: a record holds no NaN)."""
+    (the caller then keeps the layer-wise tensors); "diverged" when it became NaN or infinite."""
     t0 = time.time()
     n = len(state.batches)
     held = held_out(n)
@@ -158,14 +157,10 @@ def distill(state: Distillation, steps: int, lr: float = DEFAULT_DISTILL_LR, see
             if progress is not None:
                 progress(t, train_kl[-1])
         after = state.held_out_kl(judge, logits_of)
-    result = {"steps": steps, "lr": lr, "before": before, "after": _finite(after), "held_out_batches": len(held),
-              "train_kl": [_finite(round(k, 5)) for k in train_kl]}
-    if not math.isfinite(after):  # the steps blew up (a NaN or an infinite KL): recorded as such, never as NaN
+    result = {"steps": steps, "lr": lr, "before": before, "after": after, "held_out_batches": len(held),
+              "train_kl": [round(k, 5) for k in train_kl]}
+    if not math.isfinite(after):  # the steps blew up (a NaN or an infinite KL); uptrain.json writes it as null
         result["diverged"] = True
     if not after < before:  # NaN compares false: a diverged run is undone too
         result["undone"] = True
     return {**result, "seconds": round(time.time() - t0, 2)}
-
-
-def _finite(x: float) -> float | None:
-    return x if math.isfinite(x) else None

@@ -131,7 +131,7 @@ def published(results: dict, page: str) -> str:
            f"{'s' if threads > 1 else ''} and {results['wall_time_s'] / 60:.1f} min wall on {m['cpu']} "
            f"({m['cores']} cores; 1-minute load average {m['load_average_1min']:.1f} at the end, other jobs "
            f"sharing the cores when it is above {m['cores']}), torch {m['torch']}, transformers {m['transformers']}: "
-           f"[results.json]({'' if page == 'readme' else '../'}{PUBLISHED}).")
+           f"[results.json]({PUBLISHED if page == 'readme' else os.path.relpath(PUBLISHED, 'docs')}).")
     lines = [published_markers(page)[0], "", table, "", ran]
     if page == "demo":
         lines += ["", *[f"- {f}" for f in results["findings"]]]

@@ -16,8 +16,9 @@ from uptrain.errors import UptrainError
 from uptrain.training.budget import Budget, lr_factor
 from uptrain.training.recipe import Recipe
 from uptrain.training.preemption import Preempted, StopSignal, signal_name
-from uptrain.training.run_folder import (RECIPE, latest_checkpoint, open_metrics, passed_over, read_data_state,
-                                         read_state, resumable_checkpoint, save_checkpoint, set_aside)
+from uptrain.training.run_folder import (RECIPE, CheckpointNotSaved, latest_checkpoint, open_metrics, passed_over,
+                                         read_data_state, read_state, resumable_checkpoint, save_checkpoint,
+                                         set_aside)
 from uptrain.training.setup import SHARDED, adamw
 
 
@@ -151,6 +152,7 @@ class Loop:
         self.show = show and self.main
         self.metrics, self.stream, self.objective = None, None, None
         self.stop = stop or StopSignal()  # not entered: never set (train() enters one around the run)
+        self.unsaved = 0  # periodic checkpoints that could not be written
 
     def say(self, msg: str) -> None:
         if self.main:
@@ -188,12 +190,14 @@ class Loop:
                 bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tokens_per_s']:,.0f}", refresh=False)
                 if r.eval.every and step % r.eval.every == 0 and step < total:
                     evals.append(self.evaluate(model, eval_blocks, step, bar))
-                if (r.checkpoint.every and step % r.checkpoint.every == 0) or step == stop < total:
-                    ckpt_path = self.save(step, history, evals)
+                if step == stop < total:
+                    ckpt_path = self.save_or_explain(step, history, evals, ckpt_path)
+                elif r.checkpoint.every and step % r.checkpoint.every == 0:
+                    ckpt_path = self.periodic_save(step, history, evals, ckpt_path)
                 signum = self.stop.agreed(acc)  # one all-reduce per optimiser step: every rank stops here
                 if signum:
                     if not (ckpt_path and ckpt_path.name == f"step_{step:08d}"):
-                        ckpt_path = self.save(step, history, evals)
+                        ckpt_path = self.save_or_explain(step, history, evals, ckpt_path)
                     raise self.preempted(signum, step, ckpt_path)
             final = None
             if stop == total:
@@ -308,6 +312,35 @@ class Loop:
                  "history": history, "eval_history": evals}
         return save_checkpoint(self.acc, self.out, step, state, self.r.checkpoint.keep,
                                data_state=self.stream.state_dict() if getattr(self, "stream", None) else None)
+
+    def periodic_save(self, step: int, history: list[dict], evals: list[dict], newest: Path | None) -> Path | None:
+        """A checkpoint at checkpoint.every; one that cannot be written (a full disk) costs no trained step: its
+        partial files are removed, the run says so and goes on, and the next interval tries again."""
+        try:
+            return self.save(step, history, evals)
+        except CheckpointNotSaved as e:
+            nxt = step + self.r.checkpoint.every
+            then = (f"the next checkpoint is tried at step {nxt}" if nxt <= self.budget.steps
+                    else f"the final model is saved after step {self.budget.steps}")
+            if self.unsaved:  # the explanation was given at the first one
+                self.say(f"warning: {e} either; {then}")
+            else:
+                self.say(f"warning: {e}; its partial files were removed and training goes on ({then}). "
+                         + (f"The newest checkpoint is {newest}" if newest else "No checkpoint of this run is saved")
+                         + ": free disk space, or a stop loses the steps since")
+            self.unsaved += 1
+            return newest
+
+    def save_or_explain(self, step: int, history: list[dict], evals: list[dict], newest: Path | None) -> Path:
+        """A checkpoint the run cannot go on without (budget.stop_at, a signal): its failure ends the run with the
+        newest checkpoint that resume: auto would continue from."""
+        try:
+            return self.save(step, history, evals)
+        except CheckpointNotSaved as e:
+            raise UptrainError(f"{e}; its partial files were removed. "
+                               + (f"The newest checkpoint is {newest}: free disk space and continue with "
+                                  f"`uptrain train {self.out / RECIPE} resume=auto`" if newest
+                                  else "No checkpoint of this run is saved")) from e
 
     def preempted(self, signum: int, step: int, ckpt: Path) -> Preempted:
         launch = "accelerate launch … -m uptrain train" if self.acc.num_processes > 1 else "uptrain train"

@@ -72,11 +72,12 @@ class TrainResult:
                 + f", {self.wall_time_s:.1f} s → {self.out}")
 
 
-def train(recipe, overrides: list[str] | None = None, *, tokenizer=None, train_blocks=None, eval_blocks=None,
-          teacher=None, progress: bool | None = None) -> TrainResult:
+def train(recipe, overrides: list[str] | None = None, *, keys: dict | None = None, tokenizer=None, train_blocks=None,
+          eval_blocks=None, teacher=None, progress: bool | None = None) -> TrainResult:
     """Run (or resume) the uptraining a recipe describes; returns the TrainResult on every process.
 
-    recipe: a YAML path, a dict or a Recipe; overrides: ["optim.lr=3e-4", …] applied on top.
+    recipe: a YAML path, a dict, a Recipe or None; keys: top-level recipe keys and sections ({"optim": {"lr":
+    3e-4}}) applied on top, then overrides: ["optim.lr=3e-4", …].
     tokenizer / train_blocks / eval_blocks: already-built ones (LongTensor [n, seq_len] from
     uptrain.data), replacing the recipe's data section; teacher: a loaded model instead of distill.teacher.
     Does not publish: `uptrain.train` (uptrain/api.py) pushes a finished run when the recipe says so.
@@ -85,7 +86,7 @@ def train(recipe, overrides: list[str] | None = None, *, tokenizer=None, train_b
     from uptrain.training.setup import make_accelerator, reset_accelerate
 
     t0 = time.time()
-    r = load_recipe(recipe, overrides)
+    r = load_recipe(recipe, overrides, keys)
     recipe_file = os.fspath(recipe) if isinstance(recipe, (str, os.PathLike)) else None
     out = Path(r.out)
     mode = plan_output(out, r)

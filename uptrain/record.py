@@ -15,7 +15,7 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, ClassVar, Optional
 
 from uptrain.errors import UptrainError
 from uptrain.files import write_json
@@ -27,6 +27,12 @@ SCHEMA = 1
 
 class _Section:
     """from_dict / to_dict with unknown keys kept in `extra` (written after the known ones)."""
+
+    if TYPE_CHECKING:  # what every section, a dataclass with an `extra` field, has
+        __dataclass_fields__: ClassVar[dict[str, Any]]
+        extra: dict
+
+        def __init__(self, **fields: Any) -> None: ...
 
     @classmethod
     def from_dict(cls, d: dict):

@@ -5,11 +5,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from uptrain.miniature.sizes import ALPHAS, ARCHS, SWEEP_VARIANT, DemoArch, DemoSize, Variant, slug
 from uptrain.miniature.state import State
+
+if TYPE_CHECKING:
+    from uptrain.span_corruption import SpanCorruption
 
 
 def say(msg: str) -> None:
@@ -26,11 +30,11 @@ class Run:
     alpha: float
     progress: bool
     state: State
-    tok: object = None  # set by prepare_data
-    train_blocks: torch.Tensor | None = None
-    eval_blocks: torch.Tensor | None = None
+    tok: Any = None  # set by prepare_data, as are the blocks (token ids [n, block_len])
+    train_blocks: Any = None
+    eval_blocks: Any = None
     arch: DemoArch = ARCHS["llama"]
-    span: object = None  # an encoder-decoder's SpanCorruption (set by prepare_data): its block and target lengths
+    span: SpanCorruption | None = None  # an encoder-decoder's (set by prepare_data): its block and target lengths
 
     @property
     def block_len(self) -> int:
@@ -152,11 +156,13 @@ def _init_llama(size: DemoSize, tok):
     return AutoModelForCausalLM.from_config(cfg)
 
 
-def _init_t5(size: DemoSize, tok):
+def _init_t5(size: DemoSize, tok: Any) -> Any:
     """T5.1.1: gated-GELU feed-forward, no dropout, an untied LM head; `layers` in the encoder and the decoder."""
     from transformers import T5Config, T5ForConditionalGeneration
 
-    cfg = T5Config(vocab_size=len(tok), d_model=size.hidden, d_kv=size.hidden // size.heads, d_ff=2 * size.hidden,
+    # (the ignore: T5Config's own __init__ does not list two keys it passes on to PretrainedConfig)
+    cfg = T5Config(  # type: ignore[call-arg]
+                   vocab_size=len(tok), d_model=size.hidden, d_kv=size.hidden // size.heads, d_ff=2 * size.hidden,
                    num_layers=size.layers, num_decoder_layers=size.layers, num_heads=size.heads,
                    feed_forward_proj="gated-gelu", tie_word_embeddings=False, dropout_rate=0.0,
                    pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, decoder_start_token_id=tok.pad_token_id)

@@ -169,7 +169,7 @@ def checked_config_json(folder: Path) -> dict:
         raise UptrainError(f"{folder}/config.json does not load with transformers: {e}") from e
 
 
-def _kv_heads(config: dict) -> int | None:
+def _kv_heads(config: dict) -> int | tuple[int, ...] | None:
     try:
         return attention_shape(config).kv_heads
     except (UptrainError, TypeError, ZeroDivisionError):  # a config without the usual fields
@@ -179,7 +179,7 @@ def _kv_heads(config: dict) -> int | None:
 def check_kv_heads(config: dict, record: Record | None, tensors: dict) -> None:
     """The KV-head count must agree between config.json, uptrain.json and the K/V weight shapes (per layer for a
     per-layer checkpoint)."""
-    mt = config.get("model_type")
+    mt = config.get("model_type", "")
     spec = SPECS.get(mt) or PER_LAYER_SPECS.get(mt)
     spec = spec.for_config(config) if spec is not None else None  # with its optional tensors (arch.Extra)
     kv = _kv_heads(config)
@@ -325,14 +325,15 @@ def resolve_token(token: str | None = None, key: str = "token") -> str:
 
 
 @contextmanager
-def hub_errors(repo_id: str, revision: str | None, endpoint: str, token: str, said: PushOptions | None = None):
+def hub_errors(repo_id: str, revision: str | None, endpoint: str, token: str | None,
+               said: PushOptions | None = None):
     """Turn huggingface_hub's exceptions into one clear message each (with the token scrubbed out); said: the
     caller's options, for the words of a remedy."""
     said = said or PushOptions()
     from huggingface_hub import errors
 
     def fail(msg, e):
-        raise UptrainError(msg.replace(token, "***")) from e
+        raise UptrainError(msg.replace(token, "***") if token else msg) from e
 
     owner = repo_id.split("/")[0] if "/" in repo_id else "your account"
     try:
@@ -377,8 +378,8 @@ def transient(e: BaseException) -> bool:
         status = e.response.status_code if e.response is not None else None
         return status is not None and (status >= 500 or status in (408, 429))
     http = sys.modules.get(getattr(errors, "HTTPError", OSError).__module__)  # httpx2 (or httpx)
-    return isinstance(e, (ConnectionError, TimeoutError, *((http.TransportError,) if hasattr(http, "TransportError")
-                                                          else ())))
+    transport = getattr(http, "TransportError", None)
+    return isinstance(e, (ConnectionError, TimeoutError, *((transport,) if transport else ())))
 
 
 def _retry_after(e: BaseException) -> float | None:
@@ -406,7 +407,7 @@ def with_retries(call, what: str):
             return call()
         except Exception as e:
             if attempt == HUB_TRIES or not transient(e):
-                e.uptrain_tries = attempt
+                e.uptrain_tries = attempt  # type: ignore[attr-defined]  # read by hub_errors
                 raise
             wait = _retry_after(e) or BACKOFF_S * 2 ** (attempt - 1)
             status = getattr(getattr(e, "response", None), "status_code", None)
@@ -460,6 +461,7 @@ def push(dir, repo_id: str | None = None, *, options: PushOptions | None = None,
                            f"(got {', '.join(['repo_id'] * (repo_id is not None) + list(kwargs))})")
     o = (options or PushOptions.from_kwargs("python", repo_id=repo_id, **kwargs)).check()
     repo_id, private, revision, token = o.repo_id, o.private, o.revision, o.token
+    assert repo_id is not None  # check() refuses a missing one
     if not o.dry_run:  # cheap checks first: no token, no need to wait for the folder's validation
         token = resolve_token(token, o.key("token"))
     folder = Path(dir)

@@ -11,6 +11,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from uptrain.errors import UptrainError
 from uptrain.training.budget import Budget, lr_factor
@@ -150,7 +151,9 @@ class Loop:
         self.r, self.out, self.budget, self.acc = r, out, budget, accelerator
         self.main = accelerator.is_main_process
         self.show = show and self.main
-        self.metrics, self.stream, self.objective = None, None, None
+        self.metrics: Any = None  # metrics.jsonl, open on the main process
+        self.stream: Any = None  # data_stream.StreamLoader, for streamed data
+        self.objective: Any = None  # objectives.py, set by run
         self.stop = stop or StopSignal()  # not entered: never set (train() enters one around the run)
         self.unsaved = 0  # periodic checkpoints that could not be written
 
@@ -252,6 +255,7 @@ class Loop:
         if mode != "resume":
             return 0, [], [], None, loader
         ckpt, skipped = resumable_checkpoint(self.out)
+        assert ckpt is not None  # plan_output chose "resume" because there is one
         if skipped:
             self.say(passed_over(skipped, ckpt))
             acc.wait_for_everyone()  # every rank has chosen before the main process renames

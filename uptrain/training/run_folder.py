@@ -84,7 +84,7 @@ def checkpoint_problem(checkpoint: Path) -> str | None:
 
 def resumable_checkpoint(out: Path) -> tuple[Path | None, list[tuple[Path, str]]]:
     """(newest complete checkpoint or None, [(newer checkpoint passed over, its problem)])."""
-    skipped = []
+    skipped: list[tuple[Path, str]] = []
     for ckpt in reversed(checkpoints(out)):
         problem = checkpoint_problem(ckpt)
         if problem is None:

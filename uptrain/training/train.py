@@ -33,6 +33,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 from uptrain.errors import UptrainError
 from uptrain.training.budget import Budget, resolve_budget
@@ -275,7 +276,7 @@ class _Run:
         from uptrain.data import token_blocks
 
         d, t = self.r.data, self.r.train
-        kw = dict(cache_dir=d.cache_dir, cache=d.cache, progress=self.show, seed=t.seed)
+        kw: dict[str, Any] = dict(cache_dir=d.cache_dir, cache=d.cache, progress=self.show, seed=t.seed)
         if d.streaming and train_blocks is None:
             # Every rank reads, tokenises and packs its own part of the stream as the steps need it: nothing
             # of the budget is read before step 1, and no rank waits for another.

@@ -111,7 +111,8 @@ class UptrainingRecord(_Section):
     distillation: Optional[dict] = None
     objective: Optional[str] = None  # causal-lm or span-corruption (an encoder-decoder's); None: an older record
     initial_eval: Optional[dict] = None
-    final_eval: Optional[dict] = None
+    final_eval: Optional[dict] = None  # of the saved model
+    kept_step: Optional[int] = None  # eval.keep_best saved the state after this step (0: the start), not the last
     eval_history: list = field(default_factory=list)
     first_loss: Optional[float] = None
     last_loss: Optional[float] = None

@@ -201,6 +201,11 @@ class EvalSection:
     at_start: bool = key("evaluate the model before the first step (step 0: right after conversion)", True)
     max_blocks: Optional[int] = key("held-out blocks scored per evaluation (null: all of them)", 64)
     batch_size: int = key("held-out blocks per forward pass", 8)
+    keep_best: bool = key(
+        "judge held-out loss at step 0 (evaluated even when at_start is false) and at every `every` steps, and save "
+        "the state of the lowest one: a run that only makes the model worse saves the model it started from, "
+        "unchanged, and says so. The best state is one CPU copy of the trainable weights on the main process (in "
+        "checkpoints: best_state.safetensors when it is an earlier step's), never a second GPU copy", True)
 
     def check(self, key):
         _require(self.every >= 0, f"{key}.every", "must be >= 0")

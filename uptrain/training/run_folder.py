@@ -3,7 +3,8 @@
     OUT/recipe.yaml        the resolved recipe (written first: it marks OUT as an uptrain run)
     OUT/step0/             the converted model before uptraining, when the recipe converts
     OUT/checkpoints/step_N accelerate save_state, data_state_rank{r}.json (streamed data: where each rank's
-                           stream stands), trainer_state.json (written last, with the size of every
+                           stream stands), best_state.safetensors (keep_best's earlier state, when it has
+                           one), trainer_state.json (written last, with the size of every
                            file: complete means all of them there at that size)
     OUT/metrics.jsonl      one line per step and per evaluation
     OUT/*.safetensors, config.json, tokenizer …, uptrain.json   the final model (uptrain.json written last)
@@ -173,8 +174,10 @@ class CheckpointNotSaved(UptrainError):
         self.step, self.why = step, why
 
 
-def save_checkpoint(acc, out: Path, step: int, state: dict, keep: int, data_state: dict | None = None) -> Path:
-    """accelerate's save_state into step_N.tmp (and each rank's `data_state`, for streamed data), then
+def save_checkpoint(acc, out: Path, step: int, state: dict, keep: int, data_state: dict | None = None,
+                    extra_files: dict[str, dict] | None = None) -> Path:
+    """accelerate's save_state into step_N.tmp (and each rank's `data_state`, for streamed data; `extra_files`: more
+    safetensors files {name: tensors} the main process writes, keep_best's weights), then
     trainer_state.json, then a rename: a kill at any moment leaves either the complete checkpoint or none. The
     newest `keep` stay. Called on every process. A write that fails on any rank (OSError: a full disk, a quota)
     raises CheckpointNotSaved on every rank, after the partial step_N.tmp is removed."""
@@ -190,6 +193,11 @@ def save_checkpoint(acc, out: Path, step: int, state: dict, keep: int, data_stat
         acc.save_state(str(tmp))
         if data_state is not None:
             write_json(tmp / DATA_STATE.format(rank=acc.process_index), data_state)
+        if main and extra_files:
+            from safetensors.torch import save_file
+
+            for name, tensors in extra_files.items():
+                save_file(tensors, str(tmp / name))
     except OSError as e:
         error = e
     _agree_or_discard(acc, tmp, step, error)
@@ -211,16 +219,20 @@ def save_checkpoint(acc, out: Path, step: int, state: dict, keep: int, data_stat
     return final
 
 
+def any_rank(acc, flag: bool) -> bool:
+    """Whether `flag` is true on any rank: one all-reduce, so every rank takes the same branch after it."""
+    if acc.num_processes == 1:
+        return bool(flag)
+    import torch
+
+    return bool(acc.reduce(torch.tensor(int(flag), device=acc.device), "sum").item())
+
+
 def _agree_or_discard(acc, tmp: Path, step: int, error: OSError | None) -> None:
     """Every rank learns whether any rank failed (one all-reduce; a rank that raised alone would leave the others
     waiting in the next collective); on a failure the main process removes the partial checkpoint and every rank
     raises CheckpointNotSaved with the first failing rank's reason where it is known."""
-    failed = error is not None
-    if acc.num_processes > 1:
-        import torch
-
-        failed = bool(acc.reduce(torch.tensor(int(failed), device=acc.device), "sum").item())
-    if not failed:
+    if not any_rank(acc, error is not None):
         return
     if acc.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)

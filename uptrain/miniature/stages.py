@@ -99,8 +99,9 @@ def prepare_data(run: Run) -> None:
 
 # ------------------------------------------------------------------------------------------ training
 def train_run(run: Run, name: str, model_path: str, steps: int, lr: float, schedule: str, warmup: int,
-              eval_every: int, at_start: bool = True) -> dict:
-    """One `uptrain.train` run into OUT/runs/NAME (or its recorded result): out, steps, losses, evals."""
+              eval_every: int, at_start: bool = True, keep_best: bool = False) -> dict:
+    """One `uptrain.train` run into OUT/runs/NAME (or its recorded result): out, steps, losses, evals. keep_best:
+    the product's eval.keep_best; off for the paper's protocol, which keeps the last state whatever it is."""
     unit = f"train:{name}"
     done = run.state.get(unit)
     if done is not None:
@@ -117,7 +118,7 @@ def train_run(run: Run, name: str, model_path: str, steps: int, lr: float, sched
                   "weight_decay": run.arch.weight_decay},
         "train": {"micro_batch_size": size.batch, "grad_accum": 1, "seed": run.seed},
         "eval": {"every": eval_every, "at_start": at_start, "max_blocks": run.eval_blocks.shape[0],
-                 "batch_size": size.batch},
+                 "batch_size": size.batch, "keep_best": keep_best},
         "checkpoint": {"every": 0},
         "log": {"progress": run.progress},
     }
@@ -213,9 +214,10 @@ def uptrain_variants(run: Run, step0: dict[str, str], vs: list[Variant]) -> dict
         f"pre-training ended); MHA continues for the same steps as the fair baseline")
     uptrained: dict[str, dict] = {}
     for v in vs:
-        # no eval at step 0 here: the evaluation stage below scores every step-0 checkpoint anyway
+        # no eval at step 0 for the paper's rows: the evaluation stage below scores every step-0 checkpoint anyway.
+        # The rows beyond the paper are uptrained as the product does: never worse than their start (keep_best).
         uptrained[v.name] = train_run(run, f"uptrain-{slug(v.name)}", step0[v.name], steps, end_lr, "constant", 0,
-                                      max(1, steps), at_start=False)
+                                      max(1, steps), at_start=False, keep_best=v.role == "beyond")
     return uptrained
 
 

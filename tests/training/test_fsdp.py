@@ -11,6 +11,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from model_io import record
 from small_recipes import small_recipe
 from tiny_models import save, tiny_model
 from uptrain.errors import UptrainError
@@ -99,7 +100,7 @@ def test_fsdp_against_ddp_with_a_resume_in_the_middle(model, tmp_path):
     assert (fsdp / "checkpoints" / "step_00000004" / "optimizer_0" / "__1_0.distcp").is_file()  # FSDP: per rank
     assert len(losses(fsdp)) == 4 and max(abs(a - b) for a, b in zip(losses(fsdp), losses(ddp))) < 1e-4
     assert max_diff(load_file(fsdp / "model.safetensors"), load_file(ddp / "model.safetensors")) < 1e-4
-    up = json.loads((fsdp / "uptrain.json").read_text())["uptraining"]
+    up = record(fsdp)["uptraining"]
     assert up["processes"] == 2 and up["steps"] == 4
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 from launching import launch
-from safetensors.torch import load_file
+from model_io import record, weights
 from test_training import models, recipe, run_cli  # noqa: F401  (the same tiny models, recipe and CLI runner)
 
 from uptrain.training import train
@@ -32,10 +32,6 @@ def trained(models, tmp_path_factory) -> str:
     return str(out)
 
 
-def weights(folder) -> dict:
-    return load_file(Path(folder) / "model.safetensors")
-
-
 def bit_identical(a: dict, b: dict) -> bool:
     return sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -45,7 +41,7 @@ def cli_run(models, start: str, out: Path, optim: dict, *overrides: str):
     (out.parent / "r.yaml").write_text(yaml.safe_dump(r))
     p = run_cli(str(out.parent / "r.yaml"), *overrides)
     assert p.returncode == 0, p.stderr[-3000:]
-    return p.stdout, json.loads((out / "uptrain.json").read_text())["uptraining"]
+    return p.stdout, record(out)["uptraining"]
 
 
 def test_a_harmful_learning_rate_saves_the_start_model_unchanged(models, trained, tmp_path):
@@ -114,5 +110,5 @@ def test_two_ranks_agree_and_save_the_start(models, trained, tmp_path):
     p = launch(tmp_path / "r.yaml", timeout=300)
     assert len(re.findall(r"keep_best: the held-out loss never went below the start's", p.stdout)) == 1, p.stdout
     assert bit_identical(weights(out), weights(trained))
-    up = json.loads((out / "uptrain.json").read_text())["uptraining"]
+    up = record(out)["uptraining"]
     assert up["kept_step"] == 0 and up["processes"] == 2

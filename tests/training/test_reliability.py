@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from launching import launch, launch_cmd, launch_env
+from model_io import record, weights
 from safetensors.torch import load_file, save_file
 from test_training import models, recipe  # noqa: F401  (the same tiny models and recipe)
 
@@ -34,7 +35,7 @@ STEPS = 6
 
 def same_weights(a, b) -> float:
     """Largest difference between the final model.safetensors of two runs."""
-    x, y = load_file(Path(a) / "model.safetensors"), load_file(Path(b) / "model.safetensors")
+    x, y = weights(a), weights(b)
     assert sorted(x) == sorted(y)
     return max((x[k] - y[k]).abs().max().item() for k in x)
 
@@ -468,4 +469,4 @@ def test_a_failed_final_save_keeps_the_trained_state(models, full, tmp_path, mon
     rest = train({**r, "resume": "auto"})
     assert rest.resumed_from == STEPS and rest.finished and rest.losses == full[1].losses
     assert same_weights(out, full[0]) <= 1e-6
-    assert json.loads((out / "uptrain.json").read_text())["uptraining"]["steps"] == STEPS
+    assert record(out)["uptraining"]["steps"] == STEPS

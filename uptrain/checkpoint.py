@@ -148,8 +148,8 @@ class SafetensorsSource:
                 self.entries[name] = TensorEntry(name, str(path), v["dtype"], tuple(v["shape"]), start + a, start + b)
         if weight_map is not None:
             for name, fname in weight_map.items():
-                e = self.entries.get(name)
-                if e is None or os.path.basename(e.file) != fname:
+                entry = self.entries.get(name)
+                if entry is None or os.path.basename(entry.file) != fname:
                     raise UptrainError(f"the shard index maps {name} to {fname}, but that shard does not hold it; "
                                        f"the checkpoint is inconsistent — re-download or re-save it")
 
@@ -165,14 +165,15 @@ class SafetensorsSource:
         e = self.entries[name]
         if not e.nbytes:
             return torch.empty(e.shape, dtype=DTYPES[e.dtype])
+        raw = None
         if out is not None:
             buf = out.view(-1)[:e.nbytes]
             result = buf.view(DTYPES[e.dtype]).view(e.shape)
-            view = memoryview(buf.numpy())
+            view = buf.numpy().data
         else:
-            buf = bytearray(e.nbytes)  # not bytes: frombuffer wants writable memory
+            raw = bytearray(e.nbytes)  # not bytes: frombuffer wants writable memory
             result = None
-            view = memoryview(buf)
+            view = memoryview(raw)
         got = 0
         with open(e.file, "rb", buffering=0) as f:
             f.seek(e.begin)
@@ -181,7 +182,7 @@ class SafetensorsSource:
                 if not n:
                     raise UptrainError(f"{e.file} is truncated while reading {name}")
                 got += n
-        return result if result is not None else torch.frombuffer(buf, dtype=DTYPES[e.dtype]).view(e.shape)
+        return result if result is not None else torch.frombuffer(raw, dtype=DTYPES[e.dtype]).view(e.shape)
 
     def copy_bytes(self, name: str, dst) -> None:
         """Raw byte copy of an unchanged tensor: no parsing, no dtype round trip. Uses the kernel's
@@ -263,7 +264,7 @@ def kv_dtype(entries: dict) -> str:
     for e in entries.values():
         if e.dtype in FLOAT_DTYPES:
             counts[e.dtype] = counts.get(e.dtype, 0) + math.prod(e.shape)
-    return max(counts, key=counts.get) if counts else "F32"
+    return max(counts, key=lambda d: counts[d]) if counts else "F32"
 
 
 def fingerprint(folder: Path, source) -> str:
@@ -290,7 +291,7 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
     if t.numel() == 0:
         return memoryview(b"")
     a = (t.view(torch.uint8) if t.dtype != torch.uint8 else t).numpy()
-    return memoryview(a).cast("B").toreadonly()
+    return a.data.cast("B").toreadonly()
 
 
 def plan_shards(tensors: dict[str, tuple[str, tuple[int, ...]]], max_shard_size) -> tuple[dict[str, list[str]], int]:

@@ -20,7 +20,7 @@ def _add_option_flags(p, options_class) -> None:
     import typing
 
     hints = typing.get_type_hints(options_class)
-    sections = {}
+    sections: dict[str, argparse._ArgumentGroup] = {}
     for f in dataclasses.fields(options_class):
         meta = f.metadata
         if not meta.get("cli", True):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 from dataclasses import field
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from uptrain.errors import UptrainError
 
@@ -35,6 +36,8 @@ class SpokenOptions:
     """Mixin for an options dataclass. KIND names it in messages ("unknown conversion option --x")."""
 
     KIND = "option"
+    if TYPE_CHECKING:  # what the dataclass it is mixed into has
+        __dataclass_fields__: ClassVar[dict[str, Any]]
 
     def spoken_as(self, style: str):
         """"python" (keyword names), "cli" (flags) or a recipe section such as "model.convert"."""

@@ -5,7 +5,7 @@ atomically through uptrain/files.py.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Mapping, Sequence
 
 
 def _figure(ncols: int = 1, width: float = 5.0, height: float = 4.0):
@@ -56,7 +56,7 @@ def plot_quality_vs_cost(rows: Sequence[dict], path: str, quality: str = "perple
     return _save(fig, path)
 
 
-def plot_lines(series: dict[str, tuple[Sequence[float], Sequence[float]]], path: str, xlabel: str,
+def plot_lines(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], path: str, xlabel: str,
                ylabel: str, title: str | None = None, logy: bool = False, logx: bool = False) -> str:
     """Curves (e.g. held-out loss against step, one per run): {label: (xs, ys)}."""
     fig, (ax,) = _figure()

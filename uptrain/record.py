@@ -20,7 +20,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, ClassVar, Optional
 
 from uptrain.errors import UptrainError
 from uptrain.files import write_json
@@ -32,6 +32,12 @@ SCHEMA = 1
 
 class _Section:
     """from_dict / to_dict with unknown keys kept in `extra` (written after the known ones)."""
+
+    if TYPE_CHECKING:  # what every section, a dataclass with an `extra` field, has
+        __dataclass_fields__: ClassVar[dict[str, Any]]
+        extra: dict
+
+        def __init__(self, **fields: Any) -> None: ...
 
     @classmethod
     def from_dict(cls, d: dict):
@@ -110,7 +116,8 @@ class UptrainingRecord(_Section):
     distillation: Optional[dict] = None
     objective: Optional[str] = None  # causal-lm or span-corruption (an encoder-decoder's); None: an older record
     initial_eval: Optional[dict] = None
-    final_eval: Optional[dict] = None
+    final_eval: Optional[dict] = None  # of the saved model
+    kept_step: Optional[int] = None  # eval.keep_best saved the state after this step (0: the start), not the last
     eval_history: list = field(default_factory=list)
     first_loss: Optional[float] = None
     last_loss: Optional[float] = None

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+from model_io import ids, load, logits
 from tiny_models import REMOTE_CODE, cache_kw, make_groups_equal, save, tiny_model
 
 import uptrain
@@ -17,21 +18,6 @@ from uptrain.modeling import TEMPLATES
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ATTN = ("eager", "sdpa")
-
-
-def ids(batch=2, length=20, seed=0):
-    return torch.randint(2, 512, (batch, length), generator=torch.Generator().manual_seed(seed))
-
-
-def logits(model, x):
-    with torch.no_grad():
-        return model(x).logits
-
-
-def load(path, **kw):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, **kw).eval()
 
 
 def template_class(arch):

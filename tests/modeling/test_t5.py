@@ -8,7 +8,8 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_models import TINY_SEQ2SEQ_CONFIGS, V, save, tiny_seq2seq_model
+from model_io import ids, logits, record
+from tiny_models import TINY_SEQ2SEQ_CONFIGS, save, tiny_seq2seq_model
 
 import uptrain
 from uptrain.arch import SEQ2SEQ_SPECS, SPECS
@@ -29,15 +30,6 @@ def test_every_seq2seq_spec_has_a_tiny_model_and_a_template():
     for arch, cls in GQA_CLASSES.items():
         t = TEMPLATES[arch]
         assert (t.file, t.model_class, t.auto_class) == ("modeling_gqa_t5.py", cls.__name__, "AutoModelForSeq2SeqLM")
-
-
-def ids(batch=2, length=12, seed=0):
-    return torch.randint(2, V, (batch, length), generator=torch.Generator().manual_seed(seed))
-
-
-def logits(model, inputs, decoder_inputs):
-    with torch.no_grad():
-        return model(input_ids=inputs, decoder_input_ids=decoder_inputs).logits
 
 
 def load_all(folder) -> dict:
@@ -68,7 +60,8 @@ def test_gqa_classes_at_g_equal_h_compute_what_transformers_computes(arch, attn,
     ours = GQA_CLASSES[arch].from_pretrained(sources[arch], config=cfg, attn_implementation=attn).eval()
     assert type(ours.encoder.block[0].layer[0].SelfAttention).__name__.endswith("GQAAttention")
     assert type(ours.decoder.block[1].layer[1].EncDecAttention).__name__.endswith("GQAAttention")
-    assert torch.equal(logits(plain, ids(), ids(length=7, seed=1)), logits(ours, ids(), ids(length=7, seed=1)))
+    x, dec = ids(length=12), ids(length=7, seed=1)
+    assert torch.equal(logits(plain, x, dec), logits(ours, x, dec))
 
 
 def heads_equal_within_groups(model, groups: int, blocks: tuple[str, ...]):
@@ -101,7 +94,8 @@ def test_equal_heads_within_groups_convert_losslessly(arch, attention, blocks, t
     r = uptrain.convert(src, tmp_path / "out", groups=2, attention=attention, progress=False)
     out = load_gqa(tmp_path / "out")
     assert type(out).__name__ == GQA_CLASSES[arch].__name__
-    delta = (logits(model, ids(), ids(length=7, seed=1)) - logits(out, ids(), ids(length=7, seed=1))).abs().max()
+    x, dec = ids(length=12), ids(length=7, seed=1)
+    delta = (logits(model, x, dec) - logits(out, x, dec)).abs().max()
     assert delta.item() <= 1e-5
     assert {(s["block"], s["layer"]) for s in r.layers} == {(b, i) for b in blocks for i in range(2)}
     assert all(s["k_rel_error"] == 0 and s["v_rel_error"] == 0 for s in r.layers)
@@ -127,7 +121,8 @@ def test_original_t5_relu_tied_head_converts_losslessly(tmp_path):
     uptrain.convert(src, tmp_path / "out", groups=1, progress=False)
     out = load_gqa(tmp_path / "out")
     assert out.config.scale_decoder_outputs and out.lm_head.weight.data_ptr() == out.shared.weight.data_ptr()
-    assert (logits(model, ids(), ids(length=5)) - logits(out, ids(), ids(length=5))).abs().max().item() <= 1e-5
+    x, dec = ids(length=12), ids(length=5)
+    assert (logits(model, x, dec) - logits(out, x, dec)).abs().max().item() <= 1e-5
 
 
 def cache_bytes(layers) -> int:
@@ -232,10 +227,10 @@ def test_gqa_source_converts_further_with_its_own_choice(sources, tmp_path):
     assert (cfg["num_key_value_heads"], cfg["gqa_attention"]) == (1, "all")
     w = load_all(tmp_path / "mqa")
     assert w["encoder.block.0.layer.0.SelfAttention.k.weight"].shape == (16, 64)
-    rec = json.loads((tmp_path / "mqa" / "uptrain.json").read_text())
+    rec = record(tmp_path / "mqa")
     assert rec["conversion"]["options"]["attention"] == "all" and rec["source_record"]["conversion"]["groups"] == 2
     model = load_gqa(tmp_path / "mqa")
-    assert model.generate(ids(batch=1), max_new_tokens=3).shape[1] >= 2
+    assert model.generate(ids(batch=1, length=12), max_new_tokens=3).shape[1] >= 2
 
 
 def test_methods_and_refusals(sources, tmp_path):

@@ -20,8 +20,10 @@ from tiny_models import save, tiny_model
 
 from uptrain.errors import UptrainError
 from uptrain.publishing import push
-from uptrain.publishing import hub
-from uptrain.publishing.hub import DELETE_PATTERNS, HUB_TRIES, plan_upload
+from uptrain.publishing import hub, retries
+from uptrain.publishing.allow_list import plan_upload
+from uptrain.publishing.hub import DELETE_PATTERNS
+from uptrain.publishing.retries import HUB_TRIES
 from uptrain.publishing.model_card import front_matter
 from uptrain.report import fmt_bytes
 
@@ -121,7 +123,7 @@ class FakeHub:
         for name in ("create_repo", "repo_info", "create_branch", "upload_folder", "create_commit", "upload_file",
                      "list_repo_files"):
             monkeypatch.setattr(huggingface_hub.HfApi, name, self._method(name))
-        monkeypatch.setattr(hub, "_sleep", self.waits.append)
+        monkeypatch.setattr(retries, "_sleep", self.waits.append)
 
     def _method(self, name):
         real = inspect.signature(getattr(huggingface_hub.HfApi, name))

@@ -15,7 +15,7 @@ from uptrain.arch import attention_kind
 from uptrain.errors import UptrainError
 from uptrain.hf import is_hub_id
 from uptrain.publishing.card_facts import CardFacts, hub_source, is_hub_dataset
-from uptrain.publishing.hub import plan_upload
+from uptrain.publishing.allow_list import plan_upload
 from uptrain.publishing.model_card import MARKER, card_data, front_matter, is_generated, render
 from uptrain.record import ConversionRecord, Record, UptrainingRecord, read_record, write_record
 

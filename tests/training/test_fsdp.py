@@ -11,6 +11,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from model_io import record
 from small_recipes import small_recipe
 from tiny_models import save, tiny_model
 from uptrain.errors import UptrainError
@@ -99,7 +100,7 @@ def test_fsdp_against_ddp_with_a_resume_in_the_middle(model, tmp_path):
     assert (fsdp / "checkpoints" / "step_00000004" / "optimizer_0" / "__1_0.distcp").is_file()  # FSDP: per rank
     assert len(losses(fsdp)) == 4 and max(abs(a - b) for a, b in zip(losses(fsdp), losses(ddp))) < 1e-4
     assert max_diff(load_file(fsdp / "model.safetensors"), load_file(ddp / "model.safetensors")) < 1e-4
-    up = json.loads((fsdp / "uptrain.json").read_text())["uptraining"]
+    up = record(fsdp)["uptraining"]
     assert up["processes"] == 2 and up["steps"] == 4
 
 
@@ -134,3 +135,18 @@ def test_fsdp1_and_deepspeed_on_cpu_are_refused_not_run_as_ddp(model, tmp_path, 
     if not torch.cuda.is_available():
         with pytest.raises(UptrainError, match="DeepSpeed needs GPUs"):
             make_accelerator(r, tmp_path / "ds", world=2)
+
+
+@pytest.mark.slow
+def test_fsdp_keep_best_saves_the_start_gathered_from_the_shards(model, tmp_path):
+    """eval.keep_best under FSDP2: the start is gathered from both ranks' shards to the main process's CPU, and a
+    run that only does harm (lr 1.0) saves it bit for bit, with one message."""
+    r = recipe(model, tmp_path / "fsdp", budget={"max_steps": 2},
+               optim={"lr": 1.0, "warmup_steps": 0, "schedule": "constant"})
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(r))
+    p = launch("fsdp.yaml", tmp_path / "r.yaml")
+    assert p.stdout.count("keep_best: the held-out loss never went below the start's") == 1, p.stdout
+    saved, start = load_file(tmp_path / "fsdp" / "model.safetensors"), load_file(os.path.join(model["path"],
+                                                                                               "model.safetensors"))
+    assert sorted(saved) == sorted(start) and all(torch.equal(saved[k], start[k]) for k in saved)
+    assert record(tmp_path / "fsdp")["uptraining"]["kept_step"] == 0

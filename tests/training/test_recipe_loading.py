@@ -76,3 +76,52 @@ def test_parse_override_reads_yaml_values():
     assert parse_override("a=[1, 2]") == ("a", [1, 2])
     assert parse_override("x=a=b") == ("x", "a=b")
     assert isinstance(Recipe().to_dict()["optim"]["betas"], list)
+
+
+# ------------------------------------------------------------------------------------------ uptrain.train's keywords
+def test_uptrain_train_has_a_parameter_for_every_top_level_recipe_key_and_no_other():
+    """uptrain.train's signature is what IDEs show: one typed keyword per top-level key or section of the recipe
+    (a section's parameter takes its dataclass or a dict of its keys), so the two cannot drift apart."""
+    import dataclasses
+    import inspect
+    import typing
+
+    import uptrain
+    from uptrain.api import NOT_RECIPE_KEYS, RECIPE_PARAMETERS
+    from uptrain.training.recipe_keys import recipe_keys
+
+    params = inspect.signature(uptrain.train).parameters
+    hints = typing.get_type_hints(uptrain.train)
+    fields = {f.name: f for f in dataclasses.fields(Recipe)}
+    recipe_hints = typing.get_type_hints(Recipe)
+    assert set(params) - set(NOT_RECIPE_KEYS) == set(fields) == set(RECIPE_PARAMETERS)
+    assert {k.key.split(".")[0] for k in recipe_keys()} == set(fields)  # every documented key is reachable
+    for name in fields:
+        assert params[name].kind is inspect.Parameter.KEYWORD_ONLY and params[name].default is None, name
+        assert recipe_hints[name] in typing.get_args(hints[name]) or typing.get_args(recipe_hints[name])[0] in \
+            typing.get_args(hints[name]), name  # the key's own type (Literal[...], the section's dataclass) is there
+    assert "overrides" in (uptrain.train.__doc__ or "") and "optim.lr" in uptrain.train.__doc__
+
+
+def test_keywords_set_keys_on_top_of_the_recipe_and_overrides_beat_them():
+    from uptrain.training.recipe import OptimSection
+
+    r = load_recipe({**BASE, "optim": {"lr": 1e-3, "warmup_steps": 7}}, ["budget.max_steps=20"],
+                    keys={"out": "elsewhere", "optim": {"lr": 3e-4}, "budget": {"max_steps": 5},
+                          "model": {"convert": {"groups": 2}}})
+    assert r.out == "elsewhere" and r.optim.lr == 3e-4 and r.optim.warmup_steps == 7  # merged key by key
+    assert r.budget.max_steps == 20 and r.model.path == "some/model" and r.model.convert.groups == 2
+    whole = load_recipe({**BASE, "optim": {"warmup_steps": 7}}, keys={"optim": OptimSection(lr=5e-5)})
+    assert whole.optim == OptimSection(lr=5e-5)  # a dataclass sets every key of its section
+    assert load_recipe(None, keys={"model": {"path": "m"}, "budget": {"max_steps": 1}}).model.path == "m"
+
+
+def test_a_bad_keyword_names_its_key_before_anything_runs():
+    import uptrain
+
+    with pytest.raises(UptrainError, match=r"optim.lr: expected a number, got 'fast'"):
+        uptrain.train(BASE, optim={"lr": "fast"})
+    with pytest.raises(UptrainError, match=r"unknown key 'optim.lrr' in the recipe; did you mean optim.lr\?"):
+        uptrain.train(BASE, optim={"lrr": 1})
+    with pytest.raises(TypeError, match="unexpected keyword argument 'optimizer'"):
+        uptrain.train(BASE, optimizer={"lr": 1})

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from launching import launch, launch_cmd, launch_env
+from model_io import record, weights
 from safetensors.torch import load_file, save_file
 from test_training import models, recipe  # noqa: F401  (the same tiny models and recipe)
 
@@ -34,7 +35,7 @@ STEPS = 6
 
 def same_weights(a, b) -> float:
     """Largest difference between the final model.safetensors of two runs."""
-    x, y = load_file(Path(a) / "model.safetensors"), load_file(Path(b) / "model.safetensors")
+    x, y = weights(a), weights(b)
     assert sorted(x) == sorted(y)
     return max((x[k] - y[k]).abs().max().item() for k in x)
 
@@ -386,6 +387,55 @@ def test_a_damaged_newest_checkpoint_is_passed_over(models, full, tmp_path, caps
         "step_00000004", "step_00000004.incomplete", "step_00000005", "step_00000006"]
 
 
+# ------------------------------------------------------------------------------------------ periodic checkpoints
+def disk_full_while_writing(monkeypatch, checkpoint: str) -> None:
+    """The disk fills up in the middle of the weights of `checkpoint` (e.g. "step_00000004"), once: accelerate's
+    safetensors writer leaves half a file and raises ENOSPC, as a full tmpfs does."""
+    import accelerate.utils.other
+
+    write = accelerate.utils.other.safe_save_file
+
+    def half_then_enospc(tensors, filename, metadata=None):
+        if f"{checkpoint}.tmp" in str(filename):
+            Path(filename).write_bytes(b"\0" * 1000)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return write(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(accelerate.utils.other, "safe_save_file", half_then_enospc)
+
+
+def test_a_full_disk_at_a_periodic_checkpoint_loses_no_step(models, full, tmp_path, monkeypatch, capsys):
+    """The step-4 checkpoint of a run that checkpoints every 2 steps meets a full disk: one warning, the partial
+    step_4.tmp removed, training goes on and the step-6 checkpoint is written; the model is the uninterrupted
+    run's."""
+    out = tmp_path / "run"
+    disk_full_while_writing(monkeypatch, "step_00000004")
+    res = train(recipe(models, out, budget={"max_steps": STEPS}, checkpoint={"every": 2}))
+    said = capsys.readouterr().out
+    assert ("warning: the checkpoint of step 4 could not be saved (OSError: [Errno 28] No space left on device); its "
+            "partial files were removed and training goes on (the next checkpoint is tried at step 6). The newest "
+            f"checkpoint is {out / 'checkpoints' / 'step_00000002'}: free disk space, or a stop loses the steps "
+            "since\n") in said
+    assert said.count("could not be saved") == 1 and "Traceback" not in said
+    assert res.finished and res.steps == STEPS and res.losses == full[1].losses
+    assert same_weights(out, full[0]) <= 1e-6
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000002", "step_00000006"]
+
+
+def test_a_full_disk_at_the_stop_at_checkpoint_names_the_newest_one(models, tmp_path, monkeypatch):
+    """budget.stop_at's checkpoint is the one the run cannot go on without: its failure ends the run with the
+    checkpoint resume: auto continues from, and no partial folder."""
+    out = tmp_path / "run"
+    disk_full_while_writing(monkeypatch, "step_00000004")
+    with pytest.raises(UptrainError) as e:
+        train(recipe(models, out, budget={"max_steps": STEPS, "stop_at": 4}, checkpoint={"every": 2}))
+    assert str(e.value) == (
+        "the checkpoint of step 4 could not be saved (OSError: [Errno 28] No space left on device); its partial "
+        f"files were removed. The newest checkpoint is {out / 'checkpoints' / 'step_00000002'}: free disk space "
+        f"and continue with `uptrain train {out / 'recipe.yaml'} resume=auto`")
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000002"]
+
+
 # ------------------------------------------------------------------------------------------ final save
 @pytest.mark.parametrize("fault", ["disk full", "not serialisable"])
 def test_a_failed_final_save_keeps_the_trained_state(models, full, tmp_path, monkeypatch, fault):
@@ -419,4 +469,4 @@ def test_a_failed_final_save_keeps_the_trained_state(models, full, tmp_path, mon
     rest = train({**r, "resume": "auto"})
     assert rest.resumed_from == STEPS and rest.finished and rest.losses == full[1].losses
     assert same_weights(out, full[0]) <= 1e-6
-    assert json.loads((out / "uptrain.json").read_text())["uptraining"]["steps"] == STEPS
+    assert record(out)["uptraining"]["steps"] == STEPS

@@ -6,6 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from model_io import record
 from tiny_models import save, tiny_model
 from uptrain.training import train
 from uptrain.training.loop import fit_message, moments_problem, probe
@@ -46,7 +47,7 @@ def test_a_bfloat16_checkpoint_trained_in_float32_comes_back_in_bfloat16(models,
     assert any(not torch.equal(saved[k], src[k]) for k in src)  # and it did train
     assert json.loads((tmp_path / "default" / "config.json").read_text())["dtype"] == "bfloat16"
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "default", dtype="auto").dtype == torch.bfloat16
-    up = json.loads((tmp_path / "default" / "uptrain.json").read_text())["uptraining"]
+    up = record(tmp_path / "default")["uptraining"]
     assert up["recipe"]["train"]["save_dtype"] is None
 
 

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from model_io import record
 from launching import launch
 from small_recipes import small_recipe
 from tiny_models import save, tiny_seq2seq_model
@@ -135,7 +136,7 @@ def test_a_few_steps_lower_the_held_out_loss_and_the_result_loads_with_remote_co
     assert res.finished and first["step"] == 0 and last["step"] == 12
     assert last["loss"] < first["loss"] - 0.3, (first, last)
     assert last["tokens"] == first["tokens"] == 8 * 8
-    rec = json.loads((out / "uptrain.json").read_text())
+    rec = record(out)
     assert rec["conversion"]["kv_heads_after"] == 2 and rec["uptraining"]["steps"] == 12
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["num_key_value_heads"] == 2 and "AutoModelForSeq2SeqLM" in cfg["auto_map"]
@@ -223,7 +224,7 @@ def test_two_processes_match_one(models, reference, tmp_path):
     r = recipe(models, tmp_path / "ddp", train={"micro_batch_size": 2, "grad_accum": 1})
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(r))
     launch(tmp_path / "r.yaml", timeout=300)
-    up = json.loads((tmp_path / "ddp" / "uptrain.json").read_text())["uptraining"]
+    up = record(tmp_path / "ddp")["uptraining"]
     assert up["processes"] == 2 and up["tokens_seen"] == reference.tokens_seen
     losses = [json.loads(x)["loss"] for x in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()
               if "loss" in json.loads(x)]

@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from model_io import record
 from launching import launch
 from small_recipes import small_recipe
 from tiny_models import save, tiny_config, tiny_model
@@ -130,7 +131,7 @@ def test_converted_model_learns_shakespeare(models, tokenizer, tmp_path):
     assert sum(res.losses[-4:]) / 4 < res.losses[0] - 0.5
     assert last["loss"] < first["loss"] - 0.4, (first, last)
 
-    rec = json.loads((out / "uptrain.json").read_text())
+    rec = record(out)
     assert rec["conversion"]["kv_heads_after"] == 2  # kept from step0's record
     up = rec["uptraining"]
     assert up["steps"] == 24 and up["final_eval"] == last and up["initial_eval"] == first
@@ -195,7 +196,7 @@ def test_push_to_hub_is_called_after_training_not_by_the_loop(models, tmp_path, 
     assert calls == [] and res.push_to_hub == "me/tiny-gqa"
     uptrain.train(dict(r, overwrite=True))  # the public API (and the CLI) push a finished run
     assert calls == [(str(tmp_path / "p"), "me/tiny-gqa")]
-    assert json.loads((tmp_path / "p" / "uptrain.json").read_text())["uptraining"]["steps"] == 1
+    assert record(tmp_path / "p")["uptraining"]["steps"] == 1
 
 
 def test_two_processes_match_one(models, reference, tmp_path):
@@ -205,7 +206,7 @@ def test_two_processes_match_one(models, reference, tmp_path):
     r = recipe(models, tmp_path / "ddp", train={"micro_batch_size": 4, "grad_accum": 1})
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(r))
     p = launch(tmp_path / "r.yaml", timeout=300)
-    up = json.loads((tmp_path / "ddp" / "uptrain.json").read_text())["uptraining"]
+    up = record(tmp_path / "ddp")["uptraining"]
     assert up["processes"] == 2 and up["tokens_seen"] == reference.tokens_seen
     losses = [json.loads(x)["loss"] for x in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()
               if "loss" in json.loads(x)]
@@ -273,7 +274,9 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(models, tmp_
     assert m, err
     k = int(m.group(2))  # weights of ~1e30 overflow a step or two after the first update
     assert 2 <= k <= 4 and m.group(3) == str(out / "checkpoints" / f"step_{k - 1:08d}")
-    logged = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    logged = [x for x in lines if "loss" in x]  # the steps (the others: keep_best's evaluation at step 0)
+    assert [x["step"] for x in lines if "eval_loss" in x] == [0]
     assert [x["step"] for x in logged] == list(range(1, k)) and all(math.isfinite(x["loss"]) for x in logged)
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [f"step_{i:08d}" for i in range(1, k)]
     state = json.loads((out / "checkpoints" / f"step_{k - 1:08d}" / "trainer_state.json").read_text())

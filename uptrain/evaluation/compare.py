@@ -169,7 +169,7 @@ class EvalResult:
 
         if quality is None:  # perplexities of different tokenizers are not comparable; bits/byte are
             quality = "bits_per_byte" if self.settings.get("tokenizers_differ") else "perplexity"
-        costs = ("kv_cache_bytes_per_token", "decode_ms_per_token")
+        costs: tuple[str, ...] = ("kv_cache_bytes_per_token", "decode_ms_per_token")
         if any(r.get("vllm_ms_per_output_token") is not None for r in self.rows):  # --engine vllm
             costs += ("vllm_ms_per_output_token",)
         return plot_quality_vs_cost(self.rows, path, quality=quality, costs=costs,

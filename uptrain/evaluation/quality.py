@@ -39,7 +39,8 @@ def sliding_windows(n_tokens: int, seq_len: int, stride: int) -> list[tuple[int,
         raise UptrainError(f"--seq-len must be at least 2, got {seq_len}")
     if not 1 <= stride <= seq_len:
         raise UptrainError(f"--stride must be between 1 and --seq-len ({seq_len}), got {stride}")
-    out, next_target = [], 1
+    out: list[tuple[int, int, int]] = []
+    next_target = 1
     while next_target < n_tokens:
         end = min(n_tokens, seq_len if not out else next_target + stride)
         start = max(0, end - seq_len)
@@ -76,8 +77,8 @@ def model_device(model) -> torch.device:
 
 def _window_batches(ids, wins, batch_size, stack: bool = True):
     # Consecutive windows of equal length and skip stack into one batch (all but the first and last do).
-    for _, group in itertools.groupby(wins, key=lambda w: (w[1] - w[0], w[2])):
-        group = list(group)
+    for _, same in itertools.groupby(wins, key=lambda w: (w[1] - w[0], w[2])):
+        group = list(same)
         for i in range(0, len(group), batch_size):
             chunk = group[i: i + batch_size]
             yield (torch.stack([ids[s:e] for s, e, _ in chunk]) if stack else None), chunk[0][2]

@@ -1,6 +1,8 @@
 """Downstream tasks through lm-evaluation-harness (an optional extra: `pip install 'uptrain[eval]'`)."""
 from __future__ import annotations
 
+from typing import Any
+
 _PREFERRED_METRICS = ("acc_norm", "acc", "exact_match", "f1", "mcc", "word_perplexity")
 
 
@@ -21,7 +23,7 @@ def run_tasks(model, tokenizer, tasks, batch_size: int = 8, limit: int | None = 
     except ImportError:
         return {t: {"error": "lm-eval is not installed (pip install 'uptrain[eval]')"} for t in tasks}
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-    out = {}
+    out: dict[str, dict[str, Any]] = {}
     for task in tasks:
         try:
             results = lm_eval.simple_evaluate(model=lm, tasks=[task], limit=limit)["results"]

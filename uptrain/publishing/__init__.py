@@ -2,7 +2,11 @@
 
     card_facts.py   what the card says, as plain data (uptrain.json, config, eval rows, licence)
     model_card.py   the card itself: ModelCardData front matter + sections, rendered from the facts
-    hub.py          validation, the allow-list, the staged folder, one commit, Hub errors as one message
+    validation.py   what is checked before anything leaves the machine: weights, config.json, KV heads, JSON
+    allow_list.py   which files are uploaded, and the plan of an upload (files, card)
+    retries.py      transient Hub failures tried again, with backoff
+    failures.py     Hub errors as one message each
+    hub.py          push: the token, the staged folder, one commit (weights first for a large folder)
     options.py      PushOptions: the flags of `uptrain push` = the arguments of `uptrain.push(...)`
 
 Only the entry layer (uptrain/api.py, uptrain/cli.py, uptrain/__init__.py) imports this package.

@@ -69,7 +69,7 @@ class CardFacts:
         return self.shape.heads if self.shape else None
 
     @property
-    def kv_heads(self) -> int | None:
+    def kv_heads(self) -> int | tuple[int, ...] | None:
         return self.shape.kv_heads if self.shape else None
 
     @property

@@ -95,8 +95,12 @@ def _value(x) -> str:
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
-    cols = [Column(h, lambda r, i=i: r[i], "left" if i == 0 else "right") for i, h in enumerate(header)]
-    return markdown_table(rows, cols)
+    cols = [Column(h, _cell_of(i), "left" if i == 0 else "right") for i, h in enumerate(header)]
+    return markdown_table([dict(enumerate(r)) for r in rows], cols)
+
+
+def _cell_of(i: int):
+    return lambda row: row[i]
 
 
 def _hub_link(repo: str) -> str:
@@ -163,12 +167,14 @@ def _conversion(facts: CardFacts) -> str:
     h, k, g = conv.num_attention_heads or None, conv.kv_heads_before or None, conv.kv_heads_after or None
     before, after = conv.kv_cache_bytes_per_token_before or None, conv.kv_cache_bytes_per_token_after or None
     ctx = facts.context
-    per_layer = isinstance(g, list)
+    layers = g if isinstance(g, list) else None  # G_l, for a per-layer result
+    uniform = g if isinstance(g, int) else None
+    per_layer = layers is not None
     rows = [
         ["query heads H", str(h), str(h)],
         ["key/value heads", str(k), kv_heads_text(g) + (" (per layer)" if per_layer else "")],
         ["query heads per KV head", _num(h and k and h / k, "{:g}"),
-         ",".join(str(h // x) for x in g) if per_layer and h else _num(h and g and h / g, "{:g}")],
+         ",".join(str(h // x) for x in layers) if layers and h else _num(h and uniform and h / uniform, "{:g}")],
         ["head_dim", str(conv.head_dim or None), str(conv.head_dim or None)],
         ["KV cache per token", fmt_bytes(before), fmt_bytes(after)],
     ]
@@ -187,10 +193,10 @@ def _conversion(facts: CardFacts) -> str:
         text.append(f"The KV cache is **{before / after:.3g}× smaller** ({100 * (1 - after / before):.1f}% less "
                     f"memory per token, in {conv.dtype or 'the checkpoint dtype'}).")
     text.append(_table(["", "source", "this model"], rows))
-    if per_layer:
-        text.append(_per_layer(conv, h, g))
-    errs = [(x.get("k_rel_error"), x.get("v_rel_error")) for x in conv.layers if isinstance(x, dict)]
-    errs = [e for e in errs if None not in e]
+    if layers:
+        text.append(_per_layer(conv, h, layers))
+    pairs = [(x.get("k_rel_error"), x.get("v_rel_error")) for x in conv.layers if isinstance(x, dict)]
+    errs = [(k, v) for k, v in pairs if k is not None and v is not None]
     if errs:
         ks, vs = [e[0] for e in errs], [e[1] for e in errs]
         text.append(f"Relative error of the pooled projections against the source's per-head ones, over "
@@ -198,9 +204,9 @@ def _conversion(facts: CardFacts) -> str:
                     f"{sum(vs) / len(vs):.3f} (max {max(vs):.3f}).")
     if conv.calibration:
         cal = conv.calibration
-        if isinstance(cal, dict):
-            cal = ", ".join(f"{a} = {b}" for a, b in cal.items() if not isinstance(b, (dict, list)))
-        text.append(f"Calibration: {cal}.")
+        said = (", ".join(f"{a} = {b}" for a, b in cal.items() if not isinstance(b, (dict, list)))
+                if isinstance(cal, dict) else cal)
+        text.append(f"Calibration: {said}.")
     budget = (conv.allocation or {}).get("kv_budget")
     asked = f"--kv-budget {budget:g}" if budget is not None else f"--groups {kv_heads_text(g)}"
     text.append(f"Reproduce: `uptrain convert {source_name(conv)} OUT {asked} --method {method}"
@@ -277,7 +283,7 @@ def _evaluation(facts: CardFacts) -> str:
             return ("## Evaluation\n\nNo evaluation was recorded. Measure this model against its source on the same "
                     "held-out tokens with `uptrain eval SOURCE THIS_MODEL --json > eval.json`, then push with "
                     "`--eval-json eval.json`.")
-        start = upt.initial_eval if isinstance(upt.initial_eval, dict) else {}
+        start = upt.initial_eval if upt and isinstance(upt.initial_eval, dict) else {}
         was = f"{start['perplexity']:.2f} at step 0 → " if start.get("perplexity") is not None else ""
         return (f"## Evaluation\n\nHeld-out perplexity during uptraining: {was}**{ev['perplexity']:.2f}** at the "
                 f"end" + (f" (loss {ev['loss']:.4f})" if ev.get("loss") is not None else "")

@@ -70,7 +70,8 @@ class PackedStream(torch.utils.data.IterableDataset):
         part = split_dataset_by_node(self.texts, self.rank * self.readers + reader, self.world * self.readers)
         p = position or {"epoch": 0, "read": None, "doc": 0, "offset": 0}
         epoch, read, skip_docs, skip_tokens = p["epoch"], p["read"], p["doc"], p["offset"]
-        n, buf = self.seq_len, []
+        n = self.seq_len
+        buf: list[int] = []
         while True:
             part.set_epoch(epoch)
             fresh, documents = read is None, 0

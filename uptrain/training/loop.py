@@ -11,13 +11,16 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from uptrain.errors import UptrainError
 from uptrain.training.budget import Budget, lr_factor
+from uptrain.training.keep_best import BEST_FILE, BestState
 from uptrain.training.recipe import Recipe
 from uptrain.training.preemption import Preempted, StopSignal, signal_name
-from uptrain.training.run_folder import (RECIPE, latest_checkpoint, open_metrics, passed_over, read_data_state,
-                                         read_state, resumable_checkpoint, save_checkpoint, set_aside)
+from uptrain.training.run_folder import (RECIPE, CheckpointNotSaved, latest_checkpoint, open_metrics, passed_over,
+                                         read_data_state, read_state, resumable_checkpoint, save_checkpoint,
+                                         set_aside)
 from uptrain.training.setup import SHARDED, adamw
 
 
@@ -132,7 +135,8 @@ def fit_message(problem: str, r, where: str, processes: int) -> str:
 @dataclass
 class Steps:
     """What the steps produced: per-step records, held-out evaluations, the final one (None when
-    budget.stop_at ended the run early), the step resumed from, the last step done and the prepared model."""
+    budget.stop_at ended the run early), the step resumed from, the last step done, the prepared model, and the
+    earlier state keep_best saves instead of the last one."""
 
     history: list[dict]
     evals: list[dict]
@@ -140,6 +144,7 @@ class Steps:
     resumed: int | None
     stop: int
     model: object
+    kept: BestState | None = None  # keep_best: an earlier state to save instead of the last (its eval, weights)
 
 
 class Loop:
@@ -149,8 +154,12 @@ class Loop:
         self.r, self.out, self.budget, self.acc = r, out, budget, accelerator
         self.main = accelerator.is_main_process
         self.show = show and self.main
-        self.metrics, self.stream, self.objective = None, None, None
+        self.metrics: Any = None  # metrics.jsonl, open on the main process
+        self.stream: Any = None  # data_stream.StreamLoader, for streamed data
+        self.objective: Any = None  # objectives.py, set by run
         self.stop = stop or StopSignal()  # not entered: never set (train() enters one around the run)
+        self.unsaved = 0  # periodic checkpoints that could not be written
+        self.best = BestState(accelerator, r.eval.keep_best)
 
     def say(self, msg: str) -> None:
         if self.main:
@@ -166,7 +175,7 @@ class Loop:
         self.objective = objective
         model, optimizer, scheduler, loader = self.setup(model, train_blocks, objective)
         check_fits(acc, model, teacher, optimizer, r, objective)
-        start, history, evals, resumed, loader = self.resume(mode, loader)
+        start, history, evals, resumed, loader = self.resume(mode, model, loader)
         self.metrics = open_metrics(self.out, start) if self.main else None
         if r.log.trackers:
             acc.init_trackers(r.log.project, config=_flat(r.to_dict()))
@@ -174,8 +183,9 @@ class Loop:
         bar = tqdm(total=total, initial=start, desc="uptrain", unit="step", disable=not self.show, dynamic_ncols=True)
         ckpt_path, t_run = latest_checkpoint(self.out), time.time()
         try:
-            if start == 0 and r.eval.at_start:
+            if start == 0 and (r.eval.at_start or r.eval.keep_best):  # keep_best judges against the start
                 evals.append(self.evaluate(model, eval_blocks, 0, bar))
+                self.best.offer(model, evals[-1])
             model.train()
             batches = iter(loader)
             for step in range(start + 1, stop + 1):
@@ -188,23 +198,30 @@ class Loop:
                 bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tokens_per_s']:,.0f}", refresh=False)
                 if r.eval.every and step % r.eval.every == 0 and step < total:
                     evals.append(self.evaluate(model, eval_blocks, step, bar))
-                if (r.checkpoint.every and step % r.checkpoint.every == 0) or step == stop < total:
-                    ckpt_path = self.save(step, history, evals)
+                    self.best.offer(model, evals[-1])
+                if step == stop < total:
+                    ckpt_path = self.save_or_explain(step, history, evals, ckpt_path)
+                elif r.checkpoint.every and step % r.checkpoint.every == 0:
+                    ckpt_path = self.periodic_save(step, history, evals, ckpt_path)
                 signum = self.stop.agreed(acc)  # one all-reduce per optimiser step: every rank stops here
                 if signum:
                     if not (ckpt_path and ckpt_path.name == f"step_{step:08d}"):
-                        ckpt_path = self.save(step, history, evals)
+                        ckpt_path = self.save_or_explain(step, history, evals, ckpt_path)
                     raise self.preempted(signum, step, ckpt_path)
-            final = None
+            final, kept = None, None
             if stop == total:
                 final = self.evaluate(model, eval_blocks, total, bar)
                 if not evals or evals[-1]["step"] != total:
                     evals.append(final)
+                verdict = self.best.verdict(final)
+                if verdict:
+                    self.say(verdict)
+                    kept = self.best
         finally:
             bar.close()
             if self.metrics:
                 self.metrics.close()
-        return Steps(history, evals, final, resumed, stop, model)
+        return Steps(history, evals, final, resumed, stop, model, kept)
 
     # -- setup: optimiser, schedule, loader, accelerate's wrapping ------------------------------------
     def setup(self, model, train_blocks, objective):
@@ -241,13 +258,14 @@ class Loop:
                                f"'auto')")
         return model, optimizer, scheduler, loader
 
-    def resume(self, mode: str, loader):
+    def resume(self, mode: str, model, loader):
         """(first step − 1, history, evals, step resumed from or None, loader): the state of the newest usable
         checkpoint when mode is "resume", loaded into the prepared objects; a fresh start otherwise."""
         acc = self.acc
         if mode != "resume":
             return 0, [], [], None, loader
         ckpt, skipped = resumable_checkpoint(self.out)
+        assert ckpt is not None  # plan_output chose "resume" because there is one
         if skipped:
             self.say(passed_over(skipped, ckpt))
             acc.wait_for_everyone()  # every rank has chosen before the main process renames
@@ -258,8 +276,10 @@ class Loop:
         if state["processes"] != acc.num_processes:
             raise UptrainError(f"the checkpoint {ckpt} was written by {state['processes']} process(es); resume "
                                f"with the same number (now {acc.num_processes}) to keep the data order")
+        self.best.before_resume(model, state.get("best"))
         acc.load_state(str(ckpt))
         start = state["step"]
+        self.best.after_resume(model, state.get("best"), ckpt, start)
         if self.stream:
             self.stream.load_state_dict(read_data_state(ckpt, acc.process_index), str(ckpt))
         else:
@@ -305,9 +325,40 @@ class Loop:
     def save(self, step: int, history: list[dict], evals: list[dict]) -> Path:
         """A checkpoint of the state after `step` (every process calls it)."""
         state = {"step": step, "total_steps": self.budget.steps, "processes": self.acc.num_processes,
-                 "history": history, "eval_history": evals}
+                 "history": history, "eval_history": evals, "best": self.best.state()}
+        best = self.best.tensors_for(step)
         return save_checkpoint(self.acc, self.out, step, state, self.r.checkpoint.keep,
-                               data_state=self.stream.state_dict() if getattr(self, "stream", None) else None)
+                               data_state=self.stream.state_dict() if getattr(self, "stream", None) else None,
+                               extra_files={BEST_FILE: best} if best is not None else None)
+
+    def periodic_save(self, step: int, history: list[dict], evals: list[dict], newest: Path | None) -> Path | None:
+        """A checkpoint at checkpoint.every; one that cannot be written (a full disk) costs no trained step: its
+        partial files are removed, the run says so and goes on, and the next interval tries again."""
+        try:
+            return self.save(step, history, evals)
+        except CheckpointNotSaved as e:
+            nxt = step + self.r.checkpoint.every
+            then = (f"the next checkpoint is tried at step {nxt}" if nxt <= self.budget.steps
+                    else f"the final model is saved after step {self.budget.steps}")
+            if self.unsaved:  # the explanation was given at the first one
+                self.say(f"warning: {e} either; {then}")
+            else:
+                self.say(f"warning: {e}; its partial files were removed and training goes on ({then}). "
+                         + (f"The newest checkpoint is {newest}" if newest else "No checkpoint of this run is saved")
+                         + ": free disk space, or a stop loses the steps since")
+            self.unsaved += 1
+            return newest
+
+    def save_or_explain(self, step: int, history: list[dict], evals: list[dict], newest: Path | None) -> Path:
+        """A checkpoint the run cannot go on without (budget.stop_at, a signal): its failure ends the run with the
+        newest checkpoint that resume: auto would continue from."""
+        try:
+            return self.save(step, history, evals)
+        except CheckpointNotSaved as e:
+            raise UptrainError(f"{e}; its partial files were removed. "
+                               + (f"The newest checkpoint is {newest}: free disk space and continue with "
+                                  f"`uptrain train {self.out / RECIPE} resume=auto`" if newest
+                                  else "No checkpoint of this run is saved")) from e
 
     def preempted(self, signum: int, step: int, ckpt: Path) -> Preempted:
         launch = "accelerate launch … -m uptrain train" if self.acc.num_processes > 1 else "uptrain train"

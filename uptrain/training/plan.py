@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import math
 import os
+from typing import Any
 from dataclasses import asdict, dataclass, field
 
 from uptrain.errors import UptrainError
@@ -132,8 +133,8 @@ class TrainingPlan:
     model_type: str
     layers: int
     heads: int
-    kv_heads_before: int
-    kv_heads: int
+    kv_heads_before: int | str  # a per-layer count as its text ("2,1,1,2")
+    kv_heads: int | str
     parameters_before: int  # the source, before the recipe's conversion
     parameters: int
     trainable: int
@@ -285,8 +286,9 @@ def model_shape(r: Recipe) -> dict:
     if getattr(cfg, "is_encoder_decoder", False):  # FLOPs and activations below are a decoder-only model's
         raise UptrainError(f"uptrain plan estimates decoder-only models; {cfg.model_type} is an encoder-decoder, "
                            f"which it does not model yet (uptrain train runs it; see the recipe's header for sizing)")
-    kv_before = spec.kv_heads(cfg)
-    before, model_class, scale_kv, kv_after = None, None, None, None
+    kv_before: int | str | tuple[int, ...] = spec.kv_heads(cfg)
+    model_class: Any = None  # a per-layer result's model class (its own code)
+    before, scale_kv, kv_after, widest = None, None, None, None
     if r.model.convert:
         o = r.model.convert
         o.check_source(spec, cfg)
@@ -298,6 +300,7 @@ def model_shape(r: Recipe) -> dict:
             from uptrain.conversion.per_layer import per_layer_model_class
 
             model_class, kv_after = per_layer_model_class(spec, cfg.to_dict(), groups), kv_heads_text(groups)
+            widest = max(groups)  # the widest layer sizes the activations
         else:
             cfg = AutoConfig.for_model(**spec.result_config(cfg.to_dict(), groups))
     with torch.device("meta"):
@@ -310,8 +313,8 @@ def model_shape(r: Recipe) -> dict:
     n = sum(count.values())
     text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
     hidden, kv = getattr(text, spec.hidden_field), spec.kv_heads(text)
-    if model_class is not None:  # the widest layer sizes the activations
-        kv = max(groups)
+    if widest is not None:
+        kv = widest
     if isinstance(kv, tuple):  # a per-layer checkpoint
         kv_after, kv = kv_after or kv_heads_text(kv), max(kv)
     if isinstance(kv_before, tuple):

@@ -201,6 +201,11 @@ class EvalSection:
     at_start: bool = key("evaluate the model before the first step (step 0: right after conversion)", True)
     max_blocks: Optional[int] = key("held-out blocks scored per evaluation (null: all of them)", 64)
     batch_size: int = key("held-out blocks per forward pass", 8)
+    keep_best: bool = key(
+        "judge held-out loss at step 0 (evaluated even when at_start is false) and at every `every` steps, and save "
+        "the state of the lowest one: a run that only makes the model worse saves the model it started from, "
+        "unchanged, and says so. The best state is one CPU copy of the trainable weights on the main process (in "
+        "checkpoints: best_state.safetensors when it is an earlier step's), never a second GPU copy", True)
 
     def check(self, key):
         _require(self.every >= 0, f"{key}.every", "must be >= 0")
@@ -263,9 +268,13 @@ class Recipe:
 
 
 # ------------------------------------------------------------------------------------------ loading
-def load_recipe(recipe, overrides: list[str] | None = None) -> Recipe:
-    """A Recipe from a YAML path, a dict or a Recipe, with `key=value` overrides applied on top."""
-    if isinstance(recipe, Recipe):
+def load_recipe(recipe, overrides: list[str] | None = None, keys: dict | None = None) -> Recipe:
+    """A Recipe from a YAML path, a dict, a Recipe or None (nothing but defaults), with `keys` (top-level keys and
+    sections as Python values: {"optim": {"lr": 3e-4}} sets optim.lr alone, a section dataclass sets all of its
+    keys) and then `key=value` overrides applied on top."""
+    if recipe is None:
+        raw = {}
+    elif isinstance(recipe, Recipe):
         raw = recipe.to_dict()
     elif isinstance(recipe, dict):
         raw = copy.deepcopy(recipe)  # overrides must not write into the caller's dict
@@ -273,6 +282,10 @@ def load_recipe(recipe, overrides: list[str] | None = None) -> Recipe:
         raw = read_yaml(recipe)
     else:
         raise UptrainError(f"a recipe is a YAML path, a dict or a Recipe, not {type(recipe).__name__}")
+    for name, value in (keys or {}).items():
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            value = _plain(dataclasses.asdict(value))
+        _merge(raw, name, copy.deepcopy(value))
     for item in overrides or []:
         key, value = parse_override(item)
         set_dotted(raw, key, value)
@@ -303,6 +316,15 @@ def parse_override(item: str) -> tuple[str, object]:
         return key.strip(), yaml.safe_load(value) if value.strip() else ""
     except yaml.YAMLError:
         return key.strip(), value
+
+
+def _merge(raw: dict, key: str, value) -> None:
+    """raw[key] = value, a mapping merged key by key into the mapping already there (as overrides do)."""
+    if isinstance(value, dict) and isinstance(raw.get(key), dict):
+        for k, v in value.items():
+            _merge(raw[key], k, v)
+    else:
+        raw[key] = value
 
 
 def set_dotted(raw: dict, key: str, value) -> None:

@@ -3,7 +3,8 @@
     OUT/recipe.yaml        the resolved recipe (written first: it marks OUT as an uptrain run)
     OUT/step0/             the converted model before uptraining, when the recipe converts
     OUT/checkpoints/step_N accelerate save_state, data_state_rank{r}.json (streamed data: where each rank's
-                           stream stands), trainer_state.json (written last, with the size of every
+                           stream stands), best_state.safetensors (keep_best's earlier state, when it has
+                           one), trainer_state.json (written last, with the size of every
                            file: complete means all of them there at that size)
     OUT/metrics.jsonl      one line per step and per evaluation
     OUT/*.safetensors, config.json, tokenizer …, uptrain.json   the final model (uptrain.json written last)
@@ -84,7 +85,7 @@ def checkpoint_problem(checkpoint: Path) -> str | None:
 
 def resumable_checkpoint(out: Path) -> tuple[Path | None, list[tuple[Path, str]]]:
     """(newest complete checkpoint or None, [(newer checkpoint passed over, its problem)])."""
-    skipped = []
+    skipped: list[tuple[Path, str]] = []
     for ckpt in reversed(checkpoints(out)):
         problem = checkpoint_problem(ckpt)
         if problem is None:
@@ -164,10 +165,22 @@ def open_metrics(out: Path, start: int):
     return open(path, "a", encoding="utf-8", buffering=1)  # line-buffered: a killed run keeps its lines
 
 
-def save_checkpoint(acc, out: Path, step: int, state: dict, keep: int, data_state: dict | None = None) -> Path:
-    """accelerate's save_state into step_N.tmp (and each rank's `data_state`, for streamed data), then
+class CheckpointNotSaved(UptrainError):
+    """A checkpoint could not be written (a full disk, …) on some rank; every rank raises it, the partial
+    step_N.tmp is removed, and the model, optimiser and data position in memory are untouched."""
+
+    def __init__(self, step: int, why: str):
+        super().__init__(f"the checkpoint of step {step} could not be saved ({why})")
+        self.step, self.why = step, why
+
+
+def save_checkpoint(acc, out: Path, step: int, state: dict, keep: int, data_state: dict | None = None,
+                    extra_files: dict[str, dict] | None = None) -> Path:
+    """accelerate's save_state into step_N.tmp (and each rank's `data_state`, for streamed data; `extra_files`: more
+    safetensors files {name: tensors} the main process writes, keep_best's weights), then
     trainer_state.json, then a rename: a kill at any moment leaves either the complete checkpoint or none. The
-    newest `keep` stay. Called on every process."""
+    newest `keep` stay. Called on every process. A write that fails on any rank (OSError: a full disk, a quota)
+    raises CheckpointNotSaved on every rank, after the partial step_N.tmp is removed."""
     folder = out / CHECKPOINTS
     final, tmp = folder / f"step_{step:08d}", folder / f"step_{step:08d}.tmp"
     main = acc.is_main_process
@@ -175,21 +188,57 @@ def save_checkpoint(acc, out: Path, step: int, state: dict, keep: int, data_stat
         shutil.rmtree(tmp, ignore_errors=True)
         folder.mkdir(parents=True, exist_ok=True)
     acc.wait_for_everyone()
-    acc.save_state(str(tmp))
-    if data_state is not None:
-        write_json(tmp / DATA_STATE.format(rank=acc.process_index), data_state)
-    acc.wait_for_everyone()
+    error = None
+    try:
+        acc.save_state(str(tmp))
+        if data_state is not None:
+            write_json(tmp / DATA_STATE.format(rank=acc.process_index), data_state)
+        if main and extra_files:
+            from safetensors.torch import save_file
+
+            for name, tensors in extra_files.items():
+                save_file(tensors, str(tmp / name))
+    except OSError as e:
+        error = e
+    _agree_or_discard(acc, tmp, step, error)
     if main:
-        # The manifest: what accelerate wrote, file by file, so that a checkpoint damaged after the rename (a
-        # truncating copy, a full disk on another writer) is recognised and passed over on resume.
-        files = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
-        write_json(tmp / STATE_FILE, {**state, "files": files})
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        try:
+            # The manifest: what accelerate wrote, file by file, so that a checkpoint damaged after the rename (a
+            # truncating copy, a full disk on another writer) is recognised and passed over on resume.
+            files = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+            write_json(tmp / STATE_FILE, {**state, "files": files})
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+        except OSError as e:
+            error = e
+    _agree_or_discard(acc, tmp, step, error)
+    if main:
         for old in checkpoints(out)[:-keep]:
             shutil.rmtree(old)
     acc.wait_for_everyone()
     return final
+
+
+def any_rank(acc, flag: bool) -> bool:
+    """Whether `flag` is true on any rank: one all-reduce, so every rank takes the same branch after it."""
+    if acc.num_processes == 1:
+        return bool(flag)
+    import torch
+
+    return bool(acc.reduce(torch.tensor(int(flag), device=acc.device), "sum").item())
+
+
+def _agree_or_discard(acc, tmp: Path, step: int, error: OSError | None) -> None:
+    """Every rank learns whether any rank failed (one all-reduce; a rank that raised alone would leave the others
+    waiting in the next collective); on a failure the main process removes the partial checkpoint and every rank
+    raises CheckpointNotSaved with the first failing rank's reason where it is known."""
+    if not any_rank(acc, error is not None):
+        return
+    if acc.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    acc.wait_for_everyone()
+    raise CheckpointNotSaved(step, f"{type(error).__name__}: {error}" if error else "a write failed on another "
+                             "process") from error
 
 
 def read_data_state(checkpoint: Path, rank: int) -> dict:

@@ -129,6 +129,7 @@ def check_teacher(r: Recipe, student_cfg, tokenizer, teacher) -> None:
         t_cfg, where = teacher.config, "the teacher"
     else:
         where = f"distill.teacher {r.distill.teacher!r}"
+        assert r.distill.teacher is not None  # called with a teacher or distill.teacher
         t_cfg = model_source(r.distill.teacher, None, "distill.teacher")[1]
     t_vocab, seq2seq = t_cfg.vocab_size, bool(getattr(student_cfg, "is_encoder_decoder", False))
     if bool(getattr(t_cfg, "is_encoder_decoder", False)) != seq2seq:

@@ -12,6 +12,7 @@ HF checkpoint with its uptraining record. The package, dependencies pointing one
     document_masking.py  data.packing: document, checked on the model before step 1
     objectives.py  what the steps optimise: next-token prediction, or span corruption for an encoder-decoder
     loop.py        the optimiser steps, evaluation, checkpoints, resume
+    keep_best.py   eval.keep_best: the state of the lowest held-out loss (the start included) is what is saved
     train.py       this file: one run, start to end
     plan.py        `uptrain plan`: FLOPs, memory per GPU and GPU-hours of a recipe, from its config alone
 
@@ -33,6 +34,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 from uptrain.errors import UptrainError
 from uptrain.training.budget import Budget, resolve_budget
@@ -55,7 +57,7 @@ class TrainResult:
     tokens_seen: int
     losses: list[float]  # mean CE per target token of every step (1-based step i → losses[i-1])
     eval_history: list[dict]  # {"step", "loss", "perplexity", "tokens"}
-    final_eval: dict | None
+    final_eval: dict | None  # of the saved model: the last step's, or the earlier state keep_best kept
     wall_time_s: float  # this invocation
     finished: bool  # False when `budget.stop_at` ended the run early (no final model then)
     history: list[dict] = field(default_factory=list)  # per-step records, as in metrics.jsonl
@@ -63,20 +65,25 @@ class TrainResult:
     trainable_parameters: int = 0
     process_index: int = 0
     push_to_hub: str | None = None  # the recipe's Hub repo: uptrain.api.train publishes a finished run there
+    kept_step: int | None = None  # keep_best saved the state after this step (0: the start) instead of the last
 
     def summary(self) -> str:
         ev = self.final_eval or (self.eval_history[-1] if self.eval_history else None)
         what = "Uptrained" if self.finished else "Stopped (resume: auto continues)"
+        kept = ("" if self.kept_step is None else " of the start, kept" if self.kept_step == 0
+                else f" of the state after step {self.kept_step}, kept")
         return (f"{what} {self.steps}/{self.total_steps} steps, {self.tokens_seen:,} tokens, "
-                f"last loss {self.losses[-1]:.4f}" + (f", held-out perplexity {ev['perplexity']:.2f}" if ev else "")
+                f"last loss {self.losses[-1]:.4f}"
+                + (f", held-out perplexity{kept} {ev['perplexity']:.2f}" if ev else "")
                 + f", {self.wall_time_s:.1f} s → {self.out}")
 
 
-def train(recipe, overrides: list[str] | None = None, *, tokenizer=None, train_blocks=None, eval_blocks=None,
-          teacher=None, progress: bool | None = None) -> TrainResult:
+def train(recipe, overrides: list[str] | None = None, *, keys: dict | None = None, tokenizer=None, train_blocks=None,
+          eval_blocks=None, teacher=None, progress: bool | None = None) -> TrainResult:
     """Run (or resume) the uptraining a recipe describes; returns the TrainResult on every process.
 
-    recipe: a YAML path, a dict or a Recipe; overrides: ["optim.lr=3e-4", …] applied on top.
+    recipe: a YAML path, a dict, a Recipe or None; keys: top-level recipe keys and sections ({"optim": {"lr":
+    3e-4}}) applied on top, then overrides: ["optim.lr=3e-4", …].
     tokenizer / train_blocks / eval_blocks: already-built ones (LongTensor [n, seq_len] from
     uptrain.data), replacing the recipe's data section; teacher: a loaded model instead of distill.teacher.
     Does not publish: `uptrain.train` (uptrain/api.py) pushes a finished run when the recipe says so.
@@ -85,7 +92,7 @@ def train(recipe, overrides: list[str] | None = None, *, tokenizer=None, train_b
     from uptrain.training.setup import make_accelerator, reset_accelerate
 
     t0 = time.time()
-    r = load_recipe(recipe, overrides)
+    r = load_recipe(recipe, overrides, keys)
     recipe_file = os.fspath(recipe) if isinstance(recipe, (str, os.PathLike)) else None
     out = Path(r.out)
     mode = plan_output(out, r)
@@ -237,9 +244,10 @@ class _Run:
             result = TrainResult(
                 out=str(self.out), steps=steps.stop, total_steps=self.budget.steps,
                 tokens_seen=steps.stop * self.budget.tokens_per_step, losses=[h["loss"] for h in steps.history],
-                eval_history=steps.evals, final_eval=steps.final, wall_time_s=time.time() - t0,
-                finished=steps.final is not None, history=steps.history, resumed_from=steps.resumed,
-                trainable_parameters=n_train, process_index=self.acc.process_index, push_to_hub=r.push_to_hub)
+                eval_history=steps.evals, final_eval=steps.kept.eval if steps.kept else steps.final,
+                wall_time_s=time.time() - t0, finished=steps.final is not None, history=steps.history,
+                resumed_from=steps.resumed, trainable_parameters=n_train, process_index=self.acc.process_index,
+                push_to_hub=r.push_to_hub, kept_step=steps.kept.step if steps.kept else None)
             if result.finished:
                 self.save_final(steps, tokenizer, path, result, loop)
         if stop.signum:  # came after the last step's check: the run finished rather than stopping at the end
@@ -274,7 +282,7 @@ class _Run:
         from uptrain.data import token_blocks
 
         d, t = self.r.data, self.r.train
-        kw = dict(cache_dir=d.cache_dir, cache=d.cache, progress=self.show, seed=t.seed)
+        kw: dict[str, Any] = dict(cache_dir=d.cache_dir, cache=d.cache, progress=self.show, seed=t.seed)
         if d.streaming and train_blocks is None:
             # Every rank reads, tokenises and packs its own part of the stream as the steps need it: nothing
             # of the budget is read before step 1, and no rank waits for another.
@@ -337,6 +345,8 @@ class _Run:
         state_dict = acc.get_state_dict(steps.model)  # gathers FSDP / ZeRO-3 shards
         error = None
         if self.main:
+            if steps.kept and steps.kept.tensors:  # keep_best: an earlier state's trainable weights
+                state_dict = {**state_dict, **steps.kept.tensors}
             try:
                 self.write_final(acc.unwrap_model(steps.model), state_dict, tokenizer, init_path, res)
             except Exception as e:  # whatever it was, the weights in memory must not be lost with it
@@ -398,7 +408,7 @@ class _Run:
                           "temperature": r.distill.temperature} if "kl" in (res.history or [{}])[-1] else None,
             objective=self.objective,
             initial_eval=res.eval_history[0] if res.eval_history and res.eval_history[0]["step"] == 0 else None,
-            final_eval=res.final_eval, eval_history=res.eval_history,
+            final_eval=res.final_eval, eval_history=res.eval_history, kept_step=res.kept_step,
             first_loss=res.losses[0], last_loss=res.losses[-1], wall_time_s=round(res.wall_time_s, 2),
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
 

@@ -52,7 +52,7 @@ def test_a_harmful_learning_rate_saves_the_start_model_unchanged(models, trained
     assert (f"keep_best: the held-out loss never went below the start's ({start['loss']:.4f} at step 0, "
             f"{last['loss']:.4f} after step {STEPS}): the saved model is the one the run started from, "
             f"unchanged\n") in said
-    assert said.count("keep_best:") == 1 and f"held-out perplexity of the start, kept {start['perplexity']:.2f}" in said
+    assert said.count("keep_best:") == 1 and f"held-out perplexity {start['perplexity']:.2f} (the start's, kept by keep_best)" in said
     assert bit_identical(weights(out), weights(trained))
     assert up["kept_step"] == 0 and up["final_eval"] == start and up["steps"] == STEPS
 

@@ -282,6 +282,19 @@ def test_stop_signal_flags_a_signal_once_and_a_second_ctrl_c_aborts():
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
 
 
+def steps_logged(metrics: Path) -> list[int]:
+    """The optimiser steps in metrics.jsonl (its other lines are held-out evaluations, keep_best's at step 0)."""
+    steps = []
+    for line in metrics.read_text().splitlines() if metrics.is_file() else []:
+        try:
+            rec = json.loads(line)
+        except ValueError:  # the line a running launch is writing
+            continue
+        if "loss" in rec:
+            steps.append(rec["step"])
+    return steps
+
+
 def signalled_launch(tmp_path: Path, recipe_file: Path, send) -> tuple[int, str, int]:
     """Start a 2-rank launch in its own process group, call send(launcher) once 5 steps are logged, and return
     (launcher exit status, its stderr, the steps logged when the signal went)."""
@@ -291,11 +304,11 @@ def signalled_launch(tmp_path: Path, recipe_file: Path, send) -> tuple[int, str,
                              start_new_session=True)
         t0 = time.time()
         while p.poll() is None and time.time() - t0 < 300:
-            if metrics.is_file() and len(metrics.read_text().splitlines()) >= 5:
+            if len(steps_logged(metrics)) >= 5:
                 break
             time.sleep(0.02)
         assert p.poll() is None, "the run ended before it could be signalled"
-        logged = len(metrics.read_text().splitlines())
+        logged = len(steps_logged(metrics))
         send(p)
         status = p.wait(timeout=120)
     return status, (tmp_path / "stderr").read_text(), logged
@@ -306,7 +319,7 @@ def stopped_step(tmp_path: Path, err: str, logged: int) -> int:
     stopped = [line for line in err.splitlines() if line.startswith("uptrain train: stopped: SIGTERM after step ")]
     assert len(stopped) == 1, err[-3000:]
     step = int(stopped[0].split("SIGTERM after step ")[1].split()[0])
-    done = [json.loads(x)["step"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    done = steps_logged(tmp_path / "run" / "metrics.jsonl")
     assert done == list(range(1, step + 1)) and logged <= step < 40  # no step lost: all up to `step` are kept
     ckpt = latest_checkpoint(tmp_path / "run")
     state = json.loads((ckpt / "trainer_state.json").read_text())

@@ -75,7 +75,8 @@ class BestState:
     def verdict(self, final: dict) -> str | None:
         """After the last step's evaluation: None when the last state is kept, else the one-line message; then
         `self.tensors` (main process) are the weights to save and `self.eval` their evaluation."""
-        if not self.enabled or self.step is None or not any_rank(self.acc, final["loss"] > self.loss):
+        worse = not final["loss"] <= self.loss  # (a NaN is worse)
+        if not self.enabled or self.step is None or not any_rank(self.acc, worse):
             return None
         if self.step == 0:
             return (f"keep_best: the held-out loss never went below the start's ({self.loss:.4f} at step 0, "

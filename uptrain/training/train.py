@@ -70,11 +70,11 @@ class TrainResult:
     def summary(self) -> str:
         ev = self.final_eval or (self.eval_history[-1] if self.eval_history else None)
         what = "Uptrained" if self.finished else "Stopped (resume: auto continues)"
-        kept = ("" if self.kept_step is None else " of the start, kept" if self.kept_step == 0
-                else f" of the state after step {self.kept_step}, kept")
+        kept = ("" if self.kept_step is None else " (the start's, kept by keep_best)" if self.kept_step == 0
+                else f" (the state after step {self.kept_step}, kept by keep_best)")
         return (f"{what} {self.steps}/{self.total_steps} steps, {self.tokens_seen:,} tokens, "
                 f"last loss {self.losses[-1]:.4f}"
-                + (f", held-out perplexity{kept} {ev['perplexity']:.2f}" if ev else "")
+                + (f", held-out perplexity {ev['perplexity']:.2f}{kept}" if ev else "")
                 + f", {self.wall_time_s:.1f} s → {self.out}")
 
 

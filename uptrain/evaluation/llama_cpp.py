@@ -93,8 +93,11 @@ def to_gguf(folder: str | os.PathLike, out: str | os.PathLike, *, outtype: str =
     root = _require(llama_cpp)
     cmd = [sys.executable, "-c", _BOOTSTRAP, str(root / "src"), pre_tokenizer or "", str(folder),
            "--outtype", outtype, "--outfile", str(out)]
+    existed = Path(out).exists()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
+        if not existed:  # the converter may have begun the file: a failed conversion leaves nothing behind
+            Path(out).unlink(missing_ok=True)
         tail = [line for line in proc.stderr.splitlines() if line.strip()][-3:]
         raise UptrainError(f"llama.cpp's convert_hf_to_gguf.py failed on {folder}: " + " | ".join(tail))
     return str(out)

@@ -1,0 +1,163 @@
+"""Every decoder-only result uptrain writes runs in llama.cpp (GGUF, through llama.cpp's own converter) with
+transformers' greedy tokens, and llama.cpp's KV cache for a context is H/G times smaller (Σ G_l / Σ K per
+layer). llama.cpp is built once by .ci/build_llama_cpp.sh (uptrain/evaluation/llama_cpp.py); each tiny model is
+converted and run in child processes. Slow tier; skipped without that build unless UPTRAIN_REQUIRE_LLAMA_CPP=1
+(CI), which makes a missing build a failure.
+
+The tiny models' tokenizer is trained in-process, so llama.cpp's table of known BPE pre-tokenizers does not
+know it: the converter is told its pre-tokenizer (gpt-2's, the byte-level one it is), which only names how
+llama.cpp would split text; the tests feed token ids. Gemma, Gemma 2 and Phi-3's converters read a SentencePiece
+tokenizer.model only: those folders get one trained in-process too."""
+import io
+import os
+
+import pytest
+import torch
+from serving_models import HEADS, save_servable
+from tiny_models import TINY_CONFIGS
+
+import uptrain
+from uptrain import hf
+from uptrain.errors import UptrainError
+from uptrain.evaluation.serving import transformers_greedy
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
+
+NEW_TOKENS, PROMPTS, PROMPT_LEN, N_CTX = 32, 4, 16, 4096
+SENTENCEPIECE_ONLY = ("gemma", "gemma2", "phi3")
+# what llama.cpp's converter (llama-cpp-python 0.3.36's tree) refuses, whatever uptrain writes: name → (arch,
+# config overrides, the converter's message). gpt_neox and opt below G = H are uptrain's remote-code classes
+# (OPT has no llama.cpp architecture at all); llama.cpp's phi2 has no tensor for Phi's qk_layernorm, and its
+# Falcon converter splits q/k/v as Falcon-7B / 40B store them, without biases (falcon-rw-1b has biases and ALiBi).
+REFUSED = {"gpt_neox": ("gpt_neox", {}, "GPTNeoXGQAForCausalLM is not supported"),
+           "opt": ("opt", {}, "OPTGQAForCausalLM is not supported"),
+           "phi-qk-layernorm": ("phi", {}, "Can not map tensor 'model.layers.0.self_attn.k_layernorm"),
+           "falcon-rw": ("falcon", {"parallel_attn": False, "alibi": True}, "is invalid for input of size")}
+# the native layouts the cases run: Phi as Phi-1 / 2 ship (no qk_layernorm); Falcon as 7B / 40B (no biases)
+OVERRIDES = {"phi": {"qk_layernorm": False}, "falcon": {"bias": False}}
+# (name, arch, G, config overrides): every architecture at G = 1 (gpt2's is a native gpt_bigcode checkpoint)
+# but the remote-code ones; llama and falcon at every G for the KV ratio (falcon's G = 2 is the new decoder
+# architecture, G = 1 multi_query); gpt_neox's source (G = H), which llama.cpp's GPT-NeoX runs; the per-layer
+# nemotron-nas form (intermediate 256: llama.cpp derives it from ffn_mult, to a multiple of 256)
+PER_LAYER = (4, 2, 1, 2)
+CASES = [(arch, arch, 1, OVERRIDES.get(arch, {})) for arch in TINY_CONFIGS if arch not in ("gpt_neox", "opt")]
+CASES += [(arch, arch, g, OVERRIDES.get(arch, {})) for arch in ("llama", "falcon") for g in (2, HEADS)]
+CASES += [("gpt_neox", "gpt_neox", HEADS, {})]
+CASES += [(f"{arch}-per-layer", arch, PER_LAYER, {"layers": len(PER_LAYER)}) for arch in ("llama", "qwen2")]
+
+
+def case_id(case):
+    g = case[2]
+    return f"{case[0]}-G{','.join(map(str, g)) if isinstance(g, tuple) else g}"
+
+
+def require_llama_cpp():
+    from uptrain.evaluation.llama_cpp import llama_cpp_available, llama_cpp_dir
+
+    missing = "" if llama_cpp_available() else f"no llama.cpp build in {llama_cpp_dir()} (.ci/build_llama_cpp.sh)"
+    try:
+        import sentencepiece  # noqa: F401  llama.cpp's converter imports it first
+    except ImportError:
+        missing = missing or "sentencepiece is not installed (llama.cpp's converter imports it)"
+    if not missing:
+        return
+    if os.environ.get("UPTRAIN_REQUIRE_LLAMA_CPP") == "1":
+        pytest.fail(f"UPTRAIN_REQUIRE_LLAMA_CPP=1 but {missing}")
+    pytest.skip(missing)
+
+
+def sentencepiece_model(text: str) -> bytes:
+    import sentencepiece as spm
+
+    out = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(text.splitlines()), model_writer=out, vocab_size=400,
+                                   model_type="bpe", minloglevel=2, bos_id=0, eos_id=2, unk_id=3, pad_id=1)
+    return out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def ran(tmp_path_factory, tokenizer, heldout_text):
+    """Per case: (transformers' greedy tokens, llama.cpp's run, the result's folder)."""
+    from uptrain.evaluation.llama_cpp import run_greedy, to_gguf
+
+    require_llama_cpp()
+    root = tmp_path_factory.mktemp("gguf")
+    ids = tokenizer(heldout_text)["input_ids"]
+    prompts = [ids[i * PROMPT_LEN: (i + 1) * PROMPT_LEN] for i in range(PROMPTS)]
+    sp = sentencepiece_model(heldout_text)
+    sources, out = {}, {}
+    for name, arch, g, over in CASES:
+        if name not in sources:
+            sources[name] = save_servable(arch, root / name / "src", tokenizer, **over)
+        folder = sources[name] if g == HEADS else str(root / name / f"g{g}")
+        if g != HEADS:
+            uptrain.convert(sources[name], folder, groups=list(g) if isinstance(g, tuple) else g, progress=False)
+        if arch in SENTENCEPIECE_ONLY:
+            (root / folder / "tokenizer.model").write_bytes(sp)
+        ref = transformers_greedy(hf.load_model(hf.resolve(folder), "float32").eval(), prompts, NEW_TOKENS,
+                                  tokenizer)
+        gguf = to_gguf(folder, f"{folder}.gguf", pre_tokenizer="gpt-2")
+        out[case_id((name, arch, g))] = (ref, run_greedy(gguf, prompts, NEW_TOKENS, n_ctx=N_CTX), folder)
+    return out
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_every_result_runs_in_llama_cpp_with_transformers_greedy_tokens(case, ran):
+    ref, run, _ = ran[case_id(case)]
+    assert len(ref) == PROMPTS and all(len(r) == NEW_TOKENS for r in ref)
+    assert len({t for r in ref for t in r}) >= 8  # varied continuations: equal tokens mean something
+    assert run.tokens == ref
+
+
+def kv_heads_total(case, heads=HEADS, layers=2):
+    g = case[2]
+    return sum(g) if isinstance(g, tuple) else g * layers
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_llama_cpp_kv_cache_is_what_the_kv_heads_predict(case, ran):
+    """f16 K and V (llama.cpp's default cache type) for every cell: 2 × 2 bytes × Σ G_l × head_dim × n_ctx;
+    H/G times less than the source's (Σ G_l / Σ K per layer). Falcon's G = 1 is multi_query: one KV head."""
+    _, run, folder = ran[case_id(case)]
+    cfg = hf.load_config(hf.resolve(folder))
+    from uptrain.arch import attention_shape
+
+    shape = attention_shape(cfg)
+    assert run.n_ctx == N_CTX
+    assert run.kv_cache_bytes == shape.kv_cache_bytes_per_token(2) * N_CTX > 0
+    assert shape.kv_cache_bytes_per_token(2) == 2 * 2 * kv_heads_total(case) * shape.head_dim
+
+
+@pytest.mark.parametrize("name", sorted(REFUSED))
+def test_what_llama_cpp_refuses_is_pinned(name, tmp_path, tokenizer):
+    """gpt_neox / opt below G = H carry uptrain's remote-code class, which llama.cpp's converter has no mapping
+    for (its GPT-NeoX graph would take fewer KV heads; OPT has no llama.cpp architecture); Phi with
+    qk_layernorm has no phi2 tensor for its norms. One clear error, nothing written."""
+    from uptrain.evaluation.llama_cpp import to_gguf
+
+    require_llama_cpp()
+    arch, over, message = REFUSED[name]
+    src = save_servable(arch, tmp_path / "src", tokenizer, **over)
+    uptrain.convert(src, tmp_path / "g1", groups=1, progress=False)
+    with pytest.raises(UptrainError, match="convert_hf_to_gguf.py failed") as err:
+        to_gguf(tmp_path / "g1", tmp_path / "g1.gguf", pre_tokenizer="gpt-2")
+    assert message in str(err.value)
+    assert not (tmp_path / "g1.gguf").exists()
+
+
+def test_llama_cpps_deci_converter_alone_refuses_a_gpt2_style_bpe(tmp_path, tokenizer):
+    """What to_gguf's Deci tokenizer path is for: llama.cpp's converter, run unchanged, reads a per-layer result
+    whose byte-level BPE vocabulary is not Llama 3's 128256 tokens as a Llama SentencePiece-style one and fails."""
+    import subprocess
+    import sys
+
+    from uptrain.evaluation.llama_cpp import llama_cpp_dir
+
+    require_llama_cpp()
+    src = save_servable("llama", tmp_path / "src", tokenizer, layers=len(PER_LAYER))
+    uptrain.convert(src, tmp_path / "pl", groups=list(PER_LAYER), progress=False)
+    tree = llama_cpp_dir() / "src"
+    proc = subprocess.run([sys.executable, str(tree / "convert_hf_to_gguf.py"), str(tmp_path / "pl"),
+                           "--outfile", str(tmp_path / "pl.gguf")], capture_output=True, text=True)
+    assert proc.returncode != 0 and "Cannot find Llama BPE tokenizer" in proc.stderr
+    assert not (tmp_path / "pl.gguf").exists() or (tmp_path / "pl.gguf").stat().st_size < 1 << 16

@@ -26,23 +26,28 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 NEW_TOKENS, PROMPTS, PROMPT_LEN, N_CTX = 32, 4, 16, 4096
 SENTENCEPIECE_ONLY = ("gemma", "gemma2", "phi3")
 # what llama.cpp's converter (llama-cpp-python 0.3.36's tree) refuses, whatever uptrain writes: name → (arch,
-# config overrides, the converter's message). gpt_neox and opt below G = H are uptrain's remote-code classes
-# (OPT has no llama.cpp architecture at all); llama.cpp's phi2 has no tensor for Phi's qk_layernorm, and its
-# Falcon converter splits q/k/v as Falcon-7B / 40B store them, without biases (falcon-rw-1b has biases and ALiBi).
-REFUSED = {"gpt_neox": ("gpt_neox", {}, "GPTNeoXGQAForCausalLM is not supported"),
-           "opt": ("opt", {}, "OPTGQAForCausalLM is not supported"),
+# config overrides, the converter's message). OPT has no llama.cpp architecture; llama.cpp's phi2 has no tensor
+# for Phi's qk_layernorm; its Falcon converter splits q/k/v as Falcon-7B / 40B store them, without biases
+# (falcon-rw-1b has biases and ALiBi).
+REFUSED = {"opt": ("opt", {}, "Model OPTGQAForCausalLM is not supported"),
            "phi-qk-layernorm": ("phi", {}, "Can not map tensor 'model.layers.0.self_attn.k_layernorm"),
            "falcon-rw": ("falcon", {"parallel_attn": False, "alibi": True}, "is invalid for input of size")}
-# the native layouts the cases run: Phi as Phi-1 / 2 ship (no qk_layernorm); Falcon as 7B / 40B (no biases)
-OVERRIDES = {"phi": {"qk_layernorm": False}, "falcon": {"bias": False}}
-# (name, arch, G, config overrides): every architecture at G = 1 (gpt2's is a native gpt_bigcode checkpoint)
-# but the remote-code ones; llama and falcon at every G for the KV ratio (falcon's G = 2 is the new decoder
-# architecture, G = 1 multi_query); gpt_neox's source (G = H), which llama.cpp's GPT-NeoX runs; the per-layer
+# the layouts the cases run, as the families ship: Phi-1 / 2 (no qk_layernorm, a 4 × hidden MLP), Falcon-7B / 40B (no biases),
+# GPT-2 and StarCoder (a 4 × hidden MLP: llama.cpp's converters write that size whatever the config says),
+# SmolLM3 (no RoPE every 4th layer: llama.cpp's SmolLM3 hard-codes that step), Gemma 2 / 3 but the 27B ones
+# (query_pre_attn_scalar = head_dim: llama.cpp scales queries by 1/√head_dim whatever the config says; the tiny
+# Gemma 3's and Phi's seeds give no two top logits closer than 0.006 on these prompts: ties break either way)
+OVERRIDES = {"gemma2": {"query_pre_attn_scalar": 32}, "gemma3_text": {"query_pre_attn_scalar": 32, "seed": 4, "initializer_range": 0.03},
+             "phi": {"qk_layernorm": False, "intermediate_size": 512, "seed": 4}, "falcon": {"bias": False}, "gpt2": {"n_inner": 512},
+             "gpt_bigcode": {"n_inner": 512}, "smollm3": {"no_rope_layer_interval": 4, "layers": 4}}
+# (name, arch, G, config overrides): every architecture at G = 1 but OPT (gpt2's G = 1 is a native gpt_bigcode
+# checkpoint, gpt_neox's uptrain's remote code); llama and falcon at every G for the KV ratio (falcon's G = 2 is
+# the new decoder architecture, G = 1 multi_query); gpt2 at G = 2 (uptrain's remote code); the per-layer
 # nemotron-nas form (intermediate 256: llama.cpp derives it from ffn_mult, to a multiple of 256)
 PER_LAYER = (4, 2, 1, 2)
-CASES = [(arch, arch, 1, OVERRIDES.get(arch, {})) for arch in TINY_CONFIGS if arch not in ("gpt_neox", "opt")]
+CASES = [(arch, arch, 1, OVERRIDES.get(arch, {})) for arch in TINY_CONFIGS if arch != "opt"]
 CASES += [(arch, arch, g, OVERRIDES.get(arch, {})) for arch in ("llama", "falcon") for g in (2, HEADS)]
-CASES += [("gpt_neox", "gpt_neox", HEADS, {})]
+CASES += [("gpt2", "gpt2", 2, OVERRIDES["gpt2"])]
 CASES += [(f"{arch}-per-layer", arch, PER_LAYER, {"layers": len(PER_LAYER)}) for arch in ("llama", "qwen2")]
 
 
@@ -67,17 +72,20 @@ def require_llama_cpp():
 
 
 def sentencepiece_model(text: str) -> bytes:
+    """EOS and padding at the tiny configs' ids (0, 1): llama.cpp holds the tokenizer's EOS off as transformers
+    holds the config's."""
     import sentencepiece as spm
 
     out = io.BytesIO()
     spm.SentencePieceTrainer.train(sentence_iterator=iter(text.splitlines()), model_writer=out, vocab_size=400,
-                                   model_type="bpe", minloglevel=2, bos_id=0, eos_id=2, unk_id=3, pad_id=1)
+                                   model_type="bpe", minloglevel=2, eos_id=0, pad_id=1, unk_id=2, bos_id=3)
     return out.getvalue()
 
 
 @pytest.fixture(scope="module")
 def ran(tmp_path_factory, tokenizer, heldout_text):
-    """Per case: (transformers' greedy tokens, llama.cpp's run, the result's folder)."""
+    """case → (transformers' greedy tokens, llama.cpp's run, the result's folder), each case built, converted and
+    run on first use (one module-wide cache: a source is built once for all its G)."""
     from uptrain.evaluation.llama_cpp import run_greedy, to_gguf
 
     require_llama_cpp()
@@ -86,46 +94,60 @@ def ran(tmp_path_factory, tokenizer, heldout_text):
     prompts = [ids[i * PROMPT_LEN: (i + 1) * PROMPT_LEN] for i in range(PROMPTS)]
     sp = sentencepiece_model(heldout_text)
     sources, out = {}, {}
-    for name, arch, g, over in CASES:
+
+    def get(case):
+        name, arch, g, over = case
+        if case_id(case) in out:
+            return out[case_id(case)]
         if name not in sources:
             sources[name] = save_servable(arch, root / name / "src", tokenizer, **over)
         folder = sources[name] if g == HEADS else str(root / name / f"g{g}")
         if g != HEADS:
-            uptrain.convert(sources[name], folder, groups=list(g) if isinstance(g, tuple) else g, progress=False)
+            uptrain.convert(sources[name], folder, groups=list(g) if isinstance(g, tuple) else g, progress=False,
+                            overwrite=True)
         if arch in SENTENCEPIECE_ONLY:
             (root / folder / "tokenizer.model").write_bytes(sp)
         ref = transformers_greedy(hf.load_model(hf.resolve(folder), "float32").eval(), prompts, NEW_TOKENS,
                                   tokenizer)
         gguf = to_gguf(folder, f"{folder}.gguf", pre_tokenizer="gpt-2")
-        out[case_id((name, arch, g))] = (ref, run_greedy(gguf, prompts, NEW_TOKENS, n_ctx=N_CTX), folder)
-    return out
+        out[case_id(case)] = (ref, run_greedy(gguf, prompts, NEW_TOKENS, n_ctx=N_CTX), folder)
+        return out[case_id(case)]
+
+    return get
 
 
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_every_result_runs_in_llama_cpp_with_transformers_greedy_tokens(case, ran):
-    ref, run, _ = ran[case_id(case)]
+    ref, run, _ = ran(case)
     assert len(ref) == PROMPTS and all(len(r) == NEW_TOKENS for r in ref)
     assert len({t for r in ref for t in r}) >= 8  # varied continuations: equal tokens mean something
     assert run.tokens == ref
 
 
-def kv_heads_total(case, heads=HEADS, layers=2):
-    g = case[2]
-    return sum(g) if isinstance(g, tuple) else g * layers
-
-
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_llama_cpp_kv_cache_is_what_the_kv_heads_predict(case, ran):
-    """f16 K and V (llama.cpp's default cache type) for every cell: 2 × 2 bytes × Σ G_l × head_dim × n_ctx;
-    H/G times less than the source's (Σ G_l / Σ K per layer). Falcon's G = 1 is multi_query: one KV head."""
-    _, run, folder = ran[case_id(case)]
-    cfg = hf.load_config(hf.resolve(folder))
+    """f16 K and V (llama.cpp's default cache type): 2 × 2 bytes × G_l × head_dim per layer and cell, so H/G
+    times less than the source's (Σ G_l / Σ K per layer). Every layer caches N_CTX cells, but the sliding-window
+    layers of Gemma 2 / 3, which llama.cpp gives a cache of their own with fewer cells."""
     from uptrain.arch import attention_shape
 
-    shape = attention_shape(cfg)
-    assert run.n_ctx == N_CTX
-    assert run.kv_cache_bytes == shape.kv_cache_bytes_per_token(2) * N_CTX > 0
-    assert shape.kv_cache_bytes_per_token(2) == 2 * 2 * kv_heads_total(case) * shape.head_dim
+    _, run, folder = ran(case)
+    shape = attention_shape(hf.load_config(hf.resolve(folder)))
+    g = case[2]
+    per_cell_layer = 2 * 2 * shape.head_dim * (1 if isinstance(g, tuple) else g)
+    assert run.n_ctx == N_CTX and sum(layers for _, _, layers in run.caches) == shape.layers
+    if isinstance(g, tuple):
+        assert run.caches == [(per_cell_layer * sum(g) * N_CTX, N_CTX, shape.layers)]
+    else:
+        assert all(size == per_cell_layer * cells * layers for size, cells, layers in run.caches)
+    if case[1] not in ("gemma2", "gemma3_text"):
+        assert run.kv_cache_bytes == shape.kv_cache_bytes_per_token(2) * N_CTX > 0
+
+
+@pytest.mark.parametrize("arch", ("llama", "falcon"))
+def test_llama_cpp_kv_cache_is_h_over_g_times_smaller(arch, ran):
+    size = {g: ran(next(c for c in CASES if c[0] == arch and c[2] == g))[1].kv_cache_bytes for g in (HEADS, 2, 1)}
+    assert size[HEADS] == 2 * size[2] == HEADS * size[1] > 0
 
 
 @pytest.mark.parametrize("name", sorted(REFUSED))

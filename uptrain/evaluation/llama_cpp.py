@@ -17,6 +17,11 @@ The converter runs as users run it, with one exception that only applies to per-
 has Llama 3's 128256 tokens and as a Llama SentencePiece-style one otherwise, so a byte-level BPE tokenizer of
 another size (SmolLM2's) fails there ("Cannot find Llama BPE tokenizer"). `to_gguf` then takes the GPT-2 BPE
 path, the one llama.cpp's other Llama-family converters take for the same tokenizer.
+
+Remote-code results of GPT-NeoX and GPT-2 (GPTNeoXGQAForCausalLM, GPT2GQALMHeadModel: classes of uptrain's
+modeling files, which llama.cpp's converter does not know) are written with llama.cpp's GPT-NeoX and GPT-2
+converters plus head_count_kv, whose graphs already take fewer KV heads than query heads. OPT has no llama.cpp
+architecture.
 """
 from __future__ import annotations
 
@@ -34,7 +39,7 @@ VERSION = "0.3.36"  # the llama-cpp-python sdist whose vendored llama.cpp .ci/bu
 BUILD = ".ci/build_llama_cpp.sh"
 GREEDY = "bin/uptrain-greedy"
 # llama_kv_cache: size =   12.00 MiB (  4096 cells,   2 layers,  1/1 seqs), K (f16):    6.00 MiB, V (f16): …
-KV_LOG = re.compile(r"llama_kv_cache: size = +([0-9.]+) MiB \( *(\d+) cells")
+KV_LOG = re.compile(r"llama_kv_cache: size = +([0-9.]+) MiB \( *(\d+) cells, +(\d+) layers")
 
 # Run in the converter's process before llama.cpp's convert_hf_to_gguf.py (argv[1] its tree, argv[2] a pre-
 # tokenizer name or "", then the converter's own arguments): the Deci tokenizer path of the module docstring, and
@@ -59,6 +64,48 @@ if pre:
         except NotImplementedError:
             return pre
     base.TextModel.get_vocab_base_pre = _pre
+import conversion, torch
+from conversion import gpt2, gptneox
+def _gqa(parent, fused_per_kv_head):
+    # uptrain's GQA classes for GPT-NeoX and GPT-2: llama.cpp's graphs take head_count_kv < head_count (the
+    # fused q/k/v is [q; k; v] with K·head_dim rows each for k and v); GPT-NeoX's is fused per KV head
+    # ([q … q k v] per KV head, uptrain's layout) and becomes llama.cpp's [q; k; v] here
+    class GQA(parent):
+        model_arch = parent.model_arch
+        def set_gguf_parameters(self):
+            super().set_gguf_parameters()
+            self.gguf_writer.add_head_count_kv(self.hparams["num_key_value_heads"])
+        def modify_tensors(self, data_torch, name, bid):
+            if fused_per_kv_head and ".attention.query_key_value." in name:
+                h, k = self.hparams["num_attention_heads"], self.hparams["num_key_value_heads"]
+                qkv = data_torch.reshape(k, h // k + 2, self.hparams["hidden_size"] // h, -1)
+                data_torch = torch.cat([qkv[:, :-2].reshape(-1, qkv.shape[-1]), qkv[:, -2].reshape(-1, qkv.shape[-1]),
+                                        qkv[:, -1].reshape(-1, qkv.shape[-1])]).reshape(data_torch.shape)
+                yield from base.TextModel.modify_tensors(self, data_torch, name, bid)
+                return
+            yield from super().modify_tensors(data_torch, name, bid)
+    return GQA
+def _neox_params(self, _orig=gptneox.GPTNeoXModel.set_gguf_parameters):
+    # transformers 5 saves GPT-NeoX's rotary_pct as rope_parameters.partial_rotary_factor; llama.cpp reads the former
+    rope = self.hparams.get("rope_parameters") or {}
+    self.hparams.setdefault("rotary_pct", rope.get("partial_rotary_factor", self.hparams.get("partial_rotary_factor", 1.0)))
+    return _orig(self)
+gptneox.GPTNeoXModel.set_gguf_parameters = _neox_params
+def _gpt2_params(self, _orig=gpt2.GPT2Model.set_gguf_parameters):
+    self.hparams.setdefault("n_ctx", self.hparams.get("n_positions"))  # transformers 5 saves n_positions only
+    return _orig(self)
+gpt2.GPT2Model.set_gguf_parameters = _gpt2_params
+from conversion import phi
+def _phi_params(self, _orig=phi.Phi2Model.set_gguf_parameters):
+    # llama.cpp's phi2 graph takes fewer KV heads; its converter does not write them
+    _orig(self)
+    if self.hparams.get("num_key_value_heads"):
+        self.gguf_writer.add_head_count_kv(self.hparams["num_key_value_heads"])
+phi.Phi2Model.set_gguf_parameters = _phi_params
+for _name, _module, _parent, _fused in (("GPTNeoXGQAForCausalLM", "gptneox", gptneox.GPTNeoXModel, True),
+                                        ("GPT2GQALMHeadModel", "gpt2", gpt2.GPT2Model, False)):
+    conversion.TEXT_MODEL_MAP[_name] = _module
+    base.ModelBase.register(_name)(_gqa(_parent, _fused))
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
@@ -94,7 +141,7 @@ def to_gguf(folder: str | os.PathLike, out: str | os.PathLike, *, outtype: str =
     cmd = [sys.executable, "-c", _BOOTSTRAP, str(root / "src"), pre_tokenizer or "", str(folder),
            "--outtype", outtype, "--outfile", str(out)]
     existed = Path(out).exists()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, errors="replace")
     if proc.returncode != 0:
         if not existed:  # the converter may have begun the file: a failed conversion leaves nothing behind
             Path(out).unlink(missing_ok=True)
@@ -106,8 +153,9 @@ def to_gguf(folder: str | os.PathLike, out: str | os.PathLike, *, outtype: str =
 @dataclass
 class LlamaCppRun:
     tokens: list[list[int]]  # greedy continuation of each prompt, exactly new_tokens long (EOS does not stop it)
-    kv_cache_bytes: int  # llama.cpp's KV cache for n_ctx cells, from its log (MiB with two decimals)
+    kv_cache_bytes: int  # llama.cpp's KV cache for n_ctx tokens, from its log (MiB with two decimals)
     n_ctx: int
+    caches: list  # (bytes, cells, layers) per cache llama.cpp logs: one, or two with sliding-window layers
     log: str
 
 
@@ -118,15 +166,16 @@ def run_greedy(gguf: str | os.PathLike, prompts: list[list[int]], new_tokens: in
     root = _require(llama_cpp)
     stdin = "".join(",".join(map(str, p)) + "\n" for p in prompts)
     proc = subprocess.run([str(root / GREEDY), str(gguf), str(n_ctx), str(new_tokens)], input=stdin,
-                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                          capture_output=True, text=True, errors="replace", env={**os.environ, "OMP_NUM_THREADS": "1"})
     if proc.returncode != 0:
         tail = [line for line in proc.stderr.splitlines() if line.strip()][-3:]
         raise UptrainError(f"llama.cpp could not run {gguf}: " + " | ".join(tail))
-    found = KV_LOG.search(proc.stderr)
-    if found is None:
+    caches = [(round(float(mib) * (1 << 20)), int(cells), int(layers)) for mib, cells, layers in
+              KV_LOG.findall(proc.stderr)]
+    if not caches:
         raise UptrainError(f"llama.cpp's log for {gguf} has no 'llama_kv_cache: size = … MiB' line")
     tokens = [[int(t) for t in line.split()] for line in proc.stdout.splitlines()]
-    return LlamaCppRun(tokens, round(float(found.group(1)) * (1 << 20)), int(found.group(2)), proc.stderr)
+    return LlamaCppRun(tokens, sum(c[0] for c in caches), n_ctx, caches, proc.stderr)
 
 
 def gguf_metadata(gguf: str | os.PathLike, llama_cpp=None) -> dict:

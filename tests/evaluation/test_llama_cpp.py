@@ -183,3 +183,36 @@ def test_llama_cpps_deci_converter_alone_refuses_a_gpt2_style_bpe(tmp_path, toke
                            "--outfile", str(tmp_path / "pl.gguf")], capture_output=True, text=True)
     assert proc.returncode != 0 and "Cannot find Llama BPE tokenizer" in proc.stderr
     assert not (tmp_path / "pl.gguf").exists() or (tmp_path / "pl.gguf").stat().st_size < 1 << 16
+
+
+def test_export_gguf_cli_writes_what_to_gguf_writes(tmp_path, tokenizer, heldout_text):
+    """`uptrain export-gguf` (the per-layer result, whose tokenizer needs to_gguf's Deci path) runs in llama.cpp
+    with transformers' greedy tokens."""
+    from uptrain.cli import main
+    from uptrain.evaluation.llama_cpp import run_greedy
+
+    require_llama_cpp()
+    src = save_servable("llama", tmp_path / "src", tokenizer, layers=len(PER_LAYER))
+    uptrain.convert(src, tmp_path / "pl", groups=list(PER_LAYER), progress=False)
+    assert main(["export-gguf", str(tmp_path / "pl"), str(tmp_path / "pl.gguf"), "--outtype", "f32",
+                 "--pre-tokenizer", "gpt-2"]) == 0
+    ids = tokenizer(heldout_text)["input_ids"]
+    prompts = [ids[i * PROMPT_LEN: (i + 1) * PROMPT_LEN] for i in range(2)]
+    ref = transformers_greedy(hf.load_model(hf.resolve(str(tmp_path / "pl")), "float32").eval(), prompts,
+                              NEW_TOKENS, tokenizer)
+    assert run_greedy(tmp_path / "pl.gguf", prompts, NEW_TOKENS, n_ctx=256).tokens == ref
+
+
+def test_t5_results_are_refused_by_llama_cpps_converter(tmp_path):
+    """Encoder-decoders: uptrain's T5 results below G = H are its remote-code class, which llama.cpp's converter
+    does not map. One clear error, nothing written."""
+    from tiny_models import save, tiny_seq2seq_model
+
+    from uptrain.evaluation.llama_cpp import to_gguf
+
+    require_llama_cpp()
+    src = save(tiny_seq2seq_model("t5"), tmp_path / "src")
+    uptrain.convert(src, tmp_path / "g1", groups=1, progress=False)
+    with pytest.raises(UptrainError, match="T5GQAForConditionalGeneration is not supported"):
+        to_gguf(tmp_path / "g1", tmp_path / "g1.gguf")
+    assert not (tmp_path / "g1.gguf").exists()

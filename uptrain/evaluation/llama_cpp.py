@@ -132,13 +132,23 @@ def _require(path) -> Path:
     return root
 
 
+def _converter_tree(path) -> Path:
+    """A llama.cpp source tree (a clone, or the build folder's src/): where convert_hf_to_gguf.py is."""
+    root = llama_cpp_dir(path)
+    for tree in (root, root / "src"):
+        if (tree / "convert_hf_to_gguf.py").is_file() and (tree / "conversion").is_dir():
+            return tree
+    raise UptrainError(f"no llama.cpp converter in {root} (convert_hf_to_gguf.py and its conversion/ package): "
+                       f"pass --llama-cpp with a llama.cpp clone, or run {BUILD}")
+
+
 def to_gguf(folder: str | os.PathLike, out: str | os.PathLike, *, outtype: str = "f32", llama_cpp=None,
             pre_tokenizer: str | None = None) -> str:
     """Convert a Hugging Face folder to one GGUF file with llama.cpp's own convert_hf_to_gguf.py. outtype:
     f32 | f16 | bf16 | q8_0 (the converter's). pre_tokenizer: the llama.cpp pre-tokenizer name (e.g. "gpt-2")
     to write for a BPE tokenizer llama.cpp does not recognise; None leaves the converter's refusal standing."""
-    root = _require(llama_cpp)
-    cmd = [sys.executable, "-c", _BOOTSTRAP, str(root / "src"), pre_tokenizer or "", str(folder),
+    tree = _converter_tree(llama_cpp)
+    cmd = [sys.executable, "-c", _BOOTSTRAP, str(tree), pre_tokenizer or "", str(folder),
            "--outtype", outtype, "--outfile", str(out)]
     existed = Path(out).exists()
     proc = subprocess.run(cmd, capture_output=True, text=True, errors="replace")
@@ -181,7 +191,7 @@ def run_greedy(gguf: str | os.PathLike, prompts: list[list[int]], new_tokens: in
 def gguf_metadata(gguf: str | os.PathLike, llama_cpp=None) -> dict:
     """The GGUF header's scalar and short array fields (gguf-py from the same tree), e.g. 'llama.attention.
     head_count_kv' — what llama.cpp's graph will read."""
-    root = _require(llama_cpp)
+    tree = _converter_tree(llama_cpp)
     code = ("import json, sys; sys.path.insert(0, sys.argv[1]); import gguf\n"
             "r = gguf.GGUFReader(sys.argv[2]); out = {}\n"
             "for k, f in r.fields.items():\n"
@@ -189,7 +199,7 @@ def gguf_metadata(gguf: str | os.PathLike, llama_cpp=None) -> dict:
             "    v = f.contents()\n"
             "    out[k] = v if isinstance(v, (int, float, str)) or (isinstance(v, list) and len(v) < 256) else None\n"
             "print(json.dumps(out))")
-    proc = subprocess.run([sys.executable, "-c", code, str(root / "src" / "gguf-py"), str(gguf)],
+    proc = subprocess.run([sys.executable, "-c", code, str(tree / "gguf-py"), str(gguf)],
                           capture_output=True, text=True)
     if proc.returncode != 0:
         raise UptrainError(f"cannot read {gguf}: {proc.stderr.strip().splitlines()[-1:]}")

@@ -3,11 +3,14 @@
 // the same prompt. One prompt per stdin line (comma-separated ids); prints the generated ids, one line each.
 // End-of-generation tokens are held off (as transformers' min_new_tokens and vLLM's min_tokens do): the
 // comparison is over a fixed number of tokens.
-//   usage: uptrain-greedy MODEL.gguf N_CTX N_PREDICT < prompts
+// CACHE_TYPE (f16, llama.cpp's default, or f32) is the K and V cache's type: f32 keeps the check free of f16
+// rounding on models whose top logits are close.
+//   usage: uptrain-greedy MODEL.gguf N_CTX N_PREDICT [CACHE_TYPE] < prompts
 #include "llama.h"
 #include <cstdio>
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
 #include <iostream>
 #include <sstream>
 #include <string>
@@ -24,8 +27,8 @@ static void set_tokens(llama_batch_ext * batch, const llama_token * tokens, int3
 }
 
 int main(int argc, char ** argv) {
-    if (argc != 4) {
-        fprintf(stderr, "usage: %s MODEL.gguf N_CTX N_PREDICT < prompts (one line of comma-separated ids each)\n", argv[0]);
+    if (argc != 4 && argc != 5) {
+        fprintf(stderr, "usage: %s MODEL.gguf N_CTX N_PREDICT [f16|f32] < prompts (one line of comma-separated ids each)\n", argv[0]);
         return 2;
     }
     const int n_ctx = atoi(argv[2]);
@@ -41,6 +44,10 @@ int main(int argc, char ** argv) {
     cparams.n_batch = n_ctx;
     cparams.n_ubatch = n_ctx;
     cparams.n_threads = 1;
+    if (argc == 5 && strcmp(argv[4], "f32") == 0) {
+        cparams.type_k = GGML_TYPE_F32;
+        cparams.type_v = GGML_TYPE_F32;
+    }
     cparams.n_threads_batch = 1;
     if (const char * t = getenv("OMP_NUM_THREADS")) {
         cparams.n_threads = cparams.n_threads_batch = atoi(t) > 0 ? atoi(t) : 1;

@@ -170,12 +170,13 @@ class LlamaCppRun:
 
 
 def run_greedy(gguf: str | os.PathLike, prompts: list[list[int]], new_tokens: int = 32, n_ctx: int = 4096,
-               llama_cpp=None) -> LlamaCppRun:
+               cache_type: str = "f16", llama_cpp=None) -> LlamaCppRun:
     """llama.cpp's greedy tokens for the prompt ids (fed as they are: llama.cpp's own tools add a BOS to a text
-    prompt, transformers does not for every tokenizer), in one child process, and the KV cache it allocates."""
+    prompt, transformers does not for every tokenizer), in one child process, and the KV cache it allocates.
+    cache_type: K and V in f16 (llama.cpp's default) or f32 (no f16 rounding where top logits are close)."""
     root = _require(llama_cpp)
     stdin = "".join(",".join(map(str, p)) + "\n" for p in prompts)
-    proc = subprocess.run([str(root / GREEDY), str(gguf), str(n_ctx), str(new_tokens)], input=stdin,
+    proc = subprocess.run([str(root / GREEDY), str(gguf), str(n_ctx), str(new_tokens), cache_type], input=stdin,
                           capture_output=True, text=True, errors="replace", env={**os.environ, "OMP_NUM_THREADS": "1"})
     if proc.returncode != 0:
         tail = [line for line in proc.stderr.splitlines() if line.strip()][-3:]

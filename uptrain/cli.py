@@ -232,6 +232,30 @@ def _run_push(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- export-gguf
+def _add_export_gguf(sub):
+    p = sub.add_parser("export-gguf", help="a checkpoint folder → one GGUF file for llama.cpp (its own converter)",
+                       description="Runs llama.cpp's convert_hf_to_gguf.py on a folder uptrain wrote, per-layer "
+                                   "and remote-code results included (docs/serving.md#llamacpp).")
+    p.add_argument("dir", help="checkpoint folder")
+    p.add_argument("out", help="the .gguf file to write")
+    p.add_argument("--outtype", default="f16", choices=("f32", "f16", "bf16", "q8_0"),
+                   help="tensor type of the file (the converter's --outtype; default f16)")
+    p.add_argument("--llama-cpp", default=None, metavar="DIR",
+                   help="the folder .ci/build_llama_cpp.sh printed (default: $UPTRAIN_LLAMA_CPP, else its cache)")
+    p.add_argument("--pre-tokenizer", default=None, metavar="NAME",
+                   help="llama.cpp pre-tokenizer name for a BPE tokenizer llama.cpp does not recognise (e.g. gpt-2)")
+    return p
+
+
+def _run_export_gguf(args) -> int:
+    from uptrain.evaluation.llama_cpp import to_gguf
+
+    out = to_gguf(args.dir, args.out, outtype=args.outtype, llama_cpp=args.llama_cpp, pre_tokenizer=args.pre_tokenizer)
+    print(f"Wrote {out} ({args.outtype}) with llama.cpp's convert_hf_to_gguf.py")
+    return 0
+
+
 COMMANDS = {
     "convert": (_add_convert, _run_convert),
     "inspect": (_add_inspect, _run_inspect),
@@ -240,6 +264,7 @@ COMMANDS = {
     "eval": (_add_eval, _run_eval),
     "demo": (_add_demo, _run_demo),
     "push": (_add_push, _run_push),
+    "export-gguf": (_add_export_gguf, _run_export_gguf),
 }
 
 

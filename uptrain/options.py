@@ -106,7 +106,9 @@ def options_markdown(cls, command: str) -> str:
             section = meta.get("group")
             lines += ([""] if len(lines) > 2 else []) + ([f"**{section}**", ""] if section else [])
             lines += ["| flag | default | what it does |", "|---|---|---|"]
-        value = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        value = f.default
+        if value is dataclasses.MISSING and f.default_factory is not dataclasses.MISSING:
+            value = f.default_factory()
         default = meta.get("shown") or ("—" if value in (None, []) else ("on" if value else "off") if switch
                                          else f"`{value}`")
         flag = "--" + f.name.replace("_", "-") + (f", {meta['short']}" if meta.get("short") else "")

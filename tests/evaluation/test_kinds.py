@@ -48,7 +48,8 @@ def test_built_in_corpora_load_by_name_and_the_help_lists_every_one():
     assert len(held) == 1 and "PyFortranObject" in held[0]  # f2py's runtime: the one file c-numpy holds out
     assert load_texts(TextSource(source="cpp-torch"), "train") == builtin_texts("cpp-torch", "train")
     languages = builtin_texts("dialogue", "eval")
-    assert any("Привет" in t for t in languages) and not any("Привет" in t for t in builtin_texts("dialogue", "train"))
+    trained = builtin_texts("dialogue", "train")
+    assert any("Привет" in t for t in languages) and not any("Привет" in t for t in trained)
     help_text = TextSource.__dataclass_fields__["source"].metadata["help"]
     assert all(name in help_text for name in BUILTINS) and set(BUILTIN_CORPORA) == set(BUILTINS)
 

@@ -143,16 +143,23 @@ def kind_ratios(scores: Mapping[str, Mapping[str, float]], source: str) -> dict[
 
 def kinds_markdown(scores: Mapping[str, Mapping[str, float]], source: str) -> str:
     """One row per kind: the source's perplexity, then each model's perplexity and its ratio to the source; a
-    last row names each model's worst kind."""
+    last row names each model's worst kind and its ratio."""
     from uptrain.report import Column, fmt_num, fmt_ratio, markdown_table
 
     ratios = kind_ratios(scores, source)
-    names = list(scores[source])
-    rows: list[dict] = [{"kind": k, **{m: scores[m].get(k) for m in scores}} for k in names]
-    cols = [Column("kind", lambda r: r["kind"], "left"), Column(f"{source} ppl", lambda r: fmt_num(r[source]))]
+    rows: list[dict] = [{"kind": k, "ppl": {m: scores[m].get(k) for m in scores},
+                         "ratio": {m: r["ratios"].get(k) for m, r in ratios.items()}} for k in scores[source]]
+    rows.append({"kind": "worst", "ppl": {}, "worst": {m: r["worst"][0] for m, r in ratios.items()},
+                 "ratio": {m: r["worst"][1] for m, r in ratios.items()}})
+
+    def ppl(m: str) -> Callable[[dict], str]:
+        return lambda r: r["worst"][m] if "worst" in r else fmt_num(r["ppl"].get(m))
+
+    def ratio(m: str) -> Callable[[dict], str]:
+        return lambda r: fmt_ratio(r["ratio"].get(m))
+
+    cols = [Column("kind", lambda r: r["kind"], "left"),
+            Column(f"{source} ppl", lambda r: fmt_num(r["ppl"].get(source)))]
     for m in ratios:
-        cols.append(Column(f"{m} ppl", lambda r, m=m: fmt_num(r[m]) if r["kind"] != "worst" else r[m]))
-        cols.append(Column("× source", lambda r, m=m: fmt_ratio(ratios[m]["ratios"].get(r["kind"]))
-                           if r["kind"] != "worst" else fmt_ratio(ratios[m]["worst"][1])))
-    rows.append({"kind": "worst", source: None, **{m: ratios[m]["worst"][0] for m in ratios}})
+        cols += [Column(f"{m} ppl", ppl(m)), Column("× source", ratio(m))]
     return markdown_table(rows, cols)

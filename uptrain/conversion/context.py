@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from uptrain.arch import AttentionSpec
+from uptrain.kv_heads import KVHeads
 
 
 @dataclass
@@ -35,6 +36,11 @@ class ConvertContext:
     def unchanged(self) -> bool:
         """Every layer keeps the source's KV heads: nothing to merge."""
         return self.layer_groups is None and self.groups == self.kv_heads
+
+    @property
+    def kv_heads_of_result(self) -> KVHeads:
+        """G_l of a per-layer result, else the one G."""
+        return KVHeads.of(self.layer_groups if self.layer_groups is not None else self.groups)
 
     @property
     def groups_text(self) -> str:

@@ -16,7 +16,7 @@ from uptrain.errors import UptrainError
 from uptrain.options import SpokenOptions, option
 
 POOLING_METHODS = ("mean", "first", "random", "mean-norm")  # uptrain/pooling.py
-METHODS = (*POOLING_METHODS, "aligned")  # aligned: uptrain/conversion/aligned.py
+METHODS = (*POOLING_METHODS, "aligned")  # aligned: uptrain/calibration/aligned.py
 GROUPINGS = ("contiguous", "similarity")
 ATTENTIONS = ("decoder", "all")  # arch.AttentionSpec.pooling
 CALIBRATION_INPUTS = ("source", "converted")
@@ -227,7 +227,7 @@ class ConvertOptions(SpokenOptions):
                     f"{self.key('groups')} {kv_heads_text(self.groups)}"
                 raise UptrainError(f"{asked}: {why}; use one {self.key('groups')} G for every layer")
         if self.kv_budget is not None:
-            from uptrain.conversion.allocation import budget_heads
+            from uptrain.calibration.allocation import budget_heads
 
             budget_heads(self.kv_budget, [kv] * layers, self.said("kv_budget"))
 

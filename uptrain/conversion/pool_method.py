@@ -26,8 +26,14 @@ class PoolMethod:
 
         return POOLERS[self.name]
 
+    def touched(self, spec) -> tuple[str, ...]:
+        return tuple(spec.kv)
+
     def prepare(self, ctx: ConvertContext) -> dict:
         return {}
+
+    def finish(self) -> None:
+        pass
 
     def merge(self, layer: int, tensors: dict[str, torch.Tensor], ctx: ConvertContext) -> dict[str, torch.Tensor]:
         import torch

@@ -9,7 +9,7 @@ import importlib
 
 def per_layer_model_class(spec, config: dict, groups: tuple[int, ...]) -> type:
     """A subclass of the template's model class whose `_from_config` ignores the config it is handed and builds
-    the model from the result's config.json (what uptrain/conversion/layerwise.Skeleton calls)."""
+    the model from the result's config.json (what uptrain/calibration/layers.Skeleton calls)."""
     from uptrain.conversion.result_config import result_config
 
     result, template = result_config(spec, config, groups)

@@ -173,3 +173,20 @@ def test_a_sources_own_auto_map_is_dropped_with_a_note(arch, tmp_path):
     assert model.config.num_key_value_heads == 2
     record = json.loads((tmp_path / "out" / "uptrain.json").read_text())
     assert record["conversion"]["dropped_auto_map"] == own
+
+
+def test_groups_0_is_refused_by_its_parse():
+    r = run("convert", "src-never-read", "out-never-written", "--groups", "0")
+    assert r.returncode != 0 and "--groups" in r.stderr and "must be at least 1" in r.stderr
+
+
+def test_a_calibration_typo_is_refused_before_any_model_loads(tmp_path):
+    """The real CLI in its own process: the name is checked before the source is resolved or read."""
+    from uptrain.data import BUILTIN_CORPORA
+
+    for name in ("nosuchcorpus", str(tmp_path / "missing.txt")):
+        r = run_subprocess("convert", "/nonexistent/source", tmp_path / "out", "--groups", "1", "--method", "aligned",
+                           "--calibration", name)
+        assert r.returncode != 0 and f"no corpus or file named {name}; built-in corpora: " in r.stderr
+        assert all(corpus in r.stderr for corpus in BUILTIN_CORPORA) and "Traceback" not in r.stderr
+        assert not (tmp_path / "out").exists()

@@ -41,10 +41,11 @@ def converted_model(spec: AttentionSpec, config: dict, groups: KVHeads) -> tuple
     if form is None:
         raise UptrainError(f"no {config.get('model_type')} form holds {groups} KV heads with the source's module names")
     if form.per_layer:  # G_l per layer: the template's model, configured as the result will be
+        assert groups.per_layer is not None
         return {}, per_layer_model_class(spec, config, groups.per_layer)
     g = groups.uniform
-    changes = form.config if form.config else {spec.kv_heads_field: G}
-    overrides = {k: g if v == G else v for k, v in changes.items() if k not in ("model_type", "architectures")}
+    changes: dict[str, Any] = form.config if form.config else {str(spec.kv_heads_field): G}
+    overrides: dict[str, Any] = {k: g if v == G else v for k, v in changes.items() if k not in ("model_type", "architectures")}
     if form.remote_code is None:
         return overrides, None
     template = TEMPLATES[form.remote_code]

@@ -122,7 +122,7 @@ class Skeleton:
         from transformers.core_model_loading import convert_and_load_state_dict_in_model
         from transformers.modeling_utils import LoadStateDictConfig
 
-        cfg = LoadStateDictConfig(weight_mapping=self._mapping, dtype=torch.float32,
+        cfg = LoadStateDictConfig(weight_mapping=self._mapping, dtype=torch.float32,  # type: ignore[arg-type]
                                   device_map={"": self.device})
         with _quiet_loading():
             convert_and_load_state_dict_in_model(self.model, dict(tensors), cfg)
@@ -333,7 +333,8 @@ class LayerByLayer:
         sk = self.skeleton
         sk.load({n: self.source.read(self.stored[n]) for n in self.globals})
         try:
-            batches, calls_by_size = [], {}
+            batches: list[Batch] = []
+            calls_by_size: dict[tuple[int, ...], Any] = {}
             for start in range(0, blocks.shape[0], batch_size):
                 ids = blocks[start:start + batch_size]
                 hidden, calls = sk.layer_inputs(ids)

@@ -159,7 +159,7 @@ class CalibratedMethod(CalibratedBase):
                     work.save(distill=self._distill(layer_pass, ids, first, ctx, groups))
                 record["distill"] = work.state["distill"]
         except BaseException:
-            if work.temporary:
+            if work.disposable:
                 work.remove()
             raise
         calibration["seconds"] = round(time.time() - t0, 2)
@@ -241,7 +241,7 @@ class CalibratedMethod(CalibratedBase):
             prefix = e.prefix(i)
             shapes = {s: tuple(ctx.source.entries[e.stored[prefix + s]].shape) for s in attention_suffixes(ctx.spec)
                       if prefix + s in e.stored}
-            return Layouts(ctx.spec, ctx.config, ctx.at(i).groups, shapes)
+            return Layouts(ctx.spec, ctx.config, ctx.kv_heads_of_result.at(i), shapes)
 
         def tensors(i: int) -> dict[str, torch.Tensor]:
             if i not in moving:  # a layer that keeps its heads (per-layer G): the source's, never moved

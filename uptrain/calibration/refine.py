@@ -20,6 +20,7 @@ merge (equal heads, G = K) made worse, is undone.
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import torch
 
@@ -60,7 +61,8 @@ def relative_error(module, calls) -> float:
 def refit_output(module, calls, o_proj: torch.nn.Linear, ridge: float = RIDGE) -> None:
     """o_proj ← argmin Σ‖A W′ᵀ + b′ − Y‖² + λ‖W′ − W‖² with A what o_proj reads (the heads' outputs):
     a linear least-squares problem once everything before o_proj is fixed. float64 normal equations."""
-    _solve_output(o_proj, *_output_equations(module, calls, o_proj)[:2], ridge)
+    ata, aty, _ = _output_equations(module, calls, o_proj)
+    _solve_output(o_proj, ata, aty, ridge)
 
 
 @torch.no_grad()
@@ -128,8 +130,8 @@ def refine(module, calls, steps: int, lr: float = DEFAULT_LR, o_proj: torch.nn.L
     before = _ratio(first)
     if steps <= 0 or before < EXACT or not calls:
         return {"before": before, "after": before, "seconds": round(time.time() - t0, 3)}
-    if equations is not None:
-        _solve_output(o_proj, *equations)
+    if equations is not None and o_proj is not None:
+        _solve_output(o_proj, equations[0], equations[1])
     names = [n for n, _ in module.named_parameters() if train is None or train(n)]
     params = [dict(module.named_parameters())[n] for n in names]
     scale = [rms_scale(p) for p in params]
@@ -153,7 +155,7 @@ def refine(module, calls, steps: int, lr: float = DEFAULT_LR, o_proj: torch.nn.L
                 p.requires_grad_(False)
     last = _sums(module, calls)
     judge = sorted(held) or range(len(calls))
-    result = {"before": before, "after": _ratio(last)}
+    result: dict[str, Any] = {"before": before, "after": _ratio(last)}
     if held:
         result["held_out"] = [_ratio([first[i] for i in judge]), _ratio([last[i] for i in judge])]
     if not _ratio([last[i] for i in judge]) < _ratio([first[i] for i in judge]):

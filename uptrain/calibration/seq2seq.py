@@ -252,8 +252,8 @@ class Seq2SeqCalibrated(CalibratedBase):
                 for ids, labels in calibration_batches(blocks, span, o.calibration_batch_size or DEFAULT_BATCH_SIZE):
                     model(input_ids=ids.to(device), labels=labels.to(device), use_cache=False)
         finally:
-            for w in watches.values():
-                w.close()
+            for watch in watches.values():
+                watch.close()
         # one pass over the whole model: nothing to resume from, so the folder is a temporary one
         self.work = work = WorkFolder.temporary(ctx.out_dir)
         try:

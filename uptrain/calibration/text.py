@@ -7,11 +7,13 @@ at a time is uptrain/calibration/layer_pass.py.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
 from uptrain.conversion.options import DEFAULT_CALIBRATION_TOKENS
-from uptrain.data import DataSpec, WeightedSource, pack_blocks
+from uptrain.data import BUILTIN_CORPORA, DataSpec, WeightedSource, first_texts, local_files, mixture_probabilities, \
+    pack_blocks
 from uptrain.errors import UptrainError
 from uptrain.hf import load_tokenizer, resolve
 
@@ -80,8 +82,6 @@ def check_names(calibration: object) -> None:
     when the pass starts). A bare word that is none of these is a typo."""
     import os
 
-    from uptrain.data import BUILTIN_CORPORA, local_files
-
     if not isinstance(calibration, str):
         return
     for part in (p.strip() for p in calibration.split(",")):
@@ -102,7 +102,7 @@ def default_seq_len(config: dict) -> int:
     return min(DEFAULT_SEQ_LEN, config.get("max_position_embeddings") or DEFAULT_SEQ_LEN)
 
 
-def _parts(data: DataSpec) -> list[WeightedSource]:
+def _parts(data: DataSpec) -> list[Any]:  # WeightedSource, or the DataSpec itself (one corpus)
     if not data.sources:
         return [data]
     return [WeightedSource(**s) if isinstance(s, dict) else s for s in data.sources]
@@ -126,8 +126,6 @@ def calibration_mix(data: DataSpec, tokenizer, tokens: int, seq_len: int) -> tup
     training part of each of data's corpora by weight (a part that runs out of text leaves its share to the
     others), the parts' blocks interleaved so that every stretch of the calibration set (a refinement batch, the
     held-out batches) holds each kind of text in proportion."""
-    from uptrain.data import first_texts, mixture_probabilities
-
     n = math.ceil(tokens / seq_len)
     parts = _parts(data)
     weights = mixture_probabilities(parts) if data.sources else [1.0]
@@ -168,8 +166,6 @@ def _blocks_or_none(texts, tokenizer, seq_len: int, max_blocks: int):
 
 
 def describe_sources(parts) -> str:
-    from uptrain.data import BUILTIN_CORPORA
-
     def one(p):
         what = BUILTIN_CORPORA.get(p.source)
         return f"{p.source} ({what})" if what else p.source + (f" [{p.name}]" if p.name else "")

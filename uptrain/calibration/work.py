@@ -63,11 +63,11 @@ class WorkFolder:
     """Keys → safetensors files, plus a JSON state; `resumed`: the state found from an earlier run of the same
     fingerprint ({} when starting afresh)."""
 
-    def __init__(self, path: Path, fingerprint: dict[str, Any] | None, temporary: bool = False):
-        self.path, self.fingerprint, self.temporary = path, fingerprint, temporary
+    def __init__(self, path: Path, fingerprint: dict[str, Any] | None, disposable: bool = False):
+        self.path, self.fingerprint, self.disposable = path, fingerprint, disposable
         self.state: dict[str, Any] = {}
         self.resumed: dict[str, Any] = {}
-        self._remove = weakref.finalize(self, shutil.rmtree, path, ignore_errors=True) if temporary else None
+        self._remove = weakref.finalize(self, shutil.rmtree, path, ignore_errors=True) if disposable else None
 
     @classmethod
     def beside(cls, out: Path | None, fingerprint: dict[str, Any], say: Callable[[str], None]) -> WorkFolder:
@@ -99,7 +99,7 @@ class WorkFolder:
         parent = Path(near).parent if near is not None else None
         if parent is not None:
             parent.mkdir(parents=True, exist_ok=True)
-        return cls(Path(tempfile.mkdtemp(prefix=".uptrain-calibration-", dir=parent)), None, temporary=True)
+        return cls(Path(tempfile.mkdtemp(prefix=".uptrain-calibration-", dir=parent)), None, disposable=True)
 
     # -- the state ------------------------------------------------------------------------------------
     def save(self, **updates: Any) -> None:

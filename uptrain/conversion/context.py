@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from uptrain.arch import AttentionSpec
 from uptrain.kv_heads import KVHeads
@@ -16,7 +17,7 @@ class ConvertContext:
     spec: AttentionSpec
     config: dict
     src_dir: Path
-    source: object  # SafetensorsSource | PickleSource
+    source: Any  # SafetensorsSource | PickleSource
     heads: int
     kv_heads: int
     groups: int | None  # G; None when the layers differ (layer_groups): a merge sees `at(layer)`'s

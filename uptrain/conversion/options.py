@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Optional, Union
 
+from uptrain.calibration.allocation import budget_heads
 from uptrain.errors import UptrainError
 from uptrain.kv_heads import KVHeads
 from uptrain.options import SpokenOptions, option
@@ -212,8 +213,6 @@ class ConvertOptions(SpokenOptions):
                     f"{self.key('groups')} {kv_heads_text(self.groups)}"
                 raise UptrainError(f"{asked}: {why}; use one {self.key('groups')} G for every layer")
         if self.kv_budget is not None:
-            from uptrain.calibration.allocation import budget_heads
-
             budget_heads(self.kv_budget, [kv] * layers, self.said("kv_budget"))
 
     def to_dict(self) -> dict:

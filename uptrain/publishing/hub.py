@@ -40,6 +40,7 @@ from uptrain.arch import PER_LAYER_SPECS, SPECS, attention_kind, attention_shape
 from uptrain.checkpoint import read_safetensors_header
 from uptrain.errors import UptrainError
 from uptrain.hf import hub_token
+from uptrain.kv_heads import KVHeads
 from uptrain.modeling import code_files
 from uptrain.publishing.card_facts import IMAGE_SUFFIXES, source_name
 from uptrain.publishing.model_card import is_generated, model_card
@@ -206,9 +207,10 @@ def check_kv_heads(config: dict, record: Record | None, tensors: dict) -> None:
 
 def _same(kv):
     """KV heads as one comparable value: a per-layer list whose layers agree is its one count."""
-    if isinstance(kv, (list, tuple)):
-        return kv[0] if len(set(kv)) == 1 else tuple(kv)
-    return kv
+    try:
+        return KVHeads.of(kv).value
+    except ValueError:  # not a count (None): compared as it is
+        return kv
 
 
 def _parse_json_files(folder: Path, names: list[str]) -> None:

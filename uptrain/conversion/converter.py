@@ -20,9 +20,6 @@ from pathlib import Path
 from uptrain.arch import kv_cache_bytes_per_token, kv_heads_text, spec_for_config
 from uptrain.checkpoint import CHECKPOINT_FILES, check_free_space, check_output, copy_companions, dtype_size, \
     fingerprint, kv_dtype, open_source, quantization, read_config
-from uptrain.calibration.sensitivity import choose_groups
-from uptrain.calibration.seq2seq import check_seq2seq
-from uptrain.calibration.text import check_names
 from uptrain.conversion.context import ConvertContext
 from uptrain.conversion.methods import make_method
 from uptrain.conversion.options import ConvertOptions
@@ -124,6 +121,9 @@ def convert(src: str, out: str, groups: int | None = None, *, options: ConvertOp
                            "arguments (groups=…, method=…), not both")
     options.check()
     if options.reads_calibration:  # a typo in the text's name is refused before any model loads
+        # calibration (and torch with it) loads only when asked for: a pooling conversion starts copying at once
+        from uptrain.calibration.text import check_names
+
         check_names(options.calibration)
     source_ref = resolve(src, revision, what="source")
     src_dir, rev = local_folder(source_ref, CHECKPOINT_FILES)
@@ -141,6 +141,8 @@ def convert(src: str, out: str, groups: int | None = None, *, options: ConvertOp
     ctx = ConvertContext(spec, config, src_dir, source, heads, kv, None, d, options.seed, progress, out_dir)
     allocation, measure = None, None
     if options.kv_budget is not None:  # measure every layer at every G, then the knapsack: before any output
+        from uptrain.calibration.sensitivity import choose_groups
+
         heads_of_result, allocation, measure = choose_groups(ctx, options)
     else:
         heads_of_result = KVHeads.of(options.groups)  # a uniform list is one G: written exactly as --groups G writes it
@@ -214,6 +216,8 @@ def pooled_spec(config: dict, options: ConvertOptions, src: str):
         return spec
     mt = config.get("model_type")
     if options.calibrated:  # aligned / refinement: calibrated on the whole model (calibration/seq2seq.py)
+        from uptrain.calibration.seq2seq import check_seq2seq
+
         check_seq2seq(options, mt)
     before = config.get("gqa_attention") or "decoder"
     if spec.kv_heads(config) < spec.heads(config) and before != options.attention:

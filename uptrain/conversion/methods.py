@@ -8,17 +8,17 @@
 """
 from __future__ import annotations
 
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-import torch
-
-from uptrain.arch import AttentionSpec
-from uptrain.calibration.method import CalibratedMethod
-from uptrain.calibration.seq2seq import Seq2SeqCalibrated
-from uptrain.conversion.context import ConvertContext
-from uptrain.conversion.options import ConvertOptions
 from uptrain.conversion.pool_method import PoolMethod
-from uptrain.kv_heads import LayerKey
+
+if TYPE_CHECKING:
+    import torch
+
+    from uptrain.arch import AttentionSpec
+    from uptrain.conversion.context import ConvertContext
+    from uptrain.conversion.options import ConvertOptions
+    from uptrain.kv_heads import LayerKey
 
 
 class ConversionMethod(Protocol):
@@ -53,9 +53,14 @@ class ConversionMethod(Protocol):
 def make_method(options: ConvertOptions, spec: AttentionSpec) -> ConversionMethod:
     """The method object for checked options (ConvertOptions.check has refused unknown names) and the source's
     attention spec: a pooling method streams tensor by tensor; aligned, and any method with refine steps,
-    calibrates (layer by layer; an encoder-decoder on its whole model)."""
+    calibrates (layer by layer; an encoder-decoder on its whole model). Calibration (and torch with it) is
+    imported only when asked for: a pooling conversion starts copying while torch loads."""
     if not options.calibrated:
         return PoolMethod(options.method)
     if spec.blocks:  # encoder-decoder
+        from uptrain.calibration.seq2seq import Seq2SeqCalibrated
+
         return Seq2SeqCalibrated(options)
+    from uptrain.calibration.method import CalibratedMethod
+
     return CalibratedMethod(options)

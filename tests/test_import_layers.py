@@ -14,11 +14,13 @@ LAYERS = [
     ("base", ["uptrain.errors", "uptrain.version", "uptrain.modeling", "uptrain.options"]),
     # pure functions and text (files: the atomic-write primitive everything writes through)
     ("math, formats and files", ["uptrain.pooling", "uptrain.merging", "uptrain.span_corruption", "uptrain.report",
-                                 "uptrain.files"]),
+                                 "uptrain.kv_heads", "uptrain.files"]),
     # what reads or writes checkpoints, records, data sets (datasets / the Hub / local files) and images
     ("records, data and I/O", ["uptrain.record", "uptrain.hf", "uptrain.checkpoint", "uptrain.data", "uptrain.plots"]),
     ("model knowledge", ["uptrain.arch"]),
-    ("conversion and evaluation", ["uptrain.conversion", "uptrain.evaluation"]),
+    # calibration (the layer pass) and the streaming converter share a layer: the converter drives calibration
+    # through its method interface, calibration reads the conversion's options and context
+    ("conversion, calibration and evaluation", ["uptrain.conversion", "uptrain.calibration", "uptrain.evaluation"]),
     ("training (converts, then evaluates while it trains)", ["uptrain.training"]),
     ("publishing", ["uptrain.publishing"]),
     ("entry points", ["uptrain", "uptrain.api", "uptrain.cli", "uptrain.__main__", "uptrain.miniature"]),

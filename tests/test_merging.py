@@ -1,7 +1,7 @@
 """`--method aligned`: exact where the heads of a group are related by maps the method can fold
 (per-frequency complex scalars for RoPE keys — on the rotated rows only under partial rotary —, invertible
 maps for values), where mean-pooling is not; similarity grouping finds a planted grouping after the heads
-were shuffled; refusals are clear and point to mean-norm with refinement (tests/conversion/test_refine.py)."""
+were shuffled; refusals are clear and point to mean-norm with refinement (tests/calibration/test_refine.py)."""
 import math
 import os
 import subprocess
@@ -51,7 +51,7 @@ def plant(model, groups: int, seed: int = 0, q_scale: float = 3.0):
     its V heads invertible maps of it (weights and biases alike, separate or fused projections, in any stored
     layout: Conv1D transposed, q/k/v fused per KV head). Queries are scaled up so attention is far from uniform
     and a blurred key shows in the logits."""
-    from uptrain.conversion.aligned import rotary_dims
+    from uptrain.calibration.aligned import rotary_dims
 
     cfg = model.config
     spec = spec_for_config(cfg)

@@ -39,6 +39,7 @@ import re
 from dataclasses import dataclass, field
 
 from uptrain.errors import UptrainError
+from uptrain.kv_heads import KVHeads
 
 # A row layout describes dim 0 of a tensor as consecutive segments of heads × head_dim rows.
 # Roles: "q" (H heads, copied), "k"/"v" (K heads, pooled to G).
@@ -143,7 +144,7 @@ class Form:
     per_layer: str | None = None
 
     def applies(self, cfg, heads: int, groups) -> bool:
-        if (self.groups == "per-layer") != isinstance(groups, tuple):
+        if (self.groups == "per-layer") != (KVHeads.of(groups).per_layer is not None):
             return False
         if self.groups == "H" and groups != heads or self.groups == "1" and groups != 1:
             return False
@@ -259,8 +260,7 @@ class AttentionSpec:
     def kv_heads(self, cfg) -> int | tuple[int, ...]:
         """K: the KV heads of every layer; a tuple G_l when a per-layer checkpoint's layers differ."""
         if self.per_layer:
-            heads = self.layer_kv_heads(cfg)
-            return heads[0] if len(set(heads)) == 1 else heads
+            return KVHeads.of(tuple(self.layer_kv_heads(cfg))).value
         if self.gqa_field and _get(cfg, self.gqa_field, None):
             return _get(cfg, self.kv_heads_field)
         if self.mqa_field and _get(cfg, self.mqa_field, None):
@@ -783,10 +783,13 @@ def attention_shape(cfg) -> AttentionShape:
 def attention_kind(heads, kv_heads) -> str:
     """"MHA" (K = H), "MQA" (K = 1), "GQA-K", or "per-layer GQA" for KV heads that differ between layers (a
     list G_l); "?" when either count is unknown."""
-    if isinstance(kv_heads, (list, tuple)):
-        if len(set(kv_heads)) != 1:
-            return "per-layer GQA" if heads else "?"
-        kv_heads = kv_heads[0]
+    try:
+        kv = KVHeads.of(kv_heads)
+    except ValueError:  # unknown (None, 0)
+        return "?"
+    if kv.per_layer is not None:
+        return "per-layer GQA" if heads else "?"
+    kv_heads = kv.uniform
     if not heads or not kv_heads:
         return "?"
     return "MHA" if kv_heads == heads else "MQA" if kv_heads == 1 else f"GQA-{kv_heads}"

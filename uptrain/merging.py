@@ -1,5 +1,5 @@
 """Calibration-aware K/V merging (method `aligned`) and similarity grouping: pure tensor math. The
-conversion method that feeds it checkpoint tensors is uptrain/conversion/aligned.py.
+conversion method that feeds it checkpoint tensors is uptrain/calibration/aligned.py.
 
 Mean-pooling averages K heads that point in unrelated directions; on RoPE models the merged keys shrink
 and blur and attention goes nearly uniform. Here each group of n KV heads is replaced by the one shared
@@ -35,7 +35,7 @@ and the passed-through rows, so the first take the per-frequency fold and the re
 
 Refused: norms between a projection and RoPE (qwen3's per-head q/k RMSNorm, olmo2's k_norm over all KV
 heads) are nonlinear, so maps cannot be folded through them. There local reconstruction serves instead
-(uptrain/conversion/refine.py): it fits the merged module without a closed form.
+(uptrain/calibration/refine.py): it fits the merged module without a closed form.
 """
 from __future__ import annotations
 
@@ -265,7 +265,7 @@ def merge_attention(q, k, v, o, c, groups: int, rope: bool = True, grouping: str
     slow pairs carry most of what keys match on, and a joint PCA keeps far more of it (the 135M model 3 → 1: a
     layer's attention error 0.46 → 0.09); the price is that a general map commutes with a pair's rotation only
     approximately, with an error growing with the pair's angle θ·distance, so callers pass only pairs that turn
-    less than an eighth of a turn over the model's context (conversion/aligned.py: static_pairs).
+    less than an eighth of a turn over the model's context (calibration/aligned.py: static_pairs).
     Query head p reads KV head p // (H/K) before and p // (H/G) after. float64 in, float64 out.
     Returns (q′, k′ [G, d_h, D], v′, o′, info) with info = {"kv_groups", "k_fit_error", "v_fit_error"}."""
     heads, dh, big_d = q.shape

@@ -207,3 +207,20 @@ def test_a_library_warning_is_its_message_alone(monkeypatch):
     r = run("inspect", "anything")
     assert r.returncode == 0
     assert r.stderr == "warning: something a library says\nover two lines (UserWarning)\n"
+
+
+def test_groups_0_is_refused_by_its_parse():
+    r = run("convert", "src-never-read", "out-never-written", "--groups", "0")
+    assert r.returncode != 0 and "--groups" in r.stderr and "must be at least 1" in r.stderr
+
+
+def test_a_calibration_typo_is_refused_before_any_model_loads(tmp_path):
+    """The real CLI in its own process: the name is checked before the source is resolved or read."""
+    from uptrain.data import BUILTIN_CORPORA
+
+    for name in ("nosuchcorpus", str(tmp_path / "missing.txt")):
+        r = run_subprocess("convert", "/nonexistent/source", tmp_path / "out", "--groups", "1", "--method", "aligned",
+                           "--calibration", name)
+        assert r.returncode != 0 and f"no corpus or file named {name}; built-in corpora: " in r.stderr
+        assert all(corpus in r.stderr for corpus in BUILTIN_CORPORA) and "Traceback" not in r.stderr
+        assert not (tmp_path / "out").exists()

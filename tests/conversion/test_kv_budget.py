@@ -8,7 +8,7 @@ from test_cli_convert import run
 from tiny_models import save, tiny_model
 
 import uptrain
-from uptrain.conversion.allocation import TIE, allocate
+from uptrain.calibration.allocation import TIE, allocate
 from uptrain.errors import UptrainError
 from uptrain.training.recipe import load_recipe
 
@@ -76,7 +76,7 @@ def test_the_measured_loss_is_the_kl_of_the_model_with_that_layer_converted(meth
     method, refinement included), on the same calibration tokens, computed here directly."""
     from transformers import AutoModelForCausalLM
 
-    from uptrain.conversion.calibration import calibration_data
+    from uptrain.calibration.text import calibration_data
 
     model, src = source
     if method == "mean":

@@ -1,18 +1,18 @@
 """Conversion: MHA/GQA checkpoint → G KV heads, streaming.
 
-    options.py      ConvertOptions: the one definition of every conversion option (CLI, recipes, Python)
-    tensor_plan.py  per tensor: copy its bytes or merge it, and its output shape
+    options.py        ConvertOptions: the one definition of every conversion option (CLI, recipes, Python)
+    tensor_plan.py    per tensor: copy its bytes or merge it, and its output shape
     result_config.py  the result's config.json (and the modeling template that travels with it)
-    methods.py      the method interface; mean / first / random / mean-norm pooling
-    aligned.py      method aligned: calibration-aware merge (math in uptrain/merging.py)
-    calibration.py  second moments of the attention inputs over a little text, for aligned
-    writer.py       executes a plan: shards planned from dtypes and shapes, written tensor by tensor
-    converter.py    convert(): resolve, plan, write, record (a module name unlike the function's, so an
-                    import of the module never shadows it)
-    inspection.py   inspect(): what a checkpoint is and what converting it would buy
-    sensitivity.py  --kv-budget: every layer's loss at every G (KL of the output, one layer converted)
-    allocation.py   --kv-budget: the G_l of least summed loss under the budget (an exact knapsack; pure)
-    per_layer.py    the model of a per-layer result (nemotron-nas), for calibrating and refining it
+    context.py        ConvertContext: what a method sees of the conversion at hand
+    methods.py        ConversionMethod (the interface, a Protocol) and make_method, the one factory
+    pool_method.py    mean / first / random / mean-norm, tensor by tensor (math in uptrain/pooling.py)
+    writer.py         executes a plan: shards planned from dtypes and shapes, written tensor by tensor
+    converter.py      convert(): resolve, plan, write, record (a module name unlike the function's, so an
+                      import of the module never shadows it)
+    inspection.py     inspect(): what a checkpoint is and what converting it would buy
+
+The calibrated methods (aligned, refinement, distillation, the KV-budget measure) are uptrain/calibration/: the
+converter knows them only through ConversionMethod.
 
 Names are imported lazily so that recipes can import ConvertOptions without torch.
 """

@@ -4,8 +4,10 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from uptrain.arch import AttentionSpec
+from uptrain.kv_heads import KVHeads
 
 
 @dataclass
@@ -15,7 +17,7 @@ class ConvertContext:
     spec: AttentionSpec
     config: dict
     src_dir: Path
-    source: object  # SafetensorsSource | PickleSource
+    source: Any  # SafetensorsSource | PickleSource
     heads: int
     kv_heads: int
     groups: int | None  # G; None when the layers differ (layer_groups): a merge sees `at(layer)`'s
@@ -35,6 +37,11 @@ class ConvertContext:
     def unchanged(self) -> bool:
         """Every layer keeps the source's KV heads: nothing to merge."""
         return self.layer_groups is None and self.groups == self.kv_heads
+
+    @property
+    def kv_heads_of_result(self) -> KVHeads:
+        """G_l of a per-layer result, else the one G."""
+        return KVHeads.of(self.layer_groups if self.layer_groups is not None else self.groups)
 
     @property
     def groups_text(self) -> str:

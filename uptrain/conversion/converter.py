@@ -29,6 +29,7 @@ from uptrain.conversion.writer import write_converted
 from uptrain.errors import UptrainError
 from uptrain.files import AtomicFolder
 from uptrain.hf import card_licence, local_folder, resolve
+from uptrain.kv_heads import KVHeads
 from uptrain.record import ConversionRecord, Record, read_record, write_record
 from uptrain.report import fmt_bytes
 
@@ -110,7 +111,7 @@ def convert(src: str, out: str, groups: int | None = None, *, options: ConvertOp
     The conversion is described by `options` (a ConvertOptions) or by its fields as keyword arguments:
     `convert(src, out, groups=8, method="aligned", calibration_tokens=65536)`. Streaming: reads one tensor
     at a time, copies unchanged tensors as bytes, never builds the model (except aligned on an encoder-decoder,
-    which calibrates on the whole source model: seq2seq_aligned.py). Writes into a temporary folder
+    which calibrates on the whole source model: uptrain/calibration/seq2seq.py). Writes into a temporary folder
     beside `out` and renames it into place only when everything succeeded."""
     t0 = time.time()
     if options is None:
@@ -119,6 +120,11 @@ def convert(src: str, out: str, groups: int | None = None, *, options: ConvertOp
         raise UptrainError("describe the conversion either with options=ConvertOptions(...) or with keyword "
                            "arguments (groups=…, method=…), not both")
     options.check()
+    if options.reads_calibration:  # a typo in the text's name is refused before any model loads
+        # calibration (and torch with it) loads only when asked for: a pooling conversion starts copying at once
+        from uptrain.calibration.text import check_names
+
+        check_names(options.calibration)
     source_ref = resolve(src, revision, what="source")
     src_dir, rev = local_folder(source_ref, CHECKPOINT_FILES)
     out_dir = Path(out)
@@ -133,14 +139,15 @@ def convert(src: str, out: str, groups: int | None = None, *, options: ConvertOp
     source = open_source(src_dir, allow_pickle=options.allow_pickle)
     touched = tuple(merger.touched(spec)) if merger.layerwise else ()
     ctx = ConvertContext(spec, config, src_dir, source, heads, kv, None, d, options.seed, progress, out_dir)
-    allocation = None
+    allocation, measure = None, None
     if options.kv_budget is not None:  # measure every layer at every G, then the knapsack: before any output
-        from uptrain.conversion.sensitivity import choose_groups
+        from uptrain.calibration.sensitivity import choose_groups
 
-        g, allocation = choose_groups(ctx, options)
+        heads_of_result, allocation, measure = choose_groups(ctx, options)
     else:
-        g = options.resolved_groups()  # a uniform list is one G: written exactly as --groups G writes it
-    per_layer = isinstance(g, tuple)
+        heads_of_result = KVHeads.of(options.groups)  # a uniform list is one G: written exactly as --groups G writes it
+    g = heads_of_result.value
+    per_layer = heads_of_result.per_layer is not None
     ctx = dataclasses.replace(ctx, groups=None if per_layer else g, layer_groups=g if per_layer else None)
     plan = plan_conversion(spec, config, source.entries, g, touched, options.key("groups"))
     planned = sum(math.prod(step.shape) * dtype_size(step.dtype) for step in plan.values())
@@ -194,6 +201,9 @@ def convert(src: str, out: str, groups: int | None = None, *, options: ConvertOp
             extra={k: v for k, v in method_record.items() if k not in ("calibration", "grouping")})
         previous = read_record(src_dir)  # the source was itself made by uptrain: keep its history
         write_record(tmp, Record(conversion=conversion, source_record=previous.to_dict() if previous else None))
+    merger.finish()  # the result is in place: the work in progress beside it goes
+    if measure is not None:
+        measure.remove()
     result.seconds = time.time() - t0
     return result
 
@@ -205,8 +215,8 @@ def pooled_spec(config: dict, options: ConvertOptions, src: str):
     if not spec.blocks:
         return spec
     mt = config.get("model_type")
-    if options.calibrated:  # aligned / refinement: calibrated on the whole model (seq2seq_aligned.py)
-        from uptrain.conversion.seq2seq_aligned import check_seq2seq
+    if options.calibrated:  # aligned / refinement: calibrated on the whole model (calibration/seq2seq.py)
+        from uptrain.calibration.seq2seq import check_seq2seq
 
         check_seq2seq(options, mt)
     before = config.get("gqa_attention") or "decoder"

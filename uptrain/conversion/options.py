@@ -12,11 +12,13 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Optional, Union
 
+from uptrain.calibration.allocation import budget_heads
 from uptrain.errors import UptrainError
+from uptrain.kv_heads import KVHeads
 from uptrain.options import SpokenOptions, option
 
 POOLING_METHODS = ("mean", "first", "random", "mean-norm")  # uptrain/pooling.py
-METHODS = (*POOLING_METHODS, "aligned")  # aligned: uptrain/conversion/aligned.py
+METHODS = (*POOLING_METHODS, "aligned")  # aligned: uptrain/calibration/aligned.py
 GROUPINGS = ("contiguous", "similarity")
 ATTENTIONS = ("decoder", "all")  # arch.AttentionSpec.pooling
 CALIBRATION_INPUTS = ("source", "converted")
@@ -27,22 +29,10 @@ DEFAULT_ALLOCATION_TOKENS = 2048  # --kv-budget: each layer at each G runs throu
 
 
 def parse_groups(value):
-    """One G (2, "2") or one per layer ("8,2,1,4", [8, 2, 1, 4]) → an int or a list of ints."""
-    if isinstance(value, str):
-        parts = [p.strip() for p in value.split(",")]
-        try:
-            numbers = [int(p) for p in parts]
-        except ValueError:
-            raise ValueError(f"{value!r} is not a number of KV heads or a comma-separated list of them "
-                             f"(e.g. 2, or 8,2,1,4: one per layer)") from None
-        return numbers[0] if len(numbers) == 1 else numbers
-    if isinstance(value, (list, tuple)):
-        if not all(isinstance(v, int) and not isinstance(v, bool) for v in value) or not value:
-            raise ValueError(f"{list(value)!r} is not a list of KV-head counts (whole numbers, one per layer)")
-        return list(value)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{value!r} is not a number of KV heads")
-    return value
+    """One G (2, "2") or one per layer ("8,2,1,4", [8, 2, 1, 4]) → an int or a list of ints (KVHeads parses and
+    checks: at least 1 each)."""
+    heads = KVHeads.parse(value) if isinstance(value, str) else KVHeads.of(value)
+    return list(heads.per_layer) if heads.per_layer is not None else heads.uniform
 
 
 def parse_fraction(value) -> float:
@@ -139,14 +129,16 @@ class ConvertOptions(SpokenOptions):
     @property
     def per_layer(self) -> bool:
         """Whether the result may get different KV heads per layer (a budget, or a list that is not uniform)."""
-        return self.kv_budget is not None or isinstance(self.groups, list) and len(set(self.groups)) > 1
+        return self.kv_budget is not None or self.kv_heads.per_layer is not None
 
-    def resolved_groups(self):
-        """--groups as the converter takes it: one G, or a tuple G_l whose values differ (a uniform list is the
-        one G it repeats: written exactly as --groups G writes it)."""
-        if isinstance(self.groups, list):
-            return self.groups[0] if len(set(self.groups)) == 1 else tuple(self.groups)
-        return self.groups
+    @property
+    def kv_heads(self) -> KVHeads:
+        """--groups as the converter takes it (a uniform list is the one G it repeats)."""
+        return KVHeads.of(self.groups)
+
+    def resolved_groups(self) -> int | tuple[int, ...]:
+        """The KV heads as the architecture table's functions take them: G, or the tuple G_l."""
+        return self.kv_heads.value
 
     def check(self, section: str | None = None) -> ConvertOptions:
         """Value checks that need no checkpoint (the KV-head count is checked by the converter). `section`:
@@ -167,15 +159,9 @@ class ConvertOptions(SpokenOptions):
             if not 0 < self.kv_budget <= 1:
                 raise UptrainError(f"{self.said('kv_budget')}: must be a fraction of the source's KV-cache bytes "
                                    f"in (0, 1], e.g. 0.25 or 1/4")
-        elif isinstance(self.groups, list):
-            if any(g < 1 for g in self.groups):
-                raise UptrainError(f"{self.key('groups')} {','.join(map(str, self.groups))}: every layer's G must "
-                                   f"be at least 1 (the KV heads of the result)")
         elif self.groups == 0:
             raise UptrainError(f"give {self.key('groups')} G (the KV heads of the result; one per layer, e.g. "
                                f"8,2,1,4) or {self.key('kv_budget')} F (the fraction of the KV cache to keep)")
-        elif not isinstance(self.groups, int) or self.groups < 1:
-            raise UptrainError(f"{self.said('groups')}: must be at least 1 (the KV heads of the result)")
         if self.method not in METHODS:
             raise UptrainError(f"unknown {self.said('method')}; choose one of {', '.join(METHODS)}")
         if self.attention not in ATTENTIONS:
@@ -228,8 +214,6 @@ class ConvertOptions(SpokenOptions):
                     f"{self.key('groups')} {kv_heads_text(self.groups)}"
                 raise UptrainError(f"{asked}: {why}; use one {self.key('groups')} G for every layer")
         if self.kv_budget is not None:
-            from uptrain.conversion.allocation import budget_heads
-
             budget_heads(self.kv_budget, [kv] * layers, self.said("kv_budget"))
 
     def to_dict(self) -> dict:

@@ -9,6 +9,7 @@ if TYPE_CHECKING:
     import torch
 
     from uptrain.conversion.context import ConvertContext
+    from uptrain.kv_heads import LayerKey
 
 
 class PoolMethod:
@@ -26,10 +27,16 @@ class PoolMethod:
 
         return POOLERS[self.name]
 
+    def touched(self, spec) -> tuple[str, ...]:
+        return tuple(spec.kv)
+
     def prepare(self, ctx: ConvertContext) -> dict:
         return {}
 
-    def merge(self, layer: int, tensors: dict[str, torch.Tensor], ctx: ConvertContext) -> dict[str, torch.Tensor]:
+    def finish(self) -> None:
+        pass
+
+    def merge(self, layer: LayerKey, tensors: dict[str, torch.Tensor], ctx: ConvertContext) -> dict[str, torch.Tensor]:
         import torch
 
         from uptrain.pooling import pool_rows
@@ -42,7 +49,7 @@ class PoolMethod:
                                     kind=kind, generator=gen)
         return out
 
-    def stats(self, layer: int, src: dict[str, torch.Tensor], out: dict[str, torch.Tensor], ctx) -> dict:
+    def stats(self, layer: LayerKey, src: dict[str, torch.Tensor], out: dict[str, torch.Tensor], ctx) -> dict:
         """Relative change of the K and V projection weights (0 when the heads of each group were equal)."""
         from uptrain.pooling import pooling_error
 

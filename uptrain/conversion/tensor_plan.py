@@ -7,6 +7,7 @@ from typing import NamedTuple
 
 from uptrain.arch import AttentionSpec, Storage, check_groups, kv_heads_text
 from uptrain.errors import UptrainError
+from uptrain.kv_heads import KVHeads
 
 
 class Step(NamedTuple):
@@ -25,13 +26,15 @@ class Step(NamedTuple):
     part: int | None = None  # … and which result head this one is
 
 
-def plan_conversion(spec: AttentionSpec, config: dict, entries: dict, groups, touched: tuple[str, ...] = (),
+def plan_conversion(spec: AttentionSpec, config: dict, entries: dict, groups: KVHeads | int | tuple[int, ...],
+                    touched: tuple[str, ...] = (),
                     groups_key: str = "groups") -> dict[str, Step]:
     """name → Step. "merge" for tensors the method rewrites (every KV tensor, plus the per-layer suffixes in
     `touched`), "copy" for the rest unless the result stores them differently. `groups`: one G, or a tuple G_l
     (per-layer KV heads: each tensor takes its layer's)."""
     heads, kv, d = spec.heads(config), spec.kv_heads(config), spec.head_dim(config)
-    per_layer = isinstance(groups, tuple)
+    result = KVHeads.of(groups)
+    per_layer, groups = result.per_layer is not None, result.value
     check_groups(groups, kv, groups_key, spec.layers(config) if per_layer else None)
     form = spec.form(config, groups)
     if form is None and per_layer:
@@ -48,7 +51,7 @@ def plan_conversion(spec: AttentionSpec, config: dict, entries: dict, groups, to
             families.setdefault((layer, suffix), {})[spec.head_of(name, suffix)] = (name, e)
             continue
         in_layer = layer is not None
-        g = groups[layer] if per_layer and in_layer else groups
+        g = result.at(layer) if per_layer and in_layer else result.uniform
         read = spec.storage(suffix, config) if in_layer else Storage()
         write = spec.storage(suffix, config, g, form) if in_layer else Storage()
         if kind == "kv":
@@ -71,7 +74,7 @@ def plan_conversion(spec: AttentionSpec, config: dict, entries: dict, groups, to
             raise UptrainError(f"layer {layer} has {suffix.replace('{}', '*')} for heads {sorted(heads_of)}, but "
                                f"config.json has {kv} KV heads; config.json and the weights disagree")
         members = tuple(heads_of[h][0] for h in range(kv))
-        for j in range(groups[layer] if per_layer else groups):  # result head j keeps source head j's name
+        for j in range(result.at(layer) if per_layer else result.uniform):  # result head j keeps source head j's name
             name, e = heads_of[j]
             plan[name] = Step("merge", layer, suffix, e.dtype, tuple(e.shape), members=members, part=j)
     for layer in spec.units(config):

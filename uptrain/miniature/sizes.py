@@ -59,7 +59,7 @@ def variants(heads: int) -> list[Variant]:
 
 def t5_variants(heads: int) -> list[Variant]:
     """The paper's T5 comparison (Table 1, Fig. 4): decoder self- and cross-attention pooled; the same
-    beyond-the-paper rows as the Llama (aligned calibrates on span-corrupted text: seq2seq_aligned.py)."""
+    beyond-the-paper rows as the Llama (aligned calibrates on span-corrupted text: uptrain/calibration/seq2seq.py)."""
     return variants(heads)
 
 

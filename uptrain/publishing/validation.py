@@ -11,6 +11,7 @@ from pathlib import Path
 from uptrain.arch import PER_LAYER_SPECS, SPECS, attention_shape, kv_heads_text
 from uptrain.checkpoint import read_safetensors_header
 from uptrain.errors import UptrainError
+from uptrain.kv_heads import KVHeads
 from uptrain.record import FILENAME as RECORD, Record
 
 INDEX = "model.safetensors.index.json"
@@ -108,9 +109,10 @@ def check_kv_heads(config: dict, record: Record | None, tensors: dict) -> None:
 
 def _same(kv):
     """KV heads as one comparable value: a per-layer list whose layers agree is its one count."""
-    if isinstance(kv, (list, tuple)):
-        return kv[0] if len(set(kv)) == 1 else tuple(kv)
-    return kv
+    try:
+        return KVHeads.of(kv).value
+    except ValueError:  # not a count (None): compared as it is
+        return kv
 
 
 def check_json_files(folder: Path, names: list[str]) -> None:

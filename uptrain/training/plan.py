@@ -296,8 +296,8 @@ def model_shape(r: Recipe) -> dict:
         groups = o.resolved_groups() if o.kv_budget is None else None
         if groups is None:  # a KV budget: G_l are chosen at conversion; at most that fraction of the K/V weights
             scale_kv, kv_after = o.kv_budget, f"per-layer ({o.said('kv_budget')})"
-        elif isinstance(groups, tuple):  # per-layer KV heads: uptrain/modeling's nemotron-nas model
-            from uptrain.conversion.per_layer import per_layer_model_class
+        elif o.kv_heads.per_layer is not None:  # per-layer KV heads: uptrain/modeling's nemotron-nas model
+            from uptrain.calibration.per_layer import per_layer_model_class
 
             model_class, kv_after = per_layer_model_class(spec, cfg.to_dict(), groups), kv_heads_text(groups)
             widest = max(groups)  # the widest layer sizes the activations

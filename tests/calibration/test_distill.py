@@ -7,7 +7,7 @@ from test_refine import CAL, heldout_ids, materialised, plant_general, record, r
 from tiny_models import make_groups_equal, save, tiny_model
 
 import uptrain
-from uptrain.conversion.distill import kl_topk, teacher
+from uptrain.calibration.distill import kl_topk, teacher
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -85,7 +85,7 @@ def test_a_distillation_that_does_worse_on_held_out_batches_is_undone(lr, tmp_pa
     from safetensors.torch import load_file
     from test_record import strict_json
 
-    from uptrain.conversion import distill
+    from uptrain.calibration import distill
 
     model = sharp(plant_general(tiny_model("llama"), 2))
     src = save(model, tmp_path / "src", tokenizer=tokenizer)

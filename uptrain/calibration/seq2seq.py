@@ -4,7 +4,7 @@ Aligned: K and V of each pooled attention merged by PCA in the second moment of 
 per-head maps folded into q and o (uptrain/merging.py, the no-RoPE path: T5 has relative position bias, no
 rotary positions, no biases, no 1/√d scaling).
 
-Unlike decoder-only models (the layer-by-layer engine, uptrain/conversion/calibrated.py), the calibration
+Unlike decoder-only models (the layer-by-layer engine, uptrain/calibration/method.py), the calibration
 pass here loads the WHOLE source model in float32 and runs the calibration text through it once, with
 forward pre-hooks on every pooled attention's q and k projections:
 
@@ -27,7 +27,7 @@ Refinement (--refine-steps N: default 200 for aligned, 0 for the pooling methods
 any method with steps calibrates): the same pass records every pooled attention's calls (input, arguments,
 output); each merged attention (aligned's closed form, or the pooling method's), built as the GQA class of
 uptrain/modeling/modeling_gqa_t5.py, is then fitted to the source attention's outputs on them
-(uptrain/conversion/refine.py: o refitted in closed form, then Adam on q, k, v, o; kept only if it beats the
+(uptrain/calibration/refine.py: o refitted in closed form, then Adam on q, k, v, o; kept only if it beats the
 closed form on held-out batches). The relative position bias is never trained. End-to-end distillation
 (--distill-steps) is decoder-only: refused here.
 
@@ -47,10 +47,21 @@ import time
 
 import torch
 
-from uptrain.conversion.calibration import DEFAULT_BATCH_SIZE, SecondMoment, calibration_data, default_seq_len
+from uptrain.calibration.layer_pass import closed_form
+from uptrain.calibration.layers import SecondMoment, pick_device, watch_attention
+from uptrain.calibration.method import CalibratedBase, opening_record
+from uptrain.calibration.refine import refine
+from uptrain.calibration.text import DEFAULT_BATCH_SIZE, calibration_data, default_seq_len
+from uptrain.calibration.work import WorkFolder
+from uptrain.checkpoint import DTYPES
+from uptrain.conversion.context import ConvertContext
 from uptrain.conversion.options import DEFAULT_CALIBRATION_TOKENS
 from uptrain.errors import UptrainError
+from uptrain.hf import load_model, load_tokenizer, resolve
+from uptrain.kv_heads import LayerKey
 from uptrain.merging import merge_attention
+from uptrain.modeling import modeling_gqa_t5
+from uptrain.span_corruption import SENTINEL, SpanCorruption
 
 
 # ------------------------------------------------------------------------------------------ refusals
@@ -148,9 +159,6 @@ def refine_unit(source_attn, new: dict[str, torch.Tensor], calls, groups: int, s
     """Fit the merged attention ({suffix: float32} q, k, v, o) to what `source_attn` returned on its recorded
     calls: the GQA class with G KV heads, the source's relative position bias (frozen) → ({suffix: float32},
     refine's record)."""
-    from uptrain.conversion.refine import refine
-    from uptrain.modeling import modeling_gqa_t5
-
     cfg = copy.deepcopy(source_attn.config)  # the stack's own config: is_decoder sets the position buckets
     cfg.num_key_value_heads = groups
     cls = getattr(modeling_gqa_t5, GQA_ATTENTION_CLASSES[cfg.model_type])
@@ -167,9 +175,6 @@ def refine_unit(source_attn, new: dict[str, torch.Tensor], calls, groups: int, s
 
 def calibration_text(ctx, options) -> tuple[torch.Tensor, object, dict]:
     """(token blocks, SpanCorruption or None for plain text, calibration record) from the source's tokenizer."""
-    from uptrain.hf import load_tokenizer, resolve
-    from uptrain.span_corruption import SENTINEL, SpanCorruption
-
     tokenizer = load_tokenizer(resolve(ctx.src_dir, what="source"), why=(
         "calibration runs the source model on text and needs its tokenizer. Save the tokenizer into the "
         "checkpoint folder, or use a data-free method (mean, mean-norm) without refine steps"))
@@ -193,23 +198,16 @@ def calibration_text(ctx, options) -> tuple[torch.Tensor, object, dict]:
     return blocks, span, record
 
 
-class Seq2SeqCalibrated:
+class Seq2SeqCalibrated(CalibratedBase):
     """Calibrated conversion of an encoder-decoder spec (arch.AttentionSpec with blocks): aligned, and aligned
     or a pooling method with refine steps. The whole source model is calibrated in `prepare`; the merged
     tensors are parked on disk until the writer's `merge` takes them."""
 
-    layerwise = True
+    def _key(self, entry: dict) -> LayerKey:
+        return (entry["block"], entry["layer"])
 
-    def __init__(self, options):
-        self.options = options
-        self.name = options.method
-        self.units: list[dict] = []  # the pooled units merged, in order (aligned: with their fit)
-        self.refined: list[dict] = []
-        self.scratch = None
-
-    @property
-    def aligned(self) -> bool:
-        return self.name == "aligned"
+    def _pooled(self, unit: LayerKey, ctx: ConvertContext) -> bool:
+        return unit in ctx.spec.units(ctx.config)
 
     def touched(self, spec) -> tuple[str, ...]:
         return (*spec.kv, f"{spec.q}.weight", f"{spec.o}.weight")
@@ -220,10 +218,7 @@ class Seq2SeqCalibrated:
         G KV heads, its record). watch: its _Watch (aligned); cached: a decoder block."""
         spec, (block, i) = ctx.spec, unit
         if not self.aligned:  # the pooling method, as the streaming path merges it (the same seeds)
-            from uptrain.conversion.pool_method import PoolMethod
-
-            kv = {s: w[s] for s in spec.kv}
-            return {**w, **PoolMethod(self.name).merge(unit, kv, ctx)}, {"block": block, "layer": i}
+            return closed_form(self.recipe, unit, w, None, ctx)[0], {"block": block, "layer": i}
         role = {spec.rows(s, ctx.config)[0][0]: s for s in spec.kv}  # {"k": "k.weight", "v": "v.weight"}
         c_q, c_kv = watch.moments()
         q, k, v, out, info = merge_unit(w[f"{spec.q}.weight"], w[role["k"]], w[role["v"]], w[f"{spec.o}.weight"],
@@ -233,14 +228,9 @@ class Seq2SeqCalibrated:
         return new, {"block": block, "layer": i, **info, "kv_input": kv_input}
 
     def prepare(self, ctx) -> dict:
-        from uptrain.checkpoint import DTYPES
-        from uptrain.conversion.calibrated import Scratch, opening_record
-        from uptrain.conversion.layerwise import pick_device, watch_attention
-        from uptrain.hf import load_model, resolve
-
         o, spec = self.options, ctx.spec
-        self.units, self.refined = [], []
-        record = opening_record("contiguous", self.aligned, o.weighted, o.steps, self.units, self.refined)
+        self.merged, self.refined = [], []
+        record = opening_record("contiguous", self.aligned, o.weighted, o.steps, self.merged, self.refined)
         if ctx.groups == ctx.kv_heads:  # nothing to merge, nothing to calibrate: `merge` takes the closed form
             return record
         t0 = time.time()
@@ -262,9 +252,10 @@ class Seq2SeqCalibrated:
                 for ids, labels in calibration_batches(blocks, span, o.calibration_batch_size or DEFAULT_BATCH_SIZE):
                     model(input_ids=ids.to(device), labels=labels.to(device), use_cache=False)
         finally:
-            for w in watches.values():
-                w.close()
-        self.scratch = Scratch(getattr(ctx, "out_dir", None))
+            for watch in watches.values():
+                watch.close()
+        # one pass over the whole model: nothing to resume from, so the folder is a temporary one
+        self.work = work = WorkFolder.temporary(ctx.out_dir)
         try:
             for block, i in units:
                 a = attn[(block, i)]
@@ -276,47 +267,21 @@ class Seq2SeqCalibrated:
                 if o.steps > 0:
                     new, fit = refine_unit(a, new, calls.pop((block, i)), ctx.groups, o.steps, seed=len(self.refined))
                     self.refined.append({"block": block.name, "layer": i, **fit})
-                self.scratch.put(f"{block.name}-{i}", {s: t.to(dtypes[s]) for s, t in new.items()})
-                self.units.append(info)
+                work.put(f"{block.name}-{i}", {s: t.to(dtypes[s]) for s, t in new.items()})
+                self.merged.append(info)
         except BaseException:
-            self.scratch.close()
+            self.finish()
             raise
         del model
         calibration["seconds"] = round(time.time() - t0, 2)
         record["calibration"] = calibration
         return record
 
-    def _merged(self, unit) -> bool:
-        return any((u["block"], u["layer"]) == tuple(unit) for u in self.units)
-
     def merge(self, unit, tensors: dict[str, torch.Tensor], ctx) -> dict[str, torch.Tensor]:
         block, i = unit
-        if not self._merged(unit):  # a block that is not pooled (its q / o pass through), or G = K
+        if self._entry(self.merged, tuple(unit)) is None:  # a block that is not pooled (q / o pass through), or G = K
             pooled = ctx.groups == ctx.kv_heads and unit in ctx.spec.units(ctx.config)
             if pooled and not self.aligned:  # what the streaming pooling method writes
                 return self.closed_form(unit, tensors, None, ctx)[0]
             return dict(tensors)
-        new = self.scratch.take(f"{block}-{i}")
-        missing = [s for s in tensors if s not in new]
-        if missing:
-            raise RuntimeError(f"calibrated merge of {block} layer {i} lacks {missing}")  # a bug guard
-        return {s: new[s].float() for s in tensors}
-
-    def stats(self, unit, inputs, outputs, ctx) -> dict:
-        """aligned: its calibration-weighted fit error (√ of the residual energy share); a pooling method: the
-        relative change of the K / V weights; with refinement also the attention's relative output error on the
-        calibration calls before and after. {} for units passed through (the converter lists pooled units)."""
-        if unit not in ctx.spec.units(ctx.config):
-            return {}
-        if not self.aligned:
-            from uptrain.conversion.pool_method import PoolMethod
-
-            out = PoolMethod(self.name).stats(unit, inputs, outputs, ctx)
-        else:
-            entry = next((u for u in self.units if (u["block"], u["layer"]) == tuple(unit)), None)
-            out = ({"k_rel_error": entry["k_fit_error"] ** 0.5, "v_rel_error": entry["v_fit_error"] ** 0.5}
-                   if entry else {"k_rel_error": 0.0, "v_rel_error": 0.0})
-        fit = next((u for u in self.refined if (u["block"], u["layer"]) == tuple(unit)), None)
-        if fit is not None:
-            out.update(attn_error_before=fit["before"], attn_error_after=fit["after"])
-        return out
+        return {s: t.float() for s, t in self._parked(f"{block}-{i}", unit, tensors).items()}

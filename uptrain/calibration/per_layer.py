@@ -5,16 +5,18 @@ skeleton was read from (the source's)."""
 from __future__ import annotations
 
 import importlib
+from typing import Any
+
+from uptrain.conversion.result_config import result_config
 
 
 def per_layer_model_class(spec, config: dict, groups: tuple[int, ...]) -> type:
     """A subclass of the template's model class whose `_from_config` ignores the config it is handed and builds
-    the model from the result's config.json (what uptrain/conversion/layerwise.Skeleton calls)."""
-    from uptrain.conversion.result_config import result_config
-
+    the model from the result's config.json (what uptrain/calibration/layers.Skeleton calls)."""
     result, template = result_config(spec, config, groups)
     module = importlib.import_module(f"uptrain.modeling.{template.module}")
-    model_class, config_class = getattr(module, template.model_class), getattr(module, template.config_class)
+    model_class: Any = getattr(module, template.model_class)
+    config_class: Any = getattr(module, template.config_class)
     own = config_class.from_dict({k: v for k, v in result.items() if k != "auto_map"})
 
     class PerLayerModel(model_class):

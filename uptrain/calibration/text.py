@@ -1,22 +1,19 @@
-"""Calibration data and statistics: which text, how many tokens, and the second moment of each layer's
-attention input that calibration-aware merging fits its heads in.
+"""The calibration text: which corpora, how many tokens, in which blocks, and the line that says so.
 
 The text is the first ⌈tokens / seq_len⌉ blocks of the training part of a data source (never its held-out
-part). The moment is C = [X 1]ᵀ[X 1] of the attention input X (what the module holding q_proj receives:
-after the input norm where there is one); the constant column lets projection biases ride along as one more
-weight column. (hidden + 1)² float64 per layer, accumulated in float64 (a sum over ×10⁴ tokens).
-
-The passes themselves run one decoder layer at a time (uptrain/conversion/layerwise.py).
+part), a mixture's parts by weight and interleaved. The pass that runs it through the model one decoder layer
+at a time is uptrain/calibration/layer_pass.py.
 """
 from __future__ import annotations
 
 import math
-import time
+from typing import Any
 
 import torch
 
 from uptrain.conversion.options import DEFAULT_CALIBRATION_TOKENS
-from uptrain.data import DataSpec, WeightedSource, pack_blocks
+from uptrain.data import BUILTIN_CORPORA, DataSpec, WeightedSource, first_texts, local_files, mixture_probabilities, \
+    pack_blocks
 from uptrain.errors import UptrainError
 from uptrain.hf import load_tokenizer, resolve
 
@@ -79,11 +76,33 @@ def data_spec(calibration) -> DataSpec:
                        f"not {type(calibration).__name__}")
 
 
+def check_names(calibration: object) -> None:
+    """Refuse, before anything loads, a calibration text that names nothing: every comma-separated part must be a
+    built-in corpus, an existing file or folder (or a glob that matches one), or a Hub data set (owner/name, read
+    when the pass starts). A bare word that is none of these is a typo."""
+    import os
+
+    if not isinstance(calibration, str):
+        return
+    for part in (p.strip() for p in calibration.split(",")):
+        if not part or part in BUILTIN_CORPORA:
+            continue
+        try:
+            found = local_files(part) is not None
+        except UptrainError:  # a path that matches nothing
+            found = False
+        hub_name = part.count("/") == 1 and not os.path.splitext(part)[1] and not part.startswith((".", "/", "~"))
+        if not found and not hub_name:
+            builtins = ", ".join(f"{k} ({v})" for k, v in BUILTIN_CORPORA.items())
+            raise UptrainError(f"no corpus or file named {part}; built-in corpora: {builtins}. A local file or folder "
+                               f"is named by its path, a Hub data set as owner/name")
+
+
 def default_seq_len(config: dict) -> int:
     return min(DEFAULT_SEQ_LEN, config.get("max_position_embeddings") or DEFAULT_SEQ_LEN)
 
 
-def _parts(data: DataSpec) -> list[WeightedSource]:
+def _parts(data: DataSpec) -> list[Any]:  # WeightedSource, or the DataSpec itself (one corpus)
     if not data.sources:
         return [data]
     return [WeightedSource(**s) if isinstance(s, dict) else s for s in data.sources]
@@ -107,8 +126,6 @@ def calibration_mix(data: DataSpec, tokenizer, tokens: int, seq_len: int) -> tup
     training part of each of data's corpora by weight (a part that runs out of text leaves its share to the
     others), the parts' blocks interleaved so that every stretch of the calibration set (a refinement batch, the
     held-out batches) holds each kind of text in proportion."""
-    from uptrain.data import first_texts, mixture_probabilities
-
     n = math.ceil(tokens / seq_len)
     parts = _parts(data)
     weights = mixture_probabilities(parts) if data.sources else [1.0]
@@ -148,15 +165,7 @@ def _blocks_or_none(texts, tokenizer, seq_len: int, max_blocks: int):
         return None
 
 
-def calibration_blocks(data: DataSpec, tokenizer, tokens: int, seq_len: int) -> torch.Tensor:
-    """The first ⌈tokens / seq_len⌉ blocks of the training part of `data` (never the held-out part), a mixture's
-    parts by weight (calibration_mix)."""
-    return calibration_mix(data, tokenizer, tokens, seq_len)[0]
-
-
 def describe_sources(parts) -> str:
-    from uptrain.data import BUILTIN_CORPORA
-
     def one(p):
         what = BUILTIN_CORPORA.get(p.source)
         return f"{p.source} ({what})" if what else p.source + (f" [{p.name}]" if p.name else "")
@@ -214,54 +223,3 @@ def calibration_data(src_dir, config: dict, data=None, tokens: int | None = None
     if say is not False:
         say_calibration(record, say)
     return blocks, record
-
-
-class SecondMoment:
-    """C = Σ [x 1]ᵀ[x 1] over every token added, float64 (on the device of the first batch)."""
-
-    def __init__(self):
-        self.c: torch.Tensor | None = None
-
-    def add(self, x: torch.Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
-        if self.c is None:
-            self.c = torch.zeros(x.shape[1] + 1, x.shape[1] + 1, dtype=torch.float64, device=x.device)
-        c = self.c
-        c[:-1, :-1].addmm_(x.T, x)
-        c[:-1, -1] += x.sum(0)
-        c[-1, -1] += x.shape[0]
-
-    def result(self) -> torch.Tensor:
-        """The symmetric moment on the CPU (BLAS leaves XᵀX a hair asymmetric; the constant column was filled
-        on one side)."""
-        c = self.c.cpu()
-        c[-1, :-1] = c[:-1, -1]
-        return (c + c.T) / 2
-
-
-def calibrate(src_dir, spec, config: dict, data=None, tokens: int | None = None, seq_len: int | None = None,
-              batch_size: int = DEFAULT_BATCH_SIZE, progress: bool = True, tokenizer=None,
-              device: str | None = None) -> tuple[list[torch.Tensor], dict]:
-    """The source at `src_dir` over calibration text, one layer at a time → (per-layer C, record)."""
-    from tqdm.auto import tqdm
-
-    from uptrain.checkpoint import open_source
-    from uptrain.conversion.layerwise import LayerByLayer, pick_device, run_layer, watch_attention
-
-    from pathlib import Path
-
-    t0 = time.time()
-    blocks, record = calibration_data(src_dir, config, data, tokens, seq_len, tokenizer)
-    folder = Path(resolve(src_dir, what="source").path)
-    engine = LayerByLayer(folder, spec, config, open_source(folder), pick_device(device))
-    batches = engine.embed(blocks, batch_size)
-    moments = []
-    for i in tqdm(range(engine.layers), desc="calibrate", unit="layer", disable=not progress):
-        acc = SecondMoment()
-        with engine.layer(i, engine.read(i)) as layer, \
-                watch_attention(engine.skeleton.attention(layer), lambda call: acc.add(call.x)):
-            for b in batches:
-                b.hidden = run_layer(layer, b, i)
-        moments.append(acc.result())
-    record["seconds"] = round(time.time() - t0, 2)
-    return moments, record

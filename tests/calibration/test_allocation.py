@@ -6,7 +6,7 @@ from fractions import Fraction
 
 import pytest
 
-from uptrain.conversion.allocation import TIE, allocate, budget_heads
+from uptrain.calibration.allocation import TIE, allocate, budget_heads
 from uptrain.errors import UptrainError
 
 

@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
+from uptrain.calibration.converted import converted_model
 from uptrain.errors import UptrainError
+from uptrain.kv_heads import KVHeads
 
 
 class _Stop(Exception):
@@ -111,6 +113,7 @@ class Skeleton:
         self.base = self.model.get_submodule(base)
         self.attention_name = spec.q.rsplit(".", 1)[0]  # "self_attn"
         self._mapping = get_model_conversion_mapping(self.model)
+        self._tuple_output: bool | None = None  # see logits
 
     # -- tensors in and out ------------------------------------------------------------------------
     def load(self, tensors: dict[str, torch.Tensor]) -> None:
@@ -119,7 +122,7 @@ class Skeleton:
         from transformers.core_model_loading import convert_and_load_state_dict_in_model
         from transformers.modeling_utils import LoadStateDictConfig
 
-        cfg = LoadStateDictConfig(weight_mapping=self._mapping, dtype=torch.float32,
+        cfg = LoadStateDictConfig(weight_mapping=self._mapping, dtype=torch.float32,  # type: ignore[arg-type]
                                   device_map={"": self.device})
         with _quiet_loading():
             convert_and_load_state_dict_in_model(self.model, dict(tensors), cfg)
@@ -177,11 +180,22 @@ class Skeleton:
     def logits(self, ids: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         """What the model's forward makes of `hidden` as the last decoder layer's output (final norm, head, any
         soft-capping): one forward with every decoder layer replaced by a stub, the first returning `hidden`.
-        Gradients flow back to `hidden`."""
-        wrap = TUPLE_OUTPUT.get(type(self.layers[0]), False)  # Falcon's forward reads its layers' outputs[0]
+        Gradients flow back to `hidden`. Whether the model's forward reads its layers' outputs as tuples
+        (Falcon reads outputs[0]) is seen from the first call's shape: a tensor indexed [0] loses the batch axis."""
+        if self._tuple_output is None:
+            try:
+                logits = self._logits(ids, hidden, wrap=False)
+            except (IndexError, RuntimeError, ValueError):  # a tensor taken for a tuple fails on the way
+                logits = None
+            if logits is not None and logits.dim() == 3 and tuple(logits.shape[:2]) == tuple(ids.shape):
+                self._tuple_output = False
+                return logits
+            self._tuple_output = True
+        return self._logits(ids, hidden, wrap=self._tuple_output)
 
-        def stub(i):
-            def forward(hidden_states, *args, **kwargs):
+    def _logits(self, ids: torch.Tensor, hidden: torch.Tensor, wrap: bool) -> torch.Tensor:
+        def stub(i: int) -> Callable[..., Any]:
+            def forward(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
                 out = hidden if i == 0 else hidden_states
                 return (out,) if wrap else out
             return forward
@@ -250,9 +264,6 @@ def watch_attention(attention: torch.nn.Module, on_call: Callable[[AttentionCall
         handle.remove()
 
 
-TUPLE_OUTPUT: dict[type, bool] = {}  # per decoder-layer class: whether it returns a tuple (seen by run_layer)
-
-
 @torch.no_grad()
 def run_layer(layer: torch.nn.Module, batch: Batch, i: int) -> torch.Tensor | None:
     """The layer's output for `batch` (None when a hook stopped it after the attention)."""
@@ -261,7 +272,6 @@ def run_layer(layer: torch.nn.Module, batch: Batch, i: int) -> torch.Tensor | No
         out = layer(batch.hidden, *args, **kwargs)
     except _Stop:
         return None
-    TUPLE_OUTPUT[type(layer)] = isinstance(out, tuple)
     return out[0] if isinstance(out, tuple) else out
 
 
@@ -269,26 +279,22 @@ def run_layer(layer: torch.nn.Module, batch: Batch, i: int) -> torch.Tensor | No
 class LayerByLayer:
     """A source checkpoint read one decoder layer at a time, with the calibration blocks' hidden states.
 
-    `source`: the converter's open checkpoint (SafetensorsSource or PickleSource); `groups`: KV heads of
-    the converted skeleton (built on first use), `overrides` its config changes (default: the spec's KV-head
-    field = groups) and `model_class` its class (default: the config's own). Tensors are named as the
-    model names them (a base-model checkpoint's names get the spec's root: GPT-2's h.0.… → transformer.h.0.…)."""
+    `source`: the converter's open checkpoint (SafetensorsSource or PickleSource). The converted skeletons
+    (one per KV heads asked for: `converted(groups)`) are built on first use. Tensors are named as the model
+    names them (a base-model checkpoint's names get the spec's root: GPT-2's h.0.… → transformer.h.0.…)."""
 
-    src_dir: object
-    spec: object
+    src_dir: Any
+    spec: Any
     config: dict
-    source: object
+    source: Any
     device: torch.device
-    groups: int | None = None
-    overrides: dict | None = None
-    model_class: type | None = None
     _names: dict = field(default_factory=dict)
-    _converted: Skeleton | None = None
+    _converted: dict = field(default_factory=dict)
 
     def __post_init__(self):
         self.skeleton = Skeleton(self.src_dir, self.spec, self.device)
         self.globals: list[str] = []
-        self.heads: list[str] = []  # lm_head: needed only to distil on the logits (conversion/distill.py)
+        self.heads: list[str] = []  # lm_head: needed only to distil on the logits (calibration/distill.py)
         self.stored: dict[str, str] = {}  # model name → checkpoint name
         root = self.spec.root
         for name in self.source.entries:
@@ -312,19 +318,23 @@ class LayerByLayer:
     def prefix(self, layer: int) -> str:
         return self.spec.layer_prefix.format(layer)
 
-    @property
-    def converted(self) -> Skeleton:
-        if self._converted is None:
-            overrides = self.overrides if self.overrides is not None else {self.spec.kv_heads_field: self.groups}
-            self._converted = Skeleton(self.src_dir, self.spec, self.device, overrides, self.model_class)
-        return self._converted
+    def converted(self, groups: KVHeads) -> Skeleton:
+        """The skeleton of the model converted to `groups` KV heads (converted.py's class and overrides)."""
+        if groups not in self._converted:
+            overrides, model_class = converted_model(self.spec, self.config, groups)
+            self._converted[groups] = Skeleton(self.src_dir, self.spec, self.device, overrides, model_class)
+        return self._converted[groups]
+
+    def skeleton_for(self, groups: KVHeads | None) -> Skeleton:
+        return self.skeleton if groups is None else self.converted(groups)
 
     def embed(self, blocks: torch.Tensor, batch_size: int) -> list[Batch]:
         """Every batch of blocks through the embeddings (and whatever the model does before its first layer)."""
         sk = self.skeleton
         sk.load({n: self.source.read(self.stored[n]) for n in self.globals})
         try:
-            batches, calls_by_size = [], {}
+            batches: list[Batch] = []
+            calls_by_size: dict[tuple[int, ...], Any] = {}
             for start in range(0, blocks.shape[0], batch_size):
                 ids = blocks[start:start + batch_size]
                 hidden, calls = sk.layer_inputs(ids)
@@ -336,10 +346,11 @@ class LayerByLayer:
         return batches
 
     @contextlib.contextmanager
-    def top(self, converted: bool = False):
+    def top(self, groups: KVHeads | None = None) -> Iterator[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
         """Everything outside the decoder layers, lm_head included, materialised (a tied head tied to the
-        embeddings); yields logits(ids, hidden) (Skeleton.logits). Dropped on exit."""
-        sk = self.converted if converted else self.skeleton
+        embeddings), of the source or (`groups`) the converted skeleton; yields logits(ids, hidden)
+        (Skeleton.logits). Dropped on exit."""
+        sk = self.skeleton_for(groups)
         sk.load({n: self.source.read(self.stored[n]) for n in self.globals + self.heads})
         head = sk.model.get_output_embeddings()
         if head is not None and head.weight.is_meta and getattr(sk.config, "tie_word_embeddings", False):
@@ -351,10 +362,11 @@ class LayerByLayer:
             sk.drop(sk.model)
 
     @contextlib.contextmanager
-    def layer(self, i: int, tensors: dict[str, torch.Tensor], converted: bool = False, only: str | None = None):
-        """Decoder layer i (of the converted skeleton with `converted`) materialised from `tensors` (full
-        names); `only` = a submodule name: materialise just that (e.g. the attention). Dropped on exit."""
-        sk = self.converted if converted else self.skeleton
+    def layer(self, i: int, tensors: dict[str, torch.Tensor], groups: KVHeads | None = None,
+              only: str | None = None) -> Iterator[torch.nn.Module]:
+        """Decoder layer i (of the skeleton converted to `groups`, else the source's) materialised from `tensors`
+        (full names); `only` = a submodule name: materialise just that (e.g. the attention). Dropped on exit."""
+        sk = self.skeleton_for(groups)
         layer = sk.layer(i)
         if only is not None:
             prefix = self.prefix(i) + only + "."
@@ -366,3 +378,28 @@ class LayerByLayer:
             yield module
         finally:
             sk.drop(layer)
+
+
+class SecondMoment:
+    """C = Σ [x 1]ᵀ[x 1] over every token added, float64 (on the device of the first batch): the statistic aligned
+    fits its heads in. The constant column lets projection biases ride along as one more weight column."""
+
+    def __init__(self) -> None:
+        self.c: torch.Tensor | None = None
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
+        if self.c is None:
+            self.c = torch.zeros(x.shape[1] + 1, x.shape[1] + 1, dtype=torch.float64, device=x.device)
+        c = self.c
+        c[:-1, :-1].addmm_(x.T, x)
+        c[:-1, -1] += x.sum(0)
+        c[-1, -1] += x.shape[0]
+
+    def result(self) -> torch.Tensor:
+        """The symmetric moment on the CPU (BLAS leaves XᵀX a hair asymmetric; the constant column was filled
+        on one side)."""
+        assert self.c is not None, "no input was seen"
+        c = self.c.cpu()
+        c[-1, :-1] = c[:-1, -1]
+        return (c + c.T) / 2

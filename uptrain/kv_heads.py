@@ -1,0 +1,85 @@
+"""KV heads of a result as one value: G for every layer, or G_l per layer, with its text and arithmetic.
+
+    KVHeads.parse("8")        → 8 in every layer          str(...) == "8"
+    KVHeads.parse("8,2,1,4")  → G_l = 8, 2, 1, 4           str(...) == "8,2,1,4"
+    KVHeads.of([2, 2, 2])     → 2 in every layer (a uniform list is one G: written exactly as G = 2 is)
+
+A layer key names one unit the converter merges: a decoder layer's index, or (block, index) in an
+encoder-decoder (block: "encoder", "decoder", "cross").
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence, Tuple, Union
+
+LayerKey = Union[int, Tuple[str, int]]
+
+RULE = "must be at least 1 (the KV heads of the result)"
+
+
+@dataclass(frozen=True)
+class KVHeads:
+    """G (`uniform`) or G_l (`per_layer`, whose values differ); exactly one of the two is set."""
+
+    uniform: int | None = None
+    per_layer: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if (self.uniform is None) == (self.per_layer is None):
+            raise ValueError("KVHeads holds one G or a tuple G_l")
+        bad = [g for g in ([self.uniform] if self.per_layer is None else self.per_layer) if g is None or g < 1]
+        if bad:
+            raise ValueError(RULE if self.per_layer is None else f"every layer's G {RULE}")
+
+    # -- making one ------------------------------------------------------------------------------
+    @classmethod
+    def of(cls, value: KVHeads | int | Sequence[int]) -> KVHeads:
+        """An int, a list or tuple of ints (uniform → one G), or a KVHeads; raises ValueError with the reason."""
+        if isinstance(value, KVHeads):
+            return value
+        if isinstance(value, bool):
+            raise ValueError(f"{value!r} is not a number of KV heads")
+        if isinstance(value, int):
+            return cls(uniform=value)
+        if isinstance(value, (list, tuple)):
+            if not value or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+                raise ValueError(f"{list(value)!r} is not a list of KV-head counts (whole numbers, one per layer)")
+            if len(set(value)) == 1:
+                return cls(uniform=value[0]) if value[0] >= 1 else cls(per_layer=tuple(value))
+            return cls(per_layer=tuple(value))
+        raise ValueError(f"{value!r} is not a number of KV heads")
+
+    @classmethod
+    def parse(cls, text: str) -> KVHeads:
+        """ "2" or "8,2,1,4" (one per layer) → a KVHeads; raises ValueError saying what is wrong."""
+        parts = [p.strip() for p in str(text).split(",")]
+        try:
+            numbers = [int(p) for p in parts]
+        except ValueError:
+            raise ValueError(f"{text!r} is not a number of KV heads or a comma-separated list of them "
+                             f"(e.g. 2, or 8,2,1,4: one per layer)") from None
+        return cls.of(numbers[0] if len(numbers) == 1 else numbers)
+
+    # -- reading it --------------------------------------------------------------------------------
+    @property
+    def value(self) -> int | tuple[int, ...]:
+        """G or the tuple G_l (what the architecture table's functions take)."""
+        return self.per_layer if self.per_layer is not None else self.uniform  # type: ignore[return-value]
+
+    def at(self, layer: int) -> int:
+        """G of one layer."""
+        return self.per_layer[layer] if self.per_layer is not None else self.uniform  # type: ignore[return-value]
+
+    def layers(self, n: int) -> tuple[int, ...]:
+        """G_l of each of n layers."""
+        return self.per_layer if self.per_layer is not None else (self.uniform,) * n  # type: ignore[return-value]
+
+    def total(self, n: int) -> int:
+        """Σ_l G_l over n layers: the KV cache is proportional to it."""
+        return sum(self.layers(n))
+
+    def as_json(self) -> int | list[int]:
+        return list(self.per_layer) if self.per_layer is not None else self.uniform  # type: ignore[return-value]
+
+    def __str__(self) -> str:
+        return ",".join(map(str, self.per_layer)) if self.per_layer is not None else str(self.uniform)

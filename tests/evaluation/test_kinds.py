@@ -37,7 +37,7 @@ def test_no_kind_is_in_the_training_part_of_any_built_in_corpus(parts):
 
 
 def test_the_default_calibration_mix_reads_no_kind():
-    from uptrain.conversion.calibration import OFFLINE_MIX
+    from uptrain.calibration.text import OFFLINE_MIX
 
     read = {t for src in OFFLINE_MIX for t in load_texts(src, "train")}
     assert not read & {t for kind in KINDS for t in kind.texts()}

@@ -251,7 +251,6 @@ class AttentionSpec:
     head_dim_field: str = "head_dim"
     per_layer: str | None = None
     notes: str = ""
-    _patterns: dict = field(default=None, compare=False, repr=False)
 
     # -- config-derived quantities -------------------------------------------------------------
     def heads(self, cfg) -> int:
@@ -261,6 +260,19 @@ class AttentionSpec:
         """K: the KV heads of every layer; a tuple G_l when a per-layer checkpoint's layers differ."""
         if self.per_layer:
             return KVHeads.of(tuple(self.layer_kv_heads(cfg))).value
+        return self._config_kv_heads(cfg)
+
+    def uniform_kv_heads(self, cfg) -> int:
+        """K of a checkpoint whose layers all have the same KV heads (every conversion source); UptrainError for
+        one whose layers differ (a per-layer result: uptrain converts its source instead)."""
+        kv = self.kv_heads(cfg)
+        if isinstance(kv, tuple):
+            raise UptrainError(f"this {model_type(cfg)} checkpoint has per-layer KV heads ({kv_heads_text(kv)}), "
+                               f"not one K for every layer")
+        return kv
+
+    def _config_kv_heads(self, cfg) -> int:
+        """K of a spec whose config holds one KV-head count (not `per_layer`)."""
         if self.gqa_field and _get(cfg, self.gqa_field, None):
             return _get(cfg, self.kv_heads_field)
         if self.mqa_field and _get(cfg, self.mqa_field, None):
@@ -274,7 +286,7 @@ class AttentionSpec:
             return tuple(0 if _get(_get(b, "attention"), "no_op", False)
                          else self.heads(cfg) // _get(_get(b, "attention"), "n_heads_in_group")
                          for b in _get(cfg, "block_configs"))
-        return (self.kv_heads(cfg),) * self.layers(cfg)
+        return (self._config_kv_heads(cfg),) * self.layers(cfg)
 
     def layers(self, cfg) -> int:
         """Layers holding a KV cache (an encoder-decoder's decoder layers)."""
@@ -329,6 +341,15 @@ class AttentionSpec:
         forms = self.forms or (Form(config={self.kv_heads_field: G}),)
         return next((f for f in forms if f.applies(cfg, self.heads(cfg), groups)), None)
 
+    def result_form(self, cfg, groups) -> Form:
+        """The form a result with `groups` KV heads is written in; UptrainError when none can hold it (a caller
+        that offers a choice of G asks `form` first and says why in its own words)."""
+        form = self.form(cfg, groups)
+        if form is None:
+            raise UptrainError(f"no {model_type(cfg)} checkpoint can hold {kv_heads_text(groups)} KV heads of "
+                               f"{self.heads(cfg)} query heads (see its forms in uptrain/arch.py)")
+        return form
+
     def per_layer_refusal(self, cfg) -> str | None:
         """Why this source cannot get per-layer KV heads (None when it can), for the caller's message."""
         forms = [f for f in self.forms if f.groups == "per-layer"]
@@ -344,12 +365,12 @@ class AttentionSpec:
 
     def valid_groups(self, cfg) -> list[int]:
         """G values this source can be converted to: divisors of its KV heads that some form can hold."""
-        return [g for g in valid_groups(self.kv_heads(cfg)) if self.form(cfg, g) is not None]
+        return [g for g in valid_groups(self.uniform_kv_heads(cfg)) if self.form(cfg, g) is not None]
 
     def result_config(self, cfg: dict, groups) -> dict:
         """config.json of the result (remote code's auto_map is added by the converter, which knows the file)."""
         out = dict(cfg)
-        form = self.form(cfg, groups)
+        form = self.result_form(cfg, groups)
         for k, v in form.config.items():
             if v is None:
                 out.pop(k, None)
@@ -365,7 +386,8 @@ class AttentionSpec:
         transposed = suffix in self.transposed and not (form and suffix in form.untransposed)
         order = None
         if suffix in self.per_kv_head:
-            order = per_kv_head_order(self.heads(cfg), kv_heads or self.kv_heads(cfg), self.head_dim(cfg))
+            order = per_kv_head_order(self.heads(cfg), kv_heads or self.uniform_kv_heads(cfg),
+                                      self.head_dim(cfg))
             if order == tuple(range(len(order))):  # one KV head: [q … q k v] is already canonical
                 order = None
         return Storage(transposed, order, suffix in self.flat)
@@ -434,11 +456,14 @@ class AttentionSpec:
 
     def head_of(self, name: str, key: str) -> int:
         """The head of tensor `name` in the one-tensor-per-head family `key` (see head_family)."""
-        return int(re.search(re.escape(key).replace(r"\{\}", r"(\d+)") + "$", name).group(1))
+        m = re.search(re.escape(key).replace(r"\{\}", r"(\d+)") + "$", name)
+        if m is None:
+            raise UptrainError(f"tensor {name!r} is not one of the {key.replace('{}', '*')} family")
+        return int(m.group(1))
 
     def rows(self, suffix: str, cfg, kv_heads: int | None = None) -> list[tuple[str, int, int]]:
         """[(role, start_row, stop_row)] of a kv tensor for a model with `kv_heads` KV heads."""
-        d, k = self.head_dim(cfg), kv_heads or self.kv_heads(cfg)
+        d, k = self.head_dim(cfg), kv_heads or self.uniform_kv_heads(cfg)
         counts = {"H": self.heads(cfg), "K": k}
         out, start = [], 0
         for role, count in self.kv[suffix]:
@@ -687,7 +712,7 @@ def block_configs(heads: int, groups: tuple[int, ...], hidden: int, intermediate
     (attention.no_op, n_heads_in_group = H / G_l; ffn.no_op, then ffn_mult when present, else
     intermediate_size). ffn_mult (Nemotron's own field, which llama.cpp's converter reads) is written only where
     DeciLM's rule turns it back into exactly this intermediate size."""
-    ffn = {"no_op": False, "replace_with_linear": False}
+    ffn: dict[str, bool | float | int] = {"no_op": False, "replace_with_linear": False}
     mult = 3 * intermediate / (2 * hidden)
     if ffn_mult_to_intermediate_size(mult, hidden) == intermediate:
         ffn["ffn_mult"] = mult

@@ -357,7 +357,7 @@ def _texts_from_files(files: list[str], text_column: str, max_documents: int | N
     return texts[:max_documents] if max_documents else texts
 
 
-def _load_hub(spec: TextSource, split: str, streaming: bool):
+def _load_hub(spec: TextSource, split: str | None, streaming: bool):
     import datasets
 
     try:
@@ -383,7 +383,7 @@ def load_texts(spec: TextSource, part: str = "train", seed: int = 0) -> list[str
     its sources' documents of that part, seeded (see MIXTURE_STOPPING)."""
     if part not in ("train", "eval"):
         raise ValueError(part)
-    if getattr(spec, "sources", None):
+    if isinstance(spec, DataSpec) and spec.sources:
         if part == "eval" and spec.eval_files:
             return _texts_from_files(local_files(spec.eval_files) or [], spec.text_column, spec.max_documents)
         import datasets
@@ -582,7 +582,7 @@ def _source_stamp(spec: TextSource) -> list:
     """What identifies the text behind a spec: file sizes and mtimes for local files, the shipping package's (or
     the interpreter's) version for a built-in corpus; `datasets` names are identified by name/config/split (clear
     the cache to refresh)."""
-    if getattr(spec, "sources", None):
+    if isinstance(spec, DataSpec) and spec.sources:
         return [_source_stamp(_as_source(s)) for s in spec.sources] + [_source_stamp(TextSource(
             source="", eval_files=spec.eval_files))]
     if spec.source in BUILTINS:

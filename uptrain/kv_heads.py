@@ -62,24 +62,30 @@ class KVHeads:
 
     # -- reading it --------------------------------------------------------------------------------
     @property
+    def _g(self) -> int:
+        """The one G of a uniform value (__post_init__ sets `uniform` whenever `per_layer` is None)."""
+        assert self.uniform is not None
+        return self.uniform
+
+    @property
     def value(self) -> int | tuple[int, ...]:
         """G or the tuple G_l (what the architecture table's functions take)."""
-        return self.per_layer if self.per_layer is not None else self.uniform  # type: ignore[return-value]
+        return self.per_layer if self.per_layer is not None else self._g
 
     def at(self, layer: int) -> int:
         """G of one layer."""
-        return self.per_layer[layer] if self.per_layer is not None else self.uniform  # type: ignore[return-value]
+        return self.per_layer[layer] if self.per_layer is not None else self._g
 
     def layers(self, n: int) -> tuple[int, ...]:
         """G_l of each of n layers."""
-        return self.per_layer if self.per_layer is not None else (self.uniform,) * n  # type: ignore[return-value]
+        return self.per_layer if self.per_layer is not None else (self._g,) * n
 
     def total(self, n: int) -> int:
         """Σ_l G_l over n layers: the KV cache is proportional to it."""
         return sum(self.layers(n))
 
     def as_json(self) -> int | list[int]:
-        return list(self.per_layer) if self.per_layer is not None else self.uniform  # type: ignore[return-value]
+        return list(self.per_layer) if self.per_layer is not None else self._g
 
     def __str__(self) -> str:
         return ",".join(map(str, self.per_layer)) if self.per_layer is not None else str(self.uniform)

@@ -69,7 +69,8 @@ def allocate(losses: Sequence[Mapping[int, float]], budget: int) -> Allocation:
                     least_after[i][h + g] = rest + Fraction(cost)
     bound = min(least_after[0].values()) + Fraction(TIE)
     heads = min(h for h, loss in least_after[0].items() if loss <= bound)
-    chosen, left, spent = [], heads, Fraction(0)
+    chosen: list[int] = []
+    left, spent = heads, Fraction(0)
     for i, layer in enumerate(losses):  # each G_l as small as a completion within the bound allows
         g = min(g for g in layer if left - g in least_after[i + 1]
                 and spent + Fraction(layer[g]) + least_after[i + 1][left - g] <= bound)

@@ -264,7 +264,9 @@ class CalibratedMethod(CalibratedBase):
         work.drop_all("adam")
         return result
 
-    def merge(self, layer: int, tensors: dict[str, torch.Tensor], ctx: ConvertContext) -> dict[str, torch.Tensor]:
+    def merge(self, layer: LayerKey, tensors: dict[str, torch.Tensor], ctx: ConvertContext) -> dict[str, torch.Tensor]:
+        # decoder-only: a unit is a layer index (make_method gives encoder-decoders Seq2SeqCalibrated)
+        assert isinstance(layer, int), f"CalibratedMethod merges decoder layers, not {layer!r}"
         if self.work is None:  # G = K: nothing was merged
             if self.aligned:
                 return dict(tensors)

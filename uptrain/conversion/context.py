@@ -40,8 +40,12 @@ class ConvertContext:
 
     @property
     def kv_heads_of_result(self) -> KVHeads:
-        """G_l of a per-layer result, else the one G."""
-        return KVHeads.of(self.layer_groups if self.layer_groups is not None else self.groups)
+        """G_l of a per-layer result, else the one G (ValueError before the converter has chosen them)."""
+        if self.layer_groups is not None:
+            return KVHeads.of(self.layer_groups)
+        if self.groups is None:
+            raise ValueError("the result's KV heads are not chosen yet")
+        return KVHeads.of(self.groups)
 
     @property
     def groups_text(self) -> str:

@@ -17,7 +17,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from uptrain.arch import kv_cache_bytes_per_token, kv_heads_text, spec_for_config
+from uptrain.arch import AttentionSpec, kv_cache_bytes_per_token, kv_heads_text, model_type, spec_for_config
 from uptrain.checkpoint import CHECKPOINT_FILES, check_free_space, check_output, copy_companions, dtype_size, \
     fingerprint, kv_dtype, open_source, quantization, read_config
 from uptrain.conversion.context import ConvertContext
@@ -132,8 +132,9 @@ def convert(src: str, out: str, groups: int | None = None, *, options: ConvertOp
     quant = quantization(src_dir, config, allow_pickle=options.allow_pickle)
     quant.check("source", str(src))  # refused before anything is written: "dequantize first"
     spec = pooled_spec(config, options, str(src))
-    heads, kv, d, n_layers = spec.heads(config), spec.kv_heads(config), spec.head_dim(config), spec.layers(config)
     options.check_source(spec, config)  # the KV heads asked for fit the source (a budget: at least one per layer)
+    heads, kv, d, n_layers = spec.heads(config), spec.uniform_kv_heads(config), spec.head_dim(config), \
+        spec.layers(config)
     check_output(src_dir, out_dir, overwrite)
     merger = make_method(options, spec)
     source = open_source(src_dir, allow_pickle=options.allow_pickle)
@@ -146,26 +147,25 @@ def convert(src: str, out: str, groups: int | None = None, *, options: ConvertOp
         heads_of_result, allocation, measure = choose_groups(ctx, options)
     else:
         heads_of_result = KVHeads.of(options.groups)  # a uniform list is one G: written exactly as --groups G writes it
-    g = heads_of_result.value
-    per_layer = heads_of_result.per_layer is not None
-    ctx = dataclasses.replace(ctx, groups=None if per_layer else g, layer_groups=g if per_layer else None)
+    g, layer_groups = heads_of_result.value, heads_of_result.per_layer  # layer_groups: G_l, None for one G
+    ctx = dataclasses.replace(ctx, groups=heads_of_result.uniform, layer_groups=layer_groups)
     plan = plan_conversion(spec, config, source.entries, g, touched, options.key("groups"))
     planned = sum(math.prod(step.shape) * dtype_size(step.dtype) for step in plan.values())
     check_free_space(out_dir, planned, f"the converted model ({len(plan)} tensors, {fmt_bytes(planned)})",
                      "free space or choose an OUT on a larger disk")
     method_record = merger.prepare(ctx)  # e.g. a calibration pass; before any output exists
     value_bytes = dtype_size(kv_dtype(source.entries))
-    after = list(g) if per_layer else g
+    after = heads_of_result.as_json()
 
     with AtomicFolder(out_dir) as tmp:
         written, n_shards, layers = write_converted(tmp, plan, source, merger, ctx, options.max_shard_size, progress)
         if spec.blocks:  # a layerwise method rewrites q / o of every block: list only the pooled units
             pooled = set(spec.units(config))
             layers = [s for s in layers if (s["block"], s["layer"]) in pooled]
-        if per_layer:  # every layer with its G_l; one that kept the source's heads was copied: no error
+        if layer_groups is not None:  # every layer with its G_l; one that kept the source's heads was copied: no error
             seen = {s["layer"]: s for s in layers}
             layers = [{"layer": i, "kv_heads": g_l, **seen.get(i, {"k_rel_error": 0.0, "v_rel_error": 0.0})}
-                      for i, g_l in enumerate(g)]
+                      for i, g_l in enumerate(layer_groups)]
         new_config, template = result_config(spec, config, g)
         if template is not None:  # the Hub's trust_remote_code convention: the code beside the weights
             shutil.copyfile(template.path, tmp / template.file)
@@ -208,19 +208,19 @@ def convert(src: str, out: str, groups: int | None = None, *, options: ConvertOp
     return result
 
 
-def pooled_spec(config: dict, options: ConvertOptions, src: str):
+def pooled_spec(config: dict, options: ConvertOptions, src: str) -> AttentionSpec:
     """The source's attention spec with the blocks `options.attention` names pooled (encoder-decoders; a
     decoder-only spec is itself), after the refusals that only an encoder-decoder can meet."""
     spec = spec_for_config(config)
     if not spec.blocks:
         return spec
-    mt = config.get("model_type")
+    mt = model_type(config)
     if options.calibrated:  # aligned / refinement: calibrated on the whole model (calibration/seq2seq.py)
         from uptrain.calibration.seq2seq import check_seq2seq
 
         check_seq2seq(options, mt)
     before = config.get("gqa_attention") or "decoder"
-    if spec.kv_heads(config) < spec.heads(config) and before != options.attention:
+    if spec.uniform_kv_heads(config) < spec.heads(config) and before != options.attention:
         raise UptrainError(f"{src} already shares its KV heads in its {before} attention (gqa_attention: {before}); "
                            f"converting it further keeps that choice: use {options.said('attention', before)}, or "
                            f"convert the MHA source")

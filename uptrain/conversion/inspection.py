@@ -50,13 +50,14 @@ class CheckpointInfo:
         if self.code:
             lines.insert(2, f"  code              {', '.join(self.code)} (load with trust_remote_code=True)")
         if self.per_layer:  # per-layer KV heads: one line per layer instead of the table of G (not a source)
+            per_layer = self.kv_heads if isinstance(self.kv_heads, list) else [self.kv_heads] * self.layers
             lines[lines.index(f"  KV heads          {self.kv_heads}")] = (
                 f"  KV heads          {kv_heads_text(self.kv_heads)} (per layer, {self.per_layer}; "
-                f"{sum(self.kv_heads)} in all)")
+                f"{sum(per_layer)} in all)")
             lines[-2:] = ["", "  layer   KV heads   query heads per KV head   KV cache bytes/token"]
-            per = self.kv_cache_bytes_per_token // sum(self.kv_heads) if sum(self.kv_heads) else 0
+            per = self.kv_cache_bytes_per_token // sum(per_layer) if sum(per_layer) else 0
             lines += [f"  {i:>5}   {g:>8}   {(self.heads // g if g else '—'):>23}   {g * per:>20,}"
-                      for i, g in enumerate(self.kv_heads)]
+                      for i, g in enumerate(per_layer)]
             lines.append("  (a per-layer result: uptrain converts its source, not this checkpoint)")
             return "\n".join(lines)
         if self.cross_kv_cache_bytes_per_token is not None:  # an encoder-decoder: two caches, two units
@@ -100,13 +101,15 @@ def inspect(src: str, revision: str | None = None, allow_pickle: bool = True) ->
     params = sum(math.prod(e.shape) for e in source.entries.values())
     dtype = kv_dtype(source.entries)
     nbytes = dtype_size(dtype)
-    layers, heads, kv, d = spec.layers(cfg), spec.heads(cfg), spec.kv_heads(cfg), spec.head_dim(cfg)
-    base = kv_cache_bytes_per_token(layers, kv, d, nbytes)
-    options = []
+    layers, heads, d = spec.layers(cfg), spec.heads(cfg), spec.head_dim(cfg)
     if spec.per_layer:  # a per-layer result (nemotron-nas): its heads, no conversion options
+        base = kv_cache_bytes_per_token(layers, spec.kv_heads(cfg), d, nbytes)
         return CheckpointInfo(str(src), cfg["model_type"], layers, heads, list(spec.layer_kv_heads(cfg)), d, params,
                               str(DTYPES[dtype]).replace("torch.", ""), base, [],
                               code=code_files(cfg.get("auto_map")) or None, per_layer=spec.per_layer)
+    kv = spec.uniform_kv_heads(cfg)
+    base = kv_cache_bytes_per_token(layers, kv, d, nbytes)
+    options = []
     for g in spec.valid_groups(cfg):  # the G some form of the architecture can hold (gpt_bigcode: 1 or H)
         b = kv_cache_bytes_per_token(layers, g, d, nbytes)
         options.append({"groups": g, "kv_cache_bytes_per_token": b, "saving": 1 - b / base,
@@ -117,8 +120,10 @@ def inspect(src: str, revision: str | None = None, allow_pickle: bool = True) ->
         cross = kv_cache_bytes_per_token(cross_b, kv, d, nbytes)
         for o in options:
             o["cross_kv_cache_bytes_per_token"] = kv_cache_bytes_per_token(cross_b, o["groups"], d, nbytes)
-    form = next((f for f in spec.forms if f.groups == "per-layer"), None)
-    per_layer = None if spec.blocks or spec.per_layer_refusal(cfg) else (
+    # per_layer_refusal is None only where the spec has a per-layer form
+    form = None if spec.blocks or spec.per_layer_refusal(cfg) else next(
+        f for f in spec.forms if f.groups == "per-layer")
+    per_layer = None if form is None else (
         f"{form.config['model_type']} (remote code, trust_remote_code=True; vLLM serves it natively)")
     return CheckpointInfo(str(src), cfg["model_type"], layers, heads, kv, d, params, str(DTYPES[dtype]).replace(
         "torch.", ""), base, options, cross, cfg.get("gqa_attention") if cross is not None else None,

@@ -41,6 +41,7 @@ class PoolMethod:
 
         from uptrain.pooling import pool_rows
 
+        assert ctx.groups is not None  # a merge sees its layer's context (ConvertContext.at): one G
         out = {}
         for suffix, t in tensors.items():
             gen = torch.Generator().manual_seed(ctx.seed * 1_000_003 + zlib.crc32(f"{layer}.{suffix}".encode()))

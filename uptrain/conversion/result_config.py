@@ -13,7 +13,7 @@ def result_config(spec: AttentionSpec, config: dict, groups):
     the result does not hold."""
     from uptrain.modeling import TEMPLATES
 
-    form = spec.form(config, groups)
+    form = spec.result_form(config, groups)
     out = spec.result_config(config, groups)
     out.pop("auto_map", None)
     template = TEMPLATES[form.remote_code] if form.remote_code else None

@@ -3,11 +3,11 @@
 do it on the meta device)."""
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from uptrain.arch import AttentionSpec, Storage, check_groups, kv_heads_text
 from uptrain.errors import UptrainError
-from uptrain.kv_heads import KVHeads
+from uptrain.kv_heads import KVHeads, LayerKey
 
 
 class Step(NamedTuple):
@@ -32,7 +32,7 @@ def plan_conversion(spec: AttentionSpec, config: dict, entries: dict, groups: KV
     """name → Step. "merge" for tensors the method rewrites (every KV tensor, plus the per-layer suffixes in
     `touched`), "copy" for the rest unless the result stores them differently. `groups`: one G, or a tuple G_l
     (per-layer KV heads: each tensor takes its layer's)."""
-    heads, kv, d = spec.heads(config), spec.kv_heads(config), spec.head_dim(config)
+    heads, kv, d = spec.heads(config), spec.uniform_kv_heads(config), spec.head_dim(config)
     result = KVHeads.of(groups)
     per_layer, groups = result.per_layer is not None, result.value
     check_groups(groups, kv, groups_key, spec.layers(config) if per_layer else None)
@@ -43,15 +43,18 @@ def plan_conversion(spec: AttentionSpec, config: dict, entries: dict, groups: KV
         raise UptrainError(f"{groups_key} {groups}: no {config.get('model_type')} checkpoint can hold {groups} KV "
                            f"heads of {heads} query heads (see its forms in uptrain/arch.py); valid values: "
                            f"{', '.join(map(str, spec.valid_groups(config)))}")
-    plan, seen, families = {}, {}, {}
+    plan: dict[str, Step] = {}
+    seen: dict[LayerKey, set[str]] = {}  # unit → its per-layer suffixes
+    families: dict[tuple[int, str], dict[int, tuple[str, Any]]] = {}  # (layer, kv key) → {head: (name, entry)}
     for name, e in entries.items():
         kind, layer, suffix = spec.classify(name)
         shape = tuple(e.shape)
         if kind == "kv" and "{}" in suffix:  # one tensor per KV head: planned below, once all are known
+            assert layer is not None  # a kv suffix is a per-layer one
             families.setdefault((layer, suffix), {})[spec.head_of(name, suffix)] = (name, e)
             continue
         in_layer = layer is not None
-        g = result.at(layer) if per_layer and in_layer else result.uniform
+        g = result.at(layer) if per_layer and layer is not None else result.uniform
         read = spec.storage(suffix, config) if in_layer else Storage()
         write = spec.storage(suffix, config, g, form) if in_layer else Storage()
         if kind == "kv":
@@ -67,14 +70,14 @@ def plan_conversion(spec: AttentionSpec, config: dict, entries: dict, groups: KV
         else:  # (a layer of a per-layer result that keeps the source's heads is copied, whatever the method)
             action = "copy" if read == write else "restore"
         plan[name] = Step(action, layer, suffix, e.dtype, shape, read, write)
-        if in_layer:
+        if layer is not None:
             seen.setdefault(layer, set()).add(suffix)
     for (layer, suffix), heads_of in families.items():
         if sorted(heads_of) != list(range(kv)):
             raise UptrainError(f"layer {layer} has {suffix.replace('{}', '*')} for heads {sorted(heads_of)}, but "
                                f"config.json has {kv} KV heads; config.json and the weights disagree")
         members = tuple(heads_of[h][0] for h in range(kv))
-        for j in range(result.at(layer) if per_layer else result.uniform):  # result head j keeps source head j's name
+        for j in range(result.at(layer)):  # result head j keeps source head j's name
             name, e = heads_of[j]
             plan[name] = Step("merge", layer, suffix, e.dtype, tuple(e.shape), members=members, part=j)
     for layer in spec.units(config):

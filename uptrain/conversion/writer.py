@@ -15,7 +15,7 @@ import os
 import queue
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
 from uptrain.checkpoint import SAFE_INDEX, plan_shards, shard_header, tensor_bytes, write_all
 
@@ -128,7 +128,7 @@ def write_converted(folder: Path, plan: dict, source, merger, ctx, max_shard_siz
     out_tensors = {n: (step.dtype, step.shape) for n, step in plan.items()}
     shards, total = plan_shards(out_tensors, max_shard_size)
     headers = {fname: shard_header(names, out_tensors) for fname, names in shards.items()}
-    files: dict[str, object] = {}
+    files: dict[str, BinaryIO] = {}
     bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"convert → {ctx.groups_text} KV heads",
                disable=not progress)
     ahead, written = None, 0

@@ -293,16 +293,17 @@ def model_shape(r: Recipe) -> dict:
         o = r.model.convert
         o.check_source(spec, cfg)
         before = _meta_parameters(cfg)
-        groups = o.resolved_groups() if o.kv_budget is None else None
-        if groups is None:  # a KV budget: G_l are chosen at conversion; at most that fraction of the K/V weights
+        result = o.kv_heads if o.kv_budget is None else None
+        if result is None:  # a KV budget: G_l are chosen at conversion; at most that fraction of the K/V weights
             scale_kv, kv_after = o.kv_budget, f"per-layer ({o.said('kv_budget')})"
-        elif o.kv_heads.per_layer is not None:  # per-layer KV heads: uptrain/modeling's nemotron-nas model
+        elif result.per_layer is not None:  # per-layer KV heads: uptrain/modeling's nemotron-nas model
             from uptrain.calibration.per_layer import per_layer_model_class
 
+            groups = result.per_layer
             model_class, kv_after = per_layer_model_class(spec, cfg.to_dict(), groups), kv_heads_text(groups)
             widest = max(groups)  # the widest layer sizes the activations
         else:
-            cfg = AutoConfig.for_model(**spec.result_config(cfg.to_dict(), groups))
+            cfg = AutoConfig.for_model(**spec.result_config(cfg.to_dict(), result.value))
     with torch.device("meta"):
         model = model_class._from_config(cfg) if model_class else AutoModelForCausalLM.from_config(
             cfg, trust_remote_code=carries_uptrain_code(src) and not r.model.convert)  # its own code: ours

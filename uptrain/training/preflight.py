@@ -99,8 +99,7 @@ def disk_estimate(r: Recipe, out: Path, mode: str, table: dict, spec, kv_heads: 
             kind, layer, _ = spec.classify(name)
             if kind == "kv" and convert:  # a KV budget keeps at most that fraction of the K/V weights
                 n = (math.floor(n * convert.kv_budget) if convert.kv_budget is not None
-                     else n * convert.resolved_groups()[layer] // kv_heads if convert.per_layer
-                     else n * convert.resolved_groups() // kv_heads)
+                     else n * convert.kv_heads.at(layer) // kv_heads)  # its layer's G (G_l, or the one G)
         except UptrainError:
             pass  # a tensor the attention spec does not classify is copied as it is
         count[name] = n

@@ -39,7 +39,8 @@ import re
 from dataclasses import dataclass, field
 
 from uptrain.errors import UptrainError
-from uptrain.kv_heads import KVHeads
+from uptrain.kv_heads import KVHeads, per_layer_counts
+from uptrain.kv_heads import text as kv_heads_text  # callers of arch read it from here too
 
 # A row layout describes dim 0 of a tensor as consecutive segments of heads × head_dim rows.
 # Roles: "q" (H heads, copied), "k"/"v" (K heads, pooled to G).
@@ -266,10 +267,10 @@ class AttentionSpec:
         """K of a checkpoint whose layers all have the same KV heads (every conversion source); UptrainError for
         one whose layers differ (a per-layer result: uptrain converts its source instead)."""
         kv = self.kv_heads(cfg)
-        if isinstance(kv, tuple):
+        if per_layer_counts(kv) is not None:
             raise UptrainError(f"this {model_type(cfg)} checkpoint has per-layer KV heads ({kv_heads_text(kv)}), "
                                f"not one K for every layer")
-        return kv
+        return KVHeads.of(kv).at(0)
 
     def _config_kv_heads(self, cfg) -> int:
         """K of a spec whose config holds one KV-head count (not `per_layer`)."""
@@ -820,18 +821,14 @@ def attention_kind(heads, kv_heads) -> str:
     return "MHA" if kv_heads == heads else "MQA" if kv_heads == 1 else f"GQA-{kv_heads}"
 
 
-def kv_heads_text(kv_heads) -> str:
-    """"4", or a per-layer list as "8,2,1,4" (how --groups takes it)."""
-    return ",".join(map(str, kv_heads)) if isinstance(kv_heads, (list, tuple)) else str(kv_heads)
-
-
 def kv_cache_bytes_per_token(layers: int, kv_heads, head_dim: int, bytes_per_value: int) -> int:
     """K and V, every layer, one token: 2 × head_dim × bytes × the KV heads summed over layers (layers × K, or
     Σ_l G_l when `kv_heads` is a list with one count per layer)."""
-    if isinstance(kv_heads, (list, tuple)):
-        if len(kv_heads) != layers:
-            raise ValueError(f"{len(kv_heads)} per-layer KV-head counts for {layers} layers")
-        return 2 * sum(kv_heads) * head_dim * bytes_per_value
+    per_layer = per_layer_counts(kv_heads)
+    if per_layer is not None:
+        if len(per_layer) != layers:
+            raise ValueError(f"{len(per_layer)} per-layer KV-head counts for {layers} layers")
+        return 2 * sum(per_layer) * head_dim * bytes_per_value
     return layers * 2 * kv_heads * head_dim * bytes_per_value
 
 
@@ -843,12 +840,13 @@ def valid_groups(kv_heads: int) -> list[int]:
 def check_groups(groups, kv_heads: int, key: str = "groups", layers: int | None = None) -> None:
     """`key` is how the caller spells the option: --groups, model.convert.groups, groups. `groups`: one G, or a
     list with one G per layer (`layers` of them)."""
-    if isinstance(groups, (list, tuple)):
-        said = kv_heads_text(groups)
-        if layers is not None and len(groups) != layers:
-            raise UptrainError(f"{key} {said}: {len(groups)} values for a model with {layers} layers; give one G "
+    per_layer = per_layer_counts(groups)
+    if per_layer is not None:
+        said = kv_heads_text(per_layer)
+        if layers is not None and len(per_layer) != layers:
+            raise UptrainError(f"{key} {said}: {len(per_layer)} values for a model with {layers} layers; give one G "
                                f"for every layer, or a single G")
-        for layer, g in enumerate(groups):
+        for layer, g in enumerate(per_layer):
             try:
                 check_groups(g, kv_heads, key)
             except UptrainError as e:

@@ -89,3 +89,17 @@ class KVHeads:
 
     def __str__(self) -> str:
         return ",".join(map(str, self.per_layer)) if self.per_layer is not None else str(self.uniform)
+
+
+# Raw values as configs, records and options hold them (an int, a list or tuple with one count per layer, or None).
+# Unlike KVHeads.of they keep a uniform list as it was given: a message quotes what the user said, and a list's
+# length is checked against the layers.
+def per_layer_counts(value: object) -> tuple[int, ...] | None:
+    """The per-layer counts of a list or tuple (uniform or not), or None for one G (or no value)."""
+    return tuple(value) if isinstance(value, (list, tuple)) else None
+
+
+def text(value: object) -> str:
+    """"4", or a per-layer list as "8,2,1,4" (how --groups takes it)."""
+    per_layer = per_layer_counts(value)
+    return ",".join(map(str, per_layer)) if per_layer is not None else str(value)

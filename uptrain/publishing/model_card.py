@@ -7,10 +7,12 @@ written by uptrain and is regenerated on the next push; one without it is the us
 from __future__ import annotations
 
 from pathlib import PurePosixPath
+from typing import Sequence
 
 import yaml
 
 from uptrain.arch import attention_kind, kv_heads_text
+from uptrain.kv_heads import KVHeads, per_layer_counts
 from uptrain.publishing.card_facts import CardFacts, gather, is_hub_dataset, source_name
 from uptrain.report import Column, col, fmt_bytes, fmt_count, fmt_ratio, markdown_table
 
@@ -114,8 +116,9 @@ def _intro(facts: CardFacts) -> str:
     h, g = facts.heads, facts.kv_heads
     kind = attention_kind(h, g)
     hub = facts.source_hub_id
-    sharing = (f"{h} query heads sharing {g} key/value heads" if not isinstance(g, tuple) else
-               f"{h} query heads sharing {kv_heads_text(g)} key/value heads in its {len(g)} layers")
+    per_layer = per_layer_counts(g)
+    sharing = (f"{h} query heads sharing {g} key/value heads" if per_layer is None else
+               f"{h} query heads sharing {kv_heads_text(g)} key/value heads in its {len(per_layer)} layers")
     if conv:
         src = _hub_link(hub) if hub else f"the local checkpoint `{source_name(conv)}`"
         what = (f"This model is a grouped-query-attention ({kind}: {sharing}) version of {src}, converted")
@@ -133,7 +136,7 @@ def _intro(facts: CardFacts) -> str:
     return f"# {name}\n\n{MARKER}\n\n{what}"
 
 
-def _per_layer(conv, heads: int | None, groups: list[int]) -> str:
+def _per_layer(conv, heads: int | None, groups: Sequence[int]) -> str:
     """Per-layer KV heads: a row per layer (its KV heads and, for a KV budget, the measured loss of its choice)."""
     a = conv.allocation or {}
     losses = {x.get("layer"): x for x in a.get("losses") or [] if isinstance(x, dict)}
@@ -167,8 +170,8 @@ def _conversion(facts: CardFacts) -> str:
     h, k, g = conv.num_attention_heads or None, conv.kv_heads_before or None, conv.kv_heads_after or None
     before, after = conv.kv_cache_bytes_per_token_before or None, conv.kv_cache_bytes_per_token_after or None
     ctx = facts.context
-    layers = g if isinstance(g, list) else None  # G_l, for a per-layer result
-    uniform = g if isinstance(g, int) else None
+    layers = per_layer_counts(g)  # G_l, for a per-layer result
+    uniform = KVHeads.of(g).uniform if g is not None and layers is None else None
     per_layer = layers is not None
     rows = [
         ["query heads H", str(h), str(h)],

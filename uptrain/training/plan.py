@@ -277,6 +277,7 @@ def model_shape(r: Recipe) -> dict:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from uptrain.arch import kv_heads_text, spec_for_config
+    from uptrain.kv_heads import per_layer_counts
     from uptrain.hf import carries_uptrain_code, load_config, resolve
     from uptrain.training.setup import trainable_mask
 
@@ -316,9 +317,10 @@ def model_shape(r: Recipe) -> dict:
     hidden, kv = getattr(text, spec.hidden_field), spec.kv_heads(text)
     if widest is not None:
         kv = widest
-    if isinstance(kv, tuple):  # a per-layer checkpoint
-        kv_after, kv = kv_after or kv_heads_text(kv), max(kv)
-    if isinstance(kv_before, tuple):
+    per_layer = per_layer_counts(kv)
+    if per_layer is not None:  # a per-layer checkpoint: the widest layer sizes the activations
+        kv_after, kv = kv_after or kv_heads_text(per_layer), max(per_layer)
+    if per_layer_counts(kv_before) is not None:
         kv_before = kv_heads_text(kv_before)
     # Mixtures of experts: k of E experts per token, each of width moe_intermediate_size when set.
     k = getattr(text, "num_experts_per_tok", None)

@@ -231,6 +231,25 @@ def test_distillation_from_itself_starts_at_zero_kl_and_keeps_the_teacher(models
     assert again.losses == pytest.approx(res.losses, abs=1e-6) and again.history[0]["kl"] < 1e-6
 
 
+def test_distillation_alone_from_itself_leaves_the_student_where_it_is(models, tmp_path):
+    """ce_weight 0: the loss is the KL to the teacher alone, 0 when the teacher is the student itself, with a
+    gradient of float32 rounding only (AdamW's ε = 1 keeps Adam from scaling that up to full steps). With the
+    training text's CE the same run moves the weights 1,000 times as far."""
+    start = load_file(os.path.join(models["gqa"], "model.safetensors"))
+
+    def moved(name: str, ce_weight: float) -> float:
+        train(recipe(models, tmp_path / name, distill={"teacher": models["gqa"], "ce_weight": ce_weight},
+                     optim={"weight_decay": 0.0, "eps": 1.0}, eval={"keep_best": False}))
+        after = load_file(tmp_path / name / "model.safetensors")
+        return max(float((after[k] - start[k]).abs().max()) for k in start)
+
+    alone, with_ce = moved("kd", 0.0), moved("ce", 1.0)
+    assert alone < 1e-3 * with_ce, (alone, with_ce)
+    with pytest.raises(UptrainError, match="ce_weight 0 trains on the teacher's distribution alone, and there is no "
+                                           "teacher"):
+        train(recipe(models, tmp_path / "none", distill={"ce_weight": 0.0}))
+
+
 @pytest.mark.parametrize("params", ["kv", "attention"])
 def test_frozen_weights_do_not_move(models, tmp_path, params):
     res = train(recipe(models, tmp_path / params, train={"params": params}, budget={"max_steps": 1}))

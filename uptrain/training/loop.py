@@ -304,7 +304,7 @@ class Loop:
         for inputs, labels in window:
             with acc.accumulate(model):
                 ce, kl = token_losses(model, teacher, inputs, labels, r.distill.temperature, acc.autocast)
-                acc.backward((ce if kl is None else ce + r.distill.weight * kl) * scale)
+                acc.backward((ce if kl is None else r.distill.ce_weight * ce + r.distill.weight * kl) * scale)
                 sums[0] += ce.detach()
                 if kl is not None:
                     sums[1] += kl.detach()

@@ -180,16 +180,23 @@ class TrainSection:
 
 @dataclass
 class DistillSection:
-    """loss = CE + weight · T² · KL(teacher ‖ student) at temperature T; the teacher (typically the source
-    MHA model) is frozen in eval mode and never saved. Off while `teacher` is null."""
+    """loss = ce_weight · CE + weight · T² · KL(teacher ‖ student) at temperature T; the teacher (typically the
+    source MHA model) is frozen in eval mode and never saved. Off while `teacher` is null. ce_weight 0 trains on the
+    teacher's distribution alone: a converted model then moves only towards its source, never past it towards the
+    training text, which an annealed source does not gain from (docs/training.md)."""
 
     teacher: Optional[str] = key("checkpoint folder or Hub id of the teacher (typically the source MHA model); "
                                  "null: no distillation", None)
     weight: float = key("weight of the distillation term in the loss", 1.0)
     temperature: float = key("T: softmax temperature of teacher and student in the KL term", 1.0)
+    ce_weight: float = key("weight of the cross-entropy on the training text (0: distillation alone; needs a "
+                           "teacher)", 1.0)
 
     def check(self, key):
         _require(self.weight >= 0, f"{key}.weight", "must be >= 0")
+        _require(self.ce_weight >= 0, f"{key}.ce_weight", "must be >= 0")
+        _require(self.ce_weight > 0 or self.weight > 0, f"{key}.ce_weight",
+                 "and weight are both 0: the loss is nothing; keep ce_weight > 0 or distil with weight > 0")
         _require(self.temperature > 0, f"{key}.temperature", "must be > 0")
 
 

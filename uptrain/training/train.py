@@ -209,6 +209,9 @@ class _Run:
             # Frozen: only its logits matter, so it takes the autocast precision (half the memory in bf16).
             half = {"bf16": "bfloat16", "fp16": "float16"}.get(str(self.acc.mixed_precision))
             teacher = load_model(resolve(r.distill.teacher, what="distill.teacher"), half or r.model.dtype)
+        if teacher is None and r.distill.ce_weight == 0:
+            raise UptrainError("distill.ce_weight 0 trains on the teacher's distribution alone, and there is no "
+                               "teacher: set distill.teacher (typically the source model), or ce_weight > 0")
         if teacher is not None:
             teacher.eval().requires_grad_(False)
             teacher.to(self.acc.device)
@@ -405,7 +408,7 @@ class _Run:
             mixed_precision=str(self.acc.mixed_precision), seq_len=r.data.seq_len, lr=r.optim.lr,
             schedule=r.optim.schedule,
             distillation={"teacher": r.distill.teacher, "weight": r.distill.weight,
-                          "temperature": r.distill.temperature} if "kl" in (res.history or [{}])[-1] else None,
+                          "temperature": r.distill.temperature, "ce_weight": r.distill.ce_weight} if "kl" in (res.history or [{}])[-1] else None,
             objective=self.objective,
             initial_eval=res.eval_history[0] if res.eval_history and res.eval_history[0]["step"] == 0 else None,
             final_eval=res.final_eval, eval_history=res.eval_history, kept_step=res.kept_step,

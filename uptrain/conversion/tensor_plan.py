@@ -41,7 +41,7 @@ def plan_conversion(spec: AttentionSpec, config: dict, entries: dict, groups: KV
         raise UptrainError(f"{groups_key} {kv_heads_text(groups)}: {spec.per_layer_refusal(config)}")
     if form is None:
         raise UptrainError(f"{groups_key} {groups}: no {config.get('model_type')} checkpoint can hold {groups} KV "
-                           f"heads of {heads} query heads (see its forms in uptrain/arch.py); valid values: "
+                           f"heads of {heads} query heads (see its forms in uptrain/arch/table.py); valid values: "
                            f"{', '.join(map(str, spec.valid_groups(config)))}")
     plan: dict[str, Step] = {}
     seen: dict[LayerKey, set[str]] = {}  # unit → its per-layer suffixes

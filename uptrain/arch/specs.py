@@ -202,7 +202,7 @@ class AttentionSpec:
         return (config_value(cfg, self.head_dim_field, None)
                 or config_value(cfg, self.hidden_field) // self.heads(cfg))
 
-    def units(self, cfg) -> list:
+    def units(self, cfg) -> list[LayerKey]:
         """What `classify` calls a layer, for every unit whose K/V are pooled: layer indices, or (block name,
         layer index) for an encoder-decoder."""
         if not self.blocks:
@@ -310,8 +310,10 @@ class AttentionSpec:
         return (rows, *shape[1:])
 
     # -- tensor names ----------------------------------------------------------------------------
-    def classify(self, name: str) -> tuple[str, int | None, str]:
-        """name → (kind, layer, suffix) with kind "kv", "copy"; raises on a name the spec does not know."""
+    def classify(self, name: str) -> tuple[str, LayerKey | None, str]:
+        """name → (kind, layer, suffix) with kind "kv", "copy"; raises on a name the spec does not know. layer: the
+        unit the tensor belongs to (a layer index; (block name, layer index) in an encoder-decoder), None for a
+        global tensor."""
         if self.blocks:
             return self._classify_in_blocks(name)
         prefix_re = re.escape(self.layer_prefix).replace(r"\{\}", r"(\d+)")
@@ -333,7 +335,7 @@ class AttentionSpec:
                            f"could produce a wrong model. Add it to uptrain/arch/table.py (kv if its shape depends "
                            f"on the KV-head count, copy otherwise)")
 
-    def _classify_in_blocks(self, name: str):
+    def _classify_in_blocks(self, name: str) -> tuple[str, LayerKey | None, str]:
         """Encoder-decoders: k / v of a pooled block are "kv", everything else is copied."""
         for b in self.blocks:
             m = re.fullmatch(re.escape(b.prefix).replace(r"\{\}", r"(\d+)") + r"(.+)", name)

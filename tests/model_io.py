@@ -1,5 +1,5 @@
 """What tests read back from a model or a run folder, in one place: token ids to feed, no-grad logits, a saved
-model loaded for inference, its weights as tensors, and its uptrain.json."""
+model loaded for inference, its weights as tensors (one file, or every shard), and its uptrain.json."""
 from __future__ import annotations
 
 import json
@@ -30,11 +30,25 @@ def load(path, **kw):
     return AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, **kw).eval()
 
 
+def load_seq2seq(path, **kw):
+    """A saved encoder-decoder for inference, its own modeling code allowed (a T5 result below G = H carries one)."""
+    from transformers import AutoModelForSeq2SeqLM
+
+    return AutoModelForSeq2SeqLM.from_pretrained(path, trust_remote_code=True, **kw).eval()
+
+
 def weights(folder) -> dict[str, torch.Tensor]:
     """The tensors of a folder's single model.safetensors."""
     from safetensors.torch import load_file
 
     return load_file(Path(folder) / "model.safetensors")
+
+
+def all_weights(folder) -> dict[str, torch.Tensor]:
+    """The tensors of every .safetensors file of a folder together (a sharded checkpoint's shards, or its one file)."""
+    from safetensors.torch import load_file
+
+    return {k: t for f in sorted(Path(folder).glob("*.safetensors")) for k, t in load_file(f).items()}
 
 
 def record(folder) -> dict:

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from model_io import ids, load, logits, record, weights
 from test_cli_convert import run
 from tiny_models import save, tiny_model
 
@@ -19,21 +19,6 @@ from uptrain.training.recipe import load_recipe
 pytestmark = pytest.mark.usefixtures("one_thread")
 GROUPS = [8, 2, 1, 4]
 TEMPLATE = TEMPLATES["nemotron-nas"]
-
-
-def ids(batch=2, length=20, seed=0):
-    return torch.randint(2, 512, (batch, length), generator=torch.Generator().manual_seed(seed))
-
-
-def load(path, **kw):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, **kw).eval()
-
-
-def logits(model, x):
-    with torch.no_grad():
-        return model(x).logits
 
 
 def shared(model, groups):
@@ -85,13 +70,13 @@ def test_written_in_the_nemotron_nas_form(converted):
     assert {json.dumps(b["ffn"], sort_keys=True) for b in cfg["block_configs"]} == {json.dumps(
         {"intermediate_size": 128, "no_op": False, "replace_with_linear": False}, sort_keys=True)}
     assert (out / TEMPLATE.file).read_bytes() == TEMPLATE.path.read_bytes()
-    w = load_file(out / "model.safetensors")
+    w = weights(out)
     assert [w[f"model.layers.{i}.self_attn.k_proj.weight"].shape[0] for i in range(4)] == [8 * g for g in GROUPS]
     assert "from 8 to 8,2,1,4 KV heads per layer" in stdout and "vLLM serves natively" in stdout
-    record = json.loads((out / "uptrain.json").read_text())["conversion"]
-    assert record["groups"] == GROUPS and record["kv_heads_after"] == GROUPS
-    assert record["kv_cache_bytes_per_token_after"] == 2 * sum(GROUPS) * 8 * 4
-    assert [x["kv_heads"] for x in record["layers"]] == GROUPS
+    conv = record(out)["conversion"]
+    assert conv["groups"] == GROUPS and conv["kv_heads_after"] == GROUPS
+    assert conv["kv_cache_bytes_per_token_after"] == 2 * sum(GROUPS) * 8 * 4
+    assert [x["kv_heads"] for x in conv["layers"]] == GROUPS
 
 
 def test_ffn_mult_is_written_only_where_deci_lm_gives_back_the_size():
@@ -232,10 +217,10 @@ def test_every_method_per_layer_is_each_layers_own_conversion(method, extra, tmp
     if method == "aligned":
         kw.update(distill_steps=0)  # distillation fits all layers together: a layer would no longer be its own
     uptrain.convert(src, tmp_path / "per", groups=[2, 8, 1], **kw)
-    per = load_file(tmp_path / "per" / "model.safetensors")
-    whole = {g: load_file(uptrain.convert(src, tmp_path / str(g), groups=g, **kw).out + "/model.safetensors")
+    per = weights(tmp_path / "per")
+    whole = {g: weights(uptrain.convert(src, tmp_path / str(g), groups=g, **kw).out)
              for g in (2, 1)}
-    source = load_file(tmp_path / "src" / "model.safetensors")
+    source = weights(tmp_path / "src")
     for layer, g in enumerate([2, 8, 1]):
         names = [n for n in per if n.startswith(f"model.layers.{layer}.")]
         for n in names:
@@ -300,7 +285,7 @@ def test_train_converts_to_per_layer_heads_and_learns(tmp_path, tokenizer):
         cfg = json.loads((folder / "config.json").read_text())
         assert [b["attention"]["n_heads_in_group"] for b in cfg["block_configs"]] == [2, 8]
         assert (folder / TEMPLATE.file).read_bytes() == TEMPLATE.path.read_bytes()
-    assert json.loads((out / "uptrain.json").read_text())["conversion"]["groups"] == [4, 1]
+    assert record(out)["conversion"]["groups"] == [4, 1]
     heads, _ = cache_heads(load(out), ids(batch=1, length=5))
     assert heads == [4, 1]
 
@@ -331,8 +316,8 @@ def test_two_ranks_train_a_per_layer_model_as_one_process_does(config, converted
     got = [json.loads(x)["loss"] for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()
            if "loss" in json.loads(x)]
     assert len(got) == 2 and max(abs(a - b) for a, b in zip(got, one.losses)) < 1e-4
-    two, ref = load_file(tmp_path / "two" / "model.safetensors"), load_file(tmp_path / "one" / "model.safetensors")
+    two, ref = weights(tmp_path / "two"), weights(tmp_path / "one")
     assert max((two[k] - ref[k]).abs().max().item() for k in ref) < 1e-4
     assert [two[f"model.layers.{i}.self_attn.v_proj.weight"].shape[0] for i in range(4)] == [8 * g for g in GROUPS]
     assert (tmp_path / "two" / TEMPLATE.file).read_bytes() == TEMPLATE.path.read_bytes()
-    assert json.loads((tmp_path / "two" / "uptrain.json").read_text())["uptraining"]["processes"] == 2
+    assert record(tmp_path / "two")["uptraining"]["processes"] == 2

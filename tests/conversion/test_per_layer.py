@@ -1,6 +1,7 @@
 """Per-layer KV heads (`--groups 8,2,1,4`): the nemotron-nas / DeciLM form of Llama-family results, its modeling
 file, every method per layer, and the pipeline on the result (inspect, eval, push, train)."""
 import json
+import shutil
 import subprocess
 import sys
 
@@ -240,6 +241,40 @@ def test_inspect_shows_each_layers_heads(converted):
     assert [line.split()[:2] for line in text.splitlines() if line.strip()[:1].isdigit() and "   " in line][-4:] == \
         [["0", "8"], ["1", "2"], ["2", "1"], ["3", "4"]]
     assert "--kv-budget F" in uptrain.inspect(src).to_text()
+
+
+def test_a_layer_without_attention_keeps_no_kv_heads(converted, tmp_path):
+    """nemotron-nas checkpoints of other makers (the Nemotron-51B family) may replace a layer's attention by a no_op:
+    that layer holds no K/V weights and keeps no cache, 0 KV heads. inspect and push read such a folder, and convert
+    refuses it as a source in words (it is a per-layer checkpoint), never with a traceback."""
+    from safetensors.torch import save_file
+
+    from uptrain.arch import attention_shape
+    from uptrain.publishing.hub import push
+
+    _, _, out, _ = converted
+    folder = tmp_path / "no_op"
+    shutil.copytree(out, folder)
+    (folder / "uptrain.json").unlink()  # written by another tool
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["block_configs"][2]["attention"] = {"no_op": True, "replace_with_linear": False, "n_heads_in_group": None}
+    (folder / "config.json").write_text(json.dumps(cfg))
+    kept = {k: t for k, t in weights(folder).items() if not k.startswith("model.layers.2.self_attn.")}
+    save_file(kept, folder / "model.safetensors", metadata={"format": "pt"})
+    heads = [8, 2, 0, 4]
+    shape = attention_shape(cfg)
+    assert shape.kv_heads == tuple(heads) and shape.kind == "per-layer GQA"
+    assert shape.kv_cache_bytes_per_token(4) == 2 * sum(heads) * 8 * 4
+
+    r = run("inspect", folder)
+    assert r.returncode == 0, r.stderr
+    assert "KV heads          8,2,0,4 (per layer, block_configs; 14 in all)" in r.stdout
+    assert "nemotron-nas (per-layer GQA)" in r.stdout and f"{2 * 14 * 8 * 4:,} bytes per token" in r.stdout
+    rows = [line.split() for line in r.stdout.splitlines() if line.strip()[:1].isdigit() and "   " in line][-4:]
+    assert rows == [["0", "8", "1", "512"], ["1", "2", "4", "128"], ["2", "0", "—", "0"], ["3", "4", "2", "256"]]
+    assert "8,2,0,4 key/value heads" in push(str(folder), "someone/no-op", dry_run=True).card
+    r = run("convert", folder, tmp_path / "x", "--groups", "1")
+    assert r.returncode == 2 and "already has per-layer KV heads (block_configs: 8,2,0,4)" in r.stderr
 
 
 def test_eval_counts_each_layers_heads_and_the_real_cache_agrees(converted):

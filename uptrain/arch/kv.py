@@ -17,7 +17,10 @@ from uptrain.kv_heads import text as kv_heads_text
 
 def attention_kind(heads, kv_heads) -> str:
     """"MHA" (K = H), "MQA" (K = 1), "GQA-K", or "per-layer GQA" for KV heads that differ between layers (a
-    list G_l); "?" when either count is unknown."""
+    list G_l; a layer without attention counts 0); "?" when either count is unknown."""
+    per_layer = per_layer_counts(kv_heads)
+    if per_layer is not None and 0 in per_layer and any(per_layer):  # some layers have no attention (no_op)
+        return "per-layer GQA" if heads else "?"
     try:
         kv = KVHeads.of(kv_heads)
     except ValueError:  # unknown (None, 0)

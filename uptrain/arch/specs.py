@@ -161,9 +161,12 @@ class AttentionSpec:
         return config_value(cfg, self.heads_field)
 
     def kv_heads(self, cfg) -> int | tuple[int, ...]:
-        """K: the KV heads of every layer; a tuple G_l when a per-layer checkpoint's layers differ."""
+        """K: the KV heads of every layer; a tuple G_l when a per-layer checkpoint's layers differ (0 for a layer
+        without attention: nemotron-nas' no_op)."""
         if self.per_layer:
-            return KVHeads.of(tuple(self.layer_kv_heads(cfg))).value
+            heads = self.layer_kv_heads(cfg)
+            # a layer without attention keeps no KV heads: counts as read, not a result's G_l (KVHeads: at least 1)
+            return heads if 0 in heads else KVHeads.of(heads).value
         return self._config_kv_heads(cfg)
 
     def uniform_kv_heads(self, cfg) -> int:

@@ -2,12 +2,10 @@
 file, every method per layer, and the pipeline on the result (inspect, eval, push, train)."""
 import json
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
-from model_io import ids, load, logits, record, weights
+from model_io import generate_here, generate_without_uptrain, ids, load, logits, record, weights
 from test_cli_convert import run
 from tiny_models import save, tiny_model
 
@@ -138,24 +136,9 @@ def test_save_pretrained_keeps_the_code_and_the_blocks(converted, tmp_path):
 
 def test_a_fresh_interpreter_without_uptrain_loads_and_generates(converted, tmp_path):
     _, _, out, _ = converted
-    code = (
-        "import json, sys\n"
-        "sys.modules['uptrain'] = None  # the machine of someone who never installed uptrain\n"
-        "import torch\n"
-        "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
-        f"AutoTokenizer.from_pretrained({str(out)!r}, trust_remote_code=True)\n"
-        f"model = AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True).eval()\n"
-        "seq = model.generate(torch.tensor([[5, 6, 7, 8, 9]]), max_new_tokens=6, do_sample=False, pad_token_id=1)\n"
-        "print(json.dumps([type(model).__name__, type(model.config).__name__, seq[0].tolist()]))\n")
-    env = {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"),
-           "OMP_NUM_THREADS": "1"}
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env,
-                         timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
-    name, config_name, seq = json.loads(res.stdout.splitlines()[-1])
-    assert (name, config_name) == ("DeciLMForCausalLM", "DeciLMConfig")
-    here = load(out).generate(torch.tensor([[5, 6, 7, 8, 9]]), max_new_tokens=6, do_sample=False, pad_token_id=1)
-    assert seq == here[0].tolist()
+    [there] = generate_without_uptrain([out], tmp_path)
+    assert (there["model"], there["config"]) == ("DeciLMForCausalLM", "DeciLMConfig")
+    assert there["tokens"] == generate_here(out)
 
 
 # ------------------------------------------------------------------------------------------- the family

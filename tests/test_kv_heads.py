@@ -24,3 +24,16 @@ def test_of_refuses_what_is_not_kv_heads():
     for bad in (True, 2.5, [], [1, "2"], None):
         with pytest.raises(ValueError):
             KVHeads.of(bad)
+
+
+def test_a_unit_of_an_encoder_decoder_has_the_one_g():
+    """`at` takes what the attention spec calls a unit (AttentionSpec.classify / units): a layer index, or (block,
+    index) in an encoder-decoder, whose result has one G; per-layer G_l are per decoder layer only."""
+    from uptrain.arch import SEQ2SEQ_SPECS
+
+    t5 = SEQ2SEQ_SPECS["t5"]
+    _, unit, _ = t5.classify("decoder.block.1.layer.1.EncDecAttention.k.weight")
+    assert unit == ("cross", 1) and unit in t5.units({"num_layers": 2, "num_decoder_layers": None})
+    assert KVHeads.of(2).at(unit) == 2
+    with pytest.raises(ValueError, match="not a layer index"):
+        KVHeads.of([8, 2]).at(unit)

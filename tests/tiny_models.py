@@ -119,7 +119,7 @@ def dummy_files(path):
         f.write("{% for m in messages %}{{ m['content'] }}{% endfor %}")
 
 
-# Encoder-decoders, a table of their own (arch.py's causal SPECS are kept equal to TINY_CONFIGS): d_model 64,
+# Encoder-decoders, a table of their own (uptrain.arch's causal SPECS are kept equal to TINY_CONFIGS): d_model 64,
 # 2 + 2 layers, 4 heads of d_kv 16, the T5.1.1 layout (gated-gelu, untied LM head); the session tokenizer's 512
 # tokens plus T5's 100 sentinels (uptrain.span_corruption.add_sentinel_tokens).
 SENTINELS = 100

@@ -72,9 +72,14 @@ class KVHeads:
         """G or the tuple G_l (what the architecture table's functions take)."""
         return self.per_layer if self.per_layer is not None else self._g
 
-    def at(self, layer: int) -> int:
-        """G of one layer."""
-        return self.per_layer[layer] if self.per_layer is not None else self._g
+    def at(self, layer: LayerKey) -> int:
+        """G of one unit: its layer's G_l, or the one G (of every unit, an encoder-decoder's (block, index) too).
+        Per-layer KV heads are a form of decoder-only models: their units are layer indices."""
+        if self.per_layer is None:
+            return self._g
+        if not isinstance(layer, int):
+            raise ValueError(f"per-layer KV heads are G_l per decoder layer; {layer!r} is not a layer index")
+        return self.per_layer[layer]
 
     def layers(self, n: int) -> tuple[int, ...]:
         """G_l of each of n layers."""

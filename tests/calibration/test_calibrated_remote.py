@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from model_io import load, record
 from test_merging import IDS, logits, plant
 from tiny_models import REMOTE_CODE, save, tiny_model
 
@@ -16,13 +17,7 @@ CAL = dict(calibration_tokens=256, calibration_seq_len=32, calibration_batch_siz
 
 
 def load_remote(folder):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, trust_remote_code=True).eval()
-
-
-def record(folder) -> dict:
-    return json.loads((folder / "uptrain.json").read_text())["conversion"]
+    return load(folder, dtype=torch.float32)
 
 
 @pytest.mark.parametrize("arch", REMOTE_CODE)
@@ -56,7 +51,7 @@ def test_aligned_is_lossless_on_foldable_heads(arch, groups, written_as, tmp_pat
     assert (r.remote_code is not None) == (arch in REMOTE_CODE and written_as == arch)
     assert (logits(aligned, IDS) - ref).abs().max().item() <= 1e-4
     assert (logits(load_remote(tmp_path / "mean"), IDS) - ref).abs().max().item() >= 0.03
-    conv = record(tmp_path / "aligned")
+    conv = record(tmp_path / "aligned")["conversion"]
     assert [e["layer"] for e in conv["aligned"]["layers"]] == [0, 1]
     assert all(e["k_fit_error"] < 1e-6 and e["v_fit_error"] < 1e-6 for e in conv["aligned"]["layers"])
     # refinement (aligned's default) finds nothing to improve on an exact merge and keeps it
@@ -81,7 +76,7 @@ def test_refinement_lowers_the_layer_error(arch, over, tmp_path, tokenizer):
     uptrain.convert(src, tmp_path / "plain", groups=2, method="mean-norm", progress=False)
     r = uptrain.convert(src, tmp_path / "refined", groups=2, method="mean-norm", refine_steps=30,
                         calibration_inputs="converted", progress=False, **CAL)
-    fits = record(tmp_path / "refined")["refine"]["layers"]
+    fits = record(tmp_path / "refined")["conversion"]["refine"]["layers"]
     assert [f["layer"] for f in fits] == [0, 1] and all(f["after"] < 0.2 * f["before"] for f in fits)
     assert all(s["attn_error_after"] < s["attn_error_before"] for s in r.layers)
 

@@ -8,6 +8,7 @@ import re
 
 import pytest
 import torch
+from model_io import load_seq2seq, record
 from tiny_models import save, tiny_seq2seq_model
 
 import uptrain
@@ -71,12 +72,6 @@ def run(model, batch):
         return model(input_ids=batch[0], labels=batch[1])
 
 
-def load(folder):
-    from transformers import AutoModelForSeq2SeqLM
-
-    return AutoModelForSeq2SeqLM.from_pretrained(folder, trust_remote_code=True).eval()
-
-
 # ------------------------------------------------------------------------------------------ pure math
 def test_cross_attention_fit_uses_the_kv_inputs_moment():
     """q reads x, K/V read y (another distribution): merge_unit with both moments is exact on planted heads;
@@ -129,7 +124,7 @@ def test_g_equal_h_is_the_source(t5tok, tmp_path):
     src = save(model, tmp_path / "src", tokenizer=t5tok)
     r = uptrain.convert(src, tmp_path / "out", groups=4, method="aligned", progress=False, **CAL)
     batch = held_out(t5tok, n=2)
-    out = load(tmp_path / "out")
+    out = load_seq2seq(tmp_path / "out")
     assert r.kv_heads_after == 4 and {(s["block"], s["layer"]) for s in r.layers} == {
         (b, i) for b in ("decoder", "cross") for i in range(2)}
     assert (run(out, batch).logits - run(model, batch).logits).abs().max().item() <= 1e-5
@@ -145,13 +140,13 @@ def test_foldable_heads_convert_exactly_where_mean_does_not(arch, attention, blo
     uptrain.convert(src, tmp_path / "mean", groups=2, attention=attention, progress=False)
     batch = held_out(t5tok, n=2)
     ref = run(model, batch).logits
-    aligned, mean = load(tmp_path / "aligned"), load(tmp_path / "mean")
+    aligned, mean = load_seq2seq(tmp_path / "aligned"), load_seq2seq(tmp_path / "mean")
     assert type(aligned).__name__.endswith("GQAForConditionalGeneration")
     assert (run(aligned, batch).logits - ref).abs().max().item() <= 1e-4
     assert (run(mean, batch).logits - ref).abs().max().item() >= 0.03
     assert {(s["block"], s["layer"]) for s in r.layers} == {(b, i) for b in blocks for i in range(2)}
     assert max(s["k_rel_error"] for s in r.layers) < 1e-3
-    conv = json.loads((tmp_path / "aligned" / "uptrain.json").read_text())["conversion"]
+    conv = record(tmp_path / "aligned")["conversion"]
     assert (conv["method"], conv["grouping"], conv["refine"]["steps"]) == ("aligned", "contiguous", DEFAULT_REFINE_STEPS)
     # an exact closed form is left alone by refinement (refine.EXACT)
     assert len(conv["refine"]["layers"]) == len(r.layers)
@@ -188,7 +183,7 @@ def test_unrelated_heads_aligned_beats_mean(t5tok, tmp_path):
     for method in ("mean", "aligned"):
         uptrain.convert(src, tmp_path / method, groups=1, method=method, progress=False,
                         **(dict(refine_steps=0, **CAL) if method == "aligned" else {}))
-        out = run(load(tmp_path / method), batch)
+        out = run(load_seq2seq(tmp_path / method), batch)
         errors[method] = (out.logits - ref.logits).pow(2).mean().item()
         losses[method] = out.loss.item()
     assert errors["aligned"] < 0.7 * errors["mean"], errors  # measured: 0.066 vs 0.161
@@ -211,9 +206,9 @@ def test_refinement_lands_in_the_checkpoint_and_is_judged_on_held_out_batches(me
     uptrain.convert(src, tmp_path / "closed", groups=1, method=method, progress=False,
                     **(dict(refine_steps=0, **cal) if method == "aligned" else {}))
     r = uptrain.convert(src, tmp_path / "refined", groups=1, method=method, refine_steps=20, progress=False, **cal)
-    refine = json.loads((tmp_path / "refined" / "uptrain.json").read_text())["conversion"]["refine"]
+    refine = record(tmp_path / "refined")["conversion"]["refine"]
     assert refine["steps"] == 20 and len(refine["layers"]) == 4
-    a, b = load(tmp_path / "closed").state_dict(), load(tmp_path / "refined").state_dict()
+    a, b = load_seq2seq(tmp_path / "closed").state_dict(), load_seq2seq(tmp_path / "refined").state_dict()
     kept = 0
     for e in refine["layers"]:
         before, after = e["held_out"]
@@ -237,11 +232,11 @@ def test_cli_aligned_and_refusals(t5tok, tmp_path, capsys):
     src = save(model, tmp_path / "src", tokenizer=t5tok)
     assert main(["convert", src, str(tmp_path / "out"), "--groups", "2", "--method", "aligned",
                  "--calibration-tokens", "512", "--calibration-seq-len", "64", "--refine-steps", "5"]) == 0
-    assert json.loads((tmp_path / "out" / "uptrain.json").read_text())["conversion"]["refine"]["steps"] == 5
+    assert record(tmp_path / "out")["conversion"]["refine"]["steps"] == 5
     cfg = json.loads((tmp_path / "out" / "config.json").read_text())
     assert (cfg["num_key_value_heads"], cfg["gqa_attention"]) == (2, "decoder")
     batch = held_out(t5tok, n=2)
-    assert (run(load(tmp_path / "out"), batch).logits - run(model, batch).logits).abs().max().item() <= 1e-4
+    assert (run(load_seq2seq(tmp_path / "out"), batch).logits - run(model, batch).logits).abs().max().item() <= 1e-4
     for flags, words in [(["--method", "aligned", "--grouping", "similarity"],
                           "--grouping similarity is not supported on t5: .*relative position bias"),
                          (["--method", "aligned", "--calibration-inputs", "converted"],
@@ -268,11 +263,11 @@ def test_plain_text_calibration_without_sentinels(tokenizer, tmp_path):
     model = plant(tiny_seq2seq_model("t5", seed=5), 1)
     src = save(model, tmp_path / "src", tokenizer=tokenizer)
     uptrain.convert(src, tmp_path / "out", groups=1, method="aligned", progress=False, **CAL)
-    cal = json.loads((tmp_path / "out" / "uptrain.json").read_text())["conversion"]["calibration"]
+    cal = record(tmp_path / "out")["conversion"]["calibration"]
     assert (cal["objective"], cal["seq_len"], cal["inputs_length"]) == ("text", 64, 64)
     ids = torch.randint(2, 500, (2, 30), generator=torch.Generator().manual_seed(0))
     batch = (ids, ids[:, :9].contiguous())
-    assert (run(load(tmp_path / "out"), batch).logits - run(model, batch).logits).abs().max().item() <= 1e-4
+    assert (run(load_seq2seq(tmp_path / "out"), batch).logits - run(model, batch).logits).abs().max().item() <= 1e-4
 
 
 def test_gqa_source_converts_further(t5tok, tmp_path):
@@ -284,4 +279,4 @@ def test_gqa_source_converts_further(t5tok, tmp_path):
     r = uptrain.convert(tmp_path / "gqa2", tmp_path / "mqa", groups=1, method="aligned", progress=False, **CAL)
     assert (r.kv_heads_before, r.kv_heads_after) == (2, 1)
     batch = held_out(t5tok, n=2)
-    assert (run(load(tmp_path / "mqa"), batch).logits - run(model, batch).logits).abs().max().item() <= 1e-4
+    assert (run(load_seq2seq(tmp_path / "mqa"), batch).logits - run(model, batch).logits).abs().max().item() <= 1e-4

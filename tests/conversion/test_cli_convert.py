@@ -6,7 +6,7 @@ import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from model_io import load, record, weights
 from tiny_models import save, tiny_model
 
 
@@ -43,8 +43,7 @@ def test_convert_success_and_summary(src, tmp_path):
     r = run_subprocess("convert", src, tmp_path / "out", "--groups", "2", "--quiet")
     assert r.returncode == 0, r.stderr
     assert "from 8 to 2 KV heads" in r.stdout and "75% smaller" in r.stdout
-    assert load_file(str(tmp_path / "out" / "model.safetensors"))["model.layers.0.self_attn.k_proj.weight"].shape \
-        == (16, 64)
+    assert weights(tmp_path / "out")["model.layers.0.self_attn.k_proj.weight"].shape == (16, 64)
 
 
 def test_inspect_json(src):
@@ -138,7 +137,7 @@ def test_pickle_refused_unless_allowed(tmp_path):
     assert not (tmp_path / "o").exists()
     r = run("convert", src, tmp_path / "o", "--groups", "2", "--allow-pickle", "--quiet")
     assert r.returncode == 0, r.stderr
-    out = load_file(str(tmp_path / "o" / "model.safetensors"))
+    out = weights(tmp_path / "o")
     assert torch.equal(out["model.layers.0.mlp.up_proj.weight"], model.state_dict()["model.layers.0.mlp.up_proj.weight"])
 
 
@@ -152,8 +151,6 @@ def test_a_sources_own_auto_map_is_dropped_with_a_note(arch, tmp_path):
     """A source whose config.json names its own modeling code: uptrain neither runs nor copies that code, so the
     result's config.json must not point at it (a native result has no auto_map; a remote-code one names only
     uptrain's template), it loads with trust_remote_code=True, and the note says what was dropped."""
-    from transformers import AutoModelForCausalLM
-
     from uptrain.modeling import TEMPLATES
 
     src = tmp_path / "src"
@@ -168,11 +165,10 @@ def test_a_sources_own_auto_map_is_dropped_with_a_note(arch, tmp_path):
     out_cfg = json.loads((tmp_path / "out" / "config.json").read_text())
     assert out_cfg.get("auto_map") == (TEMPLATES[arch].auto_map() if arch in TEMPLATES else None)
     assert not (tmp_path / "out" / "modeling_custom.py").exists()
-    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out", trust_remote_code=True)
+    model = load(tmp_path / "out")
     assert type(model).__name__ == (TEMPLATES[arch].model_class if arch in TEMPLATES else "LlamaForCausalLM")
     assert model.config.num_key_value_heads == 2
-    record = json.loads((tmp_path / "out" / "uptrain.json").read_text())
-    assert record["conversion"]["dropped_auto_map"] == own
+    assert record(tmp_path / "out")["conversion"]["dropped_auto_map"] == own
 
 
 def test_a_remote_code_result_says_which_model_type_has_no_class(tmp_path):

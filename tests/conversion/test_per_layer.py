@@ -1,12 +1,11 @@
 """Per-layer KV heads (`--groups 8,2,1,4`): the nemotron-nas / DeciLM form of Llama-family results, its modeling
 file, every method per layer, and the pipeline on the result (inspect, eval, push, train)."""
 import json
-import subprocess
-import sys
+import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from model_io import generate_here, generate_without_uptrain, ids, load, logits, record, weights
 from test_cli_convert import run
 from tiny_models import save, tiny_model
 
@@ -19,21 +18,6 @@ from uptrain.training.recipe import load_recipe
 pytestmark = pytest.mark.usefixtures("one_thread")
 GROUPS = [8, 2, 1, 4]
 TEMPLATE = TEMPLATES["nemotron-nas"]
-
-
-def ids(batch=2, length=20, seed=0):
-    return torch.randint(2, 512, (batch, length), generator=torch.Generator().manual_seed(seed))
-
-
-def load(path, **kw):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, **kw).eval()
-
-
-def logits(model, x):
-    with torch.no_grad():
-        return model(x).logits
 
 
 def shared(model, groups):
@@ -85,13 +69,13 @@ def test_written_in_the_nemotron_nas_form(converted):
     assert {json.dumps(b["ffn"], sort_keys=True) for b in cfg["block_configs"]} == {json.dumps(
         {"intermediate_size": 128, "no_op": False, "replace_with_linear": False}, sort_keys=True)}
     assert (out / TEMPLATE.file).read_bytes() == TEMPLATE.path.read_bytes()
-    w = load_file(out / "model.safetensors")
+    w = weights(out)
     assert [w[f"model.layers.{i}.self_attn.k_proj.weight"].shape[0] for i in range(4)] == [8 * g for g in GROUPS]
     assert "from 8 to 8,2,1,4 KV heads per layer" in stdout and "vLLM serves natively" in stdout
-    record = json.loads((out / "uptrain.json").read_text())["conversion"]
-    assert record["groups"] == GROUPS and record["kv_heads_after"] == GROUPS
-    assert record["kv_cache_bytes_per_token_after"] == 2 * sum(GROUPS) * 8 * 4
-    assert [x["kv_heads"] for x in record["layers"]] == GROUPS
+    conv = record(out)["conversion"]
+    assert conv["groups"] == GROUPS and conv["kv_heads_after"] == GROUPS
+    assert conv["kv_cache_bytes_per_token_after"] == 2 * sum(GROUPS) * 8 * 4
+    assert [x["kv_heads"] for x in conv["layers"]] == GROUPS
 
 
 def test_ffn_mult_is_written_only_where_deci_lm_gives_back_the_size():
@@ -152,24 +136,9 @@ def test_save_pretrained_keeps_the_code_and_the_blocks(converted, tmp_path):
 
 def test_a_fresh_interpreter_without_uptrain_loads_and_generates(converted, tmp_path):
     _, _, out, _ = converted
-    code = (
-        "import json, sys\n"
-        "sys.modules['uptrain'] = None  # the machine of someone who never installed uptrain\n"
-        "import torch\n"
-        "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
-        f"AutoTokenizer.from_pretrained({str(out)!r}, trust_remote_code=True)\n"
-        f"model = AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True).eval()\n"
-        "seq = model.generate(torch.tensor([[5, 6, 7, 8, 9]]), max_new_tokens=6, do_sample=False, pad_token_id=1)\n"
-        "print(json.dumps([type(model).__name__, type(model.config).__name__, seq[0].tolist()]))\n")
-    env = {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"),
-           "OMP_NUM_THREADS": "1"}
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env,
-                         timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
-    name, config_name, seq = json.loads(res.stdout.splitlines()[-1])
-    assert (name, config_name) == ("DeciLMForCausalLM", "DeciLMConfig")
-    here = load(out).generate(torch.tensor([[5, 6, 7, 8, 9]]), max_new_tokens=6, do_sample=False, pad_token_id=1)
-    assert seq == here[0].tolist()
+    [there] = generate_without_uptrain([out], tmp_path)
+    assert (there["model"], there["config"]) == ("DeciLMForCausalLM", "DeciLMConfig")
+    assert there["tokens"] == generate_here(out)
 
 
 # ------------------------------------------------------------------------------------------- the family
@@ -232,10 +201,10 @@ def test_every_method_per_layer_is_each_layers_own_conversion(method, extra, tmp
     if method == "aligned":
         kw.update(distill_steps=0)  # distillation fits all layers together: a layer would no longer be its own
     uptrain.convert(src, tmp_path / "per", groups=[2, 8, 1], **kw)
-    per = load_file(tmp_path / "per" / "model.safetensors")
-    whole = {g: load_file(uptrain.convert(src, tmp_path / str(g), groups=g, **kw).out + "/model.safetensors")
+    per = weights(tmp_path / "per")
+    whole = {g: weights(uptrain.convert(src, tmp_path / str(g), groups=g, **kw).out)
              for g in (2, 1)}
-    source = load_file(tmp_path / "src" / "model.safetensors")
+    source = weights(tmp_path / "src")
     for layer, g in enumerate([2, 8, 1]):
         names = [n for n in per if n.startswith(f"model.layers.{layer}.")]
         for n in names:
@@ -255,6 +224,40 @@ def test_inspect_shows_each_layers_heads(converted):
     assert [line.split()[:2] for line in text.splitlines() if line.strip()[:1].isdigit() and "   " in line][-4:] == \
         [["0", "8"], ["1", "2"], ["2", "1"], ["3", "4"]]
     assert "--kv-budget F" in uptrain.inspect(src).to_text()
+
+
+def test_a_layer_without_attention_keeps_no_kv_heads(converted, tmp_path):
+    """nemotron-nas checkpoints of other makers (the Nemotron-51B family) may replace a layer's attention by a no_op:
+    that layer holds no K/V weights and keeps no cache, 0 KV heads. inspect and push read such a folder, and convert
+    refuses it as a source in words (it is a per-layer checkpoint), never with a traceback."""
+    from safetensors.torch import save_file
+
+    from uptrain.arch import attention_shape
+    from uptrain.publishing.hub import push
+
+    _, _, out, _ = converted
+    folder = tmp_path / "no_op"
+    shutil.copytree(out, folder)
+    (folder / "uptrain.json").unlink()  # written by another tool
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["block_configs"][2]["attention"] = {"no_op": True, "replace_with_linear": False, "n_heads_in_group": None}
+    (folder / "config.json").write_text(json.dumps(cfg))
+    kept = {k: t for k, t in weights(folder).items() if not k.startswith("model.layers.2.self_attn.")}
+    save_file(kept, folder / "model.safetensors", metadata={"format": "pt"})
+    heads = [8, 2, 0, 4]
+    shape = attention_shape(cfg)
+    assert shape.kv_heads == tuple(heads) and shape.kind == "per-layer GQA"
+    assert shape.kv_cache_bytes_per_token(4) == 2 * sum(heads) * 8 * 4
+
+    r = run("inspect", folder)
+    assert r.returncode == 0, r.stderr
+    assert "KV heads          8,2,0,4 (per layer, block_configs; 14 in all)" in r.stdout
+    assert "nemotron-nas (per-layer GQA)" in r.stdout and f"{2 * 14 * 8 * 4:,} bytes per token" in r.stdout
+    rows = [line.split() for line in r.stdout.splitlines() if line.strip()[:1].isdigit() and "   " in line][-4:]
+    assert rows == [["0", "8", "1", "512"], ["1", "2", "4", "128"], ["2", "0", "—", "0"], ["3", "4", "2", "256"]]
+    assert "8,2,0,4 key/value heads" in push(str(folder), "someone/no-op", dry_run=True).card
+    r = run("convert", folder, tmp_path / "x", "--groups", "1")
+    assert r.returncode == 2 and "already has per-layer KV heads (block_configs: 8,2,0,4)" in r.stderr
 
 
 def test_eval_counts_each_layers_heads_and_the_real_cache_agrees(converted):
@@ -300,7 +303,7 @@ def test_train_converts_to_per_layer_heads_and_learns(tmp_path, tokenizer):
         cfg = json.loads((folder / "config.json").read_text())
         assert [b["attention"]["n_heads_in_group"] for b in cfg["block_configs"]] == [2, 8]
         assert (folder / TEMPLATE.file).read_bytes() == TEMPLATE.path.read_bytes()
-    assert json.loads((out / "uptrain.json").read_text())["conversion"]["groups"] == [4, 1]
+    assert record(out)["conversion"]["groups"] == [4, 1]
     heads, _ = cache_heads(load(out), ids(batch=1, length=5))
     assert heads == [4, 1]
 
@@ -331,8 +334,8 @@ def test_two_ranks_train_a_per_layer_model_as_one_process_does(config, converted
     got = [json.loads(x)["loss"] for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()
            if "loss" in json.loads(x)]
     assert len(got) == 2 and max(abs(a - b) for a, b in zip(got, one.losses)) < 1e-4
-    two, ref = load_file(tmp_path / "two" / "model.safetensors"), load_file(tmp_path / "one" / "model.safetensors")
+    two, ref = weights(tmp_path / "two"), weights(tmp_path / "one")
     assert max((two[k] - ref[k]).abs().max().item() for k in ref) < 1e-4
     assert [two[f"model.layers.{i}.self_attn.v_proj.weight"].shape[0] for i in range(4)] == [8 * g for g in GROUPS]
     assert (tmp_path / "two" / TEMPLATE.file).read_bytes() == TEMPLATE.path.read_bytes()
-    assert json.loads((tmp_path / "two" / "uptrain.json").read_text())["uptraining"]["processes"] == 2
+    assert record(tmp_path / "two")["uptraining"]["processes"] == 2

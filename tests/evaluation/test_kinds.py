@@ -1,4 +1,4 @@
-"""uptrain/evaluation/kinds.py and the built-in corpora it draws on (uptrain/data.py BUILTINS): held-out text that
+"""uptrain/evaluation/kinds.py and the built-in corpora it draws on (uptrain.data BUILTINS): held-out text that
 no built-in corpus trains on, a fixed number of tokens per kind, scored one kind at a time against a source."""
 import math
 

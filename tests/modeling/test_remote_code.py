@@ -2,12 +2,10 @@
 uptrain's modeling file and an auto_map, and loads with trust_remote_code=True where uptrain is not
 installed; GPT-2 → MQA is a native gpt_bigcode checkpoint instead."""
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
-from model_io import ids, load, logits
+from model_io import generate_here, generate_without_uptrain, ids, load, logits
 from tiny_models import REMOTE_CODE, cache_kw, make_groups_equal, save, tiny_model
 
 import uptrain
@@ -145,35 +143,11 @@ def test_cache_holds_g_heads_and_cached_generation_is_uncached(arch, attn, conve
 def test_a_fresh_interpreter_without_uptrain_loads_and_generates(converted, tmp_path):
     """One interpreter (torch's import is most of the time) in which `import uptrain` fails loads every
     architecture's result with plain transformers and generates what this process generates."""
-    folders = {arch: str(converted[arch][2]) for arch in REMOTE_CODE}
-    code = (
-        "import json, sys\n"
-        "sys.modules['uptrain'] = None  # the machine of someone who never installed uptrain\n"
-        "try:\n"
-        "    import uptrain\n"
-        "    raise SystemExit('uptrain importable')\n"
-        "except ImportError:\n"
-        "    pass\n"
-        "import torch\n"
-        "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
-        f"for arch, path in {folders!r}.items():\n"
-        "    AutoTokenizer.from_pretrained(path)\n"
-        "    model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True).eval()\n"
-        "    seq = model.generate(torch.tensor([[5, 6, 7, 8, 9]]), max_new_tokens=6, do_sample=False, pad_token_id=1)\n"
-        "    print(json.dumps([arch, type(model).__name__, seq[0].tolist()]))\n"
-    )
-    env = {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"),
-           "OMP_NUM_THREADS": "1"}
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env,
-                         timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
-    rows = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("[")]
-    assert [r[0] for r in rows] == list(REMOTE_CODE)
-    for arch, name, seq in rows:
-        assert name == TEMPLATES[arch].model_class
-        here = load(folders[arch]).generate(torch.tensor([[5, 6, 7, 8, 9]]), max_new_tokens=6, do_sample=False,
-                                            pad_token_id=1)
-        assert seq == here[0].tolist()
+    folders = [converted[arch][2] for arch in REMOTE_CODE]
+    rows = generate_without_uptrain(folders, tmp_path)
+    assert [r["model"] for r in rows] == [TEMPLATES[arch].model_class for arch in REMOTE_CODE]
+    for folder, there in zip(folders, rows):
+        assert there["tokens"] == generate_here(folder)
 
 
 @pytest.mark.parametrize("arch", REMOTE_CODE)

@@ -7,8 +7,7 @@ import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file
-from model_io import ids, logits, record
+from model_io import all_weights, ids, load_seq2seq, logits, record
 from tiny_models import TINY_SEQ2SEQ_CONFIGS, save, tiny_seq2seq_model
 
 import uptrain
@@ -30,14 +29,6 @@ def test_every_seq2seq_spec_has_a_tiny_model_and_a_template():
     for arch, cls in GQA_CLASSES.items():
         t = TEMPLATES[arch]
         assert (t.file, t.model_class, t.auto_class) == ("modeling_gqa_t5.py", cls.__name__, "AutoModelForSeq2SeqLM")
-
-
-def load_all(folder) -> dict:
-    out = {}
-    for f in os.listdir(folder):
-        if f.endswith(".safetensors"):
-            out.update(load_file(os.path.join(folder, f)))
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -79,12 +70,6 @@ def heads_equal_within_groups(model, groups: int, blocks: tuple[str, ...]):
     return model
 
 
-def load_gqa(folder):
-    from transformers import AutoModelForSeq2SeqLM
-
-    return AutoModelForSeq2SeqLM.from_pretrained(folder, trust_remote_code=True).eval()
-
-
 @pytest.mark.parametrize("attention, blocks", [("decoder", ("decoder", "cross")),
                                                ("all", ("encoder", "decoder", "cross"))])
 @pytest.mark.parametrize("arch", ARCHS)
@@ -92,7 +77,7 @@ def test_equal_heads_within_groups_convert_losslessly(arch, attention, blocks, t
     model = heads_equal_within_groups(tiny_seq2seq_model(arch, seed=1), 2, blocks)
     src = save(model, tmp_path / "src")
     r = uptrain.convert(src, tmp_path / "out", groups=2, attention=attention, progress=False)
-    out = load_gqa(tmp_path / "out")
+    out = load_seq2seq(tmp_path / "out")
     assert type(out).__name__ == GQA_CLASSES[arch].__name__
     x, dec = ids(length=12), ids(length=7, seed=1)
     delta = (logits(model, x, dec) - logits(out, x, dec)).abs().max()
@@ -103,7 +88,7 @@ def test_equal_heads_within_groups_convert_losslessly(arch, attention, blocks, t
     assert (cfg["num_key_value_heads"], cfg["gqa_attention"], cfg["model_type"]) == (2, attention, arch)
     assert cfg["auto_map"] == {"AutoModelForSeq2SeqLM": f"modeling_gqa_t5.{GQA_CLASSES[arch].__name__}"}
     assert (tmp_path / "out" / "modeling_gqa_t5.py").read_bytes() == TEMPLATES[arch].path.read_bytes()
-    a, b = load_all(src), load_all(tmp_path / "out")
+    a, b = all_weights(src), all_weights(tmp_path / "out")
     for name, t in a.items():  # pooled blocks have 2 heads of 16 rows, every other tensor is byte-identical
         pooled = any(f"{p}.{kv}.weight" in name for p in ("EncDecAttention", "SelfAttention") for kv in "kv") and (
             "decoder." in name or attention == "all")
@@ -119,7 +104,7 @@ def test_original_t5_relu_tied_head_converts_losslessly(tmp_path):
     assert model.config.scale_decoder_outputs and model.lm_head.weight.data_ptr() == model.shared.weight.data_ptr()
     src = save(model, tmp_path / "src")
     uptrain.convert(src, tmp_path / "out", groups=1, progress=False)
-    out = load_gqa(tmp_path / "out")
+    out = load_seq2seq(tmp_path / "out")
     assert out.config.scale_decoder_outputs and out.lm_head.weight.data_ptr() == out.shared.weight.data_ptr()
     x, dec = ids(length=12), ids(length=5)
     assert (logits(model, x, dec) - logits(out, x, dec)).abs().max().item() <= 1e-5
@@ -132,7 +117,7 @@ def cache_bytes(layers) -> int:
 @pytest.mark.parametrize("arch", ARCHS)
 def test_cached_generation_equals_uncached_and_caches_hold_g_heads(arch, sources, tmp_path):
     r = uptrain.convert(sources[arch], tmp_path / "out", groups=2, progress=False)  # mean: heads really merged
-    model = load_gqa(tmp_path / "out")
+    model = load_seq2seq(tmp_path / "out")
     source = ids(batch=2, length=9)
     from transformers import AutoModelForSeq2SeqLM
 
@@ -192,26 +177,26 @@ def test_fresh_interpreter_without_uptrain_loads_and_generates(sources, tmp_path
     got = json.loads(p.stdout.strip().splitlines()[-1])
     assert got["class"] == "T5GQAForConditionalGeneration" and got["module"].startswith("transformers_modules.")
     assert got["heads"] == 1
-    here = load_gqa(tmp_path / "out").generate(source, max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    here = load_seq2seq(tmp_path / "out").generate(source, max_new_tokens=5, min_new_tokens=5, do_sample=False)
     assert got["tokens"] == here.tolist()
 
 
 def test_save_pretrained_keeps_the_code(sources, tmp_path):
     """A loaded GQA model saves as it came (what training and pushing do): weights, config, auto_map, the file."""
     uptrain.convert(sources["t5"], tmp_path / "out", groups=2, progress=False)
-    load_gqa(tmp_path / "out").save_pretrained(tmp_path / "again")
+    load_seq2seq(tmp_path / "out").save_pretrained(tmp_path / "again")
     cfg = json.loads((tmp_path / "again" / "config.json").read_text())
     assert (cfg["num_key_value_heads"], cfg["gqa_attention"]) == (2, "decoder")
     assert cfg["auto_map"] == json.loads((tmp_path / "out" / "config.json").read_text())["auto_map"]
     assert (tmp_path / "again" / "modeling_gqa_t5.py").read_bytes() == TEMPLATES["t5"].path.read_bytes()
-    a, b = load_all(tmp_path / "out"), load_all(tmp_path / "again")
+    a, b = all_weights(tmp_path / "out"), all_weights(tmp_path / "again")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 # --------------------------------------------------------------------------------------------------- convert
 def test_g_equal_h_is_the_source_unchanged(sources, tmp_path):
     r = uptrain.convert(sources["umt5"], tmp_path / "out", groups=4, progress=False)
-    a, b = load_all(sources["umt5"]), load_all(tmp_path / "out")
+    a, b = all_weights(sources["umt5"]), all_weights(tmp_path / "out")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     cfg = json.loads((tmp_path / "out" / "config.json").read_text())
     assert "auto_map" not in cfg and not (tmp_path / "out" / "modeling_gqa_t5.py").exists()  # native
@@ -225,19 +210,19 @@ def test_gqa_source_converts_further_with_its_own_choice(sources, tmp_path):
     uptrain.convert(tmp_path / "gqa2", tmp_path / "mqa", groups=1, attention="all", progress=False)
     cfg = json.loads((tmp_path / "mqa" / "config.json").read_text())
     assert (cfg["num_key_value_heads"], cfg["gqa_attention"]) == (1, "all")
-    w = load_all(tmp_path / "mqa")
+    w = all_weights(tmp_path / "mqa")
     assert w["encoder.block.0.layer.0.SelfAttention.k.weight"].shape == (16, 64)
     rec = record(tmp_path / "mqa")
     assert rec["conversion"]["options"]["attention"] == "all" and rec["source_record"]["conversion"]["groups"] == 2
-    model = load_gqa(tmp_path / "mqa")
+    model = load_seq2seq(tmp_path / "mqa")
     assert model.generate(ids(batch=1, length=12), max_new_tokens=3).shape[1] >= 2
 
 
 def test_methods_and_refusals(sources, tmp_path):
-    a = load_all(sources["t5"])
+    a = all_weights(sources["t5"])
     for method in ("first", "random", "mean-norm"):
         r = uptrain.convert(sources["t5"], tmp_path / method, groups=2, method=method, seed=3, progress=False)
-        w = load_all(tmp_path / method)["decoder.block.1.layer.1.EncDecAttention.v.weight"]
+        w = all_weights(tmp_path / method)["decoder.block.1.layer.1.EncDecAttention.v.weight"]
         assert w.shape == (32, 64) and r.method == method
         if method == "first":  # heads 0 and 2 of the source's 4
             src = a["decoder.block.1.layer.1.EncDecAttention.v.weight"]

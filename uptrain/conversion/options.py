@@ -194,7 +194,7 @@ class ConvertOptions(SpokenOptions):
         return self
 
     def check_source(self, spec, config) -> None:
-        """Checks against the source's attention spec and config (arch.py; no weights read): the KV heads given
+        """Checks against the source's attention spec and config (uptrain/arch; no weights read): the KV heads given
         divide the source's, a per-layer result has a form, a budget leaves every layer at least one KV head."""
         from uptrain.arch import check_groups, kv_heads_text
 

@@ -1,4 +1,4 @@
-"""The result's config.json: the source's with the form's changes for G (arch.py), and the auto_map of the
+"""The result's config.json: the source's with the form's changes for G (uptrain/arch), and the auto_map of the
 uptrain.modeling template that travels with it, if any; a source's own auto_map does not carry over."""
 from __future__ import annotations
 

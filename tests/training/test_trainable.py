@@ -126,3 +126,19 @@ def test_keep_best_copies_only_the_trainable_weights(models):
     best.offer(model, {"step": 0, "loss": 1.0})
     assert best.tensors is not None and set(best.tensors) == {n for n, t in mask.items() if t}
     assert all(t.device.type == "cpu" for t in best.tensors.values())
+
+
+def test_patterns_name_the_models_parameters_not_the_checkpoints_spelling(models, tokenizer, tmp_path):
+    """A GPT-NeoX checkpoint stores the head as embed_out.weight (transformers writes it so); the model calls it
+    lm_head.weight, which is what a pattern names, and what trains."""
+    from tiny_models import save
+
+    folder = tmp_path / "neox"
+    save(tiny_model("gpt_neox", heads=4), folder, tokenizer)
+    start = weights(folder)
+    assert "embed_out.weight" in start and "lm_head.weight" not in start
+    res = train(recipe(models, tmp_path / "run", model={"path": str(folder)}, train={"params": ["lm_head.weight"]},
+                       budget={"max_steps": 1}))
+    end = weights(tmp_path / "run")
+    assert res.trainable_parameters == start["embed_out.weight"].numel()
+    assert {k for k in start if not torch.equal(start[k], end[k])} == {"embed_out.weight"}

@@ -167,11 +167,13 @@ def attention_patterns(spec) -> list[str]:
     return [spec.layer_prefix.replace("{}", "*") + ".".join(module) + ".*"]
 
 
-def trainable_mask(names, spec, params) -> dict[str, bool]:
+def trainable_mask(names, spec, params, strict: bool = True) -> dict[str, bool]:
     """name → trains? `params` is train.params: `all`; `attention`: every tensor of the attention modules
     (attention_patterns); `kv`: tensors whose shape depends on the KV-head count (k/v projections; for fused qkv
     layouts such as phi3 the whole qkv projection); or a list of glob patterns over parameter names, each of
-    which must select at least one (a pattern that selects nothing is a typo, refused with names to copy)."""
+    which must select at least one (a pattern that selects nothing is a typo, refused with names to copy).
+    strict=False: no refusal, for names that are not the model's own (a checkpoint's may be spelled otherwise:
+    old GPT-NeoX checkpoints store the model's lm_head as embed_out)."""
     names = list(names)
     if params == "all":
         return {n: True for n in names}
@@ -190,13 +192,30 @@ def trainable_mask(names, spec, params) -> dict[str, bool]:
 
     hits = {p: [n for n in names if any(fnmatch.fnmatchcase(s, p) for s in spelled(n))] for p in patterns}
     unused = [p for p, got in hits.items() if not got]
-    if unused and params != "attention":  # (attention selecting nothing: the caller's "selects no parameter")
+    if unused and strict and params != "attention":  # (attention selecting nothing: the caller's "selects no parameter")
         shown = ", ".join(dict.fromkeys(names[:3] + names[len(names) // 2:len(names) // 2 + 2] + names[-1:]))
         raise UptrainError(f"train.params: {', '.join(map(repr, unused))} match{'es' if len(unused) == 1 else ''} "
                            f"no parameter of this model; patterns are globs over whole parameter names (* matches "
                            f"dots too), and the names look like: {shown}")
     chosen = {n for got in hits.values() for n in got}
     return {n: n in chosen for n in names}
+
+
+def model_parameter_names(src: Source, cfg) -> list[str] | None:
+    """The parameter names of the model `cfg` describes, built on the meta device (no memory, no weights read);
+    None when transformers cannot build it from the config alone."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    from uptrain.hf import carries_uptrain_code
+
+    auto = AutoModelForSeq2SeqLM if getattr(cfg, "is_encoder_decoder", False) else AutoModelForCausalLM
+    try:
+        with torch.device("meta"):
+            model = auto.from_config(cfg, trust_remote_code=carries_uptrain_code(src))
+    except (ValueError, OSError, ImportError, TypeError):  # then the loaded model's names are checked
+        return None
+    return [n for n, _ in model.named_parameters()]
 
 
 SHARDED = ("FSDP", "DEEPSPEED")  # DistributedType values whose parameters are sharded

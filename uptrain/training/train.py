@@ -144,7 +144,8 @@ class _Run:
         """Everything that can fail on bad input, before OUT is touched: (source, config, spec, tokenizer,
         preflight's findings)."""
         from uptrain.arch import spec_for_config
-        from uptrain.training.setup import check_teacher, checkpoint_dtype, model_source, model_tokenizer
+        from uptrain.training.setup import (check_teacher, checkpoint_dtype, model_parameter_names, model_source,
+                                            model_tokenizer, trainable_mask)
 
         r = self.r
         src, cfg = model_source(r.model.path, r.model.revision, "model.path")
@@ -158,6 +159,10 @@ class _Run:
         self.save_dtype = r.train.save_dtype or checkpoint_dtype(src, cfg) or r.model.dtype
         checked = self.on_main(lambda: preflight(r, self.out, mode, src, spec, spec.kv_heads(cfg), self.budget.steps,
                                                  self.save_dtype, str(self.acc.distributed_type)))
+        if not isinstance(r.train.params, str):  # glob patterns: each must name a parameter of the model
+            names = model_parameter_names(src, cfg)
+            if names is not None:
+                trainable_mask(names, spec, r.train.params)
         for note in checked.notes:
             self.say(note)
         if mode == "restart" and resumable_checkpoint(self.out)[1]:

@@ -150,3 +150,29 @@ def test_fsdp_keep_best_saves_the_start_gathered_from_the_shards(model, tmp_path
                                                                                                "model.safetensors"))
     assert sorted(saved) == sorted(start) and all(torch.equal(saved[k], start[k]) for k in saved)
     assert record(tmp_path / "fsdp")["uptraining"]["kept_step"] == 0
+
+
+def test_attention_alone_on_two_ranks_ddp_and_fsdp_with_a_resume(model, tmp_path):
+    """train.params attention on 2 ranks: DDP (cpu.yaml) for 2 steps, FSDP2 (fsdp.yaml) stopped after step 1 and
+    resumed from its sharded checkpoint. Both train the same numbers (≤ 1e-4); outside attention every weight is
+    the start's, bit for bit (no unused-parameter trouble: frozen parameters have no gradient to reduce)."""
+    start = load_file(os.path.join(model["path"], "model.safetensors"))
+    attention = {k for k in start if ".self_attn." in k}
+    for name in ("ddp", "fsdp"):
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(recipe(
+            model, tmp_path / name, budget={"max_steps": 2}, train={"params": "attention"},
+            checkpoint={"every": 1, "keep": 1})))
+    p = launch("cpu.yaml", tmp_path / "ddp.yaml")
+    n = sum(start[k].numel() for k in attention)
+    assert f"training attention (model.layers.*.self_attn.*): {n:,} of" in p.stdout
+    launch("fsdp.yaml", tmp_path / "fsdp.yaml", "budget.stop_at=1")
+    again = launch("fsdp.yaml", tmp_path / "fsdp.yaml", "resume=auto")
+    assert "resuming from" in again.stdout and "step_00000001" in again.stdout
+
+    ddp, fsdp = tmp_path / "ddp", tmp_path / "fsdp"
+    assert len(losses(fsdp)) == 2 and max(abs(a - b) for a, b in zip(losses(fsdp), losses(ddp))) < 1e-4
+    for out in (ddp, fsdp):
+        end = load_file(out / "model.safetensors")
+        assert {k for k in start if not torch.equal(start[k], end[k])} == attention
+        assert record(out)["uptraining"]["trainable_parameters"] == n
+    assert max_diff(load_file(fsdp / "model.safetensors"), load_file(ddp / "model.safetensors")) < 1e-4

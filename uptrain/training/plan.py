@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass, field
 
 from uptrain.errors import UptrainError
 from uptrain.training.budget import resolve_budget
-from uptrain.training.recipe import Recipe, load_recipe, read_yaml
+from uptrain.training.recipe import Recipe, load_recipe, params_text, read_yaml
 
 GiB = 2**30
 
@@ -246,7 +246,7 @@ def plan(recipe, overrides: list[str] | None = None, *, accelerate_config: str |
         recipe=os.fspath(recipe) if isinstance(recipe, (str, os.PathLike)) else "(recipe)", model=r.model.path,
         model_type=shape["model_type"], layers=shape["layers"], heads=shape["heads"],
         kv_heads_before=shape["kv_heads_before"], kv_heads=shape["kv_heads"], parameters_before=shape["before"],
-        parameters=n, trainable=n_train, params=r.train.params, processes=world,
+        parameters=n, trainable=n_train, params=params_text(r.train.params), processes=world,
         micro_batch_size=r.train.micro_batch_size, grad_accum=r.train.grad_accum, seq_len=r.data.seq_len,
         tokens_per_step=tps, steps=budget.steps, tokens=budget.steps * tps, budget=budget.text, flops=flops,
         mixed_precision=mixed, weights_dtype=r.model.dtype, activation_checkpointing=r.train.gradient_checkpointing,

@@ -25,10 +25,12 @@ from uptrain.data import DataSpec
 from uptrain.errors import UptrainError
 
 
-def key(help: str, default=dataclasses.MISSING, *, factory=None, required: bool = False):
+def key(help: str, default=dataclasses.MISSING, *, factory=None, required: bool = False, parse=None):
     """A recipe key: its default and the sentence that documents it. `uptrain train --help-recipe` and the table
-    in docs/training.md are generated from these (uptrain/training/recipe_keys.py), so a key is documented once."""
-    meta = {"help": help, "required": required}
+    in docs/training.md are generated from these (uptrain/training/recipe_keys.py), so a key is documented once.
+    `parse`: the key's own parser of a YAML value (ValueError → an error naming the key), for a value of more than
+    one shape."""
+    meta = {"help": help, "required": required, **({"parse": parse} if parse else {})}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -153,13 +155,38 @@ class OptimSection:
         _require(0 <= self.final_lr_ratio <= 1, f"{key}.final_lr_ratio", "must be in [0, 1]")
 
 
+PARAMS_PRESETS = ("all", "attention", "kv")
+
+
+def parse_params(value):
+    """train.params: a preset name, or glob patterns (a list; on the command line one string, commas between)."""
+    if isinstance(value, str) and value in PARAMS_PRESETS:
+        return value
+    if isinstance(value, str) and any(c in value for c in "*?[."):
+        value = [p.strip() for p in value.split(",") if p.strip()]
+    if isinstance(value, (list, tuple)) and value and all(isinstance(p, str) and p.strip() for p in value):
+        return [p.strip() for p in value]
+    raise ValueError(f"{value!r} is not one of {', '.join(PARAMS_PRESETS)} (or a list of glob patterns over "
+                     f"parameter names, e.g. ['*.self_attn.*'])")
+
+
+def params_text(params) -> str:
+    """train.params as one line: a preset's name, or its glob patterns separated by commas."""
+    return params if isinstance(params, str) else ", ".join(params)
+
+
 @dataclass
 class TrainSection:
     """What trains, in what batches and precision."""
 
-    params: Literal["all", "attention", "kv"] = key(
-        "what trains: all (the paper) | attention (the attention blocks) | kv (only the K/V projections: cheap)",
-        "all")
+    params: Union[Literal["all", "attention", "kv"], list[str]] = key(
+        "what trains: all (the paper) | attention (the attention modules, as the architecture table in "
+        "uptrain/arch.py names them: self_attn, attn, attention …; after a conversion only they changed, and with "
+        "distillation the rest stays the source's) | kv (only the K/V projections: cheap) | a list of glob patterns "
+        "over parameter names, e.g. ['model.layers.*.self_attn.*', 'lm_head.weight'] (on the command line: "
+        "train.params='*.q_proj.*,*.k_proj.*'); each must match a parameter. Frozen parameters get no gradient and "
+        "no optimiser state; the log and uptrain.json say how many parameters trained", "all",
+        parse=parse_params)
     micro_batch_size: int = key("blocks per forward pass per process", 8)
     grad_accum: int = key("micro-batches per optimiser step; the global batch is micro_batch_size × grad_accum × "
                           "processes, and the loss is normalised by the target tokens of the whole window", 1)
@@ -174,6 +201,8 @@ class TrainSection:
     seed: int = key("seed of torch's random numbers, the block order and span corruption", 0)
 
     def check(self, key):
+        if self.params is None:  # `params: null` in a YAML: every parameter, the default
+            self.params = "all"
         _require(self.micro_batch_size >= 1, f"{key}.micro_batch_size", "must be at least 1")
         _require(self.grad_accum >= 1, f"{key}.grad_accum", "must be at least 1")
 

@@ -2,6 +2,7 @@
 trainable parameters and the optimiser. Errors here come before the output folder is touched."""
 from __future__ import annotations
 
+import fnmatch
 import os
 from pathlib import Path
 
@@ -149,22 +150,72 @@ def check_teacher(r: Recipe, student_cfg, tokenizer, teacher) -> None:
                                f"distillation needs the same token ids")
 
 
-def trainable_mask(names, spec, params: str) -> dict[str, bool]:
-    """name → trains? `kv`: tensors whose shape depends on the KV-head count (k/v projections; for fused
-    qkv layouts such as phi3 the whole qkv projection); `attention`: every tensor of the attention block."""
-    def keep(name):
-        if params == "all":
-            return True
-        try:
-            kind, layer, suffix = spec.classify(name)
-        except UptrainError:
-            return False
-        if layer is None:
-            return False
-        # an encoder-decoder's spec names attention tensors only (its blocks): every one in a layer counts
-        return kind == "kv" if params == "kv" else bool(spec.blocks) or suffix.startswith("self_attn.")
+def attention_patterns(spec) -> list[str]:
+    """Glob patterns over parameter names that select the attention modules, read from the attention spec: the
+    module holding the query and output projections in every decoder layer (Llama's self_attn, GPT-2's attn,
+    GPT-NeoX's attention, Falcon's self_attention …), or every attention block of an encoder-decoder."""
+    if spec.blocks:
+        return [b.prefix.replace("{}", "*") + "*" for b in spec.blocks]
+    module = []
+    for a, b in zip(spec.q.split("."), spec.o.split(".")):
+        if a != b:
+            break
+        module.append(a)
+    if not module:  # pragma: no cover - every spec keeps q and o in one module (tests/training check each)
+        raise UptrainError(f"the attention spec's q ({spec.q}) and o ({spec.o}) share no module: train.params "
+                           f"attention cannot name this architecture's attention; give glob patterns instead")
+    return [spec.layer_prefix.replace("{}", "*") + ".".join(module) + ".*"]
 
-    return {n: keep(n) for n in names}
+
+def trainable_mask(names, spec, params, strict: bool = True) -> dict[str, bool]:
+    """name → trains? `params` is train.params: `all`; `attention`: every tensor of the attention modules
+    (attention_patterns); `kv`: tensors whose shape depends on the KV-head count (k/v projections; for fused qkv
+    layouts such as phi3 the whole qkv projection); or a list of glob patterns over parameter names, each of
+    which must select at least one (a pattern that selects nothing is a typo, refused with names to copy).
+    strict=False: no refusal, for names that are not the model's own (a checkpoint's may be spelled otherwise:
+    old GPT-NeoX checkpoints store the model's lm_head as embed_out)."""
+    names = list(names)
+    if params == "all":
+        return {n: True for n in names}
+    if params == "kv":
+        def is_kv(name):
+            try:
+                return spec.classify(name)[0] == "kv"
+            except UptrainError:
+                return False
+
+        return {n: is_kv(n) for n in names}
+    patterns = attention_patterns(spec) if params == "attention" else list(params)
+
+    def spelled(name):  # a base model's checkpoint names lack the root (GPT-2's h.0.… for transformer.h.0.…)
+        return (name, spec.root + name) if spec.root and not name.startswith(spec.root) else (name,)
+
+    hits = {p: [n for n in names if any(fnmatch.fnmatchcase(s, p) for s in spelled(n))] for p in patterns}
+    unused = [p for p, got in hits.items() if not got]
+    if unused and strict and params != "attention":  # (attention selecting nothing: the caller's "selects no parameter")
+        shown = ", ".join(dict.fromkeys(names[:3] + names[len(names) // 2:len(names) // 2 + 2] + names[-1:]))
+        raise UptrainError(f"train.params: {', '.join(map(repr, unused))} match{'es' if len(unused) == 1 else ''} "
+                           f"no parameter of this model; patterns are globs over whole parameter names (* matches "
+                           f"dots too), and the names look like: {shown}")
+    chosen = {n for got in hits.values() for n in got}
+    return {n: n in chosen for n in names}
+
+
+def model_parameter_names(src: Source, cfg) -> list[str] | None:
+    """The parameter names of the model `cfg` describes, built on the meta device (no memory, no weights read);
+    None when transformers cannot build it from the config alone."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    from uptrain.hf import carries_uptrain_code
+
+    auto = AutoModelForSeq2SeqLM if getattr(cfg, "is_encoder_decoder", False) else AutoModelForCausalLM
+    try:
+        with torch.device("meta"):
+            model = auto.from_config(cfg, trust_remote_code=carries_uptrain_code(src))
+    except (ValueError, OSError, ImportError, TypeError):  # then the loaded model's names are checked
+        return None
+    return [n for n, _ in model.named_parameters()]
 
 
 SHARDED = ("FSDP", "DEEPSPEED")  # DistributedType values whose parameters are sharded

@@ -38,7 +38,7 @@ from typing import Any
 
 from uptrain.errors import UptrainError
 from uptrain.training.budget import Budget, resolve_budget
-from uptrain.training.recipe import Recipe, load_recipe
+from uptrain.training.recipe import Recipe, load_recipe, params_text
 from uptrain.training.preemption import StopSignal, signal_name
 from uptrain.training.preflight import preflight, step0_reusable
 from uptrain.training.run_folder import (RECIPE, STEP0, latest_checkpoint, passed_over, plan_output, prepare,
@@ -144,7 +144,8 @@ class _Run:
         """Everything that can fail on bad input, before OUT is touched: (source, config, spec, tokenizer,
         preflight's findings)."""
         from uptrain.arch import spec_for_config
-        from uptrain.training.setup import check_teacher, checkpoint_dtype, model_source, model_tokenizer
+        from uptrain.training.setup import (check_teacher, checkpoint_dtype, model_parameter_names, model_source,
+                                            model_tokenizer, trainable_mask)
 
         r = self.r
         src, cfg = model_source(r.model.path, r.model.revision, "model.path")
@@ -158,6 +159,10 @@ class _Run:
         self.save_dtype = r.train.save_dtype or checkpoint_dtype(src, cfg) or r.model.dtype
         checked = self.on_main(lambda: preflight(r, self.out, mode, src, spec, spec.kv_heads(cfg), self.budget.steps,
                                                  self.save_dtype, str(self.acc.distributed_type)))
+        if not isinstance(r.train.params, str):  # glob patterns: each must name a parameter of the model
+            names = model_parameter_names(src, cfg)
+            if names is not None:
+                trainable_mask(names, spec, r.train.params)
         for note in checked.notes:
             self.say(note)
         if mode == "restart" and resumable_checkpoint(self.out)[1]:
@@ -191,7 +196,8 @@ class _Run:
             p.requires_grad_(mask[n])
         n_train = sum(p.numel() for n, p in model.named_parameters() if mask[n])
         if n_train == 0:
-            raise UptrainError(f"train.params={r.train.params} selects no parameter of this {cfg.model_type} model")
+            raise UptrainError(f"train.params={params_text(r.train.params)} selects no parameter of this "
+                               f"{cfg.model_type} model")
         if r.train.gradient_checkpointing:
             enable_checkpointing(model)
         if r.data.packing == "document":  # a model that would attend across documents fails here, before step 1
@@ -219,13 +225,15 @@ class _Run:
 
     def announce(self, model, path, cfg, spec, n_train, teacher, train_blocks, eval_blocks, objective) -> None:
         from uptrain.arch import kv_heads_text, spec_for_config
-        from uptrain.training.setup import strategy_text
+        from uptrain.training.setup import attention_patterns, strategy_text
 
         r = self.r
         n_all = sum(p.numel() for p in model.parameters())
         self.say(f"uptrain train: {path} ({cfg.model_type}, {spec.layers(cfg)} layers, {spec.heads(cfg)} heads, "
                  f"{kv_heads_text(spec_for_config(model.config).kv_heads(model.config))} KV heads); training "
-                 f"{r.train.params}: {n_train:,} of {n_all:,} parameters"
+                 f"{params_text(r.train.params)}"
+                 + (f" ({', '.join(attention_patterns(spec))})" if r.train.params == "attention" else "")
+                 + f": {n_train:,} of {n_all:,} parameters"
                  + (f"; distilling from {r.distill.teacher or 'the given teacher'}" if teacher is not None else ""))
         self.say(self.data_text(train_blocks, eval_blocks) + f"; objective: {objective.name}")
         self.say(f"budget: {self.budget.text}; {self.acc.num_processes} process(es) × micro-batch "
@@ -404,7 +412,8 @@ class _Run:
             recipe=r.to_dict(), recipe_file=self.recipe_file, base_model=r.model.path, init=init_path,
             data=",".join(s.source for s in r.data.sources) or r.data.source,  # a mixture: its sources
             steps=res.steps, tokens_seen=res.tokens_seen, alpha=b.alpha, budget=b.text,
-            params=r.train.params, trainable_parameters=res.trainable_parameters, processes=self.acc.num_processes,
+            params=params_text(r.train.params), trainable_parameters=res.trainable_parameters,
+            processes=self.acc.num_processes,
             mixed_precision=str(self.acc.mixed_precision), seq_len=r.data.seq_len, lr=r.optim.lr,
             schedule=r.optim.schedule,
             distillation={"teacher": r.distill.teacher, "weight": r.distill.weight,

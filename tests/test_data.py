@@ -1,4 +1,4 @@
-"""uptrain/data.py: sources (local files vs Hub names), streamed text, mixtures and the causal-LM targets of
+"""uptrain/data/: sources (local files vs Hub names), streamed text, mixtures and the causal-LM targets of
 packed blocks. Pure data: no model here (document attention is tested in test_data_packing.py)."""
 import collections
 import json

@@ -1,5 +1,5 @@
 """train.params: which parameters uptraining trains. `attention` is every architecture's attention module as the
-attention table (uptrain/arch.py) names it; a list of glob patterns selects by name, and a pattern that selects
+attention table (uptrain/arch/table.py) names it; a list of glob patterns selects by name, and a pattern that selects
 nothing is refused. Frozen weights come back bit for bit, with distillation, keep_best and a resume; 2 ranks:
 tests/training/test_fsdp.py."""
 import pytest

@@ -181,7 +181,7 @@ class TrainSection:
 
     params: Union[Literal["all", "attention", "kv"], list[str]] = key(
         "what trains: all (the paper) | attention (the attention modules, as the architecture table in "
-        "uptrain/arch.py names them: self_attn, attn, attention …; after a conversion only they changed, and with "
+        "uptrain/arch/table.py names them: self_attn, attn, attention …; after a conversion only they changed, and with "
         "distillation the rest stays the source's) | kv (only the K/V projections: cheap) | a list of glob patterns "
         "over parameter names, e.g. ['model.layers.*.self_attn.*', 'lm_head.weight'] (on the command line: "
         "train.params='*.q_proj.*,*.k_proj.*'); each must match a parameter. Frozen parameters get no gradient and "

@@ -157,6 +157,10 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=KIND_TOKENS, help="tokens per kind")
     p.add_argument("--seq-len", type=int, default=KIND_SEQ_LEN, help="tokens per scored block")
     p.add_argument("--threads", type=int, help="OMP_NUM_THREADS of the children; torch threads of the scoring")
+    p.add_argument("--only", type=lambda v: [n.strip() for n in v.split(",")], metavar="NAME,…",
+                   help="run and show only these starts, comma-separated (source continued, mean, default, a --start "
+                   "NAME); invocations with different --only may share one --workdir at "
+                   "once: each saves only its own starts and runs")
     p.add_argument("--keep-checkpoints", action="store_true", help="keep the scored checkpoints (they are large)")
     p.add_argument("--tiny", action="store_true", help="build SRC first, when absent, as a tiny Llama (a check)")
     a = p.parse_intermixed_args()  # overrides may come after the flags
@@ -191,7 +195,20 @@ def main() -> None:
                          f"--workdir, or remove it")
 
     def save():
-        path.write_text(json.dumps(done, indent=1))
+        """Write what this invocation did into the file as it is now: another invocation (--only) may be writing
+        other starts' results into it."""
+        now = json.loads(path.read_text()) if path.is_file() else {}
+        now.setdefault("starts", {}).update(done.get("starts", {}))  # conversions: the same whoever made them
+        now.setdefault("runs", {}).update({k: v for k, v in done.get("runs", {}).items() if wanted(k)})
+        for key in done:
+            if key not in ("starts", "runs"):
+                now.setdefault(key, done[key])
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(now, indent=1))
+        tmp.replace(path)
+
+    def wanted(name: str) -> bool:
+        return not a.only or name in a.only
 
     scorer = Scorer(src, a.kinds, a.tokens, a.seq_len)
     print(f"{len(scorer.blocks)} kinds × {a.tokens // a.seq_len} blocks of {a.seq_len} tokens; scored every {every} "
@@ -203,7 +220,7 @@ def main() -> None:
     # -- the starts
     starts = done.setdefault("starts", {})
     for name, flags in (("mean", ["--method", "mean"]), ("default", [])):
-        if name not in starts:
+        if name not in starts and (wanted(name) or wanted("mean") or wanted("default")):
             out = work / "starts" / name
             cost = run_child(["convert", src, out, "--groups", a.groups, *flags, "--overwrite", "--quiet"],
                              work / f"convert-{name}.log", a.threads)
@@ -215,12 +232,13 @@ def main() -> None:
         starts.setdefault(name, {"folder": str(Path(folder).resolve())})
     starts.setdefault("source continued", {"folder": src})
     order = ["source continued", "mean", "default", *extra]
-    if starts["default"]["weights"] == starts["mean"]["weights"]:  # the converter's default is mean: one start
-        order.remove("default")
+    if "default" in starts and "mean" in starts and starts["default"]["weights"] == starts["mean"]["weights"]:
+        order.remove("default")  # the converter's default is mean: one start
         print("the default conversion is the mean one, weight for weight: trained and shown once, as mean", flush=True)
 
     # -- the runs
     runs = done.setdefault("runs", {})
+    order = [n for n in order if wanted(n) and n in starts]
     for name in order:
         start = starts[name]["folder"]
         run = runs.setdefault(name, {"curve": {}})
@@ -253,16 +271,22 @@ def main() -> None:
             save()
         print(f"scored {name}: steps {', '.join(sorted(run['curve'], key=int))} and the saved model", flush=True)
 
-    report(done, order)
+    merged = json.loads(path.read_text())  # with what other invocations (--only) have finished meanwhile
+    report(merged, [n for n in ["source continued", "mean", "default", *merged["starts"]]
+                    if n in merged.get("runs", {}) and "final" in merged["runs"][n]])
 
 
 # ------------------------------------------------------------------------------------------ the report
 def report(done: dict, order: list[str]) -> None:
     from uptrain.evaluation.kinds import kinds_markdown
 
+    order = list(dict.fromkeys(order))
     source, runs = done["source"], done["runs"]
-    scores = {"source": source, "source continued": runs["source continued"]["final"]}
-    for name in order[1:]:
+    scores = {"source": source}
+    for name in order:
+        if name == "source continued":
+            scores[name] = runs[name]["final"]
+            continue
         scores[f"{name} start"] = runs[name]["curve"]["0"]
         scores[f"{name} uptrained"] = runs[name]["final"]
     c = done["config"]

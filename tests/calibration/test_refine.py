@@ -1,10 +1,10 @@
 """Local reconstruction (`refine_steps`) and the layer-by-layer calibration under it: refinement recovers
 what no closed form can fold, serves architectures aligned refuses, never spoils an exact merge, and the
 engine holds one decoder layer at a time."""
-import json
 
 import pytest
 import torch
+from model_io import record
 from test_merging import invertible, load
 from tiny_models import make_groups_equal, save, tiny_model
 
@@ -51,8 +51,8 @@ def rel_error(model, folder, ids) -> float:
     return ((out - ref).norm() / ref.norm()).item()
 
 
-def record(folder) -> dict:
-    return json.loads((folder / "uptrain.json").read_text())["conversion"]
+def conversion(folder) -> dict:
+    return record(folder)["conversion"]
 
 
 def test_refinement_recovers_heads_no_closed_form_can_merge(tmp_path, tokenizer, heldout_ids):
@@ -64,7 +64,7 @@ def test_refinement_recovers_heads_no_closed_form_can_merge(tmp_path, tokenizer,
     before, after = rel_error(model, plain, heldout_ids), rel_error(model, refined, heldout_ids)
     assert before > 0.3  # the merge alone loses the planted maps …
     assert after < 0.1  # … 80 Adam steps per layer on 512 tokens recover them, on text calibration never saw
-    conv = record(refined)
+    conv = conversion(refined)
     assert conv["options"]["refine_steps"] == 80 and conv["refine"]["steps"] == 80
     assert conv["calibration"]["tokens"] == 512 and conv["calibration"]["inputs"] == "source"
     fits = conv["refine"]["layers"]
@@ -83,7 +83,7 @@ def test_refine_needs_no_closed_form(arch, tmp_path, tokenizer, heldout_ids):
     uptrain.convert(src, tmp_path / "plain", groups=2, method="mean-norm", progress=False)
     uptrain.convert(src, tmp_path / "refined", groups=2, method="mean-norm", refine_steps=40, progress=False, **CAL)
     assert load(tmp_path / "refined").config.num_key_value_heads == 2
-    fits = record(tmp_path / "refined")["refine"]["layers"]
+    fits = conversion(tmp_path / "refined")["refine"]["layers"]
     assert all(f["after"] < 0.7 * f["before"] for f in fits)
     assert rel_error(model, tmp_path / "refined", heldout_ids) < rel_error(model, tmp_path / "plain", heldout_ids)
 
@@ -104,7 +104,7 @@ def test_equal_heads_stay_lossless(method, tmp_path, tokenizer, heldout_ids):
     src = save(model, tmp_path / "src", tokenizer=tokenizer)
     uptrain.convert(src, tmp_path / "out", groups=2, method=method, refine_steps=20, progress=False, **CAL)
     assert rel_error(model, tmp_path / "out", heldout_ids) < 1e-6
-    assert all(f["after"] == f["before"] < 1e-10 for f in record(tmp_path / "out")["refine"]["layers"])
+    assert all(f["after"] == f["before"] < 1e-10 for f in conversion(tmp_path / "out")["refine"]["layers"])
 
 
 def test_converted_inputs_through_the_cli(tmp_path, tokenizer, heldout_ids, capfd):
@@ -122,7 +122,7 @@ def test_converted_inputs_through_the_cli(tmp_path, tokenizer, heldout_ids, capf
     err = capfd.readouterr().err
     assert status == 0, err
     assert "calibrate + refine" in err
-    conv = record(out)
+    conv = conversion(out)
     assert conv["calibration"]["inputs"] == "converted" and conv["calibration"]["device"] == "cpu"
     assert rel_error(model, out, heldout_ids) < 0.1
     assert not [f for f in tmp_path.iterdir() if f.name.startswith(".uptrain-calibrated")]  # scratch removed
@@ -157,7 +157,7 @@ def test_one_layer_at_a_time(tmp_path, tokenizer, monkeypatch):
     peaks = materialised(monkeypatch)
     uptrain.convert(src, tmp_path / "out", groups=2, method="aligned", refine_steps=5, distill_steps=0,
                     calibration_inputs="converted", progress=False, **CAL)
-    conv = json.loads((tmp_path / "out" / "uptrain.json").read_text())["conversion"]
+    conv = conversion(tmp_path / "out")
     candidates = sum(2 for e in conv["aligned"]["layers"] if "attn_error" in e)  # static vs per-pair closed form
     assert candidates == 12  # this model's slowest RoPE pairs turn little over its context: both are weighed
     # embeddings; per layer the source layer, both closed forms' attention, the refined attention and the layer

@@ -248,6 +248,7 @@ def test_distillation_alone_from_itself_leaves_the_student_where_it_is(models, t
     with pytest.raises(UptrainError, match="ce_weight 0 trains on the teacher's distribution alone, and there is no "
                                            "teacher"):
         train(recipe(models, tmp_path / "none", distill={"ce_weight": 0.0}))
+    assert not (tmp_path / "none").exists()  # refused before the run's folder is made
 
 
 @pytest.mark.parametrize("params", ["kv", "attention"])

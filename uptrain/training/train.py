@@ -155,6 +155,9 @@ class _Run:
         tokenizer = tokenizer or model_tokenizer(src)
         if teacher is not None or r.distill.teacher:
             check_teacher(r, cfg, tokenizer, teacher)
+        elif r.distill.ce_weight == 0:
+            raise UptrainError("distill.ce_weight 0 trains on the teacher's distribution alone, and there is no "
+                               "teacher: set distill.teacher (typically the source model), or ce_weight > 0")
         # The dtype of the saved model: the source's (a conversion keeps it in step0) unless train.save_dtype.
         self.save_dtype = r.train.save_dtype or checkpoint_dtype(src, cfg) or r.model.dtype
         checked = self.on_main(lambda: preflight(r, self.out, mode, src, spec, spec.kv_heads(cfg), self.budget.steps,
@@ -215,9 +218,6 @@ class _Run:
             # Frozen: only its logits matter, so it takes the autocast precision (half the memory in bf16).
             half = {"bf16": "bfloat16", "fp16": "float16"}.get(str(self.acc.mixed_precision))
             teacher = load_model(resolve(r.distill.teacher, what="distill.teacher"), half or r.model.dtype)
-        if teacher is None and r.distill.ce_weight == 0:
-            raise UptrainError("distill.ce_weight 0 trains on the teacher's distribution alone, and there is no "
-                               "teacher: set distill.teacher (typically the source model), or ce_weight > 0")
         if teacher is not None:
             teacher.eval().requires_grad_(False)
             teacher.to(self.acc.device)

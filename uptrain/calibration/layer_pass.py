@@ -223,16 +223,21 @@ class LayerPass:
 
 
 def open_pass(ctx: ConvertContext, options: Any, recipe: Recipe | None = None, *, tokens: int | None = None,
-              moment: bool = False, calls: bool = False,
+              moment: bool = False, calls: bool = False, fits: bool | None = None,
               say: Callable[[str], None] | None = None) -> tuple[LayerPass, torch.Tensor, dict]:
     """(the pass over the calibration text of `options` (first `tokens` tokens; default calibration_tokens)
     through ctx's source, with each block's kind of text; its token blocks; the calibration record). The blocks
-    are embedded: the batches' hidden states enter layer 0."""
+    are embedded: the batches' hidden states enter layer 0. `fits`: whether anything is fitted on the text
+    (default: the options' refinement or distillation; a few tokens are then warned about)."""
     device = pick_device(options.device)
+    recipe = recipe or Recipe.of(options)
+    if fits is None:  # the conversion's own pass: refinement and distillation fit on it
+        fits = recipe.steps > 0 or getattr(options, "distill", 0) > 0
     blocks, kinds, record = calibration_data(ctx.src_dir, ctx.config, options.calibration,
-                                      tokens or options.calibration_tokens, options.calibration_seq_len, say=say)
+                                      tokens or options.calibration_tokens, options.calibration_seq_len, say=say,
+                                      fits=fits)
     record["device"] = device.type
     engine = LayerByLayer(ctx.src_dir, ctx.spec, ctx.config, ctx.source, device)
     batches = engine.embed(blocks, options.calibration_batch_size or DEFAULT_BATCH_SIZE)
-    return LayerPass(engine, batches, recipe or Recipe.of(options), moment=moment, calls=calls,
+    return LayerPass(engine, batches, recipe, moment=moment, calls=calls,
                      progress=ctx.progress, kinds=kinds), blocks, record

@@ -53,7 +53,7 @@ def measure_losses(ctx: ConvertContext, options: Any) -> tuple[list[dict[int, fl
     tokens = o.allocation_tokens or min(DEFAULT_ALLOCATION_TOKENS, o.calibration_tokens or DEFAULT_ALLOCATION_TOKENS)
     recipe = Recipe.of(o)  # the conversion's closed form (a pooling method, or aligned) and refine steps
     layer_pass, blocks, record = open_pass(ctx, o, recipe, tokens=tokens, moment=recipe.aligned,
-                                           calls=recipe.steps > 0)
+                                           calls=recipe.steps > 0, fits=recipe.steps > 0)
     out = ctx.out_dir.parent / f"{ctx.out_dir.name}.measure" if ctx.out_dir is not None else None
     work = WorkFolder.beside(out, work_fingerprint(ctx, o, blocks, layer_pass.kinds, measure=candidates), _say)
     batches, layers = layer_pass.batches, layer_pass.layers

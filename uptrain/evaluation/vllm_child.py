@@ -11,11 +11,11 @@ import json
 import statistics
 import sys
 import time
+from typing import Any
 
 
 def measure(job: dict, s: dict, agreement_prompts: int) -> dict:
     from vllm import LLM, SamplingParams, __version__
-    from vllm.inputs import TokensPrompt
     from vllm.platforms import current_platform
 
     t0 = time.perf_counter()
@@ -28,8 +28,9 @@ def measure(job: dict, s: dict, agreement_prompts: int) -> dict:
     load_s = time.perf_counter() - t0
     try:
         cache = llm.llm_engine.vllm_config.cache_config
-        blocks, block_size = cache.num_gpu_blocks, cache.block_size
-        prompts = [TokensPrompt(prompt_token_ids=p) for p in job["prompts"]]
+        blocks, block_size = int(cache.num_gpu_blocks or 0), cache.block_size  # set once the engine has started
+        # vLLM's TokensPrompt is a TypedDict: a plain dict at run time, typed as one on every vLLM version
+        prompts: list[Any] = [{"prompt_token_ids": p} for p in job["prompts"]]
         n = s["new_tokens"]
         # greedy, exactly n tokens (EOS held off, as transformers' min_new_tokens does)
         greedy = llm.generate(prompts[:agreement_prompts], SamplingParams(temperature=0.0, max_tokens=n,

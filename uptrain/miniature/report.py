@@ -40,11 +40,23 @@ def write_outputs(run, vs, pre: dict, uptrained: dict, sweep: dict, ev: dict, t0
                "pretrain": {"final_eval": pre["final_eval"], "eval_history": pre["eval_history"]},
                "eval_rows": ev["rows"], "wall_time_s": wall, "cpu_time_s": cpu, "threads": threads,
                "machine": machine()}
-    results_path = write_json(str(run.out / "results.json"), results)
+    results_path = write_json(str(run.out / "results.json"), within(results, str(run.out)))
     report_path = atomic_write(str(run.out / "report.md"),
                                report_md(rows, found, paths, size, n, steps, alpha, ev["settings"], wall, run.out,
                                          run.arch.title, lengths, cpu, threads))
     return DemoResult(str(run.out), report_path, results_path, paths, rows, wall, found, cpu, threads)
+
+
+def within(value, root: str):
+    """`value` with every path under `root` written relative to it: results.json names the run's checkpoints the
+    same wherever the folder is moved or published (os.path.join(folder, path) finds them)."""
+    if isinstance(value, dict):
+        return {k: within(v, root) for k, v in value.items()}
+    if isinstance(value, list):
+        return [within(v, root) for v in value]
+    if isinstance(value, str) and os.path.isabs(value) and os.path.commonpath([value, root]) == root:
+        return os.path.relpath(value, root)
+    return value
 
 
 def machine() -> dict:

@@ -140,6 +140,37 @@ def steps_to_within(curve: dict, source: dict) -> int | None:
     return None
 
 
+def steps_to_match(curve: dict, source: dict, target: float) -> int | None:
+    """The first scored step at which the worst kind is at most `target` × the source (None: never)."""
+    for step in sorted(curve, key=int):
+        if worst(curve[step], source)[1] <= target:
+            return int(step)
+    return None
+
+
+def steps_saved(runs: dict, source: dict, baseline: str = "mean") -> list[str]:
+    """What a better start saves: for each start whose step 0 beats the baseline's, the uptraining steps the
+    baseline start needed to come as close to the source on its worst kind (or '> last scored step' when it never
+    did in this run: a lower bound)."""
+    if baseline not in runs:
+        return []
+    base = runs[baseline]["curve"]
+    last = max(int(s) for s in base)
+    lines = []
+    for name, r in runs.items():
+        if name in (baseline, "source continued"):
+            continue
+        _, target = worst(r["curve"]["0"], source)
+        _, b0 = worst(base["0"], source)
+        if target >= b0:
+            continue
+        n = steps_to_match(base, source, target)
+        _, b_last = worst(base[str(last)], source)
+        lines.append(f"| {name} | {target:.3f}× | " + (f"{n} | {n}" if n is not None else
+                     f"not within {last} (worst {b_last:.3f}× at step {last}) | more than {last}") + " |")
+    return lines
+
+
 # ------------------------------------------------------------------------------------------ the benchmark
 def main() -> None:
     from uptrain.evaluation.kinds import KIND_NAMES, KIND_SEQ_LEN, KIND_TOKENS
@@ -309,6 +340,14 @@ def report(done: dict, order: list[str]) -> None:
         print(f"| {name} | {k0} {r0:.3f}× | {reached if reached is not None else 'not reached'} | {kf} {rf:.3f}× | "
               f"{r.get('kept_step') if r.get('kept_step') is not None else 'last'} | {r['trainable_parameters']:,} | "
               f"{r['wall_s']} | {r['cpu_s']} |")
+
+    saved = steps_saved(runs, source)
+    if saved:
+        print("\nsteps saved: the uptraining steps the mean-pooled start needs to reach each better start's step 0 "
+              "(worst kind)")
+        print("| start | its step 0: worst kind × source | mean start reaches it at step | steps saved |")
+        print("|---|---|---|---|")
+        print("\n".join(saved))
 
     steps = sorted({int(s) for r in runs.values() for s in r["curve"]})
     print("\nworst kind × source at each scored step")

@@ -122,6 +122,23 @@ def test_llama_record_names_the_objective(demo_run):
     assert str(out) not in (out / "results.json").read_text()  # no path in it depends on where the run was
 
 
+def test_results_name_paths_relative_to_the_run_folder(tmp_path, monkeypatch):
+    """results.json's paths, whether the run folder was given absolute or relative to the working directory (the
+    default `--out demo-out`), are relative to the run folder; other strings and paths elsewhere stay as they are."""
+    from uptrain.miniature.report import within
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "demo-out" / "runs" / "mha").mkdir(parents=True)
+    (tmp_path / "elsewhere").mkdir()
+    given = {"rows": [{"step0_path": "demo-out/runs/mha", "uptrained_path": str(tmp_path / "demo-out" / "runs" / "mha"),
+                       "model": "MHA", "gone": str(tmp_path / "demo-out" / "runs" / "removed")}],
+             "other": str(tmp_path / "elsewhere"), "name": "runs"}
+    for root in ("demo-out", str(tmp_path / "demo-out")):
+        assert within(given, root) == {"rows": [{"step0_path": "runs/mha", "uptrained_path": "runs/mha",
+                                                 "model": "MHA", "gone": "runs/removed"}],
+                                       "other": str(tmp_path / "elsewhere"), "name": "runs"}
+
+
 def test_unknown_arch_or_no_thread_is_refused_before_anything_runs(tmp_path, capfd):
     from uptrain.cli import main
     from uptrain.errors import UptrainError

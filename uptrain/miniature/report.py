@@ -49,13 +49,17 @@ def write_outputs(run, vs, pre: dict, uptrained: dict, sweep: dict, ev: dict, t0
 
 def within(value, root: str):
     """`value` with every path under `root` written relative to it: results.json names the run's checkpoints the
-    same wherever the folder is moved or published (os.path.join(folder, path) finds them)."""
+    same wherever the folder is moved or published (os.path.join(folder, path) finds them). A path is an absolute
+    one, or a relative one (to the working directory, as `--out demo-out` makes them) that exists."""
+    root = os.path.abspath(root)
     if isinstance(value, dict):
         return {k: within(v, root) for k, v in value.items()}
     if isinstance(value, list):
         return [within(v, root) for v in value]
-    if isinstance(value, str) and os.path.isabs(value) and os.path.commonpath([value, root]) == root:
-        return os.path.relpath(value, root)
+    if isinstance(value, str) and (os.path.isabs(value) or os.path.exists(value)):
+        full = os.path.abspath(value)
+        if os.path.commonpath([full, root]) == root:
+            return os.path.relpath(full, root)
     return value
 
 

@@ -132,16 +132,8 @@ def worst(scores: dict, source: dict) -> tuple[str, float]:
     return k, ratios[k]
 
 
-def steps_to_within(curve: dict, source: dict) -> int | None:
-    """The first scored step at which every kind is within WITHIN of the source (None: never)."""
-    for step in sorted(curve, key=int):
-        if worst(curve[step], source)[1] <= WITHIN:
-            return int(step)
-    return None
-
-
-def steps_to_match(curve: dict, source: dict, target: float) -> int | None:
-    """The first scored step at which the worst kind is at most `target` × the source (None: never)."""
+def steps_to_within(curve: dict, source: dict, target: float = WITHIN) -> int | None:
+    """The first scored step at which every kind is within `target` × the source (None: never)."""
     for step in sorted(curve, key=int):
         if worst(curve[step], source)[1] <= target:
             return int(step)
@@ -156,16 +148,15 @@ def steps_saved(runs: dict, source: dict, baseline: str = "mean") -> list[str]:
         return []
     base = runs[baseline]["curve"]
     last = max(int(s) for s in base)
+    (_, b0), (_, b_last) = worst(base["0"], source), worst(base[str(last)], source)
     lines = []
     for name, r in runs.items():
         if name in (baseline, "source continued"):
             continue
         _, target = worst(r["curve"]["0"], source)
-        _, b0 = worst(base["0"], source)
         if target >= b0:
             continue
-        n = steps_to_match(base, source, target)
-        _, b_last = worst(base[str(last)], source)
+        n = steps_to_within(base, source, target)
         lines.append(f"| {name} | {target:.3f}× | " + (f"{n} | {n}" if n is not None else
                      f"not within {last} (worst {b_last:.3f}× at step {last}) | more than {last}") + " |")
     return lines

@@ -232,7 +232,7 @@ def open_pass(ctx: ConvertContext, options: Any, recipe: Recipe | None = None, *
     device = pick_device(options.device)
     recipe = recipe or Recipe.of(options)
     if fits is None:  # the conversion's own pass: refinement and distillation fit on it
-        fits = recipe.steps > 0 or getattr(options, "distill", 0) > 0
+        fits = recipe.steps > 0 or options.distill > 0
     blocks, kinds, record = calibration_data(ctx.src_dir, ctx.config, options.calibration,
                                       tokens or options.calibration_tokens, options.calibration_seq_len, say=say,
                                       fits=fits)

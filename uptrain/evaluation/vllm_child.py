@@ -28,7 +28,8 @@ def measure(job: dict, s: dict, agreement_prompts: int) -> dict:
     load_s = time.perf_counter() - t0
     try:
         cache = llm.llm_engine.vllm_config.cache_config
-        blocks, block_size = int(cache.num_gpu_blocks or 0), cache.block_size  # set once the engine has started
+        blocks, block_size = cache.num_gpu_blocks, cache.block_size
+        assert blocks is not None  # set once the engine has started, which LLM() waits for
         # vLLM's TokensPrompt is a TypedDict: a plain dict at run time, typed as one on every vLLM version
         prompts: list[Any] = [{"prompt_token_ids": p} for p in job["prompts"]]
         n = s["new_tokens"]

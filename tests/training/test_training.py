@@ -262,7 +262,7 @@ def test_frozen_weights_do_not_move(models, tmp_path, params):
     assert res.trainable_parameters == sum(a[k].numel() for k in moved)
 
 
-def test_prebuilt_blocks_constant_lr_and_repeated_calls(models, tokenizer, tmp_path):
+def test_prebuilt_blocks_constant_lr_and_repeated_calls(models, tokenizer, tmp_path, capsys):
     """What the demo does: its own tokenizer and blocks, a constant lr, many calls in one process
     (here with different mixed precision settings, which accelerate's global state would reject)."""
     from uptrain.data import pack_blocks
@@ -276,6 +276,22 @@ def test_prebuilt_blocks_constant_lr_and_repeated_calls(models, tokenizer, tmp_p
     two = train({**r, "out": str(tmp_path / "b"), "train": {**r["train"], "mixed_precision": "bf16"}},
                 tokenizer=tokenizer, train_blocks=blocks[:-2], eval_blocks=blocks[-2:])
     assert two.losses[0] == pytest.approx(one.losses[0], rel=2e-2) and two.final_eval["tokens"] == 2 * 31
+    said = capsys.readouterr().out
+    assert "strategy: one process on cpu; the final" in said and "strategy: one process on cpu; bf16 autocast" in said
+
+
+@pytest.mark.parametrize("device, mixed, bf16_instructions, says", [
+    ("cpu", "no", False, None),
+    ("cuda", "bf16", False, None),                      # a GPU: nothing to say
+    ("cpu", "bf16", True, None),                        # AVX512-BF16 / AMX: bf16 is the fast path
+    ("cpu", "bf16", False, "train.mixed_precision=no"),  # emulated bf16
+    ("cpu", "fp16", True, "train.mixed_precision=bf16"),  # fp16 is emulated on CPU whatever the instructions
+])
+def test_half_precision_on_cpu_is_questioned_where_it_is_slow(device, mixed, bf16_instructions, says):
+    from uptrain.training.setup import cpu_half_note
+
+    note = cpu_half_note(device, mixed, bf16_instructions)
+    assert (note is None) if says is None else (says in note)
 
 
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(models, tmp_path, capsys):

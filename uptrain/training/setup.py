@@ -64,7 +64,38 @@ def make_accelerator(r: Recipe, out: Path, world: int):
 
 
 def strategy_text(acc) -> str:
-    """How the run is distributed, said at its start."""
+    """How the run is distributed and in what precision, said at its start."""
+    mixed = str(acc.mixed_precision)
+    text = distribution_text(acc) + ("" if mixed == "no" else f"; {mixed} autocast")
+    note = cpu_half_note(acc.device.type, mixed, cpu_bf16_supported())
+    return text + (f" ({note})" if note else "")
+
+
+def cpu_bf16_supported() -> bool:
+    """Whether this CPU has bf16 instructions (AVX512-BF16 or AMX), which make bf16 matmuls ~2x float32's."""
+    import torch
+
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(p() for p in probes if p is not None)
+
+
+def cpu_half_note(device_type: str, mixed: str, bf16_instructions: bool) -> str | None:
+    """A warning for 16-bit autocast on a CPU that lacks the instructions that make it fast: there it is emulated
+    and may run slower than float32. With them bf16 autocast is the faster path (measured: docs/training.md,
+    tests/benchmarks/bench_cpu_precision.py)."""
+    if device_type != "cpu" or mixed == "no":
+        return None
+    if mixed == "fp16":
+        return ("fp16 matmuls are emulated on CPU, many times slower than float32: train.mixed_precision=bf16 (with "
+                "bf16 instructions) or no")
+    if not bf16_instructions:
+        return ("this CPU has no bf16 instructions (AVX512-BF16, AMX): bf16 is emulated here and may be slower "
+                "than float32; train.mixed_precision=no trains in float32")
+    return None
+
+
+def distribution_text(acc) -> str:
+    """How the run is distributed."""
     kind, n = str(acc.distributed_type).split(".")[-1], acc.num_processes
     if kind == "FSDP":
         return (f"FSDP{acc.state.fsdp_plugin.fsdp_version}, parameters, gradients and optimiser state sharded over "

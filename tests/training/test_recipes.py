@@ -75,6 +75,7 @@ def test_smollm2_recipes_train_attention_distilled_on_a_mixture(name):
     assert r.model.convert is None and r.model.path == "converted" and r.distill.teacher == "source"
     assert r.train.params == "attention" and r.data.seq_len == 512 and r.eval.keep_best and r.eval.every > 0
     assert r.budget.max_steps and r.distill.ce_weight == 0  # distillation alone: towards the source only
+    assert r.train.mixed_precision == "no"  # float32: bf16 autocast broke a held-out block (docs/training.md)
     offline = load_recipe(os.path.join(ROOT, "smollm2-135m-offline.yaml"), ["model.path=c", "distill.teacher=s"])
     for section in ("budget", "optim", "train", "distill", "eval"):  # the Hub run is the offline run on other text
         assert {k: v for k, v in r.to_dict()[section].items() if k != "teacher"} == \

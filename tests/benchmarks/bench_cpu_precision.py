@@ -35,8 +35,7 @@ def run(recipe: str, overrides: list[str], precision: str, a, out: str) -> dict:
     speeds = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r and r["step"] > 1]
     evals = {r["step"]: r["eval_loss"] for r in rows if "eval_loss" in r}
     strategy = next((line for line in p.stdout.splitlines() if line.startswith("strategy:")), "")
-    return {"tokens_per_s": statistics.median(speeds), "eval_start": evals.get(0), "eval_end": evals[a.steps],
-            "evals": evals, "strategy": strategy}
+    return {"tokens_per_s": statistics.median(speeds), "evals": evals, "strategy": strategy}
 
 
 def main() -> None:

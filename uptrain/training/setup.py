@@ -72,7 +72,7 @@ def strategy_text(acc) -> str:
 
 
 def cpu_bf16_supported() -> bool:
-    """Whether this CPU has bf16 instructions (AVX512-BF16 or AMX), which make bf16 matmuls ~2x float32's."""
+    """Whether this CPU has bf16 instructions (AVX512-BF16 or AMX), without which bf16 matmuls are emulated."""
     import torch
 
     probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]

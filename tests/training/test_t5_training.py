@@ -74,7 +74,7 @@ def test_streamed_blocks_are_corrupted_by_their_content_and_the_probe_batch_runs
     batch check_fits probes with on a GPU has the training shapes and runs forward and backward."""
     from transformers import AutoModelForSeq2SeqLM
 
-    from uptrain.training.loop import token_losses
+    from uptrain.training.losses import token_losses
     from uptrain.training.objectives import corrupt_by_content, objective_for
     from uptrain.training.recipe import DataSection
 
@@ -88,9 +88,9 @@ def test_streamed_blocks_are_corrupted_by_their_content_and_the_probe_batch_runs
     assert objective.block_len == sc.tokens_length == 34
     inputs, labels = objective.probe_batch(3, torch.device("cpu"))
     assert inputs["input_ids"].shape == (3, SEQ_LEN) and labels.shape == inputs["decoder_input_ids"].shape == (3, 8)
-    ce, kl = token_losses(model, None, inputs, labels, 1.0, _no_autocast)
+    ce, kl, hid = token_losses(model, None, inputs, labels, 1.0, _no_autocast)
     ce.backward()
-    assert kl is None and ce.item() > 0 and model.lm_head.weight.grad is not None
+    assert kl is None and hid is None and ce.item() > 0 and model.lm_head.weight.grad is not None
 
 
 def _no_autocast():

@@ -16,6 +16,7 @@ from typing import Any
 from uptrain.errors import UptrainError
 from uptrain.training.budget import Budget, lr_factor
 from uptrain.training.keep_best import BEST_FILE, BestState
+from uptrain.training.losses import token_losses
 from uptrain.training.recipe import Recipe
 from uptrain.training.preemption import Preempted, StopSignal, signal_name
 from uptrain.training.run_folder import (RECIPE, CheckpointNotSaved, latest_checkpoint, open_metrics, passed_over,
@@ -49,25 +50,6 @@ class BlockStream:
         return self.blocks[j]
 
 
-def token_losses(model, teacher, inputs: dict, labels, temperature: float, autocast):
-    """Summed CE over the targets `labels` [b, l] of the model's output on `inputs` (-100: no target; an
-    objective's `batch` makes both, see objectives.py) and, with a teacher, summed T²·KL(teacher ‖ student) over
-    the same positions (None without one). For an encoder-decoder the positions are the decoder's targets."""
-    import torch
-    import torch.nn.functional as F
-
-    logits = model(**inputs, use_cache=False).logits
-    ce = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="sum")
-    if teacher is None:
-        return ce, None
-    with torch.no_grad(), autocast():
-        t_logits = teacher(**inputs, use_cache=False).logits
-    t, targets = temperature, labels != -100
-    s_logp = F.log_softmax(logits[targets].float() / t, dim=-1)
-    t_logp = F.log_softmax(t_logits[targets].float() / t, dim=-1)
-    return ce, F.kl_div(s_logp, t_logp, log_target=True, reduction="sum") * (t * t)
-
-
 # ---------------------------------------------------------------------------------------- will it fit
 def check_fits(acc, model, teacher, optimizer, r, objective) -> None:
     """On CUDA, before step 1: one forward and backward of a full micro-batch at seq_len (the teacher's
@@ -84,8 +66,9 @@ def check_fits(acc, model, teacher, optimizer, r, objective) -> None:
 
     def forward_backward():
         with torch.random.fork_rng(devices=[device]):
-            ce, kl = token_losses(model, teacher, inputs, labels, r.distill.temperature, acc.autocast)
-            acc.backward(ce if kl is None else ce + kl)
+            ce, kl, hid = token_losses(model, teacher, inputs, labels, r.distill.temperature, acc.autocast,
+                                       r.distill.hidden_weight > 0)
+            acc.backward(sum(x for x in (ce, kl, hid) if x is not None))
 
     torch.cuda.reset_peak_memory_stats(device)
     problem = probe(forward_backward, lambda: optimizer.zero_grad(set_to_none=True))
@@ -300,17 +283,21 @@ class Loop:
         n_local = sum((labels != -100).sum() for _, labels in window).float()
         n_global = acc.reduce(n_local, "sum")
         scale = acc.num_processes * accum / n_global
-        sums = torch.zeros(2, device=device)
+        d = r.distill
+        sums = torch.zeros(3, device=device)  # CE, KL, H summed over the window's targets
         for inputs, labels in window:
             with acc.accumulate(model):
-                ce, kl = token_losses(model, teacher, inputs, labels, r.distill.temperature, acc.autocast)
-                acc.backward((ce if kl is None else r.distill.ce_weight * ce + r.distill.weight * kl) * scale)
-                sums[0] += ce.detach()
-                if kl is not None:
-                    sums[1] += kl.detach()
-        loss, kl_mean = (acc.reduce(sums, "sum") / n_global).tolist()
-        if not (math.isfinite(loss) and math.isfinite(kl_mean)):
-            raise self.diverged(step, loss if not math.isfinite(loss) else kl_mean, ckpt_path)
+                ce, kl, hid = token_losses(model, teacher, inputs, labels, d.temperature, acc.autocast,
+                                           d.hidden_weight > 0)
+                total = ce if kl is None else d.ce_weight * ce + d.weight * kl
+                acc.backward((total if hid is None else total + d.hidden_weight * hid) * scale)
+                for i, term in enumerate((ce, kl, hid)):
+                    if term is not None:
+                        sums[i] += term.detach()
+        loss, kl_mean, hid_mean = (acc.reduce(sums, "sum") / n_global).tolist()
+        for value in (loss, kl_mean, hid_mean):
+            if not math.isfinite(value):
+                raise self.diverged(step, value, ckpt_path)
         rec = {"step": step, "loss": loss, "lr": scheduler.get_last_lr()[0]}
         if r.optim.grad_clip > 0:
             rec["grad_norm"] = float(acc.clip_grad_norm_(model.parameters(), r.optim.grad_clip))
@@ -319,6 +306,8 @@ class Loop:
         optimizer.zero_grad(set_to_none=True)
         if teacher is not None:
             rec["kl"] = kl_mean
+            if d.hidden_weight > 0:
+                rec["hidden"] = hid_mean
         return rec
 
     # -- checkpoints, stops ---------------------------------------------------------------------------

@@ -209,7 +209,8 @@ class TrainSection:
 
 @dataclass
 class DistillSection:
-    """loss = ce_weight · CE + weight · T² · KL(teacher ‖ student) at temperature T; the teacher (typically the
+    """loss = ce_weight · CE + weight · T² · KL(teacher ‖ student) at temperature T [+ hidden_weight · H, every
+    decoder layer's output against the teacher's: uptrain/training/losses.py]; the teacher (typically the
     source MHA model) is frozen in eval mode and never saved. Off while `teacher` is null. ce_weight 0 trains on the
     teacher's distribution alone: a converted model then moves only towards its source, never past it towards the
     training text, which an annealed source does not gain from (docs/training.md)."""
@@ -220,12 +221,15 @@ class DistillSection:
     temperature: float = key("T: softmax temperature of teacher and student in the KL term", 1.0)
     ce_weight: float = key("weight of the cross-entropy on the training text (0: distillation alone; needs a "
                            "teacher)", 1.0)
+    hidden_weight: float = key("weight of the hidden-state term: each decoder layer's output against the teacher's, "
+                               "relative squared error per token, averaged over the layers (0: off)", 0.0)
 
     def check(self, key):
         _require(self.weight >= 0, f"{key}.weight", "must be >= 0")
         _require(self.ce_weight >= 0, f"{key}.ce_weight", "must be >= 0")
-        _require(self.ce_weight > 0 or self.weight > 0, f"{key}.ce_weight",
-                 "and weight are both 0: the loss is nothing; keep ce_weight > 0 or distil with weight > 0")
+        _require(self.hidden_weight >= 0, f"{key}.hidden_weight", "must be >= 0")
+        _require(self.ce_weight > 0 or self.weight > 0 or self.hidden_weight > 0, f"{key}.ce_weight",
+                 "weight and hidden_weight are all 0: the loss is nothing; keep ce_weight > 0 or distil with weight > 0")
         _require(self.temperature > 0, f"{key}.temperature", "must be > 0")
 
 

@@ -171,6 +171,11 @@ def check_teacher(r: Recipe, student_cfg, tokenizer, teacher) -> None:
     if t_vocab != student_cfg.vocab_size:
         raise UptrainError(f"{where} has a vocabulary of {t_vocab} tokens, the student {student_cfg.vocab_size}: "
                            f"distillation compares distributions over the same tokens")
+    if r.distill.hidden_weight > 0 and _stack(t_cfg, seq2seq) != _stack(student_cfg, seq2seq):
+        (t_layers, t_width), (s_layers, s_width) = _stack(t_cfg, seq2seq), _stack(student_cfg, seq2seq)
+        raise UptrainError(f"{where} has {t_layers} layers of width {t_width}, the student {s_layers} of width "
+                           f"{s_width}: distill.hidden_weight compares their layers' outputs one to one, so it "
+                           f"needs the same stack (the source of a conversion has it); set hidden_weight: 0")
     if teacher is None:
         try:
             t_tok = model_tokenizer(resolve(r.distill.teacher, what="distill.teacher"))
@@ -179,6 +184,12 @@ def check_teacher(r: Recipe, student_cfg, tokenizer, teacher) -> None:
         if tokenizer_hash(t_tok) != tokenizer_hash(tokenizer):
             raise UptrainError(f"{where} has a different tokenizer than the student (same size, other tokens); "
                                f"distillation needs the same token ids")
+
+
+def _stack(cfg, seq2seq: bool) -> tuple:
+    """(decoder layers, hidden width) of a model config: what the hidden-state term pairs up."""
+    text = cfg.get_text_config(decoder=True)
+    return getattr(text, "num_decoder_layers" if seq2seq else "num_hidden_layers", None), text.hidden_size
 
 
 def attention_patterns(spec) -> list[str]:

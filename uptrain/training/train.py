@@ -155,6 +155,9 @@ class _Run:
         tokenizer = tokenizer or model_tokenizer(src)
         if teacher is not None or r.distill.teacher:
             check_teacher(r, cfg, tokenizer, teacher)
+        elif r.distill.hidden_weight > 0:
+            raise UptrainError("distill.hidden_weight compares the model's layers with a teacher's, and there is no "
+                               "teacher: set distill.teacher (typically the source model), or hidden_weight: 0")
         elif r.distill.ce_weight == 0:
             raise UptrainError("distill.ce_weight 0 trains on the teacher's distribution alone, and there is no "
                                "teacher: set distill.teacher (typically the source model), or ce_weight > 0")
@@ -417,7 +420,8 @@ class _Run:
             mixed_precision=str(self.acc.mixed_precision), seq_len=r.data.seq_len, lr=r.optim.lr,
             schedule=r.optim.schedule,
             distillation={"teacher": r.distill.teacher, "weight": r.distill.weight,
-                          "temperature": r.distill.temperature, "ce_weight": r.distill.ce_weight} if "kl" in (res.history or [{}])[-1] else None,
+                          "temperature": r.distill.temperature, "ce_weight": r.distill.ce_weight,
+                          "hidden_weight": r.distill.hidden_weight} if "kl" in (res.history or [{}])[-1] else None,
             objective=self.objective,
             initial_eval=res.eval_history[0] if res.eval_history and res.eval_history[0]["step"] == 0 else None,
             final_eval=res.final_eval, eval_history=res.eval_history, kept_step=res.kept_step,

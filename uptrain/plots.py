@@ -101,3 +101,42 @@ def plot_bars(categories: Sequence[str], series: dict[str, Sequence[float]], pat
     ax.grid(True, axis="y", alpha=0.3)
     return _save(fig, path)
 
+
+
+def plot_training(history: Sequence[dict], evals: Sequence[dict], path: str, kept_step: int | None = None,
+                  title: str | None = None) -> str:
+    """An uptraining run's curves (metrics.jsonl's records): per step the training loss, and with a teacher the
+    KL (and the hidden-state term) it is distilled with; beside them the held-out loss at each evaluation, with the
+    state keep_best saved marked."""
+    return _save(training_figure(history, evals, kept_step, title), path)
+
+
+def training_figure(history: Sequence[dict], evals: Sequence[dict], kept_step: int | None = None,
+                    title: str | None = None):
+    """plot_training's figure (its axes' lines hold the figures: tests read them back)."""
+    fig, axes = _figure(ncols=2 if evals else 1)
+    ax = axes[0]
+    for i, (key, label) in enumerate((("loss", "training CE"), ("kl", "KL to the teacher"),
+                                      ("hidden", "hidden-state term"))):
+        points = [(h["step"], h[key]) for h in history if key in h]
+        if points:
+            ax.plot(*zip(*points), label=label, color=f"C{i}", linewidth=1)
+    ax.set_xlabel("step")
+    ax.set_ylabel("nats / token (training batches)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    if evals:
+        ax = axes[1]
+        ax.plot([e["step"] for e in evals], [e["loss"] for e in evals], marker="o", markersize=3, color="C3",
+                label="held-out loss")
+        kept = [e for e in evals if e["step"] == kept_step]
+        if kept:
+            ax.plot([kept[0]["step"]], [kept[0]["loss"]], marker="*", markersize=12, color="C2", linestyle="none",
+                    label=f"kept: step {kept_step}")
+        ax.set_xlabel("step")
+        ax.set_ylabel("held-out NLL / token")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    return fig

@@ -72,6 +72,7 @@ def test_the_best_earlier_state_is_saved_and_a_resume_keeps_it(models, tmp_path,
     k = min(range(len(losses)), key=losses.__getitem__)
     assert 0 < k < 6 and losses[-1] > losses[k]  # the planted shape: better for a while, worse at the end
     assert full.kept_step == k and full.final_eval == full.eval_history[k]
+    assert (tmp_path / "full" / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # the run plots its curves
     assert (f"keep_best: the held-out loss was lowest after step {k} ({losses[k]:.4f}; {losses[-1]:.4f} after step "
             f"{STEPS}): the saved model is the state after step {k}\n") in capsys.readouterr().out
 
@@ -112,3 +113,17 @@ def test_two_ranks_agree_and_save_the_start(models, trained, tmp_path):
     assert bit_identical(weights(out), weights(trained))
     up = record(out)["uptraining"]
     assert up["kept_step"] == 0 and up["processes"] == 2
+
+
+def test_the_curves_plot_the_losses_and_mark_the_kept_state():
+    """OUT/curves.png's figure, read back from its lines: training CE and KL per step, held-out loss per evaluation,
+    the kept state starred; no held-out panel without evaluations."""
+    from uptrain.plots import training_figure
+
+    history = [{"step": 1, "loss": 3.0, "kl": 0.5}, {"step": 2, "loss": 2.5, "kl": 0.4}, {"step": 3, "loss": 2.7}]
+    evals = [{"step": 0, "loss": 2.9}, {"step": 2, "loss": 2.4}, {"step": 3, "loss": 2.6}]
+    left, right = training_figure(history, evals, kept_step=2).axes
+    lines = {ln.get_label(): (list(ln.get_xdata()), list(ln.get_ydata())) for ax in (left, right) for ln in ax.lines}
+    assert lines == {"training CE": ([1, 2, 3], [3.0, 2.5, 2.7]), "KL to the teacher": ([1, 2], [0.5, 0.4]),
+                     "held-out loss": ([0, 2, 3], [2.9, 2.4, 2.6]), "kept: step 2": ([2], [2.4])}
+    assert len(training_figure(history, [], kept_step=None).axes) == 1

@@ -278,7 +278,7 @@ class LogSection:
 class Recipe:
     """An uptraining run: the top-level keys and one section per concern."""
 
-    out: str = key("the run's folder: the final model, uptrain.json, recipe.yaml, metrics.jsonl, checkpoints/ (and "
+    out: str = key("the run's folder: the final model, uptrain.json, recipe.yaml, metrics.jsonl, curves.png, checkpoints/ (and "
                    "step0/ when the recipe converts)", "runs/uptrain")
     overwrite: bool = key("replace an existing run in `out`", False)
     resume: Literal["never", "auto"] = key(

@@ -32,6 +32,7 @@ STATE_FILE = "trainer_state.json"
 DATA_STATE = "data_state_rank{rank}.json"
 METRICS = "metrics.jsonl"
 RECIPE = "recipe.yaml"
+CURVES = "curves.png"  # the finished run's training and held-out losses (plots.plot_training)
 _STEP = re.compile(r"step_\d+")
 # Recipe keys that may change between a run and its resumption without changing its numbers.
 RESUME_FREE = ("overwrite", "resume", "budget.stop_at", "log", "push_to_hub", "checkpoint", "eval.every",

@@ -41,7 +41,7 @@ from uptrain.training.budget import Budget, resolve_budget
 from uptrain.training.recipe import Recipe, load_recipe, params_text
 from uptrain.training.preemption import StopSignal, signal_name
 from uptrain.training.preflight import preflight, step0_reusable
-from uptrain.training.run_folder import (RECIPE, STEP0, latest_checkpoint, passed_over, plan_output, prepare,
+from uptrain.training.run_folder import (CURVES, RECIPE, STEP0, latest_checkpoint, passed_over, plan_output, prepare,
                                          resumable_checkpoint)
 
 FINAL_TMP = ".final-save.tmp"  # the final model is written here, then moved into OUT
@@ -385,9 +385,23 @@ class _Run:
                 os.replace(f, self.out / f.name)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+        self.plot(res)
         record = read_record(init_path) or Record()
         record.uptraining = self.uptraining_record(res, init_path)
         write_record(self.out, record)  # last: marks the run finished
+
+    def plot(self, res: TrainResult) -> None:
+        """OUT/curves.png: the training and held-out losses per step (plots.plot_training). A plot that fails is
+        said and skipped: the model is saved already."""
+        from uptrain.plots import plot_training
+
+        if not res.history:
+            return
+        try:
+            plot_training(res.history, res.eval_history, str(self.out / CURVES), res.kept_step,
+                          title=f"{Path(self.r.model.path).name} → {self.out.name}")
+        except Exception as e:  # matplotlib's own errors (a font cache it cannot write …)
+            self.say(f"note: {CURVES} was not plotted ({type(e).__name__}: {e}); metrics.jsonl holds the figures")
 
     def keep_trained_state(self, steps, loop, error) -> None:
         """The final save failed: checkpoint the trained state (unless the newest checkpoint already holds it)

@@ -165,9 +165,11 @@ def test_stop_and_resume_equals_the_uninterrupted_run(models, reference, tmp_pat
 
 
 def test_distillation_over_decoder_targets_from_itself_starts_at_zero_kl(models, tmp_path):
-    res = train(recipe(models, tmp_path / "kd", distill={"teacher": models["mha"], "temperature": 2.0}))
-    kl = [h["kl"] for h in res.history]
+    res = train(recipe(models, tmp_path / "kd", distill={"teacher": models["mha"], "temperature": 2.0,
+                                                         "hidden_weight": 1.0}))
+    kl, hid = [h["kl"] for h in res.history], [h["hidden"] for h in res.history]
     assert kl[0] < 1e-6 and kl[-1] > 1e-5  # the student moved away from a teacher that did not move
+    assert hid[0] < 1e-10 and hid[-1] > 1e-6  # and so did its decoder layers' outputs
 
 
 @pytest.mark.parametrize("params", ["kv", "attention"])

@@ -107,7 +107,7 @@ def plot_training(history: Sequence[dict], evals: Sequence[dict], path: str, kep
                   title: str | None = None) -> str:
     """An uptraining run's curves (metrics.jsonl's records): per step the training loss, and with a teacher the
     KL (and the hidden-state term) it is distilled with; beside them the held-out loss at each evaluation, with the
-    state keep_best saved marked."""
+    saved state (`kept_step`: keep_best's choice, else the last step) starred."""
     return _save(training_figure(history, evals, kept_step, title), path)
 
 
@@ -132,7 +132,7 @@ def training_figure(history: Sequence[dict], evals: Sequence[dict], kept_step: i
         kept = [e for e in evals if e["step"] == kept_step]
         if kept:
             ax.plot([kept[0]["step"]], [kept[0]["loss"]], marker="*", markersize=12, color="C2", linestyle="none",
-                    label=f"kept: step {kept_step}")
+                    label=f"saved: step {kept_step}")
         ax.set_xlabel("step")
         ax.set_ylabel("held-out NLL / token")
         ax.grid(True, alpha=0.3)

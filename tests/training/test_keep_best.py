@@ -117,7 +117,7 @@ def test_two_ranks_agree_and_save_the_start(models, trained, tmp_path):
 
 def test_the_curves_plot_the_losses_and_mark_the_kept_state():
     """OUT/curves.png's figure, read back from its lines: training CE and KL per step, held-out loss per evaluation,
-    the kept state starred; no held-out panel without evaluations."""
+    the saved state starred; no held-out panel without evaluations."""
     from uptrain.plots import training_figure
 
     history = [{"step": 1, "loss": 3.0, "kl": 0.5}, {"step": 2, "loss": 2.5, "kl": 0.4}, {"step": 3, "loss": 2.7}]
@@ -125,5 +125,5 @@ def test_the_curves_plot_the_losses_and_mark_the_kept_state():
     left, right = training_figure(history, evals, kept_step=2).axes
     lines = {ln.get_label(): (list(ln.get_xdata()), list(ln.get_ydata())) for ax in (left, right) for ln in ax.lines}
     assert lines == {"training CE": ([1, 2, 3], [3.0, 2.5, 2.7]), "KL to the teacher": ([1, 2], [0.5, 0.4]),
-                     "held-out loss": ([0, 2, 3], [2.9, 2.4, 2.6]), "kept: step 2": ([2], [2.4])}
+                     "held-out loss": ([0, 2, 3], [2.9, 2.4, 2.6]), "saved: step 2": ([2], [2.4])}
     assert len(training_figure(history, [], kept_step=None).axes) == 1

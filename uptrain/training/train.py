@@ -398,7 +398,8 @@ class _Run:
         if not res.history:
             return
         try:
-            plot_training(res.history, res.eval_history, str(self.out / CURVES), res.kept_step,
+            plot_training(res.history, res.eval_history, str(self.out / CURVES),
+                          res.steps if res.kept_step is None else res.kept_step,
                           title=f"{Path(self.r.model.path).name} → {self.out.name}")
         except Exception as e:  # matplotlib's own errors (a font cache it cannot write …)
             self.say(f"note: {CURVES} was not plotted ({type(e).__name__}: {e}); metrics.jsonl holds the figures")

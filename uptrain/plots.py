@@ -102,7 +102,6 @@ def plot_bars(categories: Sequence[str], series: dict[str, Sequence[float]], pat
     return _save(fig, path)
 
 
-
 def plot_training(history: Sequence[dict], evals: Sequence[dict], path: str, kept_step: int | None = None,
                   title: str | None = None) -> str:
     """An uptraining run's curves (metrics.jsonl's records): per step the training loss, and with a teacher the

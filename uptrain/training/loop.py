@@ -16,7 +16,7 @@ from typing import Any
 from uptrain.errors import UptrainError
 from uptrain.training.budget import Budget, lr_factor
 from uptrain.training.keep_best import BEST_FILE, BestState
-from uptrain.training.losses import token_losses
+from uptrain.training.losses import token_losses, weighted
 from uptrain.training.recipe import Recipe
 from uptrain.training.preemption import Preempted, StopSignal, signal_name
 from uptrain.training.run_folder import (RECIPE, CheckpointNotSaved, latest_checkpoint, open_metrics, passed_over,
@@ -68,7 +68,7 @@ def check_fits(acc, model, teacher, optimizer, r, objective) -> None:
         with torch.random.fork_rng(devices=[device]):
             ce, kl, hid = token_losses(model, teacher, inputs, labels, r.distill.temperature, acc.autocast,
                                        r.distill.hidden_weight > 0)
-            acc.backward(sum(x for x in (ce, kl, hid) if x is not None))
+            acc.backward(weighted(r.distill, ce, kl, hid))
 
     torch.cuda.reset_peak_memory_stats(device)
     problem = probe(forward_backward, lambda: optimizer.zero_grad(set_to_none=True))
@@ -289,8 +289,7 @@ class Loop:
             with acc.accumulate(model):
                 ce, kl, hid = token_losses(model, teacher, inputs, labels, d.temperature, acc.autocast,
                                            d.hidden_weight > 0)
-                total = ce if kl is None else d.ce_weight * ce + d.weight * kl
-                acc.backward((total if hid is None else total + d.hidden_weight * hid) * scale)
+                acc.backward(weighted(d, ce, kl, hid) * scale)
                 for i, term in enumerate((ce, kl, hid)):
                     if term is not None:
                         sums[i] += term.detach()

@@ -34,7 +34,17 @@ def token_losses(model, teacher, inputs: dict, labels, temperature: float, autoc
     s_logp = F.log_softmax(logits[targets].float() / t, dim=-1)
     t_logp = F.log_softmax(t_out.logits[targets].float() / t, dim=-1)
     kl = F.kl_div(s_logp, t_logp, log_target=True, reduction="sum") * (t * t)
-    return ce, kl, hidden_error(layer_outputs(out), layer_outputs(t_out), targets) if hidden else None
+    h = hidden_error(layer_outputs(out), layer_outputs(t_out), targets) if hidden else None
+    return ce, kl, h
+
+
+def weighted(distill, ce, kl, hidden):
+    """The loss a step backpropagates: ce_weight · CE + weight · KL + hidden_weight · H (`distill`: the recipe's
+    distill section); CE alone without a teacher."""
+    if kl is None:
+        return ce
+    total = distill.ce_weight * ce + distill.weight * kl
+    return total if hidden is None else total + distill.hidden_weight * hidden
 
 
 def layer_outputs(out) -> Sequence:
@@ -47,7 +57,7 @@ def layer_outputs(out) -> Sequence:
 def hidden_error(student: Sequence, teacher: Sequence, mask):
     """Σ over the positions `mask` [b, l] of the mean over layers of ‖h − h_teacher‖² / ‖h_teacher‖², float32;
     student and teacher: one [b, l, d] tensor per layer."""
-    if len(student) != len(teacher) or not student:  # a bug guard: the two models have the same layers
+    if len(student) != len(teacher) or not student:  # a bug guard: check_teacher refuses another stack
         raise ValueError(f"{len(student)} student layers against {len(teacher)} teacher layers")
     total = 0
     for s, t in zip(student, teacher):

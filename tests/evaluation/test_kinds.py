@@ -20,7 +20,7 @@ def parts():
 
 def test_every_built_in_corpus_holds_out_whole_documents_its_training_part_lacks(parts):
     for name, (train, held) in parts.items():
-        assert len(train) >= 20 and held, name
+        assert len(train) >= 10 and sum(map(len, train)) > 5 * sum(map(len, held)) and held, name
         assert not set(held) & set(train), f"{name}: a held-out document is also a training document"
         assert all(t.strip() for t in train + held), name  # no empty documents
 
@@ -47,6 +47,10 @@ def test_built_in_corpora_load_by_name_and_the_help_lists_every_one():
     held = load_texts(TextSource(source="c-numpy"), "eval")
     assert len(held) == 1 and "PyFortranObject" in held[0]  # f2py's runtime: the one file c-numpy holds out
     assert load_texts(TextSource(source="cpp-torch"), "train") == builtin_texts("cpp-torch", "train")
+    router = load_texts(TextSource(source="js-angular"), "eval")  # AngularJS's router: the one file held out
+    assert len(router) == 1 and "module('ngRoute'" in router[0]
+    assert not any("module('ngRoute'" in t for t in builtin_texts("js-angular", "train"))
+    assert any("function" in t for t in builtin_texts("js-angular", "train"))
     languages = builtin_texts("dialogue", "eval")
     trained = builtin_texts("dialogue", "train")
     assert any("Привет" in t for t in languages) and not any("Привет" in t for t in trained)

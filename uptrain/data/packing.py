@@ -1,5 +1,6 @@
-"""Token ids in fixed-length blocks: documents concatenated with EOS between them (`pack_blocks`), and the
-causal-LM targets of packed blocks (`causal_lm_targets`: concatenated or document-aware)."""
+"""Token ids in fixed-length blocks: documents concatenated with EOS between them (`pack_blocks`; `pack_tokens`
+for a token stream already made), and the causal-LM targets of packed blocks (`causal_lm_targets`: concatenated
+or document-aware)."""
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Iterable, Iterator
@@ -23,9 +24,15 @@ def tokenize_stream(texts: Iterable[str], tokenizer) -> Iterator[int]:
 def pack_blocks(texts: Iterable[str], tokenizer, seq_len: int, max_blocks: int | None = None) -> torch.Tensor:
     """Concatenate documents (EOS between them) and cut into full blocks: LongTensor [n_blocks, seq_len].
     The tail shorter than a block is dropped."""
+    return pack_tokens(tokenize_stream(texts, tokenizer), seq_len, max_blocks)
+
+
+def pack_tokens(tokens: Iterable[int], seq_len: int, max_blocks: int | None = None) -> torch.Tensor:
+    """Token ids cut into full blocks (at most max_blocks): LongTensor [n_blocks, seq_len]. The tail shorter
+    than a block is dropped."""
     ids: list[int] = []
     limit = None if max_blocks is None else max_blocks * seq_len
-    for tok in tokenize_stream(texts, tokenizer):
+    for tok in tokens:
         ids.append(tok)
         if limit is not None and len(ids) >= limit:
             break

@@ -40,8 +40,9 @@ class WeightedSource(TextSource):
 
 @dataclass
 class DataSpec(TextSource):
-    """Where text comes from: one corpus (the TextSource fields), or a mixture (`sources`, sampled document by
-    document with probabilities weight / Σ weights, seeded). `streaming` reads it as a `datasets` stream
+    """Where text comes from: one corpus (the TextSource fields), or a mixture (`sources`, drawn with
+    probabilities weight / Σ weights, seeded: block by block in memory, document by document when streamed;
+    uptrain/data/mixing.py). `streaming` reads it as a `datasets` stream
     (local files too) instead of loading it whole."""
 
     streaming: bool = field(default=False, metadata={"help": (
@@ -49,11 +50,13 @@ class DataSpec(TextSource):
         "before step 1; needs held-out text of its own (eval_files, or eval_split for a Hub name)")})
     sources: list[WeightedSource] = field(default_factory=list, metadata={"help": (
         "a mixture instead of source: a list of corpora, each with the keys of one (source, name, split, "
-        "eval_split, eval_files, eval_fraction, text_column, max_documents) and a weight; a source is drawn per "
-        "document with probability weight / Σ weights, seeded by train.seed")})
+        "eval_split, eval_files, eval_fraction, text_column, max_documents) and a weight. Each source is packed "
+        "into blocks of its own and a source is drawn per block with probability weight / Σ weights (seeded by "
+        "train.seed), so a weight is a share of the tokens; a streamed mixture is drawn per document")})
 
 
-# A mixture samples a source per document with its probability (datasets.interleave_datasets, seeded). Training
+# A mixture samples a source per block (in memory, uptrain/data/mixing.py) or per document (streamed, and the
+# document lists of load_texts: datasets.interleave_datasets) with its probability, seeded. Training
 # uses "all_exhausted": the proportions hold for the whole run, a source that runs out starts again, and a pass
 # ends once every source has been read to its end (so the largest is never re-read early). Held-out text uses
 # "all_exhausted_without_replacement": every held-out document once, none repeated.

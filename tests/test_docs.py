@@ -322,6 +322,9 @@ def test_every_benchmark_command_names_a_script_and_its_flags(line):
     assert os.path.isfile(path), script
     with open(path, encoding="utf-8") as f:
         source = f.read()
+    for shared in re.findall(r"^from (bench_[a-z0-9_]+) import", source, re.M):  # flags a sibling's parser adds
+        with open(os.path.join(os.path.dirname(path), shared + ".py"), encoding="utf-8") as f:
+            source += f.read()
     known = set(re.findall(r"add_argument\(\s*\"(--[a-z0-9-]+)\"", source))
     # the first positional argument's choices, or the subcommands: what the first plain word must be
     first = re.search(r"add_argument\(\s*\"[a-z_]+\",\s*choices=\(([^)]*)\)", source)

@@ -24,25 +24,40 @@ def cpu_seconds() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def main() -> None:
-    from uptrain import hf
-    from uptrain.evaluation.kinds import KIND_NAMES, KIND_SEQ_LEN, KIND_TOKENS, kind_blocks, kinds_markdown, score_kinds
+def kind_parser(doc: str, tokens: int | None = None) -> argparse.ArgumentParser:
+    """The arguments every held-out-kinds benchmark takes: a source, folders to compare, which kinds, how many
+    tokens a kind in blocks of how many, torch threads."""
+    from uptrain.evaluation.kinds import KIND_NAMES, KIND_SEQ_LEN, KIND_TOKENS
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=doc.split("\n")[0])
     p.add_argument("src", help="the source checkpoint folder (its tokenizer tokenises every kind)")
     p.add_argument("outs", nargs="+", help="converted or uptrained folders to compare with the source")
-    p.add_argument("--kinds", nargs="+", choices=KIND_NAMES, help="score these kinds only (default: all)")
-    p.add_argument("--tokens", type=int, default=KIND_TOKENS, help="tokens per kind")
-    p.add_argument("--seq-len", type=int, default=KIND_SEQ_LEN, help="tokens per scored block")
+    p.add_argument("--kinds", nargs="+", choices=KIND_NAMES, help="these kinds only (default: all)")
+    p.add_argument("--tokens", type=int, default=tokens or KIND_TOKENS, help="tokens per kind")
+    p.add_argument("--seq-len", type=int, default=KIND_SEQ_LEN, help="tokens per block")
     p.add_argument("--threads", type=int, help="torch CPU threads")
-    p.add_argument("--json", help="also write the perplexities here")
-    a = p.parse_args()
+    return p
+
+
+def kind_setup(a: argparse.Namespace):
+    """(the source's tokenizer, each kind's blocks [n, seq_len]) for parsed kind_parser arguments; sets threads."""
+    from uptrain import hf
+    from uptrain.evaluation.kinds import kind_blocks
+
     if a.threads:
         torch.set_num_threads(a.threads)
+    tok = hf.load_tokenizer(hf.resolve(a.src), "every kind is tokenised with the source's tokenizer")
+    return tok, kind_blocks(tok, a.kinds, a.tokens, a.seq_len)
 
-    src = hf.resolve(a.src)
-    tok = hf.load_tokenizer(src, "every kind is tokenised with the source's tokenizer")
-    blocks = kind_blocks(tok, a.kinds, a.tokens, a.seq_len)
+
+def main() -> None:
+    from uptrain import hf
+    from uptrain.evaluation.kinds import kinds_markdown, score_kinds
+
+    p = kind_parser(__doc__)
+    p.add_argument("--json", help="also write the perplexities here")
+    a = p.parse_args()
+    tok, blocks = kind_setup(a)
     print(f"{len(blocks)} kinds × {a.tokens // a.seq_len} blocks of {a.seq_len} tokens", flush=True)
     scores: dict[str, dict[str, float]] = {}
     labels: dict[str, str] = {}

@@ -4,12 +4,13 @@ block's first position is massive, and the block's loss, for a source and its co
     python tests/benchmarks/bench_sink.py SRC OUT [OUT …] [--kinds plays c …] [--tokens 4096] [--seq-len 1024]
            [--ratio 20] [--threads N]
 
-Pre-trained decoders give the first position of a sequence a hidden state a hundred times larger than the
-others' (SmolLM2-135M: ~24,000 against a median ~200, from layer 11's output on), the mark of an attention sink. A converted model whose attention at the first position drifts can fail to form it on some
-text, and then loses nats on every token of that block, not a few. This prints, per held-out block (the kinds of
-uptrain/evaluation/kinds.py, the source's tokenizer), the layer where each model's first-position norm first
-exceeds `--ratio` × that layer's median norm ("—": never) and the block's mean loss (nats per token), then the
-blocks where a model's sink is missing or forms at another layer than the source's.
+Pre-trained decoders give the first position of a sequence a hidden state a hundred times larger than the others'
+(SmolLM2-135M: ~24,000 against a median ~200, from layer 11's output on), the mark of an attention sink. A
+converted model whose attention at the first position drifts can fail to form it on some text, and then loses nats
+on every token of that block, not a few. This prints, per held-out block (the kinds of uptrain/evaluation/kinds.py,
+the source's tokenizer), the layer where each model's first-position norm first exceeds `--ratio` × that layer's
+median norm ("—": never) and the block's mean loss (nats per token), then the blocks where a model's sink is
+missing or forms at another layer than the source's.
 """
 from __future__ import annotations
 
